@@ -1,0 +1,444 @@
+"""
+Data for every stage: the GPT-2 tokenizer, loaders for preference pairs, prompts, SFT examples and IMDb
+reviews, and the tokenising, padding and batching that SFT, reward modelling, DPO and PPO share. Not a script:
+train.py and the stage files import it. Bad input of any kind raises DataError with a one-line message,
+"{path}:{line}: {what}", which train.py prints before exiting with status 2: never a traceback.
+
+Files are JSON lines (.jsonl, .json, either gzipped as .gz), streamed; blank lines are skipped. A record's
+format is told by its keys, which must be exactly one of the accepted key sets: any other key is an error
+that names it, so a typo like "chosen_" is caught, not ignored. All records of a file have the same key set.
+
+  preferences  {prompt, chosen, rejected}                  strings; chosen/rejected are the responses only
+               {chosen, rejected}                          whole HH dialogues, "\\n\\nHuman: ..\\n\\nAssistant: .."
+               {chosen, rejected}                          lists of {role, content} messages
+               {input_text, candidate_0, candidate_1, choice}   Vertex AI; choice (0 or 1) picks the chosen one
+  prompts      {prompt} | {input_text} | {text} (cut with extract_prompt) | any preference format; or a .txt file
+  sft          {prompt, response} | {text} | {messages} | an IMDb row | a preference pair (its chosen response);
+               or a .txt file (one whole document)
+  imdb         {id, rating, label, text}   aclImdb: rating 1-10 (0 unlabelled), label 0 neg, 1 pos, -1 unlabelled
+
+Chat layout. There are no chat tokens: a conversation is plain text written as Anthropic's HH data is,
+"\\n\\nHuman: hi\\n\\nAssistant: hello". render_chat() renders the messages before a reply and ends with
+"\\n\\nAssistant:"; the reply is " " + content. So prompt + response is the HH dialogue itself, and since
+GPT-2's pre-tokenizer splits before " word", prompt and response tokenised apart give the tokens of the whole.
+
+Simplifications, on purpose:
+- Loaders return plain Python lists: preference and prompt sets are small. Only a pretraining-style corpus
+  is kept as one flat uint16 token array (TokenStream), sampled nanoGPT-style in random windows.
+- Multi-turn data trains on the final assistant turn only; earlier turns are prompt.
+- Too-long examples are truncated, never dropped (tokenize_example says how, and reports it).
+"""
+
+import functools
+import gzip
+import itertools
+import json
+import os
+import re
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tiktoken import Encoding
+from tiktoken.load import load_tiktoken_bpe
+from tqdm import tqdm
+
+EOS = 50256           # <|endoftext|>: ends every response and separates documents
+PAD = 50257           # padding only: an id GPT-2 never produces, so padding can't be mistaken for an EOS
+VOCAB_SIZE = 50304    # embedding rows: 50257 padded up to a multiple of 64, as in nanoGPT
+N_REAL_TOKENS = 50257  # ids >= this (PAD and the padding rows) are never sampled
+
+BPE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "r50k_base.tiktoken")
+BPE_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+class DataError(Exception):
+    """Bad input data. The message is always one line: '{path}:{line}: {what}' or '{path}: {what}'."""
+
+    def __init__(self, msg):
+        super().__init__(msg.replace("\r", "\\r").replace("\n", "\\n"))
+
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+@functools.lru_cache(maxsize=1)
+def _default_tokenizer():
+    return _build_tokenizer(BPE_PATH)
+
+
+def _build_tokenizer(path):
+    try:
+        # the hash check makes a corrupted or wrong vocabulary fail loudly instead of training on garbage
+        # (tiktoken also keeps a verified copy in its cache folder, $TIKTOKEN_CACHE_DIR or the temp dir)
+        ranks = load_tiktoken_bpe(path, expected_hash=BPE_SHA256)
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    except ValueError:
+        raise DataError(f"{path}: not the GPT-2 BPE file (sha256 is not {BPE_SHA256[:16]}...)") from None
+    return Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                    special_tokens={"<|endoftext|>": EOS})
+
+
+def get_tokenizer(path=BPE_PATH):
+    """The GPT-2 tiktoken Encoding, built offline from the vocabulary file in assets/ (cached)."""
+    return _default_tokenizer() if path == BPE_PATH else _build_tokenizer(path)
+
+
+def encode(text):
+    # encode_ordinary: "<|endoftext|>" written in a dataset is text, not a way to end a sequence early
+    return get_tokenizer().encode_ordinary(text)
+
+
+def decode(ids):
+    ids = ids.tolist() if hasattr(ids, "tolist") else ids  # a tensor or array as well as a list
+    return get_tokenizer().decode([i for i in ids if i < EOS])  # EOS and PAD are never printed
+
+
+# -----------------------------------------------------------------------------
+# reading files
+
+def _lines(path):
+    """Yield (line_no, line) of a UTF-8 text file, gzipped if it ends in .gz; every failure is a DataError."""
+    path = str(path)
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory, expected a file")
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file")
+    gz = path.endswith(".gz")
+    empty = True
+    try:
+        with (gzip.open if gz else open)(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # -sig: tolerate a byte-order mark
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}:{n}: not UTF-8 text (byte {raw[e.start:e.start + 1]!r} "
+                                    f"at byte {e.start + 1} of the line)") from None
+                empty = empty and not line.strip()
+                yield n, line
+    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError; a truncated gzip an EOFError
+        raise DataError(f"{path}: " + (f"corrupt gzip file ({e})" if gz else f"cannot read ({e})")) from None
+    if empty:
+        raise DataError(f"{path}: empty file")
+
+
+def read_jsonl(path):
+    """Yield (line_no, obj) for each JSON object in a JSON-lines file, streaming; blank lines are skipped."""
+    for n, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: bad JSON: {e.msg} at column {e.colno}") from None
+        except RecursionError:
+            raise DataError(f"{path}:{n}: bad JSON: nested too deeply") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{n}: expected a JSON object {{...}}, got {_kind(obj)}")
+        yield n, obj
+
+
+def _kind(value):
+    """The JSON name of a value's type, for error messages."""
+    return {str: "a string", bool: "a boolean", int: "an integer", float: "a number", list: "an array",
+            dict: "an object"}.get(type(value), "null")
+
+
+def _field(path, n, obj, key, kind=str):
+    """obj[key], checked to be of JSON type `kind` (str, int or list; a boolean is never an integer)."""
+    value = obj[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise DataError(f"{path}:{n}: '{key}' must be {_kind(kind())}, got {_kind(value)}")
+    return value
+
+
+def _records(path, formats):
+    """Yield (line_no, format_name, obj), the format told by which key set of `formats` the record has."""
+    first = None
+    for n, obj in read_jsonl(path):
+        keys = set(obj)
+        name = next((name for name, want in formats.items() if keys == set(want)), None)
+        if name is None:
+            # name what differs from the nearest key set: a typo then reads "unknown ['chosen_']"
+            near = set(max(formats.values(), key=lambda want: len(keys & set(want))))
+            hint = "; ".join(f"{what} {sorted(ks)}" for what, ks in
+                             (("unknown", keys - near), ("missing", near - keys)) if ks and keys & near)
+            accepted = " or ".join("{" + ", ".join(want) + "}" for want in formats.values())
+            raise DataError(f"{path}:{n}: unrecognised keys {sorted(keys)}{f' ({hint})' if hint else ''}; "
+                            f"expected {accepted}")
+        first = first or (name, n)
+        if name != first[0]:
+            raise DataError(f"{path}:{n}: keys {sorted(keys)} differ from those of line {first[1]}, "
+                            f"{sorted(formats[first[0]])}; formats cannot be mixed in one file")
+        yield n, name, obj
+
+
+def _is_text_file(path):
+    return str(path).endswith((".txt", ".txt.gz"))
+
+
+# -----------------------------------------------------------------------------
+# chat layout, prompt extraction, review cleaning
+
+ROLES = {"system": "System", "user": "Human", "assistant": "Assistant"}
+ASSISTANT = "\n\nAssistant:"
+
+
+def render_chat(messages):
+    """Messages [{role, content}] before a reply -> '\\n\\nHuman: ...\\n\\nAssistant:' (the HH layout), to be
+    continued by ' ' + the reply. Roles are assumed valid here; the loaders check them."""
+    return "".join(f"\n\n{ROLES[m['role']]}: {m['content']}" for m in messages) + ASSISTANT
+
+
+def _split_messages(path, n, key, messages):
+    """A message list ending with an assistant turn -> (prompt, response) in the layout of render_chat."""
+    for i, m in enumerate(messages):
+        where = f"{path}:{n}: '{key}' message {i}"
+        if not isinstance(m, dict) or set(m) != {"role", "content"}:
+            raise DataError(f"{where}: expected an object with exactly the keys 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise DataError(f"{where}: role {m['role']!r} is not one of {', '.join(ROLES)}")
+        if not isinstance(m["content"], str):
+            raise DataError(f"{where}: 'content' must be a string, got {_kind(m['content'])}")
+    if not messages or messages[-1]["role"] != "assistant":
+        raise DataError(f"{path}:{n}: '{key}' must end with an assistant message")
+    return render_chat(messages[:-1]), " " + messages[-1]["content"]
+
+
+def extract_prompt(text):
+    """The prompt inside a whole example, cut at the first kind of marker found:
+    HH '\\n\\nHuman: ...\\n\\nAssistant:' and '### Human: ... ### Assistant:' keep everything up to and
+    including the last assistant marker (so a reply continues it); 'Input=' and '{{Text}}:' keep the
+    (stripped) text after the marker. With no marker, the whole text is the prompt."""
+    if ASSISTANT in text:
+        return text[:text.rindex(ASSISTANT) + len(ASSISTANT)]
+    ends = [m.end() for m in re.finditer(r"### ?Assistant:", text)]
+    if ends:
+        return text[:ends[-1]]
+    for marker in ("Input=", "{{Text}}:"):
+        if marker in text:
+            return text.split(marker, 1)[1].strip()
+    return text
+
+
+def clean_review(text):
+    """IMDb text with its HTML line breaks as newlines ('<br /><br />' becomes a paragraph break), stripped."""
+    return re.sub(r"<br\s*/?>", "\n", text, flags=re.IGNORECASE).strip()
+
+
+# -----------------------------------------------------------------------------
+# loaders
+
+@dataclass
+class Pair:
+    prompt: str
+    chosen: str    # the chosen response only, without the prompt
+    rejected: str  # the rejected response only
+
+
+@dataclass
+class Example:
+    prompt: str    # no loss here; "" means the loss is on all of the text
+    response: str  # loss here
+
+
+PAIR_FORMATS = {"separate": ("prompt", "chosen", "rejected"), "dialogue": ("chosen", "rejected"),
+                "vertex": ("input_text", "candidate_0", "candidate_1", "choice")}
+PROMPT_FORMATS = {"prompt": ("prompt",), "input_text": ("input_text",), "text": ("text",), **PAIR_FORMATS}
+IMDB_KEYS = ("id", "rating", "label", "text")
+SFT_FORMATS = {"prompt_response": ("prompt", "response"), "text": ("text",), "messages": ("messages",),
+               "imdb": IMDB_KEYS, **PAIR_FORMATS}  # a preference pair trains on its chosen response
+
+
+def _pair(path, n, fmt, obj):
+    if fmt == "separate":
+        return Pair(*(_field(path, n, obj, k) for k in PAIR_FORMATS["separate"]))
+    if fmt == "vertex":
+        prompt, a, b = (_field(path, n, obj, k) for k in ("input_text", "candidate_0", "candidate_1"))
+        choice = _field(path, n, obj, "choice", int)
+        if choice not in (0, 1):
+            raise DataError(f"{path}:{n}: 'choice' must be 0 or 1, got {choice}")
+        return Pair(prompt, a, b) if choice == 0 else Pair(prompt, b, a)
+    if isinstance(obj["chosen"], list):  # {chosen, rejected} as message lists
+        (prompt, chosen), (prompt_r, rejected) = (_split_messages(path, n, k, _field(path, n, obj, k, list))
+                                                  for k in ("chosen", "rejected"))
+        if prompt != prompt_r:
+            raise DataError(f"{path}:{n}: 'chosen' and 'rejected' differ before their last assistant message")
+        return Pair(prompt, chosen, rejected)
+    # {chosen, rejected} as whole HH dialogues. The prompt ends at the last "\n\nAssistant:" that the two
+    # share. That is the last marker of chosen in all but a few pairs; in the others the chosen reply itself
+    # holds a second "\n\nAssistant:" turn (6 of 4,666 pairs in the HH test splits), and cutting at chosen's
+    # own last marker would put half of that reply into the prompt.
+    chosen, rejected = _field(path, n, obj, "chosen"), _field(path, n, obj, "rejected")
+    for key, text in (("chosen", chosen), ("rejected", rejected)):
+        if ASSISTANT not in text:
+            raise DataError(f"{path}:{n}: '{key}' has no '\\n\\nAssistant:' turn")
+    shared = os.path.commonprefix([chosen, rejected])
+    if ASSISTANT not in shared:
+        raise DataError(f"{path}:{n}: 'chosen' and 'rejected' share no prompt ending in '\\n\\nAssistant:'")
+    cut = shared.rindex(ASSISTANT) + len(ASSISTANT)
+    return Pair(chosen[:cut], chosen[cut:], rejected[cut:])
+
+
+def load_preferences(path, limit=None):
+    """Preference pairs from any of the four formats in the module docstring -> list[Pair]."""
+    pairs = (_pair(path, n, fmt, obj) for n, fmt, obj in _records(path, PAIR_FORMATS))
+    return list(itertools.islice(pairs, limit))
+
+
+def _prompts(path):
+    if _is_text_file(path):
+        yield from (line.rstrip("\r\n") for _, line in _lines(path) if line.strip())
+        return
+    seen = set()  # a preference file repeats a prompt once per pair; yield each once
+    for n, fmt, obj in _records(path, PROMPT_FORMATS):
+        if fmt in PAIR_FORMATS:
+            prompt = _pair(path, n, fmt, obj).prompt
+            if prompt in seen:
+                continue
+            seen.add(prompt)
+        else:
+            prompt = _field(path, n, obj, fmt)  # the format is named after its one key
+            prompt = extract_prompt(prompt) if fmt == "text" else prompt
+        if not prompt.strip():
+            raise DataError(f"{path}:{n}: empty prompt")
+        yield prompt
+
+
+def load_prompts(path, limit=None):
+    """Prompts for sampling -> list[str], from a .txt file (one per non-blank line) or JSON lines."""
+    return list(itertools.islice(_prompts(path), limit))
+
+
+def _imdb_row(path, n, obj):
+    row = {k: _field(path, n, obj, k, int) for k in ("id", "rating", "label")}
+    if row["label"] not in (-1, 0, 1):
+        raise DataError(f"{path}:{n}: 'label' must be -1 (unlabelled), 0 (negative) or 1 (positive), "
+                        f"got {row['label']}")
+    if not 0 <= row["rating"] <= 10:
+        raise DataError(f"{path}:{n}: 'rating' must be 0 to 10, got {row['rating']}")
+    row["text"] = clean_review(_field(path, n, obj, "text"))
+    return row
+
+
+def load_imdb(path, limit=None):
+    """IMDb rows {id, rating, label, text} with cleaned text -> list[dict]; streamed, so limit is cheap."""
+    rows = (_imdb_row(path, n, obj) for n, _, obj in _records(path, {"imdb": IMDB_KEYS}))
+    return list(itertools.islice(rows, limit))
+
+
+def _examples(path):
+    if _is_text_file(path):  # a plain corpus: one document, loss on all of it
+        yield Example("", "".join(line for _, line in _lines(path)))
+        return
+    for n, fmt, obj in _records(path, SFT_FORMATS):
+        if fmt == "prompt_response":
+            yield Example(_field(path, n, obj, "prompt"), _field(path, n, obj, "response"))
+        elif fmt == "text":
+            yield Example("", _field(path, n, obj, "text"))
+        elif fmt == "messages":
+            yield Example(*_split_messages(path, n, "messages", _field(path, n, obj, "messages", list)))
+        elif fmt in PAIR_FORMATS:
+            pair = _pair(path, n, fmt, obj)
+            yield Example(pair.prompt, pair.chosen)
+        else:
+            yield Example("", _imdb_row(path, n, obj)["text"])
+
+
+def load_sft(path, limit=None):
+    """Supervised examples -> list[Example], from the SFT formats in the module docstring."""
+    return list(itertools.islice(_examples(path), limit))
+
+
+# -----------------------------------------------------------------------------
+# tokenising and batching
+
+def encode_prompt(text):
+    """A prompt's ids: EOS first, standing in for a beginning-of-text token as it does between the documents of
+    the training corpus (GPT-2 has no BOS), so that an empty prompt still gives the first token a context."""
+    return [EOS] + encode(text)
+
+
+def tokenize_pair(prompt, responses, block_size):
+    """prompt and its responses -> (prompt_ids, [response_ids, ...], truncated), each response ending in EOS,
+    so that prompt + any response fits in block_size tokens.
+
+    A too-long pair loses the start of its prompt first (the latest context matters most), but the prompt keeps
+    at least half the block (or all of itself if shorter) so that a long response still has something to
+    respond to; then the responses are cut from the right, losing their EOS: `truncated` says so."""
+    p, rs = encode_prompt(prompt), [encode(r) + [EOS] for r in responses]
+    longest = max(len(r) for r in rs)
+    truncated = len(p) + longest > block_size
+    if truncated:
+        keep = max(block_size - longest, min(len(p), block_size // 2))  # prompt tokens kept
+        p, rs = p[len(p) - keep:], [r[:block_size - keep] for r in rs]
+    return p, rs, truncated
+
+
+def tokenize_example(prompt, response, block_size):
+    """prompt + response + EOS -> (ids, loss_mask, truncated): the loss mask is 1 on the response and its EOS."""
+    p, (r,), truncated = tokenize_pair(prompt, [response], block_size)
+    return p + r, [0] * len(p) + [1] * len(r), truncated
+
+
+def layout_batch(prompts, responses):
+    """The project's batch layout, [left-padded prompt | right-padded response]: lists of prompt ids and of
+    response ids -> (ids, mask, R), ids and mask (B, P + R), R the longest response. Every response starts at
+    column P, so its log-probs are one slice (model.response_logprobs)."""
+    p_ids, p_mask = pad_batch(prompts, side="left")
+    r_ids, r_mask = pad_batch(responses, side="right")
+    return torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1), r_ids.size(1)
+
+
+def pad_batch(seqs, side="right", pad_id=PAD):
+    """Lists of ids -> (ids, mask), both LongTensor (B, T) with T the longest; mask is 1 on real tokens.
+
+    side="right" for training, "left" for generation prompts (so every row's next token is at the end).
+    The one padding routine: pad a loss mask alike with pad_batch(loss_masks, side, pad_id=0)[0].
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    T = max((len(s) for s in seqs), default=0)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        cols = slice(T - len(s), T) if side == "left" else slice(0, len(s))
+        ids[i, cols] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, cols] = 1
+    return ids, mask
+
+
+def encode_corpus(texts, desc="tokenizing", chunk_size=1024):
+    """Documents -> one flat np.uint16 array of their tokens, each document followed by EOS."""
+    texts, enc, parts = list(texts), get_tokenizer(), []
+    with tqdm(total=len(texts), desc=desc, unit="doc") as bar:
+        for i in range(0, len(texts), chunk_size):
+            chunk = enc.encode_ordinary_batch(texts[i:i + chunk_size])  # tiktoken's own threads
+            parts.append(np.array([t for ids in chunk for t in ids + [EOS]], dtype=np.uint16))
+            bar.update(len(chunk))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
+
+
+class TokenStream:
+    """A token array served as nanoGPT-style batches of random windows: x = tokens[i : i+T], y shifted by one.
+
+    The offsets of batch(step) come from a generator seeded by (seed, step) alone, so a batch is a pure
+    function of the step: resuming at step k needs no data-loader state, and no epochs are counted.
+    """
+
+    def __init__(self, tokens, block_size, batch_size, seed=0):
+        if len(tokens) <= block_size:
+            raise ValueError(f"{len(tokens)} tokens cannot fill a window of block_size + 1 = {block_size + 1}")
+        self.tokens, self.block_size, self.batch_size, self.seed = tokens, block_size, batch_size, seed
+
+    def batch(self, step):
+        # SeedSequence mixes (seed, step) into one seed; seed * K + step would let two runs share batches
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, step]).generate_state(1)[0]))
+        ix = torch.randint(len(self.tokens) - self.block_size, (self.batch_size,), generator=g).numpy()
+        windows = torch.from_numpy(self.tokens[ix[:, None] + np.arange(self.block_size + 1)].astype(np.int64))
+        return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()  # x, y: (B, T) each

@@ -1,0 +1,71 @@
+"""Shared test helpers: run train.py as a user would, and kill it at random moments."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+TINY_MODEL = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=64"]
+
+
+def run_cli(*args, timeout=240, check=True):
+    """python train.py ARGS in the repository root; returns the CompletedProcess (text output)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2", TQDM_DISABLE="1")
+    p = subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=timeout, env=env)
+    if check and p.returncode != 0:
+        raise AssertionError(f"train.py {' '.join(map(str, args))} exited {p.returncode}:\n{p.stdout[-3000:]}\n"
+                             f"{p.stderr[-3000:]}")
+    return p
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def kill_and_resume(args, out_dir, kills=2, seed=0, timeout=240):
+    """Start `train.py ARGS --out_dir=OUT`, SIGKILL it at a random moment after its first checkpoint exists,
+    `kills` times, resuming with --resume each time; then let it finish. Returns the number of kills that hit a
+    running process (a run may finish before its kill)."""
+    rng = random.Random(seed)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2", TQDM_DISABLE="1")
+    ckpt = os.path.join(out_dir, "ckpt.pt")
+    hits = 0
+    for i in range(kills + 1):
+        cmd = [sys.executable, "train.py", *map(str, args), f"--out_dir={out_dir}"] + (["--resume"] if i else [])
+        p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if i < kills:
+            before = os.path.getmtime(ckpt) if os.path.exists(ckpt) else None
+            t0 = time.time()
+            while p.poll() is None and time.time() - t0 < timeout:  # wait for a new checkpoint, then a bit more
+                if os.path.exists(ckpt) and os.path.getmtime(ckpt) != before:
+                    time.sleep(rng.uniform(0.0, 0.8))
+                    break
+                time.sleep(0.02)
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+                hits += 1
+        out, err = p.communicate(timeout=timeout)
+        if i == kills or p.returncode not in (0, -signal.SIGKILL):
+            assert p.returncode == 0, f"{cmd} exited {p.returncode}:\n{out[-2000:]}\n{err[-2000:]}"
+            if i < kills:  # finished before we could kill it: nothing left to resume
+                break
+    return hits
+
+
+@pytest.fixture
+def root():
+    return ROOT

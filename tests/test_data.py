@@ -1,0 +1,293 @@
+"""Tests of data.py: the tokenizer, every accepted file format, every rejected one, and batching."""
+
+import gzip
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+from data import EOS, PAD, DataError, Example, Pair  # noqa: E402
+
+ASSETS = os.path.join(os.path.dirname(data.__file__), "assets")
+HH_PROMPT = "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: What is 2+2?\n\nAssistant:"
+
+
+def write(tmp_path, name, content):
+    """Write a fixture: a list of records (dicts are JSON-encoded) or raw bytes; gzipped if name ends in .gz."""
+    if isinstance(content, list):
+        content = "".join((json.dumps(r) if not isinstance(r, str) else r) + "\n" for r in content).encode()
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(content) if name.endswith(".gz") else content)
+    return str(path)
+
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+def test_tokenizer_known_ids_and_constants():
+    assert data.encode("Hello world") == [15496, 995]
+    assert (EOS, PAD) == (50256, 50257) and EOS != PAD
+    assert data.get_tokenizer().n_vocab == data.N_REAL_TOKENS == 50257
+    assert data.VOCAB_SIZE == 50304 and data.VOCAB_SIZE % 64 == 0 and data.VOCAB_SIZE > PAD
+    assert data.get_tokenizer() is data.get_tokenizer()  # cached
+    # a special token written in the data is text, not an EOS
+    assert EOS not in data.encode("a<|endoftext|>b")
+
+
+def test_tokenizer_round_trip_on_imdb_sample():
+    texts = [r["text"] for r in data.load_imdb(os.path.join(ASSETS, "imdb-test-sample.jsonl.gz"), limit=50)]
+    for text in texts:
+        assert data.decode(data.encode(text)) == text
+    # EOS and PAD never reach the printed text
+    assert data.decode(data.encode("Hello") + [EOS, PAD, PAD]) == "Hello"
+    assert data.decode(torch.tensor(data.encode("Hello world"))) == "Hello world"
+
+
+def test_tampered_bpe_file_is_refused(tmp_path):
+    raw = bytearray(open(data.BPE_PATH, "rb").read())
+    raw[1000] ^= 1
+    bad = tmp_path / "tampered.tiktoken"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="tampered.tiktoken"):
+        data.get_tokenizer(str(bad))
+    with pytest.raises(DataError, match="nope.tiktoken: no such file"):
+        data.get_tokenizer(str(tmp_path / "nope.tiktoken"))
+
+
+# -----------------------------------------------------------------------------
+# preference pairs, in each format
+
+def test_preferences_separate_format(tmp_path):
+    path = write(tmp_path, "p.jsonl", [{"prompt": "Q?", "chosen": " yes", "rejected": " no"}, "",
+                                       {"prompt": "R?", "chosen": " a", "rejected": " b"}])
+    assert data.load_preferences(path) == [Pair("Q?", " yes", " no"), Pair("R?", " a", " b")]
+    assert data.load_preferences(path, limit=1) == [Pair("Q?", " yes", " no")]
+
+
+def test_preferences_hh_dialogues_gzipped(tmp_path):
+    rows = [{"chosen": HH_PROMPT + " It is 4.", "rejected": HH_PROMPT + " Five."},
+            # a chosen reply that itself holds a second Assistant turn (as in HH-RLHF): the prompt is still
+            # the part both share, not chosen's last marker
+            {"chosen": HH_PROMPT + " Umm.\n\nAssistant: 4", "rejected": HH_PROMPT + " 22"},
+            {"chosen": HH_PROMPT + "", "rejected": HH_PROMPT + " x"}]  # an empty reply is kept
+    pairs = data.load_preferences(write(tmp_path, "hh.jsonl.gz", rows))
+    assert pairs == [Pair(HH_PROMPT, " It is 4.", " Five."), Pair(HH_PROMPT, " Umm.\n\nAssistant: 4", " 22"),
+                     Pair(HH_PROMPT, "", " x")]
+    # the layout's promise: tokenising prompt and response apart gives the tokens of the whole dialogue
+    ids, mask, truncated = data.tokenize_example(pairs[0].prompt, pairs[0].chosen, 1024)
+    assert ids == [EOS] + data.encode(rows[0]["chosen"]) + [EOS] and not truncated
+
+
+def test_preferences_message_lists_match_hh_layout(tmp_path):
+    head = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "What is 2+2?"}]
+    row = {"chosen": head + [{"role": "assistant", "content": "It is 4."}],
+           "rejected": head + [{"role": "assistant", "content": "Five."}]}
+    assert data.load_preferences(write(tmp_path, "m.jsonl", [row])) == [Pair(HH_PROMPT, " It is 4.", " Five.")]
+    system = [{"role": "system", "content": "Be brief."}]
+    assert data.render_chat(system + head[:1]) == "\n\nSystem: Be brief.\n\nHuman: Hi there\n\nAssistant:"
+
+
+def test_preferences_vertex_format(tmp_path):
+    rows = [{"input_text": "Sum up:", "candidate_0": " A", "candidate_1": " B", "choice": 0},
+            {"input_text": "Sum up:", "candidate_0": " A", "candidate_1": " B", "choice": 1}]
+    assert data.load_preferences(write(tmp_path, "v.json", rows)) == [Pair("Sum up:", " A", " B"),
+                                                                      Pair("Sum up:", " B", " A")]
+
+
+# -----------------------------------------------------------------------------
+# prompts
+
+@pytest.mark.parametrize("text, prompt", [
+    (HH_PROMPT + " It is 4.", HH_PROMPT),
+    ("### Human: hi ### Assistant: hello ### Human: 2+2? ### Assistant: 4", "### Human: hi ### Assistant: "
+     "hello ### Human: 2+2? ### Assistant:"),
+    ("###Human: hi###Assistant: hello", "###Human: hi###Assistant:"),
+    ("Input= I loved this film", "I loved this film"),
+    ("Classify the review. {{Text}}: Dull and long.", "Dull and long."),
+    ("Once upon a time", "Once upon a time"),
+])
+def test_extract_prompt(text, prompt):
+    assert data.extract_prompt(text) == prompt
+
+
+def test_prompts_from_each_source(tmp_path):
+    assert data.load_prompts(write(tmp_path, "a.jsonl", [{"prompt": "P1"}, {"prompt": "P2"}])) == ["P1", "P2"]
+    assert data.load_prompts(write(tmp_path, "b.jsonl", [{"input_text": "I1"}])) == ["I1"]
+    assert data.load_prompts(write(tmp_path, "c.jsonl", [{"text": HH_PROMPT + " 4"}, {"text": "Input=x"}])) \
+        == [HH_PROMPT, "x"]
+    # a preference file gives each of its prompts once, in order
+    hh = [{"chosen": HH_PROMPT + " 4", "rejected": HH_PROMPT + " 5"},
+          {"chosen": "\n\nHuman: Yo\n\nAssistant: hey", "rejected": "\n\nHuman: Yo\n\nAssistant: hi"},
+          {"chosen": HH_PROMPT + " four", "rejected": HH_PROMPT + " 3"}]
+    assert data.load_prompts(write(tmp_path, "hh.jsonl.gz", hh)) == [HH_PROMPT, "\n\nHuman: Yo\n\nAssistant:"]
+    txt = write(tmp_path, "p.txt", b"first prompt\r\n\n  \nsecond prompt\n")
+    assert data.load_prompts(txt) == ["first prompt", "second prompt"]
+    assert data.load_prompts(txt, limit=1) == ["first prompt"]
+
+
+# -----------------------------------------------------------------------------
+# SFT and IMDb
+
+def test_sft_formats(tmp_path):
+    assert data.load_sft(write(tmp_path, "a.jsonl", [{"prompt": "Q:", "response": " A"}])) == [Example("Q:", " A")]
+    assert data.load_sft(write(tmp_path, "b.jsonl", [{"text": "all loss"}])) == [Example("", "all loss")]
+    msgs = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}]
+    assert data.load_sft(write(tmp_path, "c.jsonl", [{"messages": msgs}])) == \
+        [Example("\n\nHuman: Hi there\n\nAssistant:", " Hello!")]
+    imdb = {"id": 1, "rating": 9, "label": 1, "text": "Great.<br /><br />Really."}
+    assert data.load_sft(write(tmp_path, "d.jsonl.gz", [imdb])) == [Example("", "Great.\n\nReally.")]
+    assert data.load_sft(write(tmp_path, "e.txt", b"line one\nline two\n")) == [Example("", "line one\nline two\n")]
+
+
+def test_imdb_sample_loads_clean():
+    rows = data.load_imdb(os.path.join(ASSETS, "imdb-train-sample.jsonl.gz"))
+    assert len(rows) == 2000 and {r["label"] for r in rows} == {0, 1}
+    assert all(set(r) == {"id", "rating", "label", "text"} for r in rows)
+    assert not any("<br" in r["text"] for r in rows) and any("\n\n" in r["text"] for r in rows)
+    unsup = data.load_imdb(os.path.join(ASSETS, "imdb-unsup-sample.jsonl.gz"), limit=10)
+    assert len(unsup) == 10 and {(r["label"], r["rating"]) for r in unsup} == {(-1, 0)}
+    assert data.clean_review(" a<br />b<br/>c<BR>d<br /><br />e ") == "a\nb\nc\nd\n\ne"
+
+
+# -----------------------------------------------------------------------------
+# bad input: each is a DataError naming file and line, on one line
+
+def rec(**kw):
+    return (json.dumps(kw) + "\n").encode()
+
+
+GOOD = rec(prompt="Q", chosen=" a", rejected=" b")
+MSGS = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+
+
+BAD = [  # loader, file name, content, expected in message, line number (None: no line applies)
+    ("preferences", "badjson.jsonl", GOOD + b'{"prompt": "Q", "chosen": \n', "bad JSON", 2),
+    ("preferences", "notobj.jsonl", GOOD + b"[1, 2]\n", "expected a JSON object", 2),
+    ("preferences", "missing.jsonl", rec(prompt="Q", chosen=" a"), "missing ['rejected']", 1),
+    ("preferences", "typo.jsonl", GOOD + GOOD + rec(prompt="Q", chosen=" a", rejected=" b", chosen_=" c"),
+     "unknown ['chosen_']", 3),
+    ("preferences", "unrec.jsonl", rec(question="Q"), "{input_text, candidate_0, candidate_1, choice}", 1),
+    ("preferences", "mixed.jsonl", GOOD + rec(chosen="\n\nHuman: a\n\nAssistant: b",
+                                              rejected="\n\nHuman: a\n\nAssistant: c"), "cannot be mixed", 2),
+    ("preferences", "type.jsonl", rec(prompt="Q", chosen=5, rejected=" b"), "'chosen' must be a string", 1),
+    ("preferences", "type2.jsonl", rec(chosen=None, rejected="x"), "'chosen' must be a string, got null", 1),
+    ("preferences", "nomark.jsonl", rec(chosen="Human: a", rejected="Human: b"), "no '\\n\\nAssistant:'", 1),
+    ("preferences", "noshared.jsonl", rec(chosen="\n\nHuman: a\n\nAssistant: x",
+                                          rejected="\n\nHuman: b\n\nAssistant: y"), "share no prompt", 1),
+    ("preferences", "role.jsonl", rec(chosen=MSGS, rejected=[{"role": "bot", "content": "x"}]),
+     "role 'bot' is not one of", 1),
+    ("preferences", "content.jsonl", rec(chosen=[{"role": "assistant", "content": 3}], rejected=MSGS),
+     "'content' must be a string, got an integer", 1),
+    ("preferences", "lastturn.jsonl", rec(chosen=MSGS, rejected=MSGS[:1]), "end with an assistant message", 1),
+    ("preferences", "listmix.jsonl", rec(chosen=MSGS, rejected="yo"), "'rejected' must be an array", 1),
+    ("preferences", "true.jsonl", rec(input_text="I", candidate_0="a", candidate_1="b", choice=True),
+     "'choice' must be an integer, got a boolean", 1),
+    ("preferences", "two.jsonl", rec(input_text="I", candidate_0="a", candidate_1="b", choice=2),
+     "'choice' must be 0 or 1, got 2", 1),
+    ("preferences", "strchoice.jsonl", rec(input_text="I", candidate_0="a", candidate_1="b", choice="0"),
+     "'choice' must be an integer, got a string", 1),
+    ("preferences", "cand.jsonl", rec(input_text=["I"], candidate_0="a", candidate_1="b", choice=0),
+     "'input_text' must be a string", 1),
+    ("preferences", "empty.jsonl", b"", "empty file", None),
+    ("preferences", "blank.jsonl", b"\n  \n", "empty file", None),
+    ("preferences", "latin1.jsonl", GOOD + b'{"prompt": "caf\xe9"}\n', "not UTF-8", 2),
+    ("preferences", "notgz.jsonl.gz", GOOD, "corrupt gzip", None),  # not gzipped at all
+    ("preferences", "trunc.jsonl.gz", gzip.compress(GOOD * 1000)[:200], "corrupt gzip", None),  # cut off
+    ("prompts", "prompts.jsonl", rec(prompt="ok") + rec(prompt=["no"]), "'prompt' must be a string", 2),
+    ("prompts", "emptyprompt.jsonl", rec(text="Input=  "), "empty prompt", 1),
+    ("prompts", "unknown.jsonl", rec(query="x"), "unrecognised keys ['query']", 1),
+    ("prompts", "bad.txt", b"fine\n\xff\xfe\n", "not UTF-8", 2),
+    ("sft", "sft.jsonl", rec(prompt="Q", completion="A"), "unknown ['completion']", 1),
+    ("sft", "msgs.jsonl", rec(messages="hi"), "'messages' must be an array", 1),
+    ("imdb", "label.jsonl", rec(id=1, rating=9, label=2, text="t"), "'label' must be -1", 1),
+    ("imdb", "rating.jsonl", rec(id=1, rating=11, label=1, text="t"), "'rating' must be 0 to 10", 1),
+    ("imdb", "id.jsonl", rec(id="1", rating=1, label=0, text="t"), "'id' must be an integer", 1),
+    ("imdb", "newline.jsonl", rec(**{"id": 1, "rating": 1, "label": 0, "te\nxt": "t"}), "unrecognised", 1),
+]
+
+
+@pytest.mark.parametrize("loader, name, content, expected, line", BAD, ids=[b[1] for b in BAD])
+def test_bad_input_is_one_line_data_error(tmp_path, loader, name, content, expected, line):
+    path = tmp_path / name
+    path.write_bytes(content)  # raw bytes, never compressed here: the .gz cases are broken on purpose
+    with pytest.raises(DataError) as e:
+        getattr(data, "load_" + loader)(str(path))
+    msg = str(e.value)
+    assert expected in msg and "\n" not in msg
+    assert msg.startswith(f"{path}:{line}: " if line else f"{path}: ")
+
+
+def test_missing_file_and_directory(tmp_path):
+    for load in (data.load_preferences, data.load_prompts, data.load_sft, data.load_imdb):
+        with pytest.raises(DataError, match="nope.jsonl: no such file"):
+            load(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(DataError, match="is a directory"):
+        data.load_prompts(str(tmp_path))
+
+
+# -----------------------------------------------------------------------------
+# tokenising and batching
+
+def test_tokenize_example_masks_and_truncation():
+    p, r = [EOS] + data.encode(" one two three four five six"), data.encode(" seven eight")  # EOS is the BOS
+    ids, mask, truncated = data.tokenize_example(" one two three four five six", " seven eight", 100)
+    assert ids == p + r + [EOS] and mask == [0] * 7 + [1] * 3 and not truncated
+    # too long: the prompt loses its start first...
+    ids, mask, truncated = data.tokenize_example(" one two three four five six", " seven eight", 7)
+    assert ids == p[-4:] + r + [EOS] and mask == [0] * 4 + [1] * 3 and truncated
+    # ...down to half the block; then the response loses its end (and its EOS)
+    ids, mask, truncated = data.tokenize_example(" one two three four five six", " seven eight", 4)
+    assert ids == p[-2:] + r and mask == [0, 0, 1, 1] and truncated
+    # an empty prompt is the BOS alone: loss on everything after it, EOS included
+    assert data.tokenize_example("", " hi", 8) == ([EOS] + data.encode(" hi") + [EOS], [0, 1, 1], False)
+
+
+def test_tokenize_pair_truncates_all_responses_alike():
+    p, rs, truncated = data.tokenize_pair(" a b c d e f", [" x", " y z w v"], 8)
+    assert truncated and len(p) + max(map(len, rs)) <= 8
+    assert len(p) == 4 and p == ([EOS] + data.encode(" a b c d e f"))[-4:]  # the prompt lost its start, to half
+    assert rs[0] == data.encode(" x") + [EOS] and rs[1] == (data.encode(" y z w v") + [EOS])[:4]  # then the end
+
+
+def test_layout_batch_puts_every_response_at_column_p():
+    ids, mask, R = data.layout_batch([[EOS, 1, 2], [EOS]], [[3, EOS], [4, 5, 6, EOS]])
+    assert R == 4 and ids.shape == (2, 7)
+    assert ids[0].tolist() == [EOS, 1, 2, 3, EOS, PAD, PAD] and mask[0].tolist() == [1, 1, 1, 1, 1, 0, 0]
+    assert ids[1].tolist() == [PAD, PAD, EOS, 4, 5, 6, EOS] and mask[1].tolist() == [0, 0, 1, 1, 1, 1, 1]
+
+
+def test_pad_batch_left_and_right():
+    ids, mask = data.pad_batch([[1, 2, 3], [4], []])
+    assert ids.tolist() == [[1, 2, 3], [4, PAD, PAD], [PAD, PAD, PAD]] and ids.dtype == torch.long
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [0, 0, 0]]
+    ids, mask = data.pad_batch([[1, 2, 3], [4]], side="left")
+    assert ids.tolist() == [[1, 2, 3], [PAD, PAD, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    loss_mask, _ = data.pad_batch([[0, 1, 1], [1]], side="left", pad_id=0)
+    assert loss_mask.tolist() == [[0, 1, 1], [0, 0, 1]]
+    with pytest.raises(ValueError):
+        data.pad_batch([[1]], side="middle")
+
+
+def test_token_stream_is_a_pure_function_of_step():
+    tokens = data.encode_corpus(["first doc", "second doc here", "third"], desc="test")
+    assert tokens.dtype == np.uint16
+    assert tokens.tolist() == (data.encode("first doc") + [EOS] + data.encode("second doc here") + [EOS]
+                               + data.encode("third") + [EOS])
+    tokens = np.arange(1000, dtype=np.uint16)
+    stream = data.TokenStream(tokens, block_size=16, batch_size=8, seed=3)
+    x, y = stream.batch(5)
+    assert x.shape == y.shape == (8, 16) and x.dtype == torch.long and x.is_contiguous() and y.is_contiguous()
+    assert torch.equal(x[:, 1:], y[:, :-1]) and torch.equal(y, x + 1)  # y is x shifted by one
+    again = data.TokenStream(tokens, block_size=16, batch_size=8, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(stream.batch(5), again.batch(5)))
+    assert not torch.equal(stream.batch(6)[0], x)
+    assert not torch.equal(data.TokenStream(tokens, 16, 8, seed=4).batch(5)[0], x)
+    # every window stays inside the array, the last token included
+    last = max(int(stream.batch(s)[1].max()) for s in range(200))
+    assert last <= 999

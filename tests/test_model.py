@@ -1,0 +1,136 @@
+"""model.py against slow, obvious references: full forward passes, one row at a time, no padding."""
+import math
+
+import pytest
+import torch
+
+from model import (GPT, GPTConfig, KVCache, N_REAL_TOKENS, ScalarHead, last_real_index, response_logprobs,
+                   response_mask, sample_token)
+
+
+def tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**{**dict(block_size=64, n_layer=2, n_head=2, n_embd=32), **kw})).eval()
+
+
+def left_pad(rows, pad=50257):
+    P = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (P - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (P - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def test_left_padding_does_not_change_real_token_logits():
+    m = tiny()
+    row = torch.randint(0, 50257, (1, 9)).tolist()[0]
+    ref = m(torch.tensor([row]))[0][0]  # no padding, causal fast path
+    for n_pad in (0, 1, 7):
+        ids, mask = left_pad([row, row + [5] * n_pad])  # second row forces n_pad pads on the first
+        out = m(ids, mask=mask)[0][0, -len(row):]
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_kv_cache_decoding_equals_full_forward():
+    m = tiny(1)
+    rows = [torch.randint(0, 50257, (n,)).tolist() for n in (3, 8, 5)]
+    cont = torch.randint(0, 50257, (3, 6))
+    ids, mask = left_pad(rows)
+    P = ids.size(1)
+    cache = KVCache(m.config, 3, P + 6, "cpu", torch.float32)
+    h = [m.hidden(ids, mask, cache, torch.arange(P))[:, -1]]
+    for t in range(5):
+        h.append(m.hidden(cont[:, t:t + 1], None, cache, torch.tensor([P + t]))[:, -1])
+    cached = m.logits(torch.stack(h, 1))  # (B, 6, V)
+    for b, row in enumerate(rows):  # reference: one unpadded row at a time, full recomputation
+        full = m(torch.tensor([row + cont[b, :5].tolist()]))[0][0, len(row) - 1:]
+        torch.testing.assert_close(cached[b], full, rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_generate_equals_stepwise_argmax_of_full_forwards():
+    m = tiny(2)
+    rows = [[464, 3290, 373], [40, 1842, 428, 3807, 780]]
+    ids, mask = left_pad(rows)
+    out, rmask = m.generate(ids, mask, max_new_tokens=8, temperature=0)
+    for b, row in enumerate(rows):
+        seq = list(row)
+        for _ in range(8):
+            seq.append(int(m(torch.tensor([seq]))[0][0, -1].argmax()))
+        assert out[b].tolist() == seq[len(row):]
+    assert rmask.sum() == 16  # no EOS in 8 greedy steps of an untrained model: all tokens real
+
+
+def test_generate_stops_rows_at_eos_and_pads_after():
+    m = tiny(3)
+    bias = torch.zeros(N_REAL_TOKENS)
+    bias[50256] = 6.0  # make EOS likely so that rows finish at different steps
+    m.logits = lambda h: GPT.logits(m, h) + bias
+    ids, mask = left_pad([[1, 2, 3], [4, 5]] * 8)
+    out, rmask = m.generate(ids, mask, 12, generator=torch.Generator().manual_seed(0))
+    ends = set()
+    for row, rm in zip(out.tolist(), rmask.tolist()):
+        n = row.index(50256) + 1 if 50256 in row else len(row)
+        ends.add(n)
+        assert rm == [1] * n + [0] * (len(row) - n)  # real up to and including the first EOS
+        assert row[n:] == [50257] * (len(row) - n)  # finished rows emit padding
+    assert len(ends) > 2
+
+
+def test_generate_is_reproducible_and_never_samples_padding_ids():
+    m = tiny(4)
+    ids, mask = left_pad([[1, 2, 3], [4, 5], [9]])
+    a = m.generate(ids, mask, 20, generator=torch.Generator().manual_seed(7))[0]
+    b = m.generate(ids, mask, 20, generator=torch.Generator().manual_seed(7))[0]
+    c = m.generate(ids, mask, 20, generator=torch.Generator().manual_seed(8))[0]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert (a < N_REAL_TOKENS).all()
+
+
+def test_sample_token_matches_the_categorical_distribution():
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]]).repeat(20000, 1)
+    g = torch.Generator().manual_seed(0)
+    freq = torch.bincount(sample_token(logits, generator=g), minlength=4).float() / 20000
+    torch.testing.assert_close(freq, logits[0].softmax(-1), atol=0.015, rtol=0)
+    # top_k=2 keeps the two largest; top_p=0.6 keeps the smallest head reaching 0.6 (here tokens 2 and 1)
+    assert set(sample_token(logits, top_k=2, generator=g).unique().tolist()) == {1, 2}
+    p = logits[0].softmax(-1)  # [0.087, 0.237, 0.644, 0.032]
+    assert set(sample_token(logits, top_p=0.6, generator=g).unique().tolist()) == {2}
+    assert set(sample_token(logits, top_p=0.8, generator=g).unique().tolist()) == {1, 2}
+    assert p[2] > 0.6
+
+
+def test_response_logprobs_equals_plain_log_softmax_gather():
+    m = tiny(5)
+    ids, mask = left_pad([[1, 2, 3], [4, 5]])
+    resp = torch.tensor([[7, 8, 50256], [9, 50256, 50257]])
+    rmask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    full, fmask = torch.cat([ids, resp], 1), torch.cat([mask, rmask], 1)
+    logp, ent = response_logprobs(m, full, fmask, 3, temperature=0.7, with_entropy=True)
+    for b in range(2):
+        real = full[b][fmask[b].bool()].tolist()
+        lg = m(torch.tensor([real]))[0][0] / 0.7
+        n = int(rmask[b].sum())
+        ref = torch.log_softmax(lg[-n - 1:-1], -1).gather(-1, torch.tensor(real[-n:])[:, None])[:, 0]
+        torch.testing.assert_close(logp[b, :n], ref, rtol=1e-4, atol=1e-4)
+        assert (logp[b, n:] == 0).all() and (ent[b, n:] == 0).all()
+        ref_ent = -(lg[-n - 1:-1].softmax(-1) * lg[-n - 1:-1].log_softmax(-1)).sum(-1)
+        torch.testing.assert_close(ent[b, :n], ref_ent, rtol=1e-4, atol=1e-4)
+
+
+def test_last_real_index_and_scalar_head_init():
+    mask = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1], [1, 1, 1, 1]])
+    assert last_real_index(mask).tolist() == [1, 3, 3]
+    torch.manual_seed(0)
+    head = ScalarHead(1023)
+    assert abs(head.proj.weight.std().item() - 1 / math.sqrt(1024)) < 0.005
+    assert head.proj.bias.item() == 0
+
+
+def test_parameter_names_map_onto_gpt2():
+    names = {n for n, _ in tiny().named_parameters()}
+    for n in ["transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.ln_1.weight",
+              "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.bias", "transformer.h.1.ln_2.bias",
+              "transformer.h.1.mlp.c_fc.weight", "transformer.h.1.mlp.c_proj.weight", "transformer.ln_f.weight"]:
+        assert n in names, n
+    m = tiny()
+    assert m.lm_head.weight is m.transformer.wte.weight

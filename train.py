@@ -1,0 +1,639 @@
+"""
+The entry point of every stage, and the pieces they share: configuration, the run folder, checkpoints, the
+optimizer and its schedule. Stages sft (language-model / supervised fine-tuning) and sample live here; the others
+live in the file of their algorithm and plug into the same run folder and checkpoint format.
+
+    python train.py                          # the main job: the IMDb pipeline (stage `pipeline`) on the built-in sample
+    python train.py sft --max_iters=2000     # train a GPT on the IMDb sample's review text
+    python train.py sample --ckpt=out/sft/ckpt.pt --prompt="This movie"
+    python train.py STAGE --help             # every key of a stage, with its default and meaning
+
+Every run writes to --out_dir: config.json, metrics.jsonl (one flat JSON object per log step), summary.json (the
+final metrics, flat) and ckpt.pt (one dict of tensors and plain values: model, optimizer, config, step, RNG states
+and the stage's own state), written atomically. --resume continues a killed run from its ckpt.pt, bit for bit on CPU.
+
+Bad input (data files, keys, values, checkpoints) ends the run with one line `error: ...` and exit status 2.
+"""
+import dataclasses
+import importlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from model import GPT, GPTConfig, response_logprobs
+
+# stage -> (module, config class, function); a stage's module is imported only when that stage runs
+STAGES = {
+    "sft": ("train", "SFTConfig", "sft", "train a GPT on text, or supervised fine-tuning on prompt/response data"),
+    "sample": ("train", "SampleConfig", "sample", "generate text from a checkpoint"),
+    "reward": ("reward", "RewardConfig", "train", "train a Bradley-Terry reward model on preference pairs"),
+    "score": ("reward", "ScoreConfig", "score", "score prompt/response pairs with a reward model"),
+    "dpo": ("dpo", "DPOConfig", "train", "DPO / conservative DPO / IPO on preference pairs"),
+    "ppo": ("ppo", "PPOConfig", "train_ppo", "PPO with GAE, a critic and a reference-model KL penalty"),
+    "rloo": ("ppo", "RLOOConfig", "train_rloo", "REINFORCE leave-one-out (k samples per prompt, no critic)"),
+    "grpo": ("ppo", "GRPOConfig", "train_grpo", "GRPO (group-normalised advantages, k3 KL in the loss)"),
+    "bon": ("ppo", "BoNConfig", "best_of_n", "best-of-N sampling; with --finetune, rejection-sampling fine-tuning"),
+    "pipeline": ("imdb", "PipelineConfig", "pipeline", "the IMDb controlled-sentiment benchmark, end to end"),
+    "plot": ("imdb", "PlotConfig", "plot", "plot a run folder's metrics.jsonl to PNG"),
+}
+
+
+class ConfigError(Exception):
+    """Bad key, value, file or checkpoint: reported as one line, exit status 2."""
+
+
+class TrainingError(Exception):
+    """Training cannot go on (a non-finite loss, say): reported as one line, exit status 1."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# configuration: one flat dataclass per stage, every field with a one-line description
+
+def opt(default, help, min=None):
+    """A config field with its --help text and, optionally, the smallest value it accepts."""
+    return field(default=default, metadata=dict(help=help, min=min))
+
+
+@dataclass
+class RunConfig:
+    """Keys shared by every stage."""
+    out_dir: str = opt("out/run", "run folder: config.json, metrics.jsonl, summary.json, ckpt.pt")
+    device: str = opt("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    dtype: str = opt("auto", "auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16, float16")
+    compile: bool = opt(False, "torch.compile the model for training")
+    seed: int = opt(1337, "seed for everything random (data order, dropout, sampling)")
+    resume: bool = opt(False, "continue the run in out_dir from its ckpt.pt")
+    log_interval: int = opt(10, "steps between log lines", min=1)
+    ckpt_interval: int = opt(200, "steps between checkpoints (one is always written at the end)", min=1)
+
+
+@dataclass
+class ModelConfig:
+    """The GPT's shape, for stages that can start from scratch."""
+    n_layer: int = opt(4, "transformer blocks", min=1)
+    n_head: int = opt(4, "attention heads", min=1)
+    n_embd: int = opt(256, "width; divisible by n_head", min=1)
+    block_size: int = opt(256, "longest sequence the model sees", min=2)
+    dropout: float = opt(0.0, "dropout (pretraining / SFT only; RLHF stages turn it off)", min=0.0)
+    bias: bool = opt(True, "biases in Linear and LayerNorm layers")
+
+
+@dataclass
+class OptimConfig:
+    batch_size: int = opt(32, "sequences per optimizer step", min=1)
+    learning_rate: float = opt(6e-4, "peak learning rate", min=0.0)
+    min_lr: float = opt(0.0, "learning rate at the end of the cosine decay", min=0.0)
+    warmup_iters: int = opt(50, "linear warm-up steps", min=0)
+    max_iters: int = opt(500, "optimizer steps", min=0)
+    weight_decay: float = opt(0.1, "AdamW weight decay on matrices", min=0.0)
+    beta1: float = opt(0.9, "AdamW beta1", min=0.0)
+    beta2: float = opt(0.95, "AdamW beta2", min=0.0)
+    adam_eps: float = opt(1e-8, "AdamW epsilon", min=0.0)
+    grad_clip: float = opt(1.0, "clip the gradient norm to this (0: off)", min=0.0)
+    eval_interval: int = opt(100, "steps between evaluations", min=1)
+    eval_iters: int = opt(20, "batches per evaluation", min=1)
+
+
+def parse_config(cls, argv):
+    """--key=value (or --flag for a boolean True) over the dataclass's defaults; unknown keys and bad values are
+    ConfigErrors that name the key."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for arg in argv:
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: keys are given as --key=value")
+        key, eq, raw = arg[2:].partition("=")
+        if key not in fields:
+            close = [k for k in fields if k.startswith(key[:3])]
+            raise ConfigError(f"unknown key --{key}" + (f" (did you mean {', '.join('--' + k for k in close)}?)"
+                                                        if close else " (see --help)"))
+        f = fields[key]
+        kind = type(f.default)
+        if kind is bool:
+            if not eq:
+                values[key] = True
+            elif raw.lower() in ("1", "true", "yes", "on"):
+                values[key] = True
+            elif raw.lower() in ("0", "false", "no", "off"):
+                values[key] = False
+            else:
+                raise ConfigError(f"--{key}={raw}: expected true or false")
+            continue
+        if not eq:
+            raise ConfigError(f"--{key} needs a value: --{key}=...")
+        try:
+            v = kind(raw) if kind is not int else int(raw)
+        except ValueError:
+            raise ConfigError(f"--{key}={raw}: expected {'an integer' if kind is int else 'a number'}") from None
+        if kind is float and not math.isfinite(v):
+            raise ConfigError(f"--{key}={raw}: expected a finite number")
+        low = f.metadata.get("min")
+        if low is not None and v < low:
+            raise ConfigError(f"--{key}={raw}: must be >= {low}")
+        values[key] = v
+    cfg = cls(**values)
+    if hasattr(cfg, "n_embd") and hasattr(cfg, "n_head") and cfg.n_embd % cfg.n_head:
+        raise ConfigError(f"--n_embd={cfg.n_embd} is not divisible by --n_head={cfg.n_head}")
+    return cfg
+
+
+def config_help(stage, cls):
+    lines = [f"python train.py {stage} [--key=value ...]: {STAGES[stage][3]}", ""]
+    for f in dataclasses.fields(cls):
+        lines.append(f"  --{f.name}={f.default!s:<24} {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# devices, precision, randomness
+
+def setup_device(cfg):
+    """Resolves cfg.device/dtype, seeds every RNG, and returns (device, autocast context)."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device={cfg.device}: CUDA is not available on this machine")
+    dtype = ("bfloat16" if device.startswith("cuda") else "float32") if cfg.dtype == "auto" else cfg.dtype
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"--dtype={cfg.dtype}: expected auto, float32, bfloat16 or float16")
+    cfg.device, cfg.dtype = device, dtype
+    seed_everything(cfg.seed)
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ctx = nullcontext() if dtype == "float32" else torch.autocast(device.split(":")[0], getattr(torch, dtype))
+    return device, ctx
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    """Every global RNG, as tensors and plain values (loadable with weights_only=True)."""
+    np_state = np.random.get_state()
+    state = dict(python=random.getstate(), numpy=[np_state[0], torch.from_numpy(np_state[1].copy()),
+                                                  *np_state[2:]], torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy(), *n[2:]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoints: one dict of tensors and plain values, written atomically, read with weights_only=True
+
+def save_checkpoint(path, ckpt):
+    """Write to a temporary file in the same folder, fsync, then rename over the old one: a kill at any moment
+    leaves either the old or the new checkpoint, never a torn one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(folder, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path, kind=None):
+    """Load a checkpoint safely (weights_only: no pickled code runs); check it is of the expected kind."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for arbitrary objects, RuntimeError for a torn or foreign file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{path}: not a loadable checkpoint of this project ({first[:160]})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "kind" not in ckpt:
+        raise ConfigError(f"{path}: not a checkpoint of this project (no 'model'/'kind' entries)")
+    if kind is not None and ckpt["kind"] not in ((kind,) if isinstance(kind, str) else kind):
+        raise ConfigError(f"{path}: a {ckpt['kind']} checkpoint, but a {kind} checkpoint is needed here")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, path, module=None):
+    """Build the GPT stored in ckpt (or load its weights into `module`), with a one-line error on a mismatch."""
+    module = module or GPT(GPTConfig(**ckpt["model_args"]))
+    try:
+        module.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        msg = " ".join(str(e).split())
+        raise ConfigError(f"{path}: checkpoint does not fit the model ({msg[:200]})") from None
+    return module
+
+
+def load_policy(path, device):
+    """A GPT language model (from sft, dpo, ppo, ...), in eval mode with dropout off."""
+    ckpt = load_checkpoint(path, "policy")
+    model = model_from_checkpoint(ckpt, path)
+    disable_dropout(model)
+    return model.to(device).eval(), ckpt
+
+
+def disable_dropout(model):
+    """RLHF runs with dropout off in every model, or the first PPO ratio is not 1 (N+ details, #3)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    if hasattr(model, "transformer"):
+        for block in model.transformer.h:
+            block.attn.dropout = 0.0
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the run folder
+
+class Run:
+    """A run folder: config.json, metrics.jsonl, summary.json, ckpt.pt, plus a flag set by Ctrl-C / SIGTERM.
+
+    With cfg.resume, `self.ckpt` is the checkpoint to continue from, and metrics rows logged after it are dropped
+    (they will be logged again), so the log has no duplicate steps."""
+
+    def __init__(self, cfg, stage):
+        self.cfg, self.stage, self.dir = cfg, stage, cfg.out_dir
+        os.makedirs(self.dir, exist_ok=True)
+        self.ckpt_path = os.path.join(self.dir, "ckpt.pt")
+        self.metrics_path = os.path.join(self.dir, "metrics.jsonl")
+        self.ckpt = None
+        if cfg.resume:
+            if not os.path.exists(self.ckpt_path):
+                raise ConfigError(f"--resume: {self.ckpt_path} does not exist")
+            self.ckpt = load_checkpoint(self.ckpt_path)
+            if self.ckpt.get("stage") != stage:
+                raise ConfigError(f"--resume: {self.ckpt_path} is from stage {self.ckpt.get('stage')}, not {stage}")
+            self._truncate_metrics(self.ckpt["step"])
+        elif os.path.exists(self.metrics_path):
+            os.remove(self.metrics_path)  # a fresh run in an old folder starts a fresh log
+        write_json(os.path.join(self.dir, "config.json"), dict(stage=stage, **dataclasses.asdict(cfg)))
+        self.stop_requested = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        if self.stop_requested:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step, then stopping "
+              f"(continue with --resume)", file=sys.stderr)
+        self.stop_requested = True
+
+    def _truncate_metrics(self, step):
+        if not os.path.exists(self.metrics_path):
+            return
+        with open(self.metrics_path) as f:
+            rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.metrics_path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(rows)
+        os.replace(tmp, self.metrics_path)
+
+    def log(self, step, **metrics):
+        """Append one flat JSON row (non-finite numbers are written as null)."""
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(dict(step=step, **{k: plain(v) for k, v in metrics.items()})) + "\n")
+
+    def save(self, step, model, optimizer=None, kind="policy", **extra):
+        """The one checkpoint format: model weights (unwrapped, uncompiled), shape, optimizer, config, step, RNG
+        states, and whatever stage state `extra` holds."""
+        model = getattr(model, "_orig_mod", model)
+        ckpt = dict(kind=kind, stage=self.stage, step=step, model=model.state_dict(),
+                    model_args=dataclasses.asdict(model.config) if hasattr(model, "config") else None,
+                    optimizer=optimizer.state_dict() if optimizer is not None else None,
+                    config=dataclasses.asdict(self.cfg), rng=rng_state(), **extra)
+        save_checkpoint(self.ckpt_path, ckpt)
+
+    def summary(self, **metrics):
+        write_json(os.path.join(self.dir, "summary.json"), metrics)
+        return metrics
+
+
+def plain(v):
+    """A metric as a JSON value: tensors and NumPy scalars become floats, NaN and inf become None."""
+    if isinstance(v, (torch.Tensor, np.generic)):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def check_finite(step, **values):
+    """Stop on a non-finite loss / reward / gradient norm, naming the step and the quantity."""
+    for name, v in values.items():
+        v = float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
+        if not math.isfinite(v):
+            raise TrainingError(f"step {step}: {name} is {v}; stopping (the last checkpoint is left as it was)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# optimizer and schedule
+
+def make_optimizer(model, cfg, device):
+    """AdamW with weight decay on matrices only (nanoGPT)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+                             fused=str(device).startswith("cuda"))
+
+
+def lr_at(step, cfg):
+    """Linear warm-up, then cosine decay to min_lr at max_iters."""
+    if step < cfg.warmup_iters:
+        return cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1)
+    progress = min(1.0, (step - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def optimizer_step(model, optimizer, lr, grad_clip, step):
+    """Clip, check the gradient norm is finite, step, zero. Returns the gradient norm."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    check_finite(step, grad_norm=norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# stage sft: language modelling on a corpus, or supervised fine-tuning on prompt/response data
+
+DEFAULT_SFT_DATA = "assets/imdb-train-sample.jsonl.gz,assets/imdb-unsup-sample.jsonl.gz"
+
+
+@dataclass
+class SFTConfig(RunConfig, ModelConfig, OptimConfig):
+    out_dir: str = opt("out/sft", "run folder")
+    data: str = opt(DEFAULT_SFT_DATA, "training data: JSONL(.gz) or .txt, comma-separated files ({text}, IMDb rows, "
+                                      "{prompt, response} or {messages}); text is a corpus, pairs train the response")
+    eval_data: str = opt("", "evaluation data (default: a held-out 5% slice of --data)")
+    init_from: str = opt("scratch", "scratch, or a policy checkpoint to fine-tune")
+    max_docs: int = opt(0, "read at most this many records per file (0: all)", min=0)
+
+
+def load_sft_data(paths, limit, block_size):
+    """Returns ('corpus', token array) when every record is plain text, else ('pairs', [(prompt_ids, resp_ids)])."""
+    from data import encode_corpus, load_sft, tokenize_pair
+    examples = [ex for p in paths.split(",") if p for ex in load_sft(p, limit=limit or None)]
+    if all(ex.prompt == "" for ex in examples):
+        return "corpus", encode_corpus([ex.response for ex in examples], desc="tokenizing")
+    rows = [tokenize_pair(ex.prompt, [ex.response], block_size) for ex in examples]
+    n_trunc = sum(r[2] for r in rows)
+    if n_trunc:
+        print(f"{n_trunc} of {len(rows)} examples were longer than block_size={block_size} and were truncated")
+    return "pairs", [(p, r) for p, (r,), _ in rows]
+
+
+def split_heldout(kind, data, frac=0.05):
+    """The last 5% as the evaluation set: of the token stream, or of the examples."""
+    if kind == "corpus":
+        n = int(len(data) * (1 - frac))
+        return data[:n], data[n:]
+    n = max(1, int(len(data) * frac))
+    return data[:-n], data[-n:]
+
+
+def pairs_batch(rows, step, batch_size, seed, device):
+    """A batch of tokenized prompt/response examples in the project's layout, chosen by (seed, step) alone."""
+    from data import layout_batch
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    idx = torch.randint(len(rows), (batch_size,), generator=g).tolist()
+    ids, mask, R = layout_batch([rows[i][0] for i in idx], [rows[i][1] for i in idx])
+    return ids.to(device), mask.to(device), R
+
+
+def sft_loss(model, batch):
+    """Mean next-token cross-entropy: over every token of a corpus window (x, y), or over the response tokens
+    (and their EOS) of a prompt/response batch (ids, mask, R), through the shared log-prob helper."""
+    if len(batch) == 2:
+        return model(*batch)[1]
+    ids, mask, R = batch
+    logp = response_logprobs(model, ids, mask, R)  # (B, R), 0 off the response
+    return -logp.sum() / mask[:, -R:].sum().clamp(min=1)
+
+
+def sft(cfg):
+    from data import TokenStream
+    run = Run(cfg, "sft")
+    device, ctx = setup_device(cfg)
+    # 1. data
+    kind, train_data = load_sft_data(cfg.data, cfg.max_docs, cfg.block_size)
+    if cfg.eval_data:
+        eval_kind, eval_data = load_sft_data(cfg.eval_data, cfg.max_docs, cfg.block_size)
+        if eval_kind != kind:
+            raise ConfigError(f"--eval_data={cfg.eval_data} holds {eval_kind}, but --data holds {kind}")
+    else:
+        train_data, eval_data = split_heldout(kind, train_data)
+    if kind == "corpus":
+        if len(eval_data) <= cfg.block_size + 1 or len(train_data) <= cfg.block_size + 1:
+            raise ConfigError(f"--data: too little text for --block_size={cfg.block_size}")
+        train_stream = TokenStream(train_data, cfg.block_size, cfg.batch_size, cfg.seed)
+        eval_stream = TokenStream(eval_data, cfg.block_size, cfg.batch_size, cfg.seed + 1)
+        get_batch = lambda split, step: tuple(t.to(device) for t in
+                                             (train_stream if split == "train" else eval_stream).batch(step))
+        print(f"corpus: {len(train_data):,} training tokens, {len(eval_data):,} held out")
+    else:
+        get_batch = lambda split, step: pairs_batch(train_data if split == "train" else eval_data, step,
+                                                    cfg.batch_size, cfg.seed + (split != "train"), device)
+        print(f"pairs: {len(train_data):,} training examples, {len(eval_data):,} held out")
+    # 2. model
+    if cfg.init_from == "scratch":
+        model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                              block_size=cfg.block_size, dropout=cfg.dropout, bias=cfg.bias))
+    else:
+        ckpt = load_checkpoint(cfg.init_from, "policy")
+        model = model_from_checkpoint(ckpt, cfg.init_from)
+        if cfg.block_size > model.config.block_size:
+            raise ConfigError(f"--block_size={cfg.block_size} exceeds the checkpoint's {model.config.block_size}")
+    model.to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    start = 0
+    if run.ckpt is not None:
+        model_from_checkpoint(run.ckpt, run.ckpt_path, model)
+        optimizer.load_state_dict(run.ckpt["optimizer"])
+        set_rng_state(run.ckpt["rng"])
+        start = run.ckpt["step"]
+        print(f"resuming from step {start}")
+    fwd = torch.compile(model) if cfg.compile else model
+    tokens_per_step = cfg.batch_size * cfg.block_size
+    print(f"model: {model.num_params() / 1e6:.2f}M parameters; {tokens_per_step:,} tokens per step; "
+          f"{cfg.max_iters} steps on {device} ({cfg.dtype})")
+
+    @torch.no_grad()
+    def evaluate():
+        model.eval()
+        with ctx:
+            losses = [sft_loss(fwd, get_batch("eval", i)).item() for i in range(cfg.eval_iters)]
+        model.train()
+        return sum(losses) / len(losses)
+
+    # 3. train
+    from tqdm import tqdm
+    model.train()
+    t0, tokens, metrics = time.time(), 0, {}
+    bar = tqdm(range(start, cfg.max_iters), desc="sft", initial=start, total=cfg.max_iters, dynamic_ncols=True,
+               disable=None)
+    for step in bar:
+        batch = get_batch("train", step)
+        with ctx:
+            loss = sft_loss(fwd, batch)
+        check_finite(step, loss=loss)
+        loss.backward()
+        lr = lr_at(step, cfg)
+        norm = optimizer_step(model, optimizer, lr, cfg.grad_clip, step)
+        tokens += batch[0].numel()
+        done = step + 1
+        if done % cfg.log_interval == 0 or done == cfg.max_iters:
+            dt = time.time() - t0
+            metrics = dict(loss=loss.item(), lr=lr, grad_norm=norm, tokens_per_s=tokens / dt)
+            if done % cfg.eval_interval == 0 or done == cfg.max_iters:
+                metrics["eval/loss"] = evaluate()
+            run.log(done, **metrics)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", **({"eval": f"{metrics['eval/loss']:.3f}"}
+                                                             if "eval/loss" in metrics else {}))
+            t0, tokens = time.time(), 0
+        if done % cfg.ckpt_interval == 0 or done == cfg.max_iters or run.stop_requested:
+            run.save(done, model, optimizer)
+        if run.stop_requested:
+            print(f"stopped at step {done}; continue with --resume --out_dir={cfg.out_dir}", file=sys.stderr)
+            return 130
+    if start >= cfg.max_iters and run.ckpt is None:
+        run.save(cfg.max_iters, model, optimizer)
+    final = dict(loss=metrics.get("loss"), **{"eval/loss": evaluate()}, step=cfg.max_iters,
+                 params=model.num_params())
+    run.summary(**final)
+    print(f"done: eval loss {final['eval/loss']:.4f}; checkpoint {run.ckpt_path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# stage sample
+
+@dataclass
+class SampleConfig(RunConfig):
+    out_dir: str = opt("out/sample", "run folder: samples.jsonl and summary.json")
+    ckpt: str = opt("out/sft/ckpt.pt", "policy checkpoint to sample from")
+    prompt: str = opt("", "one prompt (default: the start of a document)")
+    prompts: str = opt("", "file of prompts (JSONL {prompt}/{input_text}/{text}, preference files, or .txt lines)")
+    num_samples: int = opt(3, "samples per prompt", min=1)
+    max_new_tokens: int = opt(64, "tokens to sample per response", min=1)
+    temperature: float = opt(1.0, "softmax temperature (0: greedy)", min=0.0)
+    top_k: int = opt(0, "keep only the k most likely tokens (0: off)", min=0)
+    top_p: float = opt(1.0, "nucleus sampling mass (1: off)", min=0.0)
+    batch_size: int = opt(64, "prompts per generate() call", min=1)
+
+
+def generate_texts(model, prompts, cfg, device, generator, desc="sampling"):
+    """Sample cfg.num_samples continuations of every prompt string. Returns [(prompt, response, n_tokens)]."""
+    from tqdm import tqdm
+    from data import decode, encode_prompt, pad_batch
+    todo = [p for p in prompts for _ in range(cfg.num_samples)]
+    room = model.config.block_size - cfg.max_new_tokens
+    if room < 1:
+        raise ConfigError(f"--max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in the model's "
+                          f"block_size={model.config.block_size}")
+    out = []
+    for i in tqdm(range(0, len(todo), cfg.batch_size), desc=desc, disable=None, leave=False):
+        chunk = todo[i:i + cfg.batch_size]
+        ids, mask = pad_batch([encode_prompt(p)[-room:] for p in chunk], side="left")
+        toks, tmask = model.generate(ids.to(device), mask.to(device), cfg.max_new_tokens, cfg.temperature,
+                                     cfg.top_k, cfg.top_p, generator=generator)
+        for p, t, m in zip(chunk, toks.tolist(), tmask.tolist()):
+            n = sum(m)
+            out.append((p, decode(t[:n]), n))
+    return out
+
+
+@torch.no_grad()
+def sample(cfg):
+    from data import load_prompts
+    run = Run(cfg, "sample")
+    device, ctx = setup_device(cfg)
+    model, _ = load_policy(cfg.ckpt, device)
+    prompts = load_prompts(cfg.prompts) if cfg.prompts else [cfg.prompt]
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    with ctx:
+        rows = generate_texts(model, prompts, cfg, device, g)
+    with open(os.path.join(run.dir, "samples.jsonl"), "w") as f:
+        for p, r, n in rows:
+            f.write(json.dumps(dict(prompt=p, response=r, tokens=n)) + "\n")
+    for p, r, _ in rows[:10]:
+        print(f"--- {p!r}\n{p}{r}")
+    run.summary(samples=len(rows), mean_tokens=sum(n for *_, n in rows) / len(rows))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the entry point
+
+def main(argv):
+    from data import DataError
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.strip() + "\n\nstages:\n" + "\n".join(f"  {s:<9} {v[3]}" for s, v in STAGES.items()))
+        return 0
+    stage = argv[0] if argv and not argv[0].startswith("-") else "pipeline"
+    args = argv[1:] if argv and not argv[0].startswith("-") else argv
+    if stage not in STAGES:
+        print(f"error: unknown stage {stage!r}; stages: {', '.join(STAGES)}", file=sys.stderr)
+        return 2
+    module_name, cls_name, fn_name, _ = STAGES[stage]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name != module_name:
+            raise
+        print(f"error: stage {stage} is not implemented yet ({module_name}.py is missing)", file=sys.stderr)
+        return 2
+    cls = getattr(module, cls_name)
+    if "-h" in args or "--help" in args:
+        print(config_help(stage, cls))
+        return 0
+    try:
+        cfg = parse_config(cls, args)
+        return getattr(module, fn_name)(cfg) or 0
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    import train  # run the one importable copy of this file, so that every stage shares its state
+    sys.exit(train.main(sys.argv[1:]))
