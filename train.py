@@ -23,6 +23,7 @@ import random
 import signal
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -223,7 +224,9 @@ def load_checkpoint(path, kind=None):
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: no such checkpoint file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns before refusing; the one-line error below says it all
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for arbitrary objects, RuntimeError for a torn or foreign file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{path}: not a loadable checkpoint of this project ({first[:160]})") from None
