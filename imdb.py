@@ -1,0 +1,270 @@
+"""
+The IMDb controlled-sentiment benchmark (the DPO paper, Rafailov et al. 2023, section 6.1; TRL's gpt2-sentiment):
+a policy continues the start of a movie review, and a gold sentiment classifier says how positive the result is.
+
+This part: the data and the gold reward.
+
+    python imdb.py download --dest=data/imdb      # users with internet: the official archive, checked, converted once
+    python imdb.py gold --train=../shared/data/imdb/train.jsonl.gz --test=../shared/data/imdb/test.jsonl.gz \\
+        --out=assets/gold-imdb.pt                 # retrain the gold reward (about a minute on 2 CPU cores)
+
+Data. The full dataset is read from a folder holding {train,test,unsup}.jsonl.gz (rows {id, rating, label, text},
+see data.load_imdb); a 4,000-row sample ships in assets/ for the default run and the tests.
+
+Gold reward. P(positive) from a logistic regression on hashed word unigrams and bigrams, trained on the 25k
+labelled train reviews. It shares nothing with the proxy reward model (a GPT trunk on BPE tokens) but the data, so
+that overoptimising the proxy shows up as a gap between the two. It is a fixed artifact, assets/gold-imdb.pt,
+whose sha256 is pinned below: numbers from different runs and commits use the same judge.
+
+Simplifications, on purpose:
+- The gold reward is a bag of n-grams, not the fine-tuned transformer of the papers (DistilBERT / SiEBERT):
+  about 90% test accuracy instead of about 93-95%, but it trains in a minute on a CPU and fits in 2 MB.
+- N-grams are hashed (CRC-32, stable across runs and machines) into 2^20 buckets, with no vocabulary file;
+  colliding n-grams share a weight.
+- Features are binary (does the review contain the n-gram), scaled to unit length, as in NBSVM-style baselines
+  (Wang & Manning 2012); no tf-idf, no Naive Bayes ratios.
+"""
+import argparse
+import gzip
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.request
+import zlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data import DataError, load_imdb
+from train import load_checkpoint, save_checkpoint
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+SPLITS = ("train", "test", "unsup")
+# the official archive; its size and sha256 are those pinned in TensorFlow Datasets (url_checksums/imdb_reviews.txt)
+ACLIMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
+ACLIMDB_SIZE = 84_125_825
+ACLIMDB_SHA256 = "c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658fe"
+
+GOLD_PATH = os.path.join(ROOT, "assets", "gold-imdb.pt")
+GOLD_SHA256 = "72c7db01510126743712965ab11057f25e0764e53b57a7ae4ead9b9315d975e8"
+
+
+# -----------------------------------------------------------------------------
+# data: the full dataset from a folder, or from the official archive
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def imdb_files(path):
+    """{split: file} of the folder `path`, which must hold train, test and unsup .jsonl.gz."""
+    files = {s: os.path.join(path, f"{s}.jsonl.gz") for s in SPLITS}
+    for f in files.values():
+        if not os.path.isfile(f):
+            raise DataError(f"{f}: no such file (make the folder with `python imdb.py download --dest={path}`)")
+    return files
+
+
+def convert_aclimdb(extracted_dir, dest):
+    """The aclImdb folder tree -> dest/{train,test,unsup}.jsonl.gz, one {id, rating, label, text} per line.
+
+    Files are named {id}_{rating}.txt; rows are in the order neg (by id), then pos (by id). The text is kept
+    as written, <br /> tags included (data.load_imdb cleans them)."""
+    os.makedirs(dest, exist_ok=True)
+    for split, folders in (("train", ("train/neg", "train/pos")), ("test", ("test/neg", "test/pos")),
+                           ("unsup", ("train/unsup",))):
+        rows = []
+        for folder in folders:
+            full = os.path.join(extracted_dir, folder)
+            if not os.path.isdir(full):
+                raise DataError(f"{full}: no such folder; expected the aclImdb tree (train/, test/)")
+            label = {"neg": 0, "pos": 1, "unsup": -1}[os.path.basename(folder)]
+            names = [n for n in os.listdir(full) if re.fullmatch(r"\d+_\d+\.txt", n)]
+            for name in sorted(names, key=lambda n: int(n.split("_")[0])):
+                review_id, rating = map(int, name[:-4].split("_"))
+                rows.append((os.path.join(full, name), dict(id=review_id, rating=rating, label=label)))
+        out = os.path.join(dest, f"{split}.jsonl.gz")
+        tmp = out + ".tmp"
+        # mtime=0: the same reviews give the same bytes
+        with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
+            for file, row in tqdm(rows, desc=f"converting {split}", unit="review", disable=None):
+                with open(file, encoding="utf-8", newline="") as review:  # newline="": the text as written
+                    f.write((json.dumps(dict(row, text=review.read())) + "\n").encode())
+        os.replace(tmp, out)
+
+
+def download_imdb(dest):
+    """Fetch the official aclImdb archive (needs internet), check its size and sha256, convert it into
+    dest/{train,test,unsup}.jsonl.gz and delete the archive. Does nothing if the files are already there."""
+    if all(os.path.isfile(os.path.join(dest, f"{s}.jsonl.gz")) for s in SPLITS):
+        return imdb_files(dest)
+    os.makedirs(dest, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest) as tmp:
+        archive, digest = os.path.join(tmp, "aclImdb_v1.tar.gz"), hashlib.sha256()
+        with urllib.request.urlopen(ACLIMDB_URL, timeout=60) as r, open(archive, "wb") as f, \
+                tqdm(total=ACLIMDB_SIZE, unit="B", unit_scale=True, desc="aclImdb_v1.tar.gz", disable=None) as bar:
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+                digest.update(chunk)
+                bar.update(len(chunk))
+        size = os.path.getsize(archive)
+        if size != ACLIMDB_SIZE or digest.hexdigest() != ACLIMDB_SHA256:
+            raise DataError(f"{ACLIMDB_URL}: got {size:,} bytes with sha256 {digest.hexdigest()[:16]}..., "
+                            f"expected {ACLIMDB_SIZE:,} bytes with sha256 {ACLIMDB_SHA256[:16]}...")
+        with tarfile.open(archive) as t:
+            t.extractall(tmp, filter="data")  # filter: no absolute paths or links out of tmp
+        convert_aclimdb(os.path.join(tmp, "aclImdb"), dest)
+    return imdb_files(dest)
+
+
+# -----------------------------------------------------------------------------
+# the gold reward: logistic regression on hashed word n-grams
+
+WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[!?]")  # lowercased words (with "n't", "'s" attached), "!" and "?"
+
+
+def ngram_ids(text, n_buckets, n=2):
+    """The distinct hashed word n-grams (1..n) of a text -> sorted bucket ids. CRC-32, unlike Python's hash(), is
+    the same in every process, so a saved model means the same thing everywhere."""
+    words = WORD.findall(text.lower())
+    grams = [" ".join(words[i:i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1)]
+    return sorted({zlib.crc32(g.encode()) % n_buckets for g in grams})
+
+
+def bags(id_lists):
+    """Bucket-id lists -> EmbeddingBag inputs (flat ids, offsets, per-id weights); each bag scaled to unit L2
+    norm (weight 1/sqrt(size)), so long and short reviews get logits of the same scale."""
+    flat = torch.tensor([i for ids in id_lists for i in ids], dtype=torch.long)
+    sizes = torch.tensor([len(ids) for ids in id_lists], dtype=torch.long)
+    offsets = torch.cumsum(sizes, 0) - sizes
+    weights = torch.repeat_interleave(sizes.clamp(min=1).float().rsqrt(), sizes)
+    return flat, offsets, weights
+
+
+class NgramLogReg(nn.Module):
+    """logit = bias + sum over the text's n-grams of weight[bucket] / sqrt(number of n-grams)."""
+
+    def __init__(self, n_buckets):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(n_buckets))  # zeros: a convex problem, no init noise needed
+        self.bias = nn.Parameter(torch.zeros(()))
+
+    def forward(self, flat, offsets, weights):
+        bag = F.embedding_bag(flat, self.weight[:, None], offsets, mode="sum", per_sample_weights=weights)
+        return bag.squeeze(1) + self.bias  # (B,)
+
+
+class GoldReward:
+    """The gold sentiment judge: reward(prompts, responses) -> P(positive) of each prompt + response text."""
+
+    def __init__(self, model, n_buckets, n):
+        self.model, self.n_buckets, self.n = model.eval(), n_buckets, n
+
+    @classmethod
+    def load(cls, path=GOLD_PATH, sha256=GOLD_SHA256):
+        """Load an artifact (weights_only), refusing one whose sha256 is not `sha256` (None: do not check)."""
+        if sha256 is not None:
+            if not os.path.isfile(path):
+                raise DataError(f"{path}: no such file")
+            got = file_sha256(path)
+            if got != sha256:
+                raise DataError(f"{path}: sha256 {got[:16]}... is not the gold reward's {sha256[:16]}...; "
+                                f"the file is damaged or not the committed one")
+        ckpt = load_checkpoint(path, "gold")
+        model = NgramLogReg(ckpt["n_buckets"])
+        model.load_state_dict({k: v.float() for k, v in ckpt["model"].items()})
+        return cls(model, ckpt["n_buckets"], ckpt["ngrams"])
+
+    @torch.no_grad()
+    def logits(self, texts):
+        return self.model(*bags([ngram_ids(t, self.n_buckets, self.n) for t in texts]))  # (B,)
+
+    def __call__(self, prompts, responses):
+        return torch.sigmoid(self.logits([p + r for p, r in zip(prompts, responses)])).tolist()
+
+
+_DEFAULT = []
+
+
+def gold_reward(prompts, responses):
+    """The committed gold reward as a plain function (for ppo's --reward=imdb.py:gold_reward), loaded once."""
+    if not _DEFAULT:
+        _DEFAULT.append(GoldReward.load())
+    return _DEFAULT[0](prompts, responses)
+
+
+def train_gold(train_path, test_path, out_path, seed=0, n_buckets=2**20, n=2, epochs=3, batch_size=512, lr=0.1):
+    """Train the gold reward on labelled IMDb rows, evaluate it on others, write the artifact atomically.
+    Returns dict(accuracy (test), train_accuracy, sha256, seconds); accuracies are those of the saved fp16 weights."""
+    t0 = time.time()
+    # 1. features: the labelled rows only (unsup rows have label -1)
+    splits = {}
+    for name, path in (("train", train_path), ("test", test_path)):
+        rows = [r for r in load_imdb(path) if r["label"] >= 0]
+        if not rows:
+            raise DataError(f"{path}: no labelled rows")
+        ids = [ngram_ids(r["text"], n_buckets, n) for r in tqdm(rows, desc=f"n-grams {name}", disable=None)]
+        splits[name] = ids, torch.tensor([float(r["label"]) for r in rows])
+    ids, labels = splits["train"]
+    # 2. train: minibatch Adam on the logistic loss, data order from a seeded generator. No weight decay: the few
+    # epochs of Adam are the regularisation (hyperparameters chosen on a 5k split of train, never on test)
+    model = NgramLogReg(n_buckets)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    steps = epochs * math.ceil(len(ids) / batch_size)
+    bar = tqdm(total=steps, desc="gold", disable=None)
+    for _ in range(epochs):
+        order = torch.randperm(len(ids), generator=g).tolist()
+        for i in range(0, len(order), batch_size):
+            batch = order[i:i + batch_size]
+            loss = F.binary_cross_entropy_with_logits(model(*bags([ids[j] for j in batch])), labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            bar.update()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    # 3. round to fp16, the precision saved, so that the accuracy reported is that of the artifact
+    state = {k: v.detach().half() for k, v in model.state_dict().items()}
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    with torch.no_grad():
+        acc = {name: ((model(*bags(x)) > 0).float() == y).float().mean().item() for name, (x, y) in splits.items()}
+    save_checkpoint(out_path, dict(kind="gold", model=state, n_buckets=n_buckets, ngrams=n, seed=seed,
+                                   accuracy=acc["test"], train_rows=len(ids), test_rows=len(splits["test"][0])))
+    return dict(accuracy=acc["test"], train_accuracy=acc["train"], sha256=file_sha256(out_path),
+                seconds=time.time() - t0)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="IMDb data and gold reward (the pipeline runs from train.py)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("download", help="fetch the official aclImdb archive and convert it (needs internet)")
+    p.add_argument("--dest", default="data/imdb", help="folder for {train,test,unsup}.jsonl.gz")
+    p = commands.add_parser("gold", help="train the gold reward and write its artifact")
+    p.add_argument("--train", default="../shared/data/imdb/train.jsonl.gz", help="labelled IMDb rows to train on")
+    p.add_argument("--test", default="../shared/data/imdb/test.jsonl.gz", help="labelled IMDb rows to evaluate on")
+    p.add_argument("--out", default=GOLD_PATH, help="artifact to write")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data order")
+    args = parser.parse_args()
+    try:
+        if args.command == "download":
+            print("\n".join(download_imdb(args.dest).values()))
+        else:
+            result = train_gold(args.train, args.test, args.out, args.seed)
+            print(f"test accuracy {result['accuracy']:.4f} (train {result['train_accuracy']:.4f}) in "
+                  f"{result['seconds']:.0f}s; {args.out} sha256 {result['sha256']}")
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)  # as train.main does: one line, exit status 2
+        sys.exit(2)

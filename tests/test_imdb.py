@@ -1,0 +1,152 @@
+"""Tests of imdb.py: the official archive's conversion and download checks, and the gold reward (the committed
+artifact, its checksum, its accuracy, and its training)."""
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import sys
+import tarfile
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import imdb  # noqa: E402
+from data import DataError, load_imdb  # noqa: E402
+
+ASSETS = os.path.join(os.path.dirname(imdb.__file__), "assets")
+TRAIN_SAMPLE = os.path.join(ASSETS, "imdb-train-sample.jsonl.gz")
+TEST_SAMPLE = os.path.join(ASSETS, "imdb-test-sample.jsonl.gz")
+POSITIVE = "This movie was wonderful! A brilliant, moving story with superb acting. I loved it, a true masterpiece."
+NEGATIVE = "This movie was awful. A boring, stupid plot and terrible acting. The worst film I have ever wasted time on."
+PINNED_IDS = [282258, 392565, 1024177]  # "not", "good", "not good" in 2^20 buckets
+
+
+# -----------------------------------------------------------------------------
+# data
+
+def fake_aclimdb(root):
+    """A miniature aclImdb tree: ids out of numeric order, <br /> tags, non-ASCII text."""
+    files = {"train/neg/10_2.txt": "Dull.<br /><br />Very dull.", "train/neg/2_4.txt": "Meh",
+             "train/neg/1_1.txt": "Bad", "train/pos/0_9.txt": "Très bien — 10/10", "train/unsup/1_0.txt": "u1", "train/unsup/0_0.txt": "u0",
+             "test/neg/0_3.txt": "Poor", "test/pos/5_10.txt": "Great", "test/pos/3_7.txt": "Good",
+             "train/urls_pos.txt": "not a review"}
+    for name, text in files.items():
+        os.makedirs(os.path.join(root, os.path.dirname(name)), exist_ok=True)
+        with open(os.path.join(root, name), "w", encoding="utf-8") as f:
+            f.write(text)
+    return files
+
+
+def read_rows(path):
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_convert_aclimdb_fake_tree(tmp_path):
+    fake_aclimdb(tmp_path / "aclImdb")
+    imdb.convert_aclimdb(str(tmp_path / "aclImdb"), str(tmp_path / "out"))
+    files = imdb.imdb_files(str(tmp_path / "out"))
+    train = read_rows(files["train"])
+    # neg then pos, each by numeric id (1 < 2 < 10, not "10" < "2"); the text exactly as written
+    assert [(r["id"], r["rating"], r["label"]) for r in train] == [(1, 1, 0), (2, 4, 0), (10, 2, 0), (0, 9, 1)]
+    assert train[2]["text"] == "Dull.<br /><br />Very dull." and train[3]["text"] == "Très bien — 10/10"
+    assert [(r["id"], r["label"]) for r in read_rows(files["test"])] == [(0, 0), (3, 1), (5, 1)]
+    assert [(r["id"], r["rating"], r["label"], r["text"]) for r in read_rows(files["unsup"])] == \
+        [(0, 0, -1, "u0"), (1, 0, -1, "u1")]
+    assert load_imdb(files["train"])[2]["text"] == "Dull.\n\nVery dull."  # the project's loader reads it, cleaned
+    # the same tree gives the same bytes (no timestamp in the gzip header)
+    first = open(files["train"], "rb").read()
+    imdb.convert_aclimdb(str(tmp_path / "aclImdb"), str(tmp_path / "out"))
+    assert open(files["train"], "rb").read() == first
+
+
+def test_convert_and_files_errors(tmp_path):
+    (tmp_path / "aclImdb" / "train").mkdir(parents=True)
+    with pytest.raises(DataError, match="train/neg: no such folder"):
+        imdb.convert_aclimdb(str(tmp_path / "aclImdb"), str(tmp_path / "out"))
+    with pytest.raises(DataError, match=r"train\.jsonl\.gz: no such file.*imdb\.py download"):
+        imdb.imdb_files(str(tmp_path / "nowhere"))
+
+
+def fake_archive(tmp_path):
+    fake_aclimdb(tmp_path / "src" / "aclImdb")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as t:
+        t.add(tmp_path / "src" / "aclImdb", arcname="aclImdb")
+    return buf.getvalue()
+
+
+def test_download_checks_then_converts(tmp_path, monkeypatch):
+    archive = fake_archive(tmp_path)
+    monkeypatch.setattr(imdb.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(archive))
+    # the real archive's size and sha256: this one is refused, and nothing is written
+    with pytest.raises(DataError, match="sha256"):
+        imdb.download_imdb(str(tmp_path / "a"))
+    assert os.listdir(tmp_path / "a") == []
+    # an archive with the expected checksum is extracted and converted, and the archive deleted
+    monkeypatch.setattr(imdb, "ACLIMDB_SIZE", len(archive))
+    monkeypatch.setattr(imdb, "ACLIMDB_SHA256", hashlib.sha256(archive).hexdigest())
+    files = imdb.download_imdb(str(tmp_path / "b"))
+    assert sorted(os.listdir(tmp_path / "b")) == ["test.jsonl.gz", "train.jsonl.gz", "unsup.jsonl.gz"]
+    assert len(read_rows(files["train"])) == 4
+    # converted once: a second call does not download
+    monkeypatch.setattr(imdb.urllib.request, "urlopen", None)
+    assert imdb.download_imdb(str(tmp_path / "b")) == files
+
+
+# -----------------------------------------------------------------------------
+# gold reward
+
+def test_ngram_hash_is_pinned():
+    # the artifact's weights are indexed by these buckets: a change here silently changes the gold reward
+    assert imdb.WORD.findall("don't like it!! 10/10".lower()) == ["don't", "like", "it", "!", "!", "10", "10"]
+    assert imdb.ngram_ids("Not good", 2**20) == PINNED_IDS
+    assert imdb.ngram_ids("NOT   good", 2**20) == PINNED_IDS  # lowercased, whitespace-blind
+    assert imdb.ngram_ids("", 2**20) == []
+
+
+def test_shipped_gold_reward():
+    assert os.path.getsize(imdb.GOLD_PATH) < 4_000_000  # small enough to commit
+    gold = imdb.GoldReward.load()
+    pos, neg, empty = gold(["This movie was"] * 3, [POSITIVE[14:], NEGATIVE[14:], ""])
+    assert pos > 0.9 and neg < 0.1 and 0 < empty < 1
+    assert imdb.gold_reward([POSITIVE], [""]) == gold([POSITIVE], [""])  # the plain function for ppo's --reward
+    # prompt + response is scored as one text
+    assert gold(["This movie was"], [POSITIVE[14:]]) == gold([""], [POSITIVE])
+
+
+def test_shipped_gold_reward_accuracy_on_test_sample():
+    rows = load_imdb(TEST_SAMPLE)
+    p = imdb.GoldReward.load()([""] * len(rows), [r["text"] for r in rows])
+    accuracy = sum((pi > 0.5) == (r["label"] == 1) for pi, r in zip(p, rows)) / len(rows)
+    assert accuracy > 0.85, accuracy
+
+
+def test_gold_checksum_enforced(tmp_path):
+    copy = tmp_path / "gold.pt"
+    shutil.copy(imdb.GOLD_PATH, copy)
+    imdb.GoldReward.load(str(copy))  # an intact copy loads
+    data = bytearray(copy.read_bytes())
+    data[len(data) // 2] ^= 1  # one bit in the weights
+    copy.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=re.escape(str(copy)) + ": sha256 .* is not the gold reward's"):
+        imdb.GoldReward.load(str(copy))
+    with pytest.raises(DataError, match="no such file"):
+        imdb.GoldReward.load(str(tmp_path / "missing.pt"))
+
+
+def test_train_gold_on_sample(tmp_path):
+    out = str(tmp_path / "gold.pt")
+    result = imdb.train_gold(TRAIN_SAMPLE, TEST_SAMPLE, out, seed=0, n_buckets=2**16, epochs=4, batch_size=64)
+    assert result["accuracy"] > 0.7 and result["train_accuracy"] > result["accuracy"], result
+    assert result["sha256"] == hashlib.sha256(open(out, "rb").read()).hexdigest()
+    gold = imdb.GoldReward.load(out, sha256=result["sha256"])
+    assert gold([""], [POSITIVE])[0] > 0.5 > gold([""], [NEGATIVE])[0]
+    # seeded: the same seed gives the same file, bit for bit
+    again = imdb.train_gold(TRAIN_SAMPLE, TEST_SAMPLE, str(tmp_path / "again.pt"), seed=0, n_buckets=2**16,
+                            epochs=4, batch_size=64)
+    assert again["sha256"] == result["sha256"]
