@@ -1,0 +1,366 @@
+"""
+Bradley-Terry reward model: a GPT trunk with a scalar head, scored at the last real token of prompt + response.
+Stage `reward` trains one on preference pairs, stage `score` scores texts with one; the preference-data helpers
+that DPO shares (reading, truncation, held-out split, batches) live here too.
+
+    python train.py reward --data=pairs.jsonl.gz --init_from=out/sft/ckpt.pt --block_size=256
+    python train.py score --ckpt=out/reward/ckpt.pt --data=texts.jsonl     # or --prompt=... --response=...
+
+Training follows RLHF notes #4-#8: the trunk starts from an SFT checkpoint, the head from N(0, 1/sqrt(d + 1));
+chosen and rejected responses of B pairs are scored in one batch of 2B sequences; loss
+-logsigmoid(r_chosen - r_rejected - margin), optionally + c * mean((r_chosen + r_rejected)^2); one epoch with
+the learning rate decayed to 0. Afterwards gain and bias are fitted so that rewards of samples from a policy
+(--policy), or of the data's own responses, have mean 0 and std 1, and stored in the checkpoint.
+
+Simplifications, on purpose:
+- The margin is one constant for every pair (Llama 2 takes it from the annotators' rating, which the formats lack).
+- Evaluation reads raw scores: the normalisation is fitted after training and does not change the accuracy.
+- The data order is a fresh permutation per epoch drawn from (seed, epoch), so a batch is a pure function of the
+  step; the last batch of the run may be smaller (no pair is dropped).
+"""
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import GPT, GPTConfig, ScalarHead, last_real_index
+from train import (ConfigError, ModelConfig, OptimConfig, Run, RunConfig, check_finite, disable_dropout,
+                   generate_texts, load_checkpoint, load_policy, lr_at, make_optimizer, model_from_checkpoint, opt,
+                   optimizer_step, set_rng_state, setup_device)
+
+
+class RewardModel(nn.Module):
+    """GPT trunk + scalar head. forward(ids, mask) -> raw scores (B,) read at each row's last real token.
+
+    The buffers gain and bias hold the normalisation fitted after training (RLHF notes #8): score() returns
+    gain * raw + bias, so that rewards of reference responses have mean 0 and std 1. The same class, with its
+    head read at every position, is PPO's critic."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.gpt = GPT(cfg)
+        self.head = ScalarHead(cfg.n_embd)
+        self.register_buffer("gain", torch.ones(()))
+        self.register_buffer("bias", torch.zeros(()))
+
+    def values(self, ids, mask):
+        """Head output at every position: (B, T)."""
+        return self.head(self.gpt.hidden(ids, mask))
+
+    def forward(self, ids, mask):
+        v = self.values(ids, mask)  # (B, T)
+        return v.gather(1, last_real_index(mask)[:, None]).squeeze(1)  # (B,)
+
+    def score(self, ids, mask):
+        """Normalised reward (B,)."""
+        return self.gain * self(ids, mask).float() + self.bias
+
+
+def load_reward_model(path, device):
+    """A RewardModel from a `reward` checkpoint, in eval mode with dropout off."""
+    ckpt = load_checkpoint(path, "reward")
+    model = model_from_checkpoint(ckpt, path, RewardModel(GPTConfig(**ckpt["model_args"])))
+    return disable_dropout(model).to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the loss, and scoring texts
+
+def bradley_terry_loss(r_chosen, r_rejected, margin=0.0, center_coef=0.0):
+    """Mean Bradley-Terry loss of B pairs (RLHF notes #5), a scalar.
+
+    r_chosen, r_rejected: (B,) scores of the chosen and rejected responses. margin: a float or (B,), subtracted
+    inside the sigmoid (Llama 2): -logsigmoid(r_c - r_r - margin). center_coef: weight c of the centering term
+    c * mean((r_c + r_r)^2), which pins the rewards' mean near 0 (TRL's center_rewards_coefficient, 0.01)."""
+    loss = -F.logsigmoid(r_chosen - r_rejected - margin).mean()
+    return loss + center_coef * ((r_chosen + r_rejected) ** 2).mean()
+
+
+def pair_metrics(r_chosen, r_rejected, loss):
+    """Logged metrics of B pairs: scores (B,) each and the loss (a float)."""
+    return {"loss": loss, "accuracy": (r_chosen > r_rejected).float().mean().item(),
+            "rewards/chosen": r_chosen.mean().item(), "rewards/rejected": r_rejected.mean().item(),
+            "margin": (r_chosen - r_rejected).mean().item()}
+
+
+@torch.no_grad()
+def score_texts(model, prompts, responses, device, batch_size=64):
+    """Normalised scores of prompt + response texts -> list[float], tokenized as everywhere (tokenize_pair:
+    EOS-first prompt, response + EOS, truncated to the model's block_size) in the shared layout."""
+    from data import layout_batch, tokenize_pair
+    scores = []
+    for i in range(0, len(prompts), batch_size):
+        rows = [tokenize_pair(p, [r], model.config.block_size)[:2]
+                for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
+        ids, mask, _ = layout_batch([p for p, _ in rows], [r for _, (r,) in rows])
+        scores += model.score(ids.to(device), mask.to(device)).tolist()
+    return scores
+
+
+@torch.no_grad()
+def normalise(model, prompts, responses, device, batch_size=64):
+    """Fit gain and bias so that the scores of these texts have mean 0 and std 1 (RLHF notes #8, OpenAI).
+    Returns the raw mean and std. Fits from the raw scores, so fitting twice gives the same result."""
+    model.gain.fill_(1.0)
+    model.bias.fill_(0.0)
+    raw = torch.tensor(score_texts(model, prompts, responses, device, batch_size), dtype=torch.float64)
+    mean, std = raw.mean().item(), raw.std(correction=0).clamp(min=1e-8).item()
+    model.gain.fill_(1.0 / std)
+    model.bias.fill_(-mean / std)
+    return mean, std
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# preference data, shared with dpo.py
+
+@dataclass
+class PairsConfig:
+    """Keys of the stages that train on preference pairs (reward, dpo)."""
+    data: str = opt("", "preference pairs: JSONL(.gz) in any of data.py's four preference formats (required)")
+    eval_data: str = opt("", "evaluation pairs (default: the last 10% of --data, held out; the same every run)")
+    max_pairs: int = opt(0, "read at most this many pairs per file (0: all)", min=0)
+    epochs: int = opt(1, "passes over the training pairs, when --max_iters=0 (more than one overfits, notes #7)",
+                      min=1)
+    max_iters: int = opt(0, "optimizer steps (0: --epochs passes over the training pairs)", min=0)
+    batch_size: int = opt(32, "preference pairs per optimizer step (twice as many sequences)", min=1)
+    eval_iters: int = opt(0, "batches per evaluation (0: the whole eval split)", min=0)
+
+
+def load_pairs(path, limit, block_size):
+    """Preference pairs -> ([(prompt_ids, chosen_ids, rejected_ids)], [data.Pair]), truncated to block_size."""
+    from data import load_preferences, tokenize_pair
+    pairs = load_preferences(path, limit or None)
+    rows, n_truncated = [], 0
+    for pair in pairs:
+        prompt, (chosen, rejected), truncated = tokenize_pair(pair.prompt, [pair.chosen, pair.rejected], block_size)
+        rows.append((prompt, chosen, rejected))
+        n_truncated += truncated
+    if n_truncated:
+        print(f"{path}: {n_truncated} of {len(rows)} pairs were longer than block_size={block_size} and were "
+              f"truncated (prompt from the left, then the responses)")
+    return rows, pairs
+
+
+def load_splits(cfg, block_size):
+    """(train rows, eval rows, train Pairs): --eval_data, or else the last 10% of --data held out."""
+    train_rows, train_pairs = load_pairs(cfg.data, cfg.max_pairs, block_size)
+    if cfg.eval_data:
+        eval_rows, _ = load_pairs(cfg.eval_data, cfg.max_pairs, block_size)
+    else:
+        if len(train_rows) < 2:
+            raise ConfigError(f"--data={cfg.data}: {len(train_rows)} pair(s); at least 2 are needed to hold out "
+                              f"an eval split (or give --eval_data)")
+        n = max(1, len(train_rows) // 10)
+        train_rows, eval_rows, train_pairs = train_rows[:-n], train_rows[-n:], train_pairs[:-n]
+    print(f"pairs: {len(train_rows):,} training, {len(eval_rows):,} eval "
+          f"({cfg.eval_data or 'the last 10% of ' + cfg.data})")
+    return train_rows, eval_rows, train_pairs
+
+
+def plan(cfg, n_train):
+    """Derived sizes, right after the data is read: sets cfg.max_iters and returns how many pairs the run draws."""
+    if cfg.max_iters == 0:
+        cfg.max_iters = math.ceil(cfg.epochs * n_train / cfg.batch_size)
+        return cfg.epochs * n_train
+    return cfg.max_iters * cfg.batch_size
+
+
+def batch_indices(step, n, batch_size, total, seed):
+    """Pair indices of step's batch: draws step*B .. (step+1)*B - 1 (fewer at the end of `total`) of a stream that
+    visits all n pairs once per epoch, in an order drawn from (seed, epoch) alone, so resuming changes nothing."""
+    draws = range(step * batch_size, min((step + 1) * batch_size, total))
+    perms = {e: torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + e))
+             for e in {d // n for d in draws}}
+    return [int(perms[d // n][d % n]) for d in draws]
+
+
+def pair_batch(rows, idx, device):
+    """Pairs idx as ONE batch of 2B sequences in the shared layout, chosen in rows 0..B-1 and rejected in rows
+    B..2B-1, so both go through one forward pass (RLHF notes #23). Returns ids, mask (2B, P + R) and R."""
+    from data import layout_batch
+    prompts = [rows[i][0] for i in idx]
+    ids, mask, R = layout_batch(prompts + prompts, [rows[i][1] for i in idx] + [rows[i][2] for i in idx])
+    return ids.to(device), mask.to(device), R
+
+
+def eval_batches(rows, cfg):
+    """Index lists of the eval split's batches, in order: the first eval_iters batches, or all of them."""
+    n = len(rows) if cfg.eval_iters == 0 else min(len(rows), cfg.eval_iters * cfg.batch_size)
+    return [range(i, min(i + cfg.batch_size, n)) for i in range(0, n, cfg.batch_size)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# stage reward
+
+@dataclass
+class RewardConfig(PairsConfig, RunConfig, ModelConfig, OptimConfig):
+    out_dir: str = opt("out/reward", "run folder")
+    init_from: str = opt("scratch", "scratch (shape from the model keys), or a policy checkpoint (from sft) whose "
+                                    "GPT becomes the trunk (notes #6); --block_size may not exceed its own")
+    learning_rate: float = opt(3e-5, "peak learning rate, decayed to --min_lr (0) at the end (notes #7)", min=0.0)
+    warmup_iters: int = opt(0, "linear warm-up steps", min=0)
+    margin: float = opt(0.0, "constant margin inside the sigmoid: -logsigmoid(r_c - r_r - margin)")
+    center_coef: float = opt(0.0, "weight c of the centering term c * mean((r_c + r_r)^2) (0.01 in N+/TRL)", min=0.0)
+    policy: str = opt("", "policy checkpoint whose samples fit the normalisation (default: the data's responses)")
+    norm_samples: int = opt(512, "prompts (with --policy) or pairs whose responses fit the normalisation", min=1)
+    max_new_tokens: int = opt(64, "with --policy: tokens sampled per response", min=1)
+    temperature: float = opt(0.7, "with --policy: sampling temperature (notes #9)", min=0.0)
+
+
+def init_model(cfg):
+    """A RewardModel with its trunk from --init_from (a policy checkpoint) or from scratch; dropout off (#3)."""
+    if cfg.init_from == "scratch":
+        return disable_dropout(RewardModel(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                                                     block_size=cfg.block_size, bias=cfg.bias)))
+    ckpt = load_checkpoint(cfg.init_from, "policy")
+    model = RewardModel(GPTConfig(**ckpt["model_args"]))
+    model_from_checkpoint(ckpt, cfg.init_from, model.gpt)
+    if cfg.block_size > model.config.block_size:
+        raise ConfigError(f"--block_size={cfg.block_size} exceeds the checkpoint's {model.config.block_size}")
+    return disable_dropout(model)
+
+
+@torch.no_grad()
+def evaluate(model, rows, cfg, device, ctx):
+    model.eval()
+    scores = []
+    for idx in eval_batches(rows, cfg):
+        ids, mask, _ = pair_batch(rows, idx, device)
+        with ctx:
+            scores.append(model(ids, mask).float().view(2, -1))  # (2, b): chosen, rejected
+    model.train()
+    r_chosen, r_rejected = torch.cat(scores, 1)
+    loss = bradley_terry_loss(r_chosen, r_rejected, cfg.margin, cfg.center_coef).item()
+    return pair_metrics(r_chosen, r_rejected, loss)
+
+
+def fit_normalisation(model, cfg, train_pairs, device, ctx):
+    """Notes #8: samples of --policy on the training prompts, or else the data's chosen and rejected responses."""
+    if cfg.policy:
+        policy, _ = load_policy(cfg.policy, device)
+        prompts = list(dict.fromkeys(p.prompt for p in train_pairs))[:cfg.norm_samples]
+        gen = SimpleNamespace(num_samples=1, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                              top_k=0, top_p=1.0, batch_size=cfg.batch_size)
+        g = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + cfg.max_iters)
+        with ctx:
+            rows = generate_texts(policy, prompts, gen, device, g, desc="sampling for the normalisation")
+        prompts, responses = [p for p, _, _ in rows], [r for _, r, _ in rows]
+    else:
+        pairs = train_pairs[:cfg.norm_samples]
+        prompts, responses = [p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    with ctx:
+        return normalise(model, prompts, responses, device, 2 * cfg.batch_size)
+
+
+def train(cfg):
+    if not cfg.data:
+        raise ConfigError("--data: a preference file is required")
+    run = Run(cfg, "reward")
+    device, ctx = setup_device(cfg)
+    # 1. model and data
+    model = init_model(cfg)
+    train_rows, eval_rows, train_pairs = load_splits(cfg, cfg.block_size)
+    total = plan(cfg, len(train_rows))
+    model.to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    start = 0
+    if run.ckpt is not None:
+        model_from_checkpoint(run.ckpt, run.ckpt_path, model)
+        optimizer.load_state_dict(run.ckpt["optimizer"])
+        set_rng_state(run.ckpt["rng"])
+        start = run.ckpt["step"]
+        print(f"resuming from step {start}")
+    fwd = torch.compile(model) if cfg.compile else model
+    print(f"model: {model.gpt.num_params() / 1e6:.2f}M parameters; {cfg.batch_size} pairs per step; "
+          f"{cfg.max_iters} steps ({total / len(train_rows):.2f} epochs) on {device} ({cfg.dtype})")
+
+    # 2. train
+    from tqdm import tqdm
+    model.train()
+    t0, last, metrics = time.time(), start, {}
+    bar = tqdm(range(start, cfg.max_iters), desc="reward", initial=start, total=cfg.max_iters, dynamic_ncols=True,
+               disable=None)
+    for step in bar:
+        # 2a. batch: B pairs as 2B sequences, scored at their last real tokens in one forward pass
+        idx = batch_indices(step, len(train_rows), cfg.batch_size, total, cfg.seed)
+        ids, mask, _ = pair_batch(train_rows, idx, device)
+        with ctx:
+            r_chosen, r_rejected = fwd(ids, mask).float().view(2, -1)  # (B,) each
+        # 2b. Bradley-Terry loss and update
+        loss = bradley_terry_loss(r_chosen, r_rejected, cfg.margin, cfg.center_coef)
+        check_finite(step, loss=loss.detach())
+        loss.backward()
+        lr = lr_at(step, cfg)
+        norm = optimizer_step(model, optimizer, lr, cfg.grad_clip, step)
+        # 2c. log, evaluate, checkpoint (the last one after the normalisation)
+        done = step + 1
+        if done % cfg.log_interval == 0 or done == cfg.max_iters:
+            metrics = dict(pair_metrics(r_chosen.detach(), r_rejected.detach(), loss.item()), lr=lr, grad_norm=norm,
+                           ms_per_step=1000 * (time.time() - t0) / (done - last))
+            if done % cfg.eval_interval == 0 or done == cfg.max_iters:
+                metrics.update({f"eval/{k}": v for k, v in evaluate(model, eval_rows, cfg, device, ctx).items()})
+            run.log(done, **metrics)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.2f}",
+                            **({"eval_acc": f"{metrics['eval/accuracy']:.3f}"} if "eval/accuracy" in metrics else {}))
+            t0, last = time.time(), done
+        if run.stop_requested or (done % cfg.ckpt_interval == 0 and done < cfg.max_iters):
+            run.save(done, model, optimizer, kind="reward")
+        if run.stop_requested:
+            print(f"stopped at step {done}; continue with --resume --out_dir={cfg.out_dir}", file=sys.stderr)
+            return 130
+
+    # 3. final evaluation (the last step's, unless the run resumed after it), normalisation (notes #8), checkpoint
+    final = ({k: v for k, v in metrics.items() if k.startswith("eval/")}
+             or {f"eval/{k}": v for k, v in evaluate(model, eval_rows, cfg, device, ctx).items()})
+    mean, std = fit_normalisation(model, cfg, train_pairs, device, ctx)
+    run.save(cfg.max_iters, model, optimizer, kind="reward")
+    run.summary(**final, **{"norm/raw_mean": mean, "norm/raw_std": std}, step=cfg.max_iters,
+                params=model.gpt.num_params())
+    print(f"done: eval accuracy {final['eval/accuracy']:.4f}, eval loss {final['eval/loss']:.4f}; raw scores "
+          f"normalised from mean {mean:.3f}, std {std:.3f}; checkpoint {run.ckpt_path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# stage score
+
+@dataclass
+class ScoreConfig(RunConfig):
+    out_dir: str = opt("out/score", "run folder: scores.jsonl and summary.json")
+    ckpt: str = opt("out/reward/ckpt.pt", "reward-model checkpoint")
+    data: str = opt("", "JSONL of {prompt, response} (or any SFT format of data.py) to score")
+    prompt: str = opt("", "one prompt, scored with --response (when no --data)")
+    response: str = opt("", "one response to --prompt")
+    batch_size: int = opt(64, "sequences per forward pass", min=1)
+
+
+def score(cfg):
+    from data import load_sft
+    if cfg.data and (cfg.prompt or cfg.response):
+        raise ConfigError("give either --data or --prompt/--response, not both")
+    if not (cfg.data or cfg.prompt or cfg.response):
+        raise ConfigError("nothing to score: give --data=FILE or --prompt=... --response=...")
+    run = Run(cfg, "score")
+    device, ctx = setup_device(cfg)
+    model = load_reward_model(cfg.ckpt, device)
+    examples = load_sft(cfg.data) if cfg.data else [SimpleNamespace(prompt=cfg.prompt, response=cfg.response)]
+    prompts, responses = [ex.prompt for ex in examples], [ex.response for ex in examples]
+    with ctx:
+        scores = score_texts(model, prompts, responses, device, cfg.batch_size)
+    with open(os.path.join(run.dir, "scores.jsonl"), "w") as f:
+        for p, r, s in zip(prompts, responses, scores):
+            f.write(json.dumps(dict(prompt=p, response=r, score=s)) + "\n")
+    for p, r, s in list(zip(prompts, responses, scores))[:10]:
+        print(f"{s:+.4f}  {(p + r)[-100:]!r}")
+    t = torch.tensor(scores)
+    summary = run.summary(n=len(scores), mean=t.mean().item(), std=t.std(correction=0).item())
+    print(f"{summary['n']} scored: mean {summary['mean']:+.4f}, std {summary['std']:.4f}; {run.dir}/scores.jsonl")
+    return 0
