@@ -1,0 +1,214 @@
+"""
+Direct Preference Optimization (Rafailov et al. 2023) and two of its variants, conservative DPO (Mitchell 2023)
+and IPO (Azar et al. 2023): fine-tune a policy on preference pairs directly, with no reward model and no sampling.
+
+    python train.py dpo --data=pairs.jsonl.gz --init_from=out/sft/ckpt.pt               # DPO, beta 0.1
+    python train.py dpo --data=pairs.jsonl.gz --init_from=out/sft/ckpt.pt --loss=ipo    # or --loss=cdpo
+                                                                     # --label_smoothing=0.1, --reference_free
+
+How (RLHF notes #22-#26): a pair's log-probability under a model is the sum of its response tokens' log-probs
+(prompt masked, EOS appended to each response), computed by model.response_logprobs, the helper PPO uses too;
+the chosen and rejected responses of a batch share one forward pass. The reference is a frozen copy of the
+starting policy (or --ref). Its log-probs never change, so by default they are computed once per dataset, train
+and eval, before training (--ref_cache=false computes them for every batch instead, and gives the same numbers).
+The loss is preference_loss(), a pure function with the DPO reference code's interface.
+
+Simplifications, on purpose:
+- No gradient accumulation or sharding: a batch of pairs is one forward and one backward pass.
+- AdamW as every other stage (the reference code uses RMSprop) with the shared warm-up + cosine schedule.
+- The data order and the held-out split are the reward model's (reward.py): a batch is a pure function of the step.
+"""
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from model import response_logprobs
+from reward import PairsConfig, batch_indices, eval_batches, load_splits, pair_batch, plan
+from train import (ConfigError, OptimConfig, Run, RunConfig, check_finite, load_policy, lr_at, make_optimizer,
+                   model_from_checkpoint, opt, optimizer_step, set_rng_state, setup_device)
+
+
+def preference_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                    beta, label_smoothing=0.0, ipo=False, reference_free=False):
+    """The DPO loss and its variants for a batch of B pairs, from sequence log-probabilities.
+
+    policy_chosen_logps:      (B,) log pi_theta(y_w | x), summed over the chosen response's tokens
+    policy_rejected_logps:    (B,) log pi_theta(y_l | x), the rejected response
+    reference_chosen_logps:   (B,) log pi_ref(y_w | x)
+    reference_rejected_logps: (B,) log pi_ref(y_l | x)
+    beta:            float, the strength of the KL constraint to the reference (0.1 to 0.5 in the paper)
+    label_smoothing: float eps in [0, 0.5), conservative DPO: each label is taken to be flipped with probability eps
+    ipo:             bool, use the IPO loss instead (label_smoothing is then not used)
+    reference_free:  bool, drop the reference from h: a reference that gives every response the same probability
+
+    Returns (losses, chosen_rewards, rejected_rewards), each (B,); the rewards beta * (logp - logp_ref) are
+    detached (they are metrics: notes #26). Average the losses for the batch loss."""
+    pi_logratios = policy_chosen_logps - policy_rejected_logps
+    ref_logratios = 0.0 if reference_free else reference_chosen_logps - reference_rejected_logps
+    h = pi_logratios - ref_logratios  # h_pi^{y_w, y_l} of the IPO paper (B,)
+    if ipo:
+        losses = (h - 1 / (2 * beta)) ** 2  # IPO, Eq. 17 of Azar et al. (arXiv 2310.12036v2)
+    else:
+        # conservative DPO, Eq. 3 of Mitchell's cDPO note; label_smoothing 0 is DPO, Eq. 7 of Rafailov et al.
+        losses = -F.logsigmoid(beta * h) * (1 - label_smoothing) - F.logsigmoid(-beta * h) * label_smoothing
+    chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps).detach()  # implicit reward, Eq. 5
+    rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def pair_logps(model, rows, idx, device, ctx):
+    """Sequence log-probs of pairs idx under model, chosen and rejected in one forward pass: two (b,) tensors."""
+    ids, mask, R = pair_batch(rows, idx, device)
+    with ctx:
+        logps = response_logprobs(model, ids, mask, R).sum(-1)  # (2b,): response tokens only (notes #23)
+    return logps.view(2, -1)
+
+
+@torch.no_grad()
+def reference_logps(ref, rows, batch_size, device, ctx):
+    """The reference's (chosen, rejected) log-probs of every pair of a dataset, in order: (N, 2)."""
+    out = [pair_logps(ref, rows, range(i, min(i + batch_size, len(rows))), device, ctx).T
+           for i in range(0, len(rows), batch_size)]
+    return torch.cat(out)
+
+
+def dpo_metrics(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps):
+    """Notes #26, named as in the DPO reference code."""
+    return {"loss": losses.mean().item(), "rewards/chosen": chosen_rewards.mean().item(),
+            "rewards/rejected": rejected_rewards.mean().item(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+            "logps/chosen": chosen_logps.mean().item(), "logps/rejected": rejected_logps.mean().item()}
+
+
+@dataclass
+class DPOConfig(PairsConfig, RunConfig, OptimConfig):
+    out_dir: str = opt("out/dpo", "run folder")
+    init_from: str = opt("out/sft/ckpt.pt", "policy checkpoint to start from (pairs are truncated to its "
+                                            "block_size); a frozen copy of it is the reference (notes #24)")
+    ref: str = opt("", "reference policy checkpoint (default: --init_from)")
+    ref_cache: bool = opt(True, "compute reference log-probs once per dataset before training (false: per batch)")
+    loss: str = opt("dpo", "dpo, cdpo (conservative DPO, with --label_smoothing) or ipo")
+    beta: float = opt(0.1, "beta: strength of the KL constraint to the reference (notes #25)", min=0.0)
+    label_smoothing: float = opt(0.0, "cdpo only: probability eps that a preference label is flipped, in (0, 0.5)",
+                                 min=0.0)
+    reference_free: bool = opt(False, "no reference model: h = logp_chosen - logp_rejected")
+    batch_size: int = opt(64, "preference pairs per optimizer step (notes #25)", min=1)
+    learning_rate: float = opt(1e-5, "peak learning rate (about 1e-6 in the paper; tiny models tolerate more)",
+                               min=0.0)
+    warmup_iters: int = opt(10, "linear warm-up steps", min=0)
+
+
+def check_config(cfg):
+    if not cfg.data:
+        raise ConfigError("--data: a preference file is required")
+    if cfg.loss not in ("dpo", "cdpo", "ipo"):
+        raise ConfigError(f"--loss={cfg.loss}: expected dpo, cdpo or ipo")
+    if cfg.loss == "cdpo" and not 0 < cfg.label_smoothing < 0.5:
+        raise ConfigError(f"--loss=cdpo needs --label_smoothing in (0, 0.5), got {cfg.label_smoothing}")
+    if cfg.loss != "cdpo" and cfg.label_smoothing:
+        raise ConfigError(f"--label_smoothing is used by --loss=cdpo only (got --loss={cfg.loss})")
+    if cfg.beta <= 0:
+        raise ConfigError(f"--beta={cfg.beta}: must be > 0")
+    if cfg.compile:
+        raise ConfigError("--compile is not supported by stage dpo (log-probs go through model.hidden, not forward)")
+    if cfg.reference_free and cfg.ref:
+        raise ConfigError("--reference_free uses no reference model: drop --ref")
+
+
+def train(cfg):
+    check_config(cfg)
+    run = Run(cfg, "dpo")
+    device, ctx = setup_device(cfg)
+    # 1. policy, reference and data
+    policy, _ = load_policy(cfg.init_from, device)  # dropout off (notes #3)
+    ref = None if cfg.reference_free else load_policy(cfg.ref or cfg.init_from, device)[0].requires_grad_(False)
+    train_rows, eval_rows, _ = load_splits(cfg, policy.config.block_size)
+    total = plan(cfg, len(train_rows))
+    optimizer = make_optimizer(policy, cfg, device)
+    start = 0
+    if run.ckpt is not None:
+        model_from_checkpoint(run.ckpt, run.ckpt_path, policy)
+        optimizer.load_state_dict(run.ckpt["optimizer"])
+        set_rng_state(run.ckpt["rng"])
+        start = run.ckpt["step"]
+        print(f"resuming from step {start}")
+    print(f"policy: {policy.num_params() / 1e6:.2f}M parameters; loss {cfg.loss}, beta {cfg.beta}; "
+          f"{cfg.batch_size} pairs per step; {cfg.max_iters} steps ({total / len(train_rows):.2f} epochs) on "
+          f"{device} ({cfg.dtype})")
+    # 2. reference log-probs: once per dataset (notes #24), or per batch in ref_logps()
+    cache = {}
+    if ref is not None and cfg.ref_cache:
+        cache = {split: reference_logps(ref, rows, 2 * cfg.batch_size, device, ctx)
+                 for split, rows in (("train", train_rows), ("eval", eval_rows))}
+        ref = None  # no longer needed: free its memory
+
+    @torch.no_grad()
+    def ref_logps(split, rows, idx):
+        if cfg.reference_free:  # h ignores the reference; the logged rewards are then beta * logp
+            return torch.zeros(2, len(idx), device=device)
+        if cache:
+            return cache[split][list(idx)].T  # (2, b)
+        return pair_logps(ref, rows, idx, device, ctx)
+
+    def losses_of(logps, ref_lp):
+        return preference_loss(logps[0], logps[1], ref_lp[0], ref_lp[1], cfg.beta, cfg.label_smoothing,
+                               ipo=cfg.loss == "ipo", reference_free=cfg.reference_free)
+
+    @torch.no_grad()
+    def evaluate():
+        policy.eval()
+        parts = [(pair_logps(policy, eval_rows, idx, device, ctx), ref_logps("eval", eval_rows, idx))
+                 for idx in eval_batches(eval_rows, cfg)]
+        policy.train()
+        logps, ref_lp = torch.cat([p for p, _ in parts], 1), torch.cat([r for _, r in parts], 1)
+        return dpo_metrics(*losses_of(logps, ref_lp), logps[0], logps[1])
+
+    # 3. train
+    from tqdm import tqdm
+    policy.train()
+    t0, last, metrics = time.time(), start, {}
+    bar = tqdm(range(start, cfg.max_iters), desc=cfg.loss, initial=start, total=cfg.max_iters, dynamic_ncols=True,
+               disable=None)
+    for step in bar:
+        # 3a. batch: B pairs as 2B sequences, and the reference's log-probs of them
+        idx = batch_indices(step, len(train_rows), cfg.batch_size, total, cfg.seed)
+        ref_lp = ref_logps("train", train_rows, idx)  # (2, B)
+        # 3b. policy log-probs, chosen and rejected in one forward pass
+        logps = pair_logps(policy, train_rows, idx, device, ctx)  # (2, B)
+        # 3c. loss and update
+        losses, chosen_rewards, rejected_rewards = losses_of(logps, ref_lp)
+        loss = losses.mean()
+        check_finite(step, loss=loss.detach())
+        loss.backward()
+        lr = lr_at(step, cfg)
+        norm = optimizer_step(policy, optimizer, lr, cfg.grad_clip, step)
+        # 3d. log, evaluate, checkpoint
+        done = step + 1
+        if done % cfg.log_interval == 0 or done == cfg.max_iters:
+            metrics = dict(dpo_metrics(losses.detach(), chosen_rewards, rejected_rewards, logps[0].detach(),
+                                       logps[1].detach()),
+                           lr=lr, grad_norm=norm, ms_per_step=1000 * (time.time() - t0) / (done - last))
+            if done % cfg.eval_interval == 0 or done == cfg.max_iters:
+                metrics.update({f"eval/{k}": v for k, v in evaluate().items()})
+            run.log(done, **metrics)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", margin=f"{metrics['rewards/margins']:.3f}",
+                            **({"eval_acc": f"{metrics['eval/rewards/accuracies']:.3f}"}
+                               if "eval/rewards/accuracies" in metrics else {}))
+            t0, last = time.time(), done
+        if done % cfg.ckpt_interval == 0 or done == cfg.max_iters or run.stop_requested:
+            run.save(done, policy, optimizer, kind="policy")
+        if run.stop_requested:
+            print(f"stopped at step {done}; continue with --resume --out_dir={cfg.out_dir}", file=sys.stderr)
+            return 130
+
+    # 4. final evaluation: the last step's, unless the run resumed after it
+    final = ({k: v for k, v in metrics.items() if k.startswith("eval/")}
+             or {f"eval/{k}": v for k, v in evaluate().items()})
+    final = run.summary(**final, step=cfg.max_iters, params=policy.num_params())
+    print(f"done: eval rewards/accuracies {final['eval/rewards/accuracies']:.4f}, rewards/margins "
+          f"{final['eval/rewards/margins']:.4f}, loss {final['eval/loss']:.4f}; checkpoint {run.ckpt_path}")
+    return 0

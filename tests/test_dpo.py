@@ -1,0 +1,169 @@
+"""dpo.py: each loss against its closed form, sequence log-probs against a slow reference, the reference cache
+against on-the-fly log-probs, and stage `dpo` run as a user would (learning, exact resume, bad files)."""
+import gzip
+import math
+import os
+from contextlib import nullcontext
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dpo
+import reward
+import train
+from conftest import kill_and_resume, read_json, read_metrics, run_cli
+from data import EOS
+from test_reward import KILL_SEED, same_numbers, write_policy, write_synthetic
+
+CTX = nullcontext()
+
+
+def logsig(x):
+    return -math.log1p(math.exp(-x))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the loss, on hand-made numbers
+
+def test_dpo_cdpo_and_reference_free_closed_forms_and_gradient_signs():
+    pc = torch.tensor([-10.0, -12.0], requires_grad=True)
+    pr = torch.tensor([-11.0, -10.0], requires_grad=True)
+    rc, rr, beta = torch.tensor([-10.5, -11.0]), torch.tensor([-10.5, -11.0]), 0.5
+    h = [(-10.0 + 10.5) - (-11.0 + 10.5), (-12.0 + 11.0) - (-10.0 + 11.0)]  # [1.0, -2.0]
+    losses, chosen_r, rejected_r = dpo.preference_loss(pc, pr, rc, rr, beta)
+    assert losses.tolist() == pytest.approx([-logsig(beta * x) for x in h])
+    assert chosen_r.tolist() == pytest.approx([0.25, -0.5]) and rejected_r.tolist() == pytest.approx([-0.25, 0.5])
+    assert not chosen_r.requires_grad and not rejected_r.requires_grad
+    losses.sum().backward()
+    assert (pc.grad < 0).all() and (pr.grad > 0).all()  # descent raises chosen, lowers rejected
+    eps = 0.2  # conservative DPO: the expected DPO loss under labels flipped with probability eps
+    cdpo, _, _ = dpo.preference_loss(pc, pr, rc, rr, beta, label_smoothing=eps)
+    assert cdpo.tolist() == pytest.approx([-(1 - eps) * logsig(beta * x) - eps * logsig(-beta * x) for x in h])
+    free, chosen_f, _ = dpo.preference_loss(pc, pr, rc, rr, beta, reference_free=True)
+    assert free.tolist() == pytest.approx([-logsig(beta * 1.0), -logsig(beta * -2.0)])  # h = logp_c - logp_r
+    assert chosen_f.tolist() == pytest.approx(chosen_r.tolist())
+
+
+def test_ipo_closed_form_and_minimum_at_one_over_two_beta():
+    beta = 0.25
+    h = torch.linspace(-2, 6, 801, requires_grad=True)  # policy chosen logp = h, everything else 0
+    zeros = torch.zeros_like(h)
+    losses, _, _ = dpo.preference_loss(h, zeros, zeros, zeros, beta, ipo=True)
+    torch.testing.assert_close(losses, (h.detach() - 2.0) ** 2)
+    assert h[losses.argmin()].item() == pytest.approx(1 / (2 * beta), abs=1e-4)
+    losses.sum().backward()
+    assert (h.grad[h.detach() < 2] < 0).all() and (h.grad[h.detach() > 2] > 0).all()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sequence log-probs and the reference
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dpo_tiny")
+    data = write_synthetic(tmp / "pairs.jsonl", 40, long_pairs=1)
+    path, model = write_policy(tmp / "policy.pt")
+    rows, _ = reward.load_pairs(data, 0, 64)
+    return model.eval(), rows
+
+
+@torch.no_grad()
+def test_sequence_logps_sum_response_tokens_only(tiny):
+    model, rows = tiny
+    idx = [0, 3, 7]  # pair 0 is truncated (no EOS), the others end in EOS
+    logps = dpo.pair_logps(model, rows, idx, "cpu", CTX)  # (2, 3)
+    for j, i in enumerate(idx):
+        prompt, *responses = rows[i]
+        assert i == 0 or (prompt[0] == EOS and responses[0][-1] == EOS)
+        for k, response in enumerate(responses):  # slow reference: one unpadded row, a full forward pass
+            logits, _ = model(torch.tensor([prompt + response]))
+            lp = F.log_softmax(logits[0, len(prompt) - 1:-1], -1).gather(1, torch.tensor(response)[:, None]).sum()
+            assert logps[k, j].item() == pytest.approx(lp.item(), abs=1e-4)
+
+
+@torch.no_grad()
+def test_policy_equal_to_reference_gives_log2_and_zero_margins(tiny):
+    model, rows = tiny
+    logps = dpo.pair_logps(model, rows, range(8), "cpu", CTX)
+    losses, chosen_r, rejected_r = dpo.preference_loss(logps[0], logps[1], logps[0], logps[1], beta=0.1)
+    torch.testing.assert_close(losses, torch.full((8,), math.log(2)))
+    assert (chosen_r == 0).all() and (rejected_r == 0).all()
+    assert dpo.dpo_metrics(losses, chosen_r, rejected_r, *logps)["rewards/margins"] == 0
+
+
+@torch.no_grad()
+def test_reference_cache_equals_on_the_fly_logps(tiny):
+    model, rows = tiny
+    cache = dpo.reference_logps(model, rows, 16, "cpu", CTX)  # (N, 2), in dataset order
+    assert cache.shape == (len(rows), 2)
+    for step in range(4):  # training batches: shuffled, padded to other lengths
+        idx = reward.batch_indices(step, len(rows), 6, 10 ** 6, seed=5)
+        # equal up to float rounding: other padding changes the order of the sums
+        torch.testing.assert_close(dpo.pair_logps(model, rows, idx, "cpu", CTX), cache[idx].T, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("args, match", [(["--data="], "--data"), (["--loss=kto"], "--loss=kto"), (["--loss=cdpo"], "label_smoothing"),
+                                         (["--label_smoothing=0.1"], "cdpo only"),
+                                         (["--loss=cdpo", "--label_smoothing=0.5"], r"\(0, 0.5\)"),
+                                         (["--beta=0"], "--beta=0"), (["--reference_free", "--ref=x.pt"], "--ref"),
+                                         (["--compile"], "--compile")])
+def test_bad_configs_name_the_key(args, match):
+    with pytest.raises(train.ConfigError, match=match):
+        dpo.check_config(train.parse_config(dpo.DPOConfig, ["--data=pairs.jsonl", *args]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# stage dpo, run as a user would
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dpo")
+    data = write_synthetic(tmp / "pairs.jsonl", 120, long_pairs=1)
+    policy, _ = write_policy(tmp / "policy.pt")
+    args = ["dpo", f"--data={data}", f"--init_from={policy}", "--batch_size=8", "--max_iters=6",
+            "--learning_rate=3e-3", "--warmup_iters=0", "--eval_interval=3", "--log_interval=3", "--ckpt_interval=2"]
+    out = str(tmp / "run")
+    p = run_cli(*args, f"--out_dir={out}")
+    return tmp, args, out, p.stdout
+
+
+def test_dpo_stage_learns_marker_preference(trained):
+    _, _, out, stdout = trained
+    assert "1 of 121 pairs were longer than block_size=64 and were truncated" in stdout
+    s = read_json(os.path.join(out, "summary.json"))
+    assert s["eval/rewards/accuracies"] > 0.9 and s["eval/rewards/margins"] > 0 and s["eval/loss"] < math.log(2)
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [3, 6]
+    names = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+             "logps/rejected"}
+    assert names <= set(rows[-1]) and {f"eval/{k}" for k in names} <= set(rows[-1])
+    assert rows[-1]["rewards/margins"] > rows[0]["rewards/margins"]
+
+
+def test_reference_on_the_fly_gives_the_same_numbers(trained, tmp_path):
+    _, args, out, _ = trained
+    run_cli(*args, "--ref_cache=false", f"--out_dir={tmp_path}/nocache")
+    cached, fly = read_json(os.path.join(out, "summary.json")), read_json(tmp_path / "nocache" / "summary.json")
+    assert fly.keys() == cached.keys()
+    for k in cached:
+        assert fly[k] == pytest.approx(cached[k], rel=1e-4, abs=1e-5), k
+
+
+def test_dpo_kill_and_resume_is_exact(trained, tmp_path):
+    _, args, out, _ = trained
+    resumed = str(tmp_path / "resumed")
+    assert kill_and_resume(args, resumed, kills=2, seed=KILL_SEED) >= 1
+    assert read_json(os.path.join(resumed, "summary.json")) == read_json(os.path.join(out, "summary.json"))
+    assert all(same_numbers(a, b) for a, b in zip(read_metrics(resumed), read_metrics(out), strict=True))
+
+
+def test_bad_preference_file_is_one_line_error(tmp_path):
+    bad = tmp_path / "bad.jsonl.gz"
+    bad.write_bytes(gzip.compress(b'{"prompt": "a", "chosen": " b", "rejected": " c"}\n{"prompt": "a", "chosen": 1, '
+                                  b'"rejected": " c"}\n'))
+    policy, _ = write_policy(tmp_path / "policy.pt")
+    p = run_cli("dpo", f"--data={bad}", f"--init_from={policy}", f"--out_dir={tmp_path}/out", check=False)
+    assert p.returncode == 2
+    assert p.stderr.startswith(f"error: {bad}:2: 'chosen' must be a string") and p.stderr.count("\n") == 1
+    assert "Traceback" not in p.stderr
