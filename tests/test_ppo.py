@@ -1,0 +1,405 @@
+"""Tests of ppo.py: GAE against a plain loop, the PPO invariants (ratio 1 at the first minibatch, the score on the last
+real token, the no-EOS rule, nothing after EOS in any loss), the KL estimators and controller, the rewards, the
+best-of-N KL, and end to end: a tiny SFT policy learns to say a target word under PPO, RLOO and GRPO, best-of-N's
+reward rises with N, and a killed PPO run resumes to the same numbers."""
+import inspect
+import json
+import math
+import random
+import re
+import signal
+from contextlib import nullcontext
+
+import pytest
+import torch
+
+import ppo
+import train
+from conftest import kill_and_resume, read_json, read_metrics, run_cli
+
+SUBJECTS = ["the cat", "the dog", "my friend", "this film", "a bird", "the book", "her song", "the food"]
+VERBS = ["is", "was", "looks", "seems"]
+ADJECTIVES = ["good", "bad", "nice", "fine", "great", "big", "small", "old"]
+
+
+def share_of_good(prompts, responses):
+    """The user reward of the end-to-end tests: the share of a response's words that are 'good'."""
+    out = []
+    for response in responses:
+        words = re.findall(r"[a-z]+", response.lower())
+        out.append(sum(w == "good" for w in words) / max(1, len(words)))
+    return out
+
+
+def constant_two(prompts, responses):
+    return [2.0] * len(responses)
+
+
+def in_process(fn, cfg):
+    """Run a stage function as the pipeline would, then give pytest its signal handlers back (Run installs its own)."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return fn(cfg)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny SFT policy (train.sft on 300 prompt/response pairs like 'the cat' -> ' is good.', 'good' one adjective in
+    eight), the prompts, and the reward function in a file, shared by the module."""
+    d = tmp_path_factory.mktemp("tiny")
+    rng = random.Random(0)
+    with open(d / "sft.jsonl", "w") as f:
+        for _ in range(300):
+            response = f" {rng.choice(VERBS)} {rng.choice(ADJECTIVES)}"
+            if rng.random() < 0.3:
+                response += f" and {rng.choice(ADJECTIVES)}"
+            f.write(json.dumps(dict(prompt=rng.choice(SUBJECTS), response=response + ".")) + "\n")
+    (d / "prompts.txt").write_text("\n".join(SUBJECTS) + "\n")
+    (d / "reward_fn.py").write_text("import re\n\n\n" + inspect.getsource(share_of_good) + "\n\n"
+                                    + inspect.getsource(constant_two))
+    cfg = train.SFTConfig(out_dir=str(d / "sft"), data=str(d / "sft.jsonl"), n_layer=2, n_head=2, n_embd=32,
+                          block_size=32, batch_size=16, max_iters=50, learning_rate=2e-2, warmup_iters=5,
+                          eval_interval=1000, eval_iters=1, log_interval=50, device="cpu")
+    assert in_process(train.sft, cfg) == 0
+    policy, _ = train.load_policy(str(d / "sft" / "ckpt.pt"), "cpu")
+    return dict(dir=d, ckpt=str(d / "sft" / "ckpt.pt"), prompts=str(d / "prompts.txt"), policy=policy,
+                reward=f"{d / 'reward_fn.py'}:share_of_good")
+
+
+def tiny_rollout(tiny, prompts, max_new_tokens=6, seed=0):
+    policy = tiny["policy"]
+    g = torch.Generator().manual_seed(seed)
+    return ppo.rollout(policy, policy, prompts, ppo.make_reward(tiny["reward"], "cpu"), max_new_tokens, 1.0, g, "cpu",
+                       nullcontext(), 8)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GAE, KL, the controller, best-of-N: pure functions against slow obvious references
+
+def gae_loop(rewards, values, length, gamma, lam):
+    """GAE of one sequence of `length` real tokens, as in the paper: plain Python floats."""
+    adv, last = [0.0] * length, 0.0
+    for t in reversed(range(length)):
+        next_value = values[t + 1] if t + 1 < length else 0.0
+        delta = rewards[t] + gamma * next_value - values[t]
+        last = delta + gamma * lam * last
+        adv[t] = last
+    return adv, [a + v for a, v in zip(adv, values)]
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.7), (1.0, 1.0)])
+def test_gae_matches_a_python_loop(gamma, lam):
+    g = torch.Generator().manual_seed(0)
+    lengths = [0, 1, 3, 9, 5, 9, 2]
+    B, T = len(lengths), 9
+    rewards, values = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+    mask = (torch.arange(T)[None] < torch.tensor(lengths)[:, None]).float()
+    rewards[mask == 0], values[mask == 0] = float("nan"), 1e6  # padding after EOS must not leak in
+    advantages, returns = ppo.gae(rewards, values, mask, gamma, lam)
+    for b, n in enumerate(lengths):
+        adv, ret = gae_loop(rewards[b, :n].tolist(), values[b, :n].tolist(), n, gamma, lam)
+        torch.testing.assert_close(advantages[b, :n], torch.tensor(adv), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(returns[b, :n], torch.tensor(ret), rtol=1e-5, atol=1e-5)
+        assert (advantages[b, n:] == 0).all() and (returns[b, n:] == 0).all()
+
+
+def test_kl_estimators_k1_k3_match_the_exact_kl_of_categoricals():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        p = torch.softmax(torch.randn(6, generator=g, dtype=torch.float64) * 1.5, 0)
+        q = torch.softmax(torch.randn(6, generator=g, dtype=torch.float64) * 1.5, 0)
+        exact = (p * (p / q).log()).sum()
+        logp, logq = p.log(), q.log()  # every outcome, weighted by p: the estimators' exact expectations
+        k1, k3 = ppo.kl_estimate(logp, logq, "k1"), ppo.kl_estimate(logp, logq, "k3")
+        torch.testing.assert_close((p * k1).sum(), exact)
+        torch.testing.assert_close((p * k3).sum(), exact)
+        assert (k3 >= 0).all() and (k1 < 0).any()  # k3 never negative per sample; k1 is
+        x = torch.multinomial(p, 200_000, replacement=True, generator=g)  # and sampled from the policy, as in PPO
+        for est in ("k1", "k3"):
+            assert abs(ppo.kl_estimate(logp[x], logq[x], est).mean() - exact) < 0.02
+    with pytest.raises(train.ConfigError, match="kl_estimator"):
+        ppo.kl_estimate(logp, logq, "k2")
+
+
+def test_adaptive_kl_controller_moves_beta_towards_the_target():
+    ctl = ppo.KLController(0.1, target=6.0, horizon=10_000)
+    ctl.update(12.0, 256)  # KL above target: beta grows, by at most 20% of n/horizon
+    assert ctl.value == pytest.approx(0.1 * (1 + 0.2 * 256 / 10_000))
+    high = ctl.value
+    ctl.update(3.0, 256)  # below: shrinks (error clipped at -0.2)
+    assert ctl.value == pytest.approx(high * (1 - 0.2 * 256 / 10_000))
+    ctl.update(6.0, 256)  # on target: unchanged
+    assert ctl.value == pytest.approx(high * (1 - 0.2 * 256 / 10_000))
+    ctl.update(6.6, 10_000)  # proportional inside the clip: err = 0.1
+    assert ctl.value == pytest.approx(high * (1 - 0.2 * 256 / 10_000) * 1.1)
+    restored = ppo.KLController(0.1, 6.0)
+    restored.load_state_dict(ctl.state_dict())
+    assert restored.value == ctl.value
+    fixed = ppo.KLController(0.05)
+    fixed.update(100.0, 256)
+    assert fixed.value == 0.05
+
+
+def test_best_of_n_kl_matches_log_n_minus_n_minus_1_over_n():
+    """A policy whose distribution is known exactly: a categorical over 2,000 outcomes with distinct rewards. The KL
+    of the selected samples' distribution to the policy's, measured, equals log N - (N - 1) / N."""
+    g = torch.Generator().manual_seed(0)
+    M, P = 2000, 100_000
+    q = torch.rand(M, generator=g, dtype=torch.float64) + 0.5
+    q = q / q.sum()
+    reward_of = torch.randperm(M, generator=g).double()  # distinct rewards, in an order unrelated to q
+    for n in (1, 2, 4, 16):
+        x = torch.multinomial(q, P * n, replacement=True, generator=g)  # (P * N,) N consecutive samples per prompt
+        best = x[ppo.select_best(reward_of[x], n)]  # (P,)
+        p_hat = torch.bincount(best, minlength=M).double() / P
+        nz = p_hat > 0
+        measured = (p_hat[nz] * (p_hat[nz] / q[nz]).log()).sum().item()
+        assert measured == pytest.approx(ppo.best_of_n_kl(n), abs=0.015)
+    assert ppo.best_of_n_kl(1) == 0.0
+    assert ppo.select_best(torch.tensor([1.0, 3.0, 3.0, 0.0, 5.0, 5.0]), 3).tolist() == [1, 4]  # first on a tie
+
+
+def test_rloo_and_grpo_advantages():
+    r = torch.tensor([1.0, 2.0, 3.0, 6.0, 0.0, 0.0, 0.0, 0.0])
+    torch.testing.assert_close(ppo.rloo_advantages(r, 4), torch.tensor([1 - 11 / 3, 2 - 10 / 3, 3 - 3, 6 - 2, 0, 0, 0, 0]))
+    a = ppo.grpo_advantages(r, 4)
+    torch.testing.assert_close(a[:4], (r[:4] - 3) / (r[:4].std() + 1e-4))
+    assert (a[4:] == 0).all()  # a group with one reward learns nothing (and no NaN)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# rollouts and losses: score placement, the no-EOS rule, masking
+
+def test_score_lands_on_the_last_real_token():
+    mask = torch.tensor([[1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]).float()  # EOS at once; EOS at 3; never EOS
+    kl = torch.full((3, 4), 0.5)
+    rewards = ppo.per_token_rewards(torch.tensor([10.0, 20.0, 30.0]), kl, mask, kl_coef=0.1)
+    expected = torch.tensor([[10 - 0.05, 0, 0, 0], [-0.05, -0.05, 20 - 0.05, 0], [-0.05, -0.05, -0.05, 30 - 0.05]])
+    torch.testing.assert_close(rewards, expected)
+
+
+def test_no_eos_rule_replaces_the_score_of_unfinished_responses(tiny):
+    b = tiny_rollout(tiny, SUBJECTS * 2, max_new_tokens=3)  # 3 tokens: ' is good.' + EOS does not fit
+    last = b.ids[:, -b.R:].gather(1, b.resp_mask.sum(1).long()[:, None] - 1).squeeze(1)  # last real response token
+    assert torch.equal(b.no_eos, last != ppo.EOS)
+    assert b.no_eos.any()
+    eos_seen = (b.ids[:, -b.R:] == ppo.EOS).long().cumsum(1)
+    assert (b.resp_mask[(eos_seen - (b.ids[:, -b.R:] == ppo.EOS).long()) > 0] == 0).all()  # nothing after EOS is real
+    scores = torch.arange(len(b.responses), dtype=torch.float32)
+    replaced = ppo.apply_no_eos_rule(scores, b.no_eos, "replace", -1.0)
+    assert torch.equal(replaced, torch.where(b.no_eos, torch.tensor(-1.0), scores))
+    assert torch.equal(ppo.apply_no_eos_rule(scores, b.no_eos, "keep"), scores)
+
+
+def test_nothing_after_eos_contributes_to_any_loss(tiny):
+    policy = tiny["policy"]
+    b = tiny_rollout(tiny, SUBJECTS, max_new_tokens=8)
+    m = b.resp_mask
+    assert (m == 0).any() and (m.sum(1) > 0).all()
+    critic = ppo.RewardModel(policy.config)
+    critic.gpt.load_state_dict(policy.state_dict())
+    old_values = critic.values(b.ids, b.mask)[:, -b.R - 1:-1].detach()
+    advantages, returns = ppo.gae(ppo.per_token_rewards(b.scores, b.logp - b.ref_logp, m, 0.05), old_values, m)
+
+    def loss_and_grads(ids, old_logp, adv, old_v, ret):
+        policy.zero_grad(), critic.zero_grad()
+        logp = ppo.response_logprobs(policy, ids, b.mask, b.R, 1.0)
+        values = critic.values(ids, b.mask)[:, -b.R - 1:-1]
+        loss = (ppo.clipped_policy_loss(logp + 0.1, old_logp, adv, m)[0]  # + 0.1: a ratio away from 1, clipping
+                + ppo.clipped_value_loss(values + 0.3, old_v, ret, m)[0])
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in (*policy.parameters(), *critic.parameters()) if p.grad is not None]
+
+    clean = loss_and_grads(b.ids, b.logp, advantages, old_values, returns)
+    pad = torch.cat([torch.zeros_like(b.mask[:, :-b.R]), 1 - m.long()], 1).bool()  # response columns after EOS
+    garbage_ids = torch.where(pad, torch.randint(0, 50000, b.ids.shape), b.ids)  # any token there, still masked
+    junk = lambda x, v: torch.where(m.bool(), x, torch.full_like(x, v))
+    dirty = loss_and_grads(garbage_ids, junk(b.logp, float("nan")), junk(advantages, 1e6), junk(old_values, -1e6),
+                           junk(returns, float("nan")))
+    assert torch.isfinite(clean[0]) and clean[0] != 0
+    torch.testing.assert_close(dirty[0], clean[0], rtol=0, atol=0)
+    for g_clean, g_dirty in zip(clean[1], dirty[1]):
+        torch.testing.assert_close(g_dirty, g_clean, rtol=1e-6, atol=1e-7)
+    # an all-masked (micro-)batch: loss 0, no NaN
+    empty = torch.zeros_like(m)
+    loss, stats = ppo.clipped_policy_loss(b.logp, b.logp * float("nan"), advantages, empty)
+    assert loss.item() == 0.0 and all(float(v) == 0.0 for v in stats.values())
+
+
+def test_minibatches_cover_every_sample_when_the_batch_does_not_divide():
+    parts = ppo.minibatches(10, 4, torch.Generator().manual_seed(0))
+    assert [len(p) for p in parts] == [4, 4, 2]
+    assert sorted(torch.cat(parts).tolist()) == list(range(10))
+
+
+@pytest.mark.parametrize("algo", ["ppo-separate", "ppo-shared", "grpo"])
+def test_ratio_is_exactly_1_on_the_first_minibatch(tiny, algo):
+    """Notes #21: the first minibatch of the first epoch sees the rollout's own policy: ratio 1, approxkl 0, clipfrac 0,
+    though its rows are shuffled into micro-batches unlike the rollout's. Later minibatches have moved."""
+    policy, _ = train.load_policy(tiny["ckpt"], "cpu")  # a copy: this test trains it
+    cfg = ppo.PPOConfig(reward=tiny["reward"], critic=algo.split("-")[-1] if "ppo" in algo else "separate",
+                        batch_size=12, minibatch_size=5, micro_batch_size=3, num_epochs=1, learning_rate=1e-2)
+    value_fn, critic = ppo.make_critic(cfg, policy, "cpu") if "ppo" in algo else (None, None)
+    trainable = torch.nn.ModuleDict(dict(policy=policy, **({"critic": critic} if critic is not None else {})))
+    optimizer = train.make_optimizer(trainable, cfg, "cpu")
+    g = torch.Generator().manual_seed(1)
+    b = ppo.rollout(policy, tiny["policy"], SUBJECTS[:6] * 2, ppo.make_reward(tiny["reward"], "cpu"), 6,
+                    cfg.temperature, g, "cpu", nullcontext(), 4)
+    m = b.resp_mask
+    if value_fn is not None:
+        with torch.no_grad():
+            old_values = ppo.in_chunks(value_fn, b.ids, b.mask, 4)[:, -b.R - 1:-1]
+        advantages, returns = ppo.gae(ppo.per_token_rewards(b.scores, b.logp - b.ref_logp, m, 0.05), old_values, m)
+        advantages = ppo.whiten(advantages, m)
+    else:
+        old_values = returns = None
+        advantages = ppo.grpo_advantages(b.scores + torch.arange(12.0) / 12, 4)[:, None] * m
+    stats = ppo.update(cfg, policy, value_fn, trainable, optimizer, b, advantages, returns, old_values,
+                       0.04 if algo == "grpo" else 0.0, 1e-2, 0, torch.Generator().manual_seed(2), nullcontext())
+    assert len(stats) == 3  # minibatches of 5, 5, 2: no sample dropped
+    first = stats[0]
+    assert first["val/ratio"] == 1.0 and first["policy/approxkl"] == 0.0 and first["policy/clipfrac"] == 0.0
+    assert max(s["policy/approxkl"] for s in stats[1:]) > 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# rewards
+
+def test_rewards_function_weighted_sum_llama2_and_checkpoint(tiny, tmp_path):
+    fn_file = tiny["dir"] / "reward_fn.py"
+    prompts, responses = ["a", "b", "c"], [" good good", " bad good", " bad"]
+    share = ppo.make_reward(tiny["reward"], "cpu")(prompts, responses)
+    torch.testing.assert_close(share, torch.tensor([1.0, 0.5, 0.0]))
+    both = ppo.make_reward(f"{tiny['reward']},{fn_file}:constant_two", "cpu", weights="2,0.5")
+    torch.testing.assert_close(both(prompts, responses), torch.tensor([3.0, 2.0, 1.0]))
+    # Llama 2: safety where sigmoid(safety) < 0.15 (logit -1.73) or the prompt is flagged unsafe, else helpfulness
+    (tmp_path / "scores.py").write_text("def helpful(p, r):\n    return [2.0, 2.0, 2.0, 2.0]\n\n"
+                                        "def safety(p, r):\n    return [-3.0, 0.5, 0.5, -1.0]\n")
+    (tmp_path / "unsafe.txt").write_text("c\n")
+    llama = ppo.make_reward(f"{tmp_path}/scores.py:helpful,{tmp_path}/scores.py:safety", "cpu", combine="llama2",
+                            unsafe_prompts=str(tmp_path / "unsafe.txt"))
+    torch.testing.assert_close(llama(["a", "b", "c", "d"], ["x"] * 4), torch.tensor([-3.0, 2.0, 0.5, 2.0]))
+    # a reward checkpoint: reward.score_texts, the same numbers
+    model = ppo.RewardModel(tiny["policy"].config)
+    model.gpt.load_state_dict(tiny["policy"].state_dict())
+    path = str(tmp_path / "rm.pt")
+    train.save_checkpoint(path, dict(kind="reward", stage="reward", step=0, model=model.state_dict(),
+                                     model_args=dict(vars(model.config)), optimizer=None, config={}, rng=None))
+    torch.testing.assert_close(ppo.make_reward(path, "cpu")(prompts, responses),
+                               torch.tensor(ppo.score_texts(model.eval(), prompts, responses, "cpu")))
+    _, critic = ppo.make_critic(ppo.PPOConfig(reward=path), tiny["policy"], "cpu")  # N+: critic = reward model
+    assert all(torch.equal(a, b) for a, b in zip(critic.state_dict().values(), model.state_dict().values()))
+    _, critic = ppo.make_critic(ppo.PPOConfig(reward=tiny["reward"]), tiny["policy"], "cpu")  # policy trunk, 0 head
+    assert (critic.head.proj.weight == 0).all()
+    # bad specs are one-line ConfigErrors
+    for spec, kw, match in [(f"{tmp_path}/nope.py:f", {}, "not a file"), (f"{fn_file}:nope", {}, "no function"),
+                            (tiny["reward"], dict(weights="1,2"), "2 weights for 1"),
+                            (tiny["reward"], dict(combine="llama2"), "two rewards"), ("", {}, "required")]:
+        with pytest.raises(train.ConfigError, match=match):
+            ppo.make_reward(spec, "cpu", **kw)
+    (tmp_path / "short.py").write_text("def f(p, r):\n    return [1.0]\n")
+    with pytest.raises(train.ConfigError, match="returned 1 scores for 3"):
+        ppo.make_reward(f"{tmp_path}/short.py:f", "cpu")(prompts, responses)
+
+
+def test_evaluate_policy_against_itself_has_zero_kl(tiny):
+    policy = tiny["policy"]
+    result = ppo.evaluate_policy(policy, policy, SUBJECTS, ppo.make_reward(tiny["reward"], "cpu"), "cpu",
+                                 max_new_tokens=8, batch_size=3)
+    assert result["kl"] == 0.0 and len(result["samples"]) == len(SUBJECTS)
+    assert result["score"] == pytest.approx(sum(share_of_good(None, [s["response"] for s in result["samples"]]))
+                                            / len(SUBJECTS))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# end to end: the target word's share rises, the KL stays bounded; resume is exact
+
+def rl_args(tiny, out_dir, steps=8, *extra):
+    return [*extra, f"--init_from={tiny['ckpt']}", f"--reward={tiny['reward']}", f"--prompts={tiny['prompts']}",
+            "--max_new_tokens=6", "--temperature=1.0", "--batch_size=16", "--minibatch_size=8", "--micro_batch_size=8",
+            "--num_epochs=2", f"--max_iters={steps}", "--learning_rate=3e-3", "--ckpt_interval=2",
+            "--eval_interval=100", "--device=cpu", f"--out_dir={out_dir}"]
+
+
+def assert_learned(rows, min_gain=0.15, max_kl=4.0):
+    first = rows[0]["objective/scores"]
+    last = sum(r["objective/scores"] for r in rows[-2:]) / 2
+    assert last > first + min_gain, [r["objective/scores"] for r in rows]
+    assert all(-0.5 < r["objective/kl"] < max_kl for r in rows), [r["objective/kl"] for r in rows]
+
+
+@pytest.fixture(scope="module")
+def ppo_run(tiny):
+    out = tiny["dir"] / "ppo"
+    run_cli("ppo", *rl_args(tiny, out, 8, f"--eval_prompts={tiny['prompts']}", "--eval_iters=1"))
+    return out
+
+
+def test_ppo_raises_the_score_with_the_kl_bounded(ppo_run):
+    rows = read_metrics(ppo_run)
+    evals = [r for r in rows if "eval/score" in r]  # --eval_prompts: before training and at the end, temperature 1
+    assert [r["step"] for r in evals] == [0, 8] and evals[0]["eval/kl"] == 0.0
+    assert evals[1]["eval/score"] > evals[0]["eval/score"] + 0.1 and 0 < evals[1]["eval/kl"] < 4
+    rows = [r for r in rows if "objective/scores" in r]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    for name in ["objective/scores", "objective/kl", "objective/entropy", "objective/rlhf_reward", "policy/approxkl",
+                 "policy/clipfrac", "policy/entropy", "val/clipfrac", "val/explained_variance", "val/ratio",
+                 "val/num_eos_missing", "objective/kl_coef"]:
+        assert all(name in r for r in rows), name
+    assert_learned(rows)
+    assert rows[0]["objective/kl"] < rows[-1]["objective/kl"]
+    summary = read_json(ppo_run / "summary.json")
+    assert summary["step"] == 8 and summary["objective/scores"] == rows[-1]["objective/scores"]
+    assert summary["eval/score"] == evals[1]["eval/score"]
+    samples = [json.loads(line) for line in open(ppo_run / "samples.jsonl")]
+    assert len(samples) == len(SUBJECTS) and sum(s["score"] for s in samples) / 8 == pytest.approx(evals[1]["eval/score"])
+    policy, _ = train.load_policy(str(ppo_run / "ckpt.pt"), "cpu")  # the same checkpoint format as every stage
+    assert policy.config.n_embd == 32
+
+
+def test_ppo_kill_and_resume_gives_the_same_run(tiny, ppo_run):
+    out = tiny["dir"] / "ppo-killed"
+    args = [a for a in rl_args(tiny, out, 8, f"--eval_prompts={tiny['prompts']}", "--eval_iters=1")
+            if not a.startswith("--out_dir")]
+    assert kill_and_resume(["ppo", *args], str(out), kills=2) >= 1
+    assert read_json(out / "summary.json") == read_json(ppo_run / "summary.json")
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+    assert strip(read_metrics(out)) == strip(read_metrics(ppo_run))
+
+
+@pytest.mark.parametrize("algo", ["rloo", "grpo"])
+def test_rloo_and_grpo_raise_the_score_with_the_kl_bounded(tiny, algo):
+    out = tiny["dir"] / algo
+    cfg = train.parse_config(ppo.RLOOConfig if algo == "rloo" else ppo.GRPOConfig, rl_args(tiny, out) + ["--k=4"])
+    assert in_process(ppo.train_rloo if algo == "rloo" else ppo.train_grpo, cfg) == 0
+    rows = read_metrics(out)
+    assert "val/explained_variance" not in rows[0]  # no critic
+    assert_learned(rows)
+
+
+def test_best_of_n_reward_rises_with_n_and_rejection_sampling_finetunes(tiny):
+    common = dict(init_from=tiny["ckpt"], reward=tiny["reward"], prompts=tiny["prompts"], max_new_tokens=6,
+                  device="cpu")
+    summaries = {}
+    for n in (1, 8):
+        out = tiny["dir"] / f"bon{n}"
+        cfg = ppo.BoNConfig(out_dir=str(out), n=n, finetune=n == 8, batch_size=8, max_iters=15, learning_rate=3e-3,
+                            eval_interval=15, eval_iters=1, **common)
+        assert in_process(ppo.best_of_n, cfg) == 0
+        summaries[n] = read_json(out / "summary.json")
+        selected = [json.loads(line) for line in open(out / "selected.jsonl")]
+        assert [r["prompt"] for r in selected] == SUBJECTS
+        assert [r["score"] for r in selected] == share_of_good(None, [r["response"] for r in selected])
+    assert summaries[1]["score/best"] == pytest.approx(summaries[1]["score/all"]) and summaries[1]["kl/analytic"] == 0
+    assert summaries[8]["score/best"] > summaries[1]["score/best"] + 0.2
+    assert summaries[8]["score/best"] > summaries[8]["score/all"]
+    assert summaries[8]["kl/analytic"] == pytest.approx(math.log(8) - 7 / 8)
+    # rejection-sampling fine-tuning: the policy trained on the kept responses says 'good' more often
+    tuned, _ = train.load_policy(str(tiny["dir"] / "bon8" / "ckpt.pt"), "cpu")
+    reward_fn = ppo.make_reward(tiny["reward"], "cpu")
+    before = ppo.evaluate_policy(tiny["policy"], tiny["policy"], SUBJECTS * 4, reward_fn, "cpu", max_new_tokens=6)
+    after = ppo.evaluate_policy(tuned, tiny["policy"], SUBJECTS * 4, reward_fn, "cpu", max_new_tokens=6)
+    assert after["score"] > before["score"] + 0.1 and after["kl"] > 0
