@@ -442,3 +442,34 @@ class TokenStream:
         ix = torch.randint(len(self.tokens) - self.block_size, (self.batch_size,), generator=g).numpy()
         windows = torch.from_numpy(self.tokens[ix[:, None] + np.arange(self.block_size + 1)].astype(np.int64))
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()  # x, y: (B, T) each
+
+
+def split_file(path, eval_fraction, out_prefix):
+    """Split a JSONL(.gz) file's records into OUT_PREFIX-train.jsonl and OUT_PREFIX-eval.jsonl: the last
+    eval_fraction of them (in file order) for evaluation. Records are checked to be JSON objects, not converted."""
+    rows = [obj for _, obj in read_jsonl(path)]
+    if not rows:
+        raise DataError(f"{path}: empty file, nothing to split")
+    n_eval = max(1, round(len(rows) * eval_fraction))
+    for name, part in (("train", rows[:-n_eval]), ("eval", rows[-n_eval:])):
+        with open(f"{out_prefix}-{name}.jsonl", "w") as f:
+            f.writelines(json.dumps(obj) + "\n" for obj in part)
+    return len(rows) - n_eval, n_eval
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+    parser = argparse.ArgumentParser(description="data tools (training runs from train.py)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("split", help="split a JSONL file into PREFIX-train.jsonl and PREFIX-eval.jsonl")
+    p.add_argument("file")
+    p.add_argument("--eval_fraction", type=float, default=0.1, help="share of records, from the end, for eval")
+    p.add_argument("--out", required=True, help="output prefix, e.g. data/helpful")
+    args = parser.parse_args()
+    try:
+        n_train, n_eval = split_file(args.file, args.eval_fraction, args.out)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"{args.out}-train.jsonl: {n_train} records; {args.out}-eval.jsonl: {n_eval} records")

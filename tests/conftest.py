@@ -16,8 +16,9 @@ TINY_MODEL = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=64"]
 
 
 def run_cli(*args, timeout=240, check=True):
-    """python train.py ARGS in the repository root; returns the CompletedProcess (text output)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2", TQDM_DISABLE="1")
+    """python train.py ARGS in the repository root; returns the CompletedProcess (text output). One thread (see
+    one_thread below), so that runs compared bit for bit compute the same bits."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", TQDM_DISABLE="1")
     p = subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
                        timeout=timeout, env=env)
     if check and p.returncode != 0:
@@ -41,7 +42,7 @@ def kill_and_resume(args, out_dir, kills=2, seed=0, timeout=240):
     `kills` times, resuming with --resume each time; then let it finish. Returns the number of kills that hit a
     running process (a run may finish before its kill)."""
     rng = random.Random(seed)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2", TQDM_DISABLE="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", TQDM_DISABLE="1")
     ckpt = os.path.join(out_dir, "ckpt.pt")
     hits = 0
     for i in range(kills + 1):
@@ -64,6 +65,17 @@ def kill_and_resume(args, out_dir, kills=2, seed=0, timeout=240):
             if i < kills:  # finished before we could kill it: nothing left to resume
                 break
     return hits
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: under load, PyTorch's multi-threaded CPU kernels can differ in the last bit
+    between two runs of the same computation (seen on 2 cores), and bit-for-bit tests need the same bits."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

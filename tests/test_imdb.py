@@ -139,7 +139,7 @@ def test_gold_checksum_enforced(tmp_path):
         imdb.GoldReward.load(str(tmp_path / "missing.pt"))
 
 
-def test_train_gold_on_sample(tmp_path):
+def test_train_gold_on_sample(tmp_path, one_thread):
     out = str(tmp_path / "gold.pt")
     result = imdb.train_gold(TRAIN_SAMPLE, TEST_SAMPLE, out, seed=0, n_buckets=2**16, epochs=4, batch_size=64)
     assert result["accuracy"] > 0.7 and result["train_accuracy"] > result["accuracy"], result
