@@ -276,22 +276,24 @@ def train_gold(train_path, test_path, out_path, seed=0, n_buckets=2**20, n=2, ep
 # committed sample); the gpu preset is the benchmark (one H100, ~10 minutes, on the full data of --imdb_dir).
 PRESETS = {
     "cpu": dict(
-        imdb_dir="", sft=dict(n_layer=2, n_head=2, n_embd=64, block_size=64, batch_size=16, max_iters=400,
-                               learning_rate=2e-3, warmup_iters=20, eval_interval=200),
-        n_train_prompts=192, n_eval_prompts=64, max_new_tokens=20, reward_iters=0, jobs=1, seeds=[1],
-        methods=dict(ppo=[0.05], ppo_gt=[0.05], dpo=[0.1], rloo=[0.05], grpo=[0.04]),
-        rl=dict(batch_size=32, minibatch_size=16, micro_batch_size=32, max_iters=25, learning_rate=3e-4,
+        imdb_dir="", sft=dict(n_layer=2, n_head=2, n_embd=64, block_size=64, batch_size=16, max_iters=250,
+                               learning_rate=2e-3, warmup_iters=20, eval_interval=125),
+        n_train_prompts=384, n_eval_prompts=64, max_new_tokens=20, jobs=2, seeds=[1],
+        reward=dict(learning_rate=3e-4, epochs=2),
+        methods=dict(ppo=[0.05], ppo_gt=[0.01], dpo=[0.1], rloo=[0.05], grpo=[0.04]),
+        rl=dict(batch_size=32, minibatch_size=16, micro_batch_size=32, max_iters=20, learning_rate=3e-4,
                 eval_interval=1000), dpo=dict(batch_size=32, max_iters=24, learning_rate=3e-4),
-        bon_prompts=32, bon_pool=64),
+        bon_prompts=32, bon_pool=32),
     "gpu": dict(
         imdb_dir="../shared/data/imdb", sft=dict(n_layer=6, n_head=6, n_embd=384, block_size=128, batch_size=128,
-                                                 max_iters=3000, learning_rate=1e-3, warmup_iters=200,
-                                                 eval_interval=1000, compile=True),
-        n_train_prompts=4096, n_eval_prompts=512, max_new_tokens=48, reward_iters=0, jobs=6, seeds=[1, 2],
-        methods=dict(ppo=[0.02, 0.05, 0.1, 0.3], ppo_gt=[0.05, 0.1], dpo=[0.03, 0.1, 0.3, 1.0],
-                     rloo=[0.02, 0.05, 0.1, 0.3], grpo=[0.01, 0.04, 0.1]),
-        rl=dict(batch_size=256, minibatch_size=64, micro_batch_size=128, max_iters=60, learning_rate=3e-5,
-                eval_interval=1000), dpo=dict(batch_size=64, max_iters=192, learning_rate=3e-5),
+                                                 max_iters=2500, learning_rate=1e-3, warmup_iters=200,
+                                                 eval_interval=500, compile=True),
+        n_train_prompts=4096, n_eval_prompts=512, max_new_tokens=48, jobs=6, seeds=[1, 2],
+        reward=dict(),
+        methods=dict(ppo=[0.05, 0.1, 0.2], ppo_gt=[0.02], dpo=[0.05, 0.1, 0.5], rloo=[0.05, 0.1],
+                     grpo=[0.04, 0.1]),
+        rl=dict(batch_size=128, minibatch_size=32, micro_batch_size=64, max_iters=40, learning_rate=2e-5,
+                eval_interval=1000), dpo=dict(batch_size=64, max_iters=170, learning_rate=5e-5),
         bon_prompts=256, bon_pool=256),
 }
 BON_NS = (1, 2, 4, 8, 16, 32, 64)
@@ -308,7 +310,7 @@ class PipelineConfig(RunConfig):
     methods: str = opt("", "comma-separated subset of ppo,ppo_gt,dpo,rloo,grpo (default: all)")
 
 
-def sub_run(stage, out_dir, args):
+def sub_run(stage, out_dir, args, threads=0):
     """`python train.py STAGE ARGS` as a subprocess writing to out_dir/log.txt. A sub-run whose summary.json exists
     is done and skipped; one that was killed resumes from its checkpoint. So a killed pipeline, run again,
     continues where it stopped."""
@@ -320,17 +322,20 @@ def sub_run(stage, out_dir, args):
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), stage, *args, f"--out_dir={out_dir}", *resume]
     log.write(" ".join(cmd) + "\n")
     log.flush()
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, TQDM_DISABLE="1"))
+    env = dict(os.environ, TQDM_DISABLE="1", **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
-def run_all(jobs, desc, max_jobs):
-    """Run [(stage, out_dir, args)] at most max_jobs at a time, with a progress bar; fail on the first failure."""
+def run_all(jobs, desc, max_jobs, cpu=False):
+    """Run [(stage, out_dir, args)] at most max_jobs at a time, with a progress bar; fail on the first failure.
+    On the CPU (cpu=True) the cores are shared out: each sub-run gets cores // max_jobs threads."""
+    threads = max(1, (os.cpu_count() or 1) // max_jobs) if cpu else 0
     pending, running = list(jobs), []
     with tqdm(total=len(pending), desc=desc, dynamic_ncols=True) as bar:
         while pending or running:
             while pending and len(running) < max_jobs:
                 stage, out_dir, args = pending.pop(0)
-                p = sub_run(stage, out_dir, args)
+                p = sub_run(stage, out_dir, args, threads)
                 if p is None:
                     bar.update(1)
                 else:
@@ -500,7 +505,7 @@ def pipeline(cfg):
     rm_dir = os.path.join(out, "reward")
     run_all([("reward", rm_dir, [f"--data={prefs}", f"--init_from={sft_ckpt}", f"--policy={sft_ckpt}",
                                  f"--max_new_tokens={preset['max_new_tokens']}", f"--block_size={preset['sft']['block_size']}",
-                                 f"--seed={cfg.seed}", *dev])],
+                                 f"--seed={cfg.seed}", *dev, *(f"--{k}={v}" for k, v in preset["reward"].items())])],
             "2/6 reward model", 1)
     proxy = os.path.join(rm_dir, "ckpt.pt")
     rm_acc = read_json(os.path.join(rm_dir, "summary.json")).get("eval/accuracy")
@@ -526,7 +531,8 @@ def pipeline(cfg):
                 name = f"{m}_beta{beta}_seed{seed}"
                 todo.append((stage, os.path.join(out, "runs", name), args + [f"--{beta_key}={beta}", f"--seed={seed}"]))
                 policies[name] = os.path.join(out, "runs", name, "ckpt.pt")
-    run_all(todo, "3/6 methods", jobs)
+    on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    run_all(todo, "3/6 methods", jobs, cpu=on_cpu)
     phase("methods")
 
     # 6. evaluation on held-out prefixes, and best-of-N from the SFT policy
