@@ -278,11 +278,11 @@ PRESETS = {
     "cpu": dict(
         imdb_dir="", sft=dict(n_layer=2, n_head=2, n_embd=64, block_size=64, batch_size=16, max_iters=250,
                                learning_rate=2e-3, warmup_iters=20, eval_interval=125),
-        n_train_prompts=384, n_eval_prompts=64, max_new_tokens=20, jobs=2, seeds=[1],
-        reward=dict(learning_rate=3e-4, epochs=2),
-        methods=dict(ppo=[0.05], ppo_gt=[0.01], dpo=[0.1], rloo=[0.05], grpo=[0.04]),
-        rl=dict(batch_size=32, minibatch_size=16, micro_batch_size=32, max_iters=20, learning_rate=3e-4,
-                eval_interval=1000), dpo=dict(batch_size=32, max_iters=24, learning_rate=3e-4),
+        n_train_prompts=768, n_eval_prompts=64, max_new_tokens=20, jobs=2, seeds=[1],
+        reward=dict(learning_rate=1e-3, epochs=2),
+        methods=dict(ppo=[0.05], ppo_gt=[0.05], dpo=[0.1], rloo=[0.05], grpo=[0.04]),
+        rl=dict(batch_size=32, minibatch_size=16, micro_batch_size=32, max_iters=18, learning_rate=6e-4,
+                whiten_scores=True, eval_interval=1000), dpo=dict(batch_size=32, max_iters=40, learning_rate=6e-4),
         bon_prompts=32, bon_pool=32),
     "gpu": dict(
         imdb_dir="../shared/data/imdb", sft=dict(n_layer=6, n_head=6, n_embd=384, block_size=128, batch_size=128,
@@ -295,6 +295,15 @@ PRESETS = {
         rl=dict(batch_size=128, minibatch_size=32, micro_batch_size=64, max_iters=40, learning_rate=2e-5,
                 eval_interval=1000), dpo=dict(batch_size=64, max_iters=170, learning_rate=5e-5),
         bon_prompts=256, bon_pool=256),
+    # for the tests: every phase and method runs in seconds; the numbers mean nothing
+    "tiny": dict(
+        imdb_dir="", sft=dict(n_layer=1, n_head=2, n_embd=32, block_size=48, batch_size=8, max_iters=10,
+                               learning_rate=3e-3, warmup_iters=2, eval_interval=10, eval_iters=2),
+        n_train_prompts=24, n_eval_prompts=8, max_new_tokens=8, jobs=2, seeds=[1], reward=dict(learning_rate=1e-3),
+        methods=dict(ppo=[0.05], ppo_gt=[0.05], dpo=[0.1], rloo=[0.05], grpo=[0.04]),
+        rl=dict(batch_size=8, minibatch_size=8, micro_batch_size=8, max_iters=2, learning_rate=1e-4,
+                eval_interval=1000), dpo=dict(batch_size=8, max_iters=2, learning_rate=1e-4),
+        bon_prompts=4, bon_pool=4),
 }
 BON_NS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -302,8 +311,8 @@ BON_NS = (1, 2, 4, 8, 16, 32, 64)
 @dataclass
 class PipelineConfig(RunConfig):
     out_dir: str = opt("out/imdb", "run folder of the whole benchmark; each sub-run gets a folder inside it")
-    preset: str = opt("cpu", "cpu (the main job: ~10 min on 2 cores, committed sample) or gpu (the full sweep, "
-                             "one H100, ~10 min)")
+    preset: str = opt("cpu", "cpu (the main job: ~10 min on 2 cores, committed sample), gpu (the full sweep, "
+                             "one H100, ~8 min) or tiny (seconds, for the tests)")
     imdb_dir: str = opt("", "folder with IMDb {train,test,unsup}.jsonl.gz (default: the preset's; cpu: the "
                             "committed sample)")
     jobs: int = opt(0, "sub-runs at once (0: the preset's; several share one GPU well)", min=0)
@@ -431,29 +440,34 @@ def best_of_n(sft_path, proxy_path, prompts, pool, cfg, max_new_tokens):
     return dict(proxy=bon_curve(prox, gold, prox), gold=bon_curve(gold, gold, prox))
 
 
+def label_pairs(prompts, first, second, seed):
+    """Simulated human labels: for each prompt and its two responses, the first is preferred with probability
+    sigmoid(gold_logit(first) - gold_logit(second)) (a Bradley-Terry draw on the gold classifier's logits).
+    Returns ([{prompt, chosen, rejected}], agreement), agreement = the share of labels that pick the response the
+    gold reward scores higher."""
+    logit = default_gold().logits([p + r for p, r in zip(prompts, first)] + [p + r for p, r in zip(prompts, second)])
+    la, lb = logit.view(2, -1)
+    first_wins = torch.rand(len(prompts), generator=torch.Generator().manual_seed(seed)) < torch.sigmoid(la - lb)
+    rows = [dict(prompt=p, chosen=a if w else b, rejected=b if w else a)
+            for p, a, b, w in zip(prompts, first, second, first_wins.tolist())]
+    return rows, ((la > lb) == first_wins).float().mean().item()
+
+
 def simulate_preferences(sft_path, prompts, cfg, max_new_tokens, path):
-    """Two SFT samples per training prefix, labelled by a simulated human: the gold classifier's logits through a
-    Bradley-Terry draw, P(a preferred to b) = sigmoid(logit_a - logit_b). Returns the labels' agreement with
-    the gold reward (how often the chosen one scores higher)."""
+    """Two SFT samples per training prefix at temperature 1, labelled by label_pairs, written to `path`. Returns the
+    labels' agreement with the gold reward."""
+    from ppo import sample
     device, ctx = setup_device(cfg)
     policy, _ = load_policy(sft_path, device)
     g = torch.Generator(device=device).manual_seed(cfg.seed + 3)
     todo = [p for p in prompts for _ in range(2)]
-    from ppo import sample
     responses = []
     for i in tqdm(range(0, len(todo), 512), desc="preference samples", dynamic_ncols=True):
         responses += sample(policy, todo[i:i + 512], max_new_tokens, 1.0, g, device, ctx).responses
-    logit = default_gold().logits([p + r for p, r in zip(todo, responses)]).view(-1, 2)
-    first_wins = torch.rand(len(prompts), generator=torch.Generator().manual_seed(cfg.seed + 4)) < \
-        torch.sigmoid(logit[:, 0] - logit[:, 1])
-    agree = 0
+    rows, agreement = label_pairs(prompts, responses[0::2], responses[1::2], cfg.seed + 4)
     with open(path, "w") as f:
-        for j, p in enumerate(prompts):
-            a, b = responses[2 * j], responses[2 * j + 1]
-            chosen, rejected = (a, b) if first_wins[j] else (b, a)
-            agree += int((logit[j, 0] > logit[j, 1]) == bool(first_wins[j]))
-            f.write(json.dumps(dict(prompt=p, chosen=chosen, rejected=rejected)) + "\n")
-    return agree / len(prompts)
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return agreement
 
 
 def pipeline(cfg):

@@ -1,10 +1,12 @@
-"""Tests of imdb.py: the official archive's conversion and download checks, and the gold reward (the committed
-artifact, its checksum, its accuracy, and its training)."""
+"""Tests of imdb.py: the official archive's conversion and download checks, the gold reward (the committed
+artifact, its checksum, its accuracy, and its training), the simulated preference labels, the pipeline at tiny size
+and the plot stage."""
 
 import gzip
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -15,6 +17,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import imdb  # noqa: E402
+from conftest import read_json, run_cli  # noqa: E402
 from data import DataError, load_imdb  # noqa: E402
 
 ASSETS = os.path.join(os.path.dirname(imdb.__file__), "assets")
@@ -150,3 +153,43 @@ def test_train_gold_on_sample(tmp_path, one_thread):
     again = imdb.train_gold(TRAIN_SAMPLE, TEST_SAMPLE, str(tmp_path / "again.pt"), seed=0, n_buckets=2**16,
                             epochs=4, batch_size=64)
     assert again["sha256"] == result["sha256"]
+
+
+def test_preference_labels_agree_with_the_gold_reward_more_often_than_not():
+    rows = load_imdb(TRAIN_SAMPLE, limit=400)
+    first, second = [r["text"] for r in rows[:200]], [r["text"] for r in rows[200:]]
+    labelled, agreement = imdb.label_pairs([""] * 200, first, second, seed=0)
+    gold = imdb.default_gold()
+    chosen, rejected = gold([""] * 200, [r["chosen"] for r in labelled]), gold([""] * 200, [r["rejected"] for r in labelled])
+    assert agreement == pytest.approx(sum(c > r for c, r in zip(chosen, rejected)) / 200)  # the real share
+    assert 0.6 < agreement < 1.0  # mostly the gold's choice, but a Bradley-Terry draw, not an argmax
+    assert {frozenset((r["chosen"], r["rejected"])) for r in labelled} == {frozenset(p) for p in zip(first, second)}
+
+
+def test_pipeline_runs_every_method_and_writes_the_report(tmp_path):
+    out = tmp_path / "imdb"
+    p = run_cli("pipeline", "--preset=tiny", f"--out_dir={out}", timeout=600)
+    report = read_json(out / "results.json")
+    methods = {name.split("_beta")[0] for name in report["policies"]}
+    assert methods == {"sft", "ppo", "ppo_gt", "dpo", "rloo", "grpo"}
+    for r in report["policies"].values():
+        assert 0.0 <= r["gold"] <= 1.0 and math.isfinite(r["kl"]) and math.isfinite(r["proxy"])
+    assert report["policies"]["sft"]["kl"] == 0.0  # the reference against itself
+    assert [r["n"] for r in report["best_of_n"]["gold"]] == list(imdb.BON_NS)
+    assert "| policy | gold reward |" in (out / "results.md").read_text() and "best-of-N" in p.stdout
+    for png in ("frontier.png", "overoptimisation.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    samples = (out / "samples" / "sft.jsonl").read_text().splitlines()
+    assert len(samples) == 8 and {"prefix", "response", "gold", "proxy", "kl"} <= set(json.loads(samples[0]))
+    # run again: every finished sub-run is skipped, and the same report comes out
+    run_cli("pipeline", "--preset=tiny", f"--out_dir={out}", timeout=600)
+    assert read_json(out / "results.json")["policies"] == report["policies"]
+
+
+def test_plot_stage_draws_a_png_and_names_a_missing_key(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(dict(step=s, loss=1.0 / s, kl=0.1 * s)) + "\n"
+                                                    for s in range(1, 6)))
+    run_cli("plot", f"--run={tmp_path}")
+    assert (tmp_path / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    p = run_cli("plot", f"--run={tmp_path}", "--keys=loss,nope", check=False)
+    assert p.returncode == 2 and "nope" in p.stderr and len(p.stderr.strip().splitlines()) == 1
