@@ -138,6 +138,8 @@ def read_jsonl(path):
             raise DataError(f"{path}:{n}: bad JSON: {e.msg} at column {e.colno}") from None
         except RecursionError:
             raise DataError(f"{path}:{n}: bad JSON: nested too deeply") from None
+        except ValueError as e:  # e.g. an integer of more than 4,300 digits
+            raise DataError(f"{path}:{n}: bad JSON: {_short(str(e), 100)}") from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{n}: expected a JSON object {{...}}, got {_kind(obj)}")
         yield n, obj
@@ -157,6 +159,17 @@ def _field(path, n, obj, key, kind=str):
     return value
 
 
+def _short(value, limit=60):
+    """repr(value), cut to `limit` characters: error messages quote the input, but stay short."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _keys(keys):
+    """A record's key set for an error message: sorted, each key and the whole list cut short."""
+    return _short([_short(k, 30) if len(k) > 30 else k for k in sorted(keys)], 64)
+
+
 def _records(path, formats):
     """Yield (line_no, format_name, obj), the format told by which key set of `formats` the record has."""
     first = None
@@ -166,14 +179,14 @@ def _records(path, formats):
         if name is None:
             # name what differs from the nearest key set: a typo then reads "unknown ['chosen_']"
             near = set(max(formats.values(), key=lambda want: len(keys & set(want))))
-            hint = "; ".join(f"{what} {sorted(ks)}" for what, ks in
+            hint = "; ".join(f"{what} {_keys(ks)}" for what, ks in
                              (("unknown", keys - near), ("missing", near - keys)) if ks and keys & near)
             accepted = " or ".join("{" + ", ".join(want) + "}" for want in formats.values())
-            raise DataError(f"{path}:{n}: unrecognised keys {sorted(keys)}{f' ({hint})' if hint else ''}; "
+            raise DataError(f"{path}:{n}: unrecognised keys {_keys(keys)}{f' ({hint})' if hint else ''}; "
                             f"expected {accepted}")
         first = first or (name, n)
         if name != first[0]:
-            raise DataError(f"{path}:{n}: keys {sorted(keys)} differ from those of line {first[1]}, "
+            raise DataError(f"{path}:{n}: keys {_keys(keys)} differ from those of line {first[1]}, "
                             f"{sorted(formats[first[0]])}; formats cannot be mixed in one file")
         yield n, name, obj
 
@@ -201,8 +214,8 @@ def _split_messages(path, n, key, messages):
         where = f"{path}:{n}: '{key}' message {i}"
         if not isinstance(m, dict) or set(m) != {"role", "content"}:
             raise DataError(f"{where}: expected an object with exactly the keys 'role' and 'content'")
-        if m["role"] not in ROLES:
-            raise DataError(f"{where}: role {m['role']!r} is not one of {', '.join(ROLES)}")
+        if not isinstance(m["role"], str) or m["role"] not in ROLES:
+            raise DataError(f"{where}: role {_short(m['role'])} is not one of {', '.join(ROLES)}")
         if not isinstance(m["content"], str):
             raise DataError(f"{where}: 'content' must be a string, got {_kind(m['content'])}")
     if not messages or messages[-1]["role"] != "assistant":
@@ -262,7 +275,7 @@ def _pair(path, n, fmt, obj):
         prompt, a, b = (_field(path, n, obj, k) for k in ("input_text", "candidate_0", "candidate_1"))
         choice = _field(path, n, obj, "choice", int)
         if choice not in (0, 1):
-            raise DataError(f"{path}:{n}: 'choice' must be 0 or 1, got {choice}")
+            raise DataError(f"{path}:{n}: 'choice' must be 0 or 1, got {_short(choice)}")
         return Pair(prompt, a, b) if choice == 0 else Pair(prompt, b, a)
     if isinstance(obj["chosen"], list):  # {chosen, rejected} as message lists
         (prompt, chosen), (prompt_r, rejected) = (_split_messages(path, n, k, _field(path, n, obj, k, list))
@@ -319,9 +332,9 @@ def _imdb_row(path, n, obj):
     row = {k: _field(path, n, obj, k, int) for k in ("id", "rating", "label")}
     if row["label"] not in (-1, 0, 1):
         raise DataError(f"{path}:{n}: 'label' must be -1 (unlabelled), 0 (negative) or 1 (positive), "
-                        f"got {row['label']}")
+                        f"got {_short(row['label'])}")
     if not 0 <= row["rating"] <= 10:
-        raise DataError(f"{path}:{n}: 'rating' must be 0 to 10, got {row['rating']}")
+        raise DataError(f"{path}:{n}: 'rating' must be 0 to 10, got {_short(row['rating'])}")
     row["text"] = clean_review(_field(path, n, obj, "text"))
     return row
 
