@@ -10,7 +10,7 @@ live in the file of their algorithm and plug into the same run folder and checkp
 
 Every run writes to --out_dir: config.json, metrics.jsonl (one flat JSON object per log step), summary.json (the
 final metrics, flat) and ckpt.pt (one dict of tensors and plain values: model, optimizer, config, step, RNG states
-and the stage's own state), written atomically. --resume continues a killed run from its ckpt.pt, bit for bit on CPU.
+and the stage's own state), written atomically. --resume continues a killed run from its ckpt.pt, bit for bit on CPU (with one thread: see README).
 
 Bad input (data files, keys, values, checkpoints) ends the run with one line `error: ...` and exit status 2.
 """
