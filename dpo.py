@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from model import response_logprobs
 from reward import PairsConfig, batch_indices, eval_batches, load_splits, pair_batch, plan
-from train import (ConfigError, OptimConfig, Run, RunConfig, check_finite, load_policy, lr_at, make_optimizer,
-                   model_from_checkpoint, opt, optimizer_step, set_rng_state, setup_device)
+from train import (ConfigError, OptimConfig, Run, RunConfig, check_finite, load_policy, lr_at, make_optimizer, opt,
+                   optimizer_step, setup_device)
 
 
 def preference_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
@@ -129,13 +129,7 @@ def train(cfg):
     train_rows, eval_rows, _ = load_splits(cfg, policy.config.block_size)
     total = plan(cfg, len(train_rows))
     optimizer = make_optimizer(policy, cfg, device)
-    start = 0
-    if run.ckpt is not None:
-        model_from_checkpoint(run.ckpt, run.ckpt_path, policy)
-        optimizer.load_state_dict(run.ckpt["optimizer"])
-        set_rng_state(run.ckpt["rng"])
-        start = run.ckpt["step"]
-        print(f"resuming from step {start}")
+    start = run.restore(policy, optimizer)
     print(f"policy: {policy.num_params() / 1e6:.2f}M parameters; loss {cfg.loss}, beta {cfg.beta}; "
           f"{cfg.batch_size} pairs per step; {cfg.max_iters} steps ({total / len(train_rows):.2f} epochs) on "
           f"{device} ({cfg.dtype})")

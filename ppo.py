@@ -55,9 +55,8 @@ from tqdm import tqdm
 from data import EOS, decode, encode_prompt, layout_batch, load_prompts, pad_batch, tokenize_pair
 from model import ScalarHead, last_real_index, response_logprobs
 from reward import RewardModel, load_reward_model, score_texts
-from train import (ConfigError, OptimConfig, Run, RunConfig, check_finite, load_policy, lr_at, make_optimizer,
-                   model_from_checkpoint, opt, optimizer_step, pairs_batch, set_rng_state, setup_device, sft_loss,
-                   split_heldout)
+from train import (ConfigError, OptimConfig, Run, RunConfig, check_finite, load_policy, lr_at, make_optimizer, opt,
+                   optimizer_step, pairs_batch, setup_device, sft_loss, split_heldout)
 
 SAMPLING, SHUFFLE, PROMPT_ORDER, EVAL = range(4)  # the random streams of a step
 
@@ -575,17 +574,12 @@ def train_rl(cfg, algo):
     trainable = nn.ModuleDict(dict(policy=policy, **({"critic": critic} if critic is not None else {})))
     optimizer = make_optimizer(trainable, cfg, device)
     kl_ctl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-    start, metrics = 0, {}
-    if run.ckpt is not None:
-        model_from_checkpoint(run.ckpt, run.ckpt_path, policy)
+    start, metrics = run.restore(policy, optimizer), {}
+    if run.ckpt is not None:  # this stage's own state
         if critic is not None:
             critic.load_state_dict(run.ckpt["critic"])
-        optimizer.load_state_dict(run.ckpt["optimizer"])
         kl_ctl.load_state_dict(run.ckpt["kl_ctl"])
         metrics = run.ckpt["metrics"]
-        set_rng_state(run.ckpt["rng"])
-        start = run.ckpt["step"]
-        print(f"resuming from step {start}")
     n_prompts, n_mb = cfg.batch_size // k, math.ceil(cfg.batch_size / cfg.minibatch_size)
     print(f"{algo}: {cfg.max_iters} steps of {cfg.batch_size} responses ({n_prompts} prompts x {k}), "
           f"{cfg.num_epochs} epochs x {n_mb} minibatches of {cfg.minibatch_size} = {cfg.num_epochs * n_mb} optimizer "
@@ -766,13 +760,7 @@ def finetune(cfg, run, policy, selected, device, ctx):
     rows = [tokenize_pair(r["prompt"], [r["response"]], policy.config.block_size) for r in selected]
     train_rows, eval_rows = split_heldout("pairs", [(p, rs[0]) for p, rs, _ in rows])
     optimizer = make_optimizer(policy, cfg, device)
-    start = 0
-    if run.ckpt is not None:
-        model_from_checkpoint(run.ckpt, run.ckpt_path, policy)
-        optimizer.load_state_dict(run.ckpt["optimizer"])
-        set_rng_state(run.ckpt["rng"])
-        start = run.ckpt["step"]
-        print(f"resuming from step {start}")
+    start = run.restore(policy, optimizer)
 
     @torch.no_grad()
     def evaluate():

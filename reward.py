@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from model import GPT, GPTConfig, ScalarHead, last_real_index
 from train import (ConfigError, ModelConfig, OptimConfig, Run, RunConfig, check_finite, disable_dropout,
                    generate_texts, load_checkpoint, load_policy, lr_at, make_optimizer, model_from_checkpoint, opt,
-                   optimizer_step, set_rng_state, setup_device)
+                   optimizer_step, setup_device)
 
 
 class RewardModel(nn.Module):
@@ -271,13 +271,7 @@ def train(cfg):
     total = plan(cfg, len(train_rows))
     model.to(device)
     optimizer = make_optimizer(model, cfg, device)
-    start = 0
-    if run.ckpt is not None:
-        model_from_checkpoint(run.ckpt, run.ckpt_path, model)
-        optimizer.load_state_dict(run.ckpt["optimizer"])
-        set_rng_state(run.ckpt["rng"])
-        start = run.ckpt["step"]
-        print(f"resuming from step {start}")
+    start = run.restore(model, optimizer)
     fwd = torch.compile(model) if cfg.compile else model
     print(f"model: {model.gpt.num_params() / 1e6:.2f}M parameters; {cfg.batch_size} pairs per step; "
           f"{cfg.max_iters} steps ({total / len(train_rows):.2f} epochs) on {device} ({cfg.dtype})")

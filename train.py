@@ -328,6 +328,17 @@ class Run:
                     config=dataclasses.asdict(self.cfg), rng=rng_state(), **extra)
         save_checkpoint(self.ckpt_path, ckpt)
 
+    def restore(self, model, optimizer):
+        """On --resume: load model, optimizer and RNG states from the checkpoint save() wrote; returns the step to
+        continue from (0 for a new run). A stage's own state (extra) is in self.ckpt for it to read."""
+        if self.ckpt is None:
+            return 0
+        model_from_checkpoint(self.ckpt, self.ckpt_path, model)
+        optimizer.load_state_dict(self.ckpt["optimizer"])
+        set_rng_state(self.ckpt["rng"])
+        print(f"resuming from step {self.ckpt['step']}")
+        return self.ckpt["step"]
+
     def summary(self, **metrics):
         write_json(os.path.join(self.dir, "summary.json"), metrics)
         return metrics
@@ -487,13 +498,7 @@ def sft(cfg):
             raise ConfigError(f"--block_size={cfg.block_size} exceeds the checkpoint's {model.config.block_size}")
     model.to(device)
     optimizer = make_optimizer(model, cfg, device)
-    start = 0
-    if run.ckpt is not None:
-        model_from_checkpoint(run.ckpt, run.ckpt_path, model)
-        optimizer.load_state_dict(run.ckpt["optimizer"])
-        set_rng_state(run.ckpt["rng"])
-        start = run.ckpt["step"]
-        print(f"resuming from step {start}")
+    start = run.restore(model, optimizer)
     fwd = torch.compile(model) if cfg.compile else model
     tokens_per_step = cfg.batch_size * cfg.block_size
     print(f"model: {model.num_params() / 1e6:.2f}M parameters; {tokens_per_step:,} tokens per step; "
