@@ -281,8 +281,8 @@ PRESETS = {
         n_train_prompts=384, n_eval_prompts=128, max_new_tokens=20, jobs=2, seeds=[1],
         reward=dict(learning_rate=3e-4, epochs=2),
         methods=dict(ppo=[0.05], ppo_gt=[0.01], dpo=[0.1], rloo=[0.05], grpo=[0.04]),
-        rl=dict(batch_size=32, minibatch_size=16, micro_batch_size=32, max_iters=20, learning_rate=3e-4,
-                eval_interval=1000), dpo=dict(batch_size=32, max_iters=24, learning_rate=3e-4),
+        rl=dict(batch_size=32, minibatch_size=16, micro_batch_size=32, max_iters=20, learning_rate=1e-3,
+                whiten_scores=True, eval_interval=1000), dpo=dict(batch_size=32, max_iters=24, learning_rate=3e-4),
         bon_prompts=32, bon_pool=32),
     "gpu": dict(
         imdb_dir="../shared/data/imdb", sft=dict(n_layer=6, n_head=6, n_embd=384, block_size=128, batch_size=128,
