@@ -421,19 +421,27 @@ def evaluate_all(policies, ref_path, eval_prompts, proxy_path, cfg, max_new_toke
 
 
 @torch.no_grad()
+def sft_samples(sft_path, prompts, k, cfg, max_new_tokens, seed, desc):
+    """k samples of the SFT policy per prompt at temperature 1, in batches of 512 -> (prompts repeated k times each,
+    responses), the k samples of a prompt next to each other."""
+    from ppo import sample
+    device, ctx = setup_device(cfg)
+    policy, _ = load_policy(sft_path, device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    todo = [p for p in prompts for _ in range(k)]
+    responses = []
+    for i in tqdm(range(0, len(todo), 512), desc=desc, dynamic_ncols=True):
+        responses += sample(policy, todo[i:i + 512], max_new_tokens, 1.0, g, device, ctx).responses
+    return todo, responses
+
+
 def best_of_n(sft_path, proxy_path, prompts, pool, cfg, max_new_tokens):
     """Pool `pool` SFT samples per prompt at temperature 1, score them with both rewards, and read off best-of-N
     selected by the proxy and by the gold reward."""
-    from ppo import sample
     from reward import load_reward_model, score_texts
+    todo, responses = sft_samples(sft_path, prompts, pool, cfg, max_new_tokens, cfg.seed + 7, "best-of-n pool")
     device, ctx = setup_device(cfg)
-    policy, _ = load_policy(sft_path, device)
     proxy = load_reward_model(proxy_path, device)
-    g = torch.Generator(device=device).manual_seed(cfg.seed + 7)
-    todo = [p for p in prompts for _ in range(pool)]
-    responses = []
-    for i in tqdm(range(0, len(todo), 512), desc="best-of-n pool", dynamic_ncols=True):
-        responses += sample(policy, todo[i:i + 512], max_new_tokens, 1.0, g, device, ctx).responses
     gold = torch.tensor(gold_reward(todo, responses)).view(len(prompts), pool)
     with ctx:
         prox = torch.tensor(score_texts(proxy, todo, responses, device)).view(len(prompts), pool)
@@ -456,14 +464,7 @@ def label_pairs(prompts, first, second, seed):
 def simulate_preferences(sft_path, prompts, cfg, max_new_tokens, path):
     """Two SFT samples per training prefix at temperature 1, labelled by label_pairs, written to `path`. Returns the
     labels' agreement with the gold reward."""
-    from ppo import sample
-    device, ctx = setup_device(cfg)
-    policy, _ = load_policy(sft_path, device)
-    g = torch.Generator(device=device).manual_seed(cfg.seed + 3)
-    todo = [p for p in prompts for _ in range(2)]
-    responses = []
-    for i in tqdm(range(0, len(todo), 512), desc="preference samples", dynamic_ncols=True):
-        responses += sample(policy, todo[i:i + 512], max_new_tokens, 1.0, g, device, ctx).responses
+    _, responses = sft_samples(sft_path, prompts, 2, cfg, max_new_tokens, cfg.seed + 3, "preference samples")
     rows, agreement = label_pairs(prompts, responses[0::2], responses[1::2], cfg.seed + 4)
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
