@@ -59,6 +59,9 @@ ACLIMDB_SHA256 = "c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658
 
 GOLD_PATH = os.path.join(ROOT, "assets", "gold-imdb.pt")
 GOLD_SHA256 = "72c7db01510126743712965ab11057f25e0764e53b57a7ae4ead9b9315d975e8"
+# the cpu preset's SFT model, trained ahead of time on the full train + unsup text (see freeze_policy)
+SFT_CPU_PATH = os.path.join(ROOT, "assets", "sft-imdb-cpu.pt")
+SFT_CPU_SHA256 = "7b8011439137f8c1669b4611763ebec8437456661222c48109dffc9d47c566c3"
 
 
 # -----------------------------------------------------------------------------
@@ -269,6 +272,17 @@ def train_gold(train_path, test_path, out_path, seed=0, n_buckets=2**20, n=2, ep
                 seconds=time.time() - t0)
 
 
+def freeze_policy(src, dst):
+    """A policy checkpoint -> its weights in fp16 and its shape, nothing else (no optimizer, RNG or config): the form
+    in which the cpu preset's SFT model is committed. Tied weights (wte = lm_head) are stored once."""
+    model, ckpt = load_policy(src, "cpu")
+    half = {}  # by storage: tied parameters stay one tensor
+    state = {k: half.setdefault(v.data_ptr(), v.half()) for k, v in model.state_dict().items()}
+    save_checkpoint(dst, dict(kind="policy", stage=ckpt.get("stage"), step=ckpt.get("step"), model=state,
+                              model_args=ckpt["model_args"]))
+    return file_sha256(dst)
+
+
 # -----------------------------------------------------------------------------
 # the pipeline: SFT -> prompts -> simulated preferences -> proxy reward model -> every method -> evaluation
 
@@ -278,12 +292,12 @@ PRESETS = {
     "cpu": dict(
         imdb_dir="", sft=dict(n_layer=2, n_head=2, n_embd=64, block_size=64, batch_size=16, max_iters=250,
                                learning_rate=2e-3, warmup_iters=20, eval_interval=125),
-        n_train_prompts=384, n_eval_prompts=128, max_new_tokens=20, jobs=2, seeds=[1],
-        reward=dict(learning_rate=3e-4, epochs=2),
-        methods=dict(ppo=[0.05], ppo_gt=[0.01], dpo=[0.1], rloo=[0.05], grpo=[0.04]),
-        rl=dict(batch_size=32, minibatch_size=16, micro_batch_size=32, max_iters=20, learning_rate=1e-3,
-                whiten_scores=True, eval_interval=1000), dpo=dict(batch_size=32, max_iters=24, learning_rate=3e-4),
-        bon_prompts=32, bon_pool=32),
+        sft_ckpt=SFT_CPU_PATH, n_train_prompts=2000, n_eval_prompts=256, max_new_tokens=20, jobs=2, seeds=[1],
+        reward=dict(learning_rate=1e-3, epochs=1),
+        methods=dict(ppo=[0.05], ppo_gt=[0.05], dpo=[0.1], rloo=[0.05], grpo=[0.04]),
+        rl=dict(batch_size=32, minibatch_size=16, micro_batch_size=32, max_iters=20, learning_rate=3e-4,
+                whiten_scores=True, eval_interval=1000), dpo=dict(batch_size=32, max_iters=56, learning_rate=3e-4),
+        bon_prompts=64, bon_pool=64),
     "gpu": dict(
         imdb_dir="../shared/data/imdb", sft=dict(n_layer=6, n_head=6, n_embd=384, block_size=128, batch_size=128,
                                                  max_iters=2500, learning_rate=1e-3, warmup_iters=200,
@@ -317,6 +331,8 @@ class PipelineConfig(RunConfig):
                             "committed sample)")
     jobs: int = opt(0, "sub-runs at once (0: the preset's; several share one GPU well)", min=0)
     methods: str = opt("", "comma-separated subset of ppo,ppo_gt,dpo,rloo,grpo (default: all)")
+    sft: str = opt("", "the SFT model: train (train it in this run), a policy checkpoint to start from, or '' (the "
+                       "preset's: cpu starts from the committed assets/sft-imdb-cpu.pt, gpu and tiny train)")
 
 
 def sub_run(stage, out_dir, args, threads=0):
@@ -491,12 +507,21 @@ def pipeline(cfg):
     dev = [f"--device={cfg.device}", f"--dtype={cfg.dtype}"]
     phase = lambda name: timings.__setitem__(name, round(time.time() - t0 - sum(timings.values()), 1))
 
-    # 1. SFT: a tiny GPT trained on the review text (train + unsup)
-    sft_dir = os.path.join(out, "sft")
-    sft_args = [f"--data={files['train']},{files['unsup']}", f"--seed={cfg.seed}", *dev,
-                *(f"--{k}={v}" for k, v in preset["sft"].items())]
-    run_all([("sft", sft_dir, sft_args)], "1/6 sft", 1)
-    sft_ckpt = os.path.join(sft_dir, "ckpt.pt")
+    # 1. SFT: a tiny GPT trained on the review text (train + unsup), here or ahead of time (the committed model)
+    sft = cfg.sft or preset.get("sft_ckpt", "train")
+    if sft == "train":
+        sft_dir = os.path.join(out, "sft")
+        sft_args = [f"--data={files['train']},{files['unsup']}", f"--seed={cfg.seed}", *dev,
+                    *(f"--{k}={v}" for k, v in preset["sft"].items())]
+        run_all([("sft", sft_dir, sft_args)], "1/6 sft", 1)
+        sft_ckpt = os.path.join(sft_dir, "ckpt.pt")
+    else:
+        if sft == SFT_CPU_PATH and file_sha256(sft) != SFT_CPU_SHA256:
+            raise DataError(f"{sft}: sha256 is not the committed SFT model's; the file is damaged or not the "
+                            f"committed one")
+        sft_ckpt = os.path.abspath(sft)
+        print(f"1/6 sft: starting from {sft}")
+    block_size = load_checkpoint(sft_ckpt, "policy")["model_args"]["block_size"]
     phase("sft")
 
     # 2. prompts: 2-8 token prefixes of train reviews for training, of test reviews for evaluation only
@@ -519,7 +544,7 @@ def pipeline(cfg):
     # 4. the proxy reward model, from the SFT trunk, normalised on SFT samples
     rm_dir = os.path.join(out, "reward")
     run_all([("reward", rm_dir, [f"--data={prefs}", f"--init_from={sft_ckpt}", f"--policy={sft_ckpt}",
-                                 f"--max_new_tokens={preset['max_new_tokens']}", f"--block_size={preset['sft']['block_size']}",
+                                 f"--max_new_tokens={preset['max_new_tokens']}", f"--block_size={block_size}",
                                  f"--seed={cfg.seed}", *dev, *(f"--{k}={v}" for k, v in preset["reward"].items())])],
             "2/6 reward model", 1)
     proxy = os.path.join(rm_dir, "ckpt.pt")
@@ -674,6 +699,9 @@ if __name__ == "__main__":
     p.add_argument("--out", required=True, help="JSONL file to write")
     p.add_argument("--n", type=int, default=1000, help="number of prefixes (the first n reviews)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prefix lengths")
+    p = commands.add_parser("freeze", help="a policy checkpoint -> fp16 weights and shape only (for committing)")
+    p.add_argument("--ckpt", required=True, help="policy checkpoint, e.g. out/sft/ckpt.pt")
+    p.add_argument("--out", default=SFT_CPU_PATH, help="file to write")
     p = commands.add_parser("gold", help="train the gold reward and write its artifact")
     p.add_argument("--train", default="../shared/data/imdb/train.jsonl.gz", help="labelled IMDb rows to train on")
     p.add_argument("--test", default="../shared/data/imdb/test.jsonl.gz", help="labelled IMDb rows to evaluate on")
@@ -683,12 +711,14 @@ if __name__ == "__main__":
     try:
         if args.command == "download":
             print("\n".join(download_imdb(args.dest).values()))
+        elif args.command == "freeze":
+            print(f"{args.out} sha256 {freeze_policy(args.ckpt, args.out)}")
         elif args.command == "prompts":
             print(f"{len(write_prompts(load_imdb(args.data), args.out, args.n, args.seed))} prefixes in {args.out}")
         else:
             result = train_gold(args.train, args.test, args.out, args.seed)
             print(f"test accuracy {result['accuracy']:.4f} (train {result['train_accuracy']:.4f}) in "
                   f"{result['seconds']:.0f}s; {args.out} sha256 {result['sha256']}")
-    except DataError as e:
+    except (DataError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)  # as train.main does: one line, exit status 2
         sys.exit(2)

@@ -5,6 +5,7 @@ and the plot stage."""
 import gzip
 import hashlib
 import io
+import dataclasses
 import json
 import math
 import os
@@ -14,11 +15,14 @@ import sys
 import tarfile
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import imdb  # noqa: E402
 from conftest import read_json, run_cli  # noqa: E402
-from data import DataError, load_imdb  # noqa: E402
+from data import DataError, encode_corpus, load_imdb  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from train import load_policy, save_checkpoint  # noqa: E402
 
 ASSETS = os.path.join(os.path.dirname(imdb.__file__), "assets")
 TRAIN_SAMPLE = os.path.join(ASSETS, "imdb-train-sample.jsonl.gz")
@@ -166,6 +170,44 @@ def test_preference_labels_agree_with_the_gold_reward_more_often_than_not():
     assert {frozenset((r["chosen"], r["rejected"])) for r in labelled} == {frozenset(p) for p in zip(first, second)}
 
 
+def test_committed_sft_model_is_pinned_and_writes_imdb_text(one_thread):
+    assert os.path.getsize(imdb.SFT_CPU_PATH) < 8_000_000  # small enough to commit: fp16, tied weights once
+    assert imdb.file_sha256(imdb.SFT_CPU_PATH) == imdb.SFT_CPU_SHA256
+    model, _ = load_policy(imdb.SFT_CPU_PATH, "cpu")
+    # next-token loss on test reviews it never saw, in 64-token windows: near its held-out loss at training (4.89),
+    # far from an untrained model's (about ln 50257 = 10.8) or the 250-step model the cpu preset trained before (7.0)
+    tokens = torch.from_numpy(encode_corpus([r["text"] for r in load_imdb(TEST_SAMPLE, limit=60)]).astype("int64"))
+    x = tokens[:len(tokens) // 65 * 65].view(-1, 65)[:64]
+    with torch.no_grad():
+        loss = model(x[:, :-1], x[:, 1:])[1].item()
+    assert loss < 5.3, loss
+
+
+def test_freeze_keeps_the_weights_in_half_the_space(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16))
+    src, dst = str(tmp_path / "ckpt.pt"), str(tmp_path / "frozen.pt")
+    save_checkpoint(src, dict(kind="policy", stage="sft", step=7, model=model.state_dict(),
+                              model_args=dataclasses.asdict(model.config),
+                              optimizer=torch.optim.AdamW(model.parameters()).state_dict()))
+    assert imdb.freeze_policy(src, dst) == imdb.file_sha256(dst)
+    frozen = torch.load(dst, weights_only=True)
+    assert frozen["step"] == 7 and "optimizer" not in frozen
+    assert all(v.dtype == torch.float16 for v in frozen["model"].values())
+    assert frozen["model"]["lm_head.weight"].data_ptr() == frozen["model"]["transformer.wte.weight"].data_ptr()
+    again, _ = load_policy(dst, "cpu")
+    x = torch.randint(0, 50257, (2, 9))
+    torch.testing.assert_close(again(x)[0], model(x)[0], atol=2e-3, rtol=0)  # fp16 rounding only
+    fp16_bytes = 2 * sum(p.numel() for p in model.parameters())  # parameters() lists the tied weight once
+    assert os.path.getsize(dst) < 1.2 * fp16_bytes + 20_000
+
+
+def test_pipeline_refuses_a_damaged_committed_sft_model(tmp_path, monkeypatch):
+    monkeypatch.setattr(imdb, "SFT_CPU_SHA256", "0" * 64)
+    with pytest.raises(DataError, match="sft-imdb-cpu.pt: sha256 is not the committed SFT model's"):
+        imdb.pipeline(imdb.PipelineConfig(out_dir=str(tmp_path / "imdb"), device="cpu"))
+
+
 def test_pipeline_runs_every_method_and_writes_the_report(tmp_path):
     out = tmp_path / "imdb"
     p = run_cli("pipeline", "--preset=tiny", f"--out_dir={out}", timeout=600)
@@ -184,6 +226,12 @@ def test_pipeline_runs_every_method_and_writes_the_report(tmp_path):
     # run again: every finished sub-run is skipped, and the same report comes out
     run_cli("pipeline", "--preset=tiny", f"--out_dir={out}", timeout=600)
     assert read_json(out / "results.json")["policies"] == report["policies"]
+    # --sft=PATH: no SFT is trained, and the given model is the reference (the same samples, so the same numbers)
+    other = tmp_path / "other"
+    run_cli("pipeline", "--preset=tiny", f"--out_dir={other}", f"--sft={out / 'sft' / 'ckpt.pt'}", "--methods=dpo",
+            timeout=600)
+    assert not (other / "sft").exists()
+    assert read_json(other / "results.json")["policies"]["sft"] == report["policies"]["sft"]
 
 
 def test_plot_stage_draws_a_png_and_names_a_missing_key(tmp_path):

@@ -63,7 +63,7 @@ def test_greedy_generate_equals_stepwise_argmax_of_full_forwards():
 def test_generate_stops_rows_at_eos_and_pads_after():
     m = tiny(3)
     bias = torch.zeros(N_REAL_TOKENS)
-    bias[50256] = 6.0  # make EOS likely so that rows finish at different steps
+    bias[50256] = 9.0  # EOS about 1 in 7 per step, so that rows finish at different steps
     m.logits = lambda h: GPT.logits(m, h) + bias
     ids, mask = left_pad([[1, 2, 3], [4, 5]] * 8)
     out, rmask = m.generate(ids, mask, 12, generator=torch.Generator().manual_seed(0))
@@ -97,6 +97,15 @@ def test_sample_token_matches_the_categorical_distribution():
     assert set(sample_token(logits, top_p=0.6, generator=g).unique().tolist()) == {2}
     assert set(sample_token(logits, top_p=0.8, generator=g).unique().tolist()) == {1, 2}
     assert p[2] > 0.6
+
+
+@pytest.mark.parametrize("u", [0.0, 1.0 - 2.0 ** -24])  # the smallest and the largest value torch.rand can return
+def test_sample_token_never_draws_a_token_of_probability_zero(monkeypatch, u):
+    # tokens 0, 1 and 4, 5 are cut (-inf): a draw at either end of the uniform's range must land on 2 or 3
+    logits = torch.tensor([[-math.inf, -math.inf, 0.3, 1e-3, -math.inf, -math.inf]] * 3)
+    monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.full(shape, u, dtype=kw.get("dtype")))
+    assert set(sample_token(logits).tolist()) <= {2, 3}
+    assert set(sample_token(torch.tensor([[0.0, 5.0, -math.inf]]), top_k=1).tolist()) == {1}
 
 
 def test_response_logprobs_equals_plain_log_softmax_gather():

@@ -252,7 +252,9 @@ def test_ratio_is_exactly_1_on_the_first_minibatch(tiny, algo):
     if value_fn is not None:
         with torch.no_grad():
             old_values = ppo.in_chunks(value_fn, b.ids, b.mask, 4)[:, -b.R - 1:-1]
-        advantages, returns = ppo.gae(ppo.per_token_rewards(b.scores, b.logp - b.ref_logp, m, 0.05), old_values, m)
+        # scores spread on purpose: twelve samples may all miss " good" and score 0, and then nothing moves
+        scores = b.scores + torch.arange(12.0) / 12
+        advantages, returns = ppo.gae(ppo.per_token_rewards(scores, b.logp - b.ref_logp, m, 0.05), old_values, m)
         advantages = ppo.whiten(advantages, m)
     else:
         old_values = returns = None
@@ -325,7 +327,8 @@ def rl_args(tiny, out_dir, steps=8, *extra):
 
 
 def assert_learned(rows, min_gain=0.15, max_kl=4.0):
-    first = rows[0]["objective/scores"]
+    # batches of 16 scores are noisy (the share of " good" in 16 short samples): average two at each end
+    first = sum(r["objective/scores"] for r in rows[:2]) / 2
     last = sum(r["objective/scores"] for r in rows[-2:]) / 2
     assert last > first + min_gain, [r["objective/scores"] for r in rows]
     assert all(-0.5 < r["objective/kl"] < max_kl for r in rows), [r["objective/kl"] for r in rows]
@@ -392,7 +395,7 @@ def test_best_of_n_reward_rises_with_n_and_rejection_sampling_finetunes(tiny):
         summaries[n] = read_json(out / "summary.json")
         selected = [json.loads(line) for line in open(out / "selected.jsonl")]
         assert [r["prompt"] for r in selected] == SUBJECTS
-        assert [r["score"] for r in selected] == share_of_good(None, [r["response"] for r in selected])
+        assert [r["score"] for r in selected] == pytest.approx(share_of_good(None, [r["response"] for r in selected]))
     assert summaries[1]["score/best"] == pytest.approx(summaries[1]["score/all"]) and summaries[1]["kl/analytic"] == 0
     assert summaries[8]["score/best"] > summaries[1]["score/best"] + 0.2
     assert summaries[8]["score/best"] > summaries[8]["score/all"]
