@@ -526,8 +526,9 @@ def pipeline(cfg):
             raise DataError(f"{sft}: sha256 is not the committed SFT model's; the file is damaged or not the "
                             f"committed one")
         sft_ckpt = os.path.abspath(sft)
+    block_size = load_checkpoint(sft_ckpt, "policy")["model_args"]["block_size"]  # a bad --sft fails here, in one line
+    if sft != "train":
         print(f"1/6 sft: starting from {sft}")
-    block_size = load_checkpoint(sft_ckpt, "policy")["model_args"]["block_size"]
     phase("sft")
 
     # 2. prompts: 2-8 token prefixes of train reviews for training, of test reviews for evaluation only
