@@ -80,6 +80,16 @@ def file_sha256(path):
     return digest.hexdigest()
 
 
+def check_sha256(path, sha256, what):
+    """Refuse a committed artifact that is missing or not the one pinned: a one-line DataError naming the file."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    got = file_sha256(path)
+    if got != sha256:
+        raise DataError(f"{path}: sha256 {got[:16]}... is not {what}'s {sha256[:16]}...; the file is damaged or "
+                        f"not the committed one")
+
+
 def imdb_files(path):
     """{split: file} of the folder `path`, which must hold train, test and unsup .jsonl.gz."""
     files = {s: os.path.join(path, f"{s}.jsonl.gz") for s in SPLITS}
@@ -188,12 +198,7 @@ class GoldReward:
     def load(cls, path=GOLD_PATH, sha256=GOLD_SHA256):
         """Load an artifact (weights_only), refusing one whose sha256 is not `sha256` (None: do not check)."""
         if sha256 is not None:
-            if not os.path.isfile(path):
-                raise DataError(f"{path}: no such file")
-            got = file_sha256(path)
-            if got != sha256:
-                raise DataError(f"{path}: sha256 {got[:16]}... is not the gold reward's {sha256[:16]}...; "
-                                f"the file is damaged or not the committed one")
+            check_sha256(path, sha256, "the gold reward")
         ckpt = load_checkpoint(path, "gold")
         model = NgramLogReg(ckpt["n_buckets"])
         model.load_state_dict({k: v.float() for k, v in ckpt["model"].items()})
@@ -522,9 +527,8 @@ def pipeline(cfg):
         run_all([("sft", sft_dir, sft_args)], "1/6 sft", 1)
         sft_ckpt = os.path.join(sft_dir, "ckpt.pt")
     else:
-        if sft == SFT_CPU_PATH and file_sha256(sft) != SFT_CPU_SHA256:
-            raise DataError(f"{sft}: sha256 is not the committed SFT model's; the file is damaged or not the "
-                            f"committed one")
+        if sft == SFT_CPU_PATH:
+            check_sha256(sft, SFT_CPU_SHA256, "the committed SFT model")
         sft_ckpt = os.path.abspath(sft)
     block_size = load_checkpoint(sft_ckpt, "policy")["model_args"]["block_size"]  # a bad --sft fails here, in one line
     if sft != "train":

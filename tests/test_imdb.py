@@ -204,7 +204,8 @@ def test_freeze_keeps_the_weights_in_half_the_space(tmp_path):
 
 def test_pipeline_refuses_a_damaged_committed_sft_model(tmp_path, monkeypatch):
     monkeypatch.setattr(imdb, "SFT_CPU_SHA256", "0" * 64)
-    with pytest.raises(DataError, match="sft-imdb-cpu.pt: sha256 is not the committed SFT model's"):
+    got = imdb.file_sha256(imdb.SFT_CPU_PATH)[:16]
+    with pytest.raises(DataError, match=rf"sft-imdb-cpu.pt: sha256 {got}\.\.\. is not the committed SFT model's 0{{16}}"):
         imdb.pipeline(imdb.PipelineConfig(out_dir=str(tmp_path / "imdb"), device="cpu"))
 
 
