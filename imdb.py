@@ -451,15 +451,12 @@ def evaluate_all(policies, ref_path, eval_prompts, proxy_path, cfg, max_new_toke
 def sft_samples(sft_path, prompts, k, cfg, max_new_tokens, seed, desc):
     """k samples of the SFT policy per prompt at temperature 1, in batches of 512 -> (prompts repeated k times each,
     responses), the k samples of a prompt next to each other."""
-    from ppo import sample
+    from train import sample_responses
     device, ctx = setup_device(cfg)
     policy, _ = load_policy(sft_path, device)
     g = torch.Generator(device=device).manual_seed(seed)
     todo = [p for p in prompts for _ in range(k)]
-    responses = []
-    for i in tqdm(range(0, len(todo), 512), desc=desc, dynamic_ncols=True):
-        responses += sample(policy, todo[i:i + 512], max_new_tokens, 1.0, g, device, ctx).responses
-    return todo, responses
+    return todo, sample_responses(policy, todo, max_new_tokens, g, device, ctx, 1.0, batch_size=512, desc=desc).responses
 
 
 def best_of_n(sft_path, proxy_path, prompts, pool, cfg, max_new_tokens):

@@ -56,7 +56,7 @@ from data import EOS, decode, encode_prompt, layout_batch, load_prompts, pad_bat
 from model import ScalarHead, last_real_index, response_logprobs
 from reward import RewardModel, load_reward_model, score_texts
 from train import (ConfigError, OptimConfig, Run, RunConfig, check_finite, load_policy, lr_at, make_optimizer, opt,
-                   optimizer_step, pairs_batch, setup_device, sft_loss, split_heldout)
+                   optimizer_step, pairs_batch, sample_responses, setup_device, sft_loss, split_heldout)
 
 SAMPLING, SHUFFLE, PROMPT_ORDER, EVAL = range(4)  # the random streams of a step
 
@@ -267,26 +267,6 @@ class Rollout:
     scores: torch.Tensor = None  # (B,) the reward
 
 
-@torch.no_grad()
-def sample(policy, prompts, max_new_tokens, temperature, generator, device, ctx):
-    """One response per prompt string, sampled with the KV cache at `temperature`, no top-k/top-p (N+ #9), to a fixed
-    maximum length; everything after the first EOS is padding (N+ #10). Returns a Rollout without log-probs."""
-    room = policy.config.block_size - max_new_tokens
-    if room < 1:
-        raise ConfigError(f"--max_new_tokens={max_new_tokens} leaves no room for a prompt in the policy's "
-                          f"block_size={policy.config.block_size}")
-    prompt_ids = [encode_prompt(p)[-room:] for p in prompts]  # a too-long prompt keeps its end
-    ids, mask = pad_batch(prompt_ids, side="left")
-    with ctx:
-        tokens, tmask = policy.generate(ids.to(device), mask.to(device), max_new_tokens, temperature,
-                                        generator=generator)
-    responses = [t[:n] for t, n in zip(tokens.tolist(), tmask.sum(1).tolist())]  # up to and including EOS
-    ids, mask, R = layout_batch(prompt_ids, responses)
-    ids, mask = ids.to(device), mask.to(device)
-    return Rollout(list(prompts), [decode(r) for r in responses], ids, mask, R, mask[:, -R:].float(),
-                   torch.tensor([r[-1] != EOS for r in responses], device=device))
-
-
 def in_chunks(fn, ids, mask, size):
     """fn over rows of (ids, mask) in chunks of `size`, results concatenated (a tensor, or a tuple of tensors)."""
     outs = [fn(ids[i:i + size], mask[i:i + size]) for i in range(0, ids.size(0), size)]
@@ -297,7 +277,7 @@ def in_chunks(fn, ids, mask, size):
 def rollout(policy, ref, prompts, reward_fn, max_new_tokens, temperature, generator, device, ctx, micro_batch_size):
     """Phase 1 of every algorithm: sample, log-probs of policy and reference at the sampling temperature (N+ #9),
     and the reward's score of prompt + response."""
-    b = sample(policy, prompts, max_new_tokens, temperature, generator, device, ctx)
+    b = Rollout(**vars(sample_responses(policy, prompts, max_new_tokens, generator, device, ctx, temperature)))
     with ctx:
         b.logp, b.entropy = in_chunks(lambda i, m: response_logprobs(policy, i, m, b.R, temperature, True),
                                       b.ids, b.mask, micro_batch_size)
@@ -729,8 +709,8 @@ def best_of_n(cfg):
     per_call = max(1, cfg.sample_batch_size // cfg.n)
     selected, all_scores = [], []
     for i in tqdm(range(0, len(prompts), per_call), desc=f"best-of-{cfg.n}", disable=None, leave=False):
-        b = sample(policy, [p for p in prompts[i:i + per_call] for _ in range(cfg.n)], cfg.max_new_tokens,
-                   cfg.temperature, g, device, ctx)
+        b = sample_responses(policy, [p for p in prompts[i:i + per_call] for _ in range(cfg.n)], cfg.max_new_tokens,
+                             g, device, ctx, cfg.temperature)
         with ctx:
             scores = reward_fn(b.prompts, b.responses).float()
         selected += [dict(prompt=b.prompts[j], response=b.responses[j], score=scores[j].item())

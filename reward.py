@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 from model import GPT, GPTConfig, ScalarHead, last_real_index
 from train import (ConfigError, ModelConfig, OptimConfig, Run, RunConfig, check_finite, disable_dropout,
-                   generate_texts, load_checkpoint, load_policy, lr_at, make_optimizer, model_from_checkpoint, opt,
-                   optimizer_step, setup_device)
+                   load_checkpoint, load_policy, lr_at, make_optimizer, model_from_checkpoint, opt,
+                   optimizer_step, sample_responses, setup_device)
 
 
 class RewardModel(nn.Module):
@@ -247,12 +247,10 @@ def fit_normalisation(model, cfg, train_pairs, device, ctx):
     if cfg.policy:
         policy, _ = load_policy(cfg.policy, device)
         prompts = list(dict.fromkeys(p.prompt for p in train_pairs))[:cfg.norm_samples]
-        gen = SimpleNamespace(num_samples=1, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                              top_k=0, top_p=1.0, batch_size=cfg.batch_size)
         g = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + cfg.max_iters)
-        with ctx:
-            rows = generate_texts(policy, prompts, gen, device, g, desc="sampling for the normalisation")
-        prompts, responses = [p for p, _, _ in rows], [r for _, r, _ in rows]
+        s = sample_responses(policy, prompts, cfg.max_new_tokens, g, device, ctx, cfg.temperature,
+                             batch_size=cfg.batch_size, desc="sampling for the normalisation")
+        responses = s.responses
     else:
         pairs = train_pairs[:cfg.norm_samples]
         prompts, responses = [p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs]

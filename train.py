@@ -568,25 +568,44 @@ class SampleConfig(RunConfig):
     batch_size: int = opt(64, "prompts per generate() call", min=1)
 
 
-def generate_texts(model, prompts, cfg, device, generator, desc="sampling"):
-    """Sample cfg.num_samples continuations of every prompt string. Returns [(prompt, response, n_tokens)]."""
+@dataclass
+class Samples:
+    """Sampled responses, as text and in the project's batch layout."""
+    prompts: list  # B prompt strings
+    responses: list  # B response strings (decoded, without EOS)
+    ids: torch.Tensor  # (B, P + R) [left-padded prompt | right-padded response], on the device
+    mask: torch.Tensor  # (B, P + R) 1 on real tokens
+    R: int  # response columns
+    resp_mask: torch.Tensor  # (B, R) float, 1 on response tokens up to and including EOS
+    no_eos: torch.Tensor  # (B,) bool: cut at max_new_tokens before emitting EOS
+
+
+@torch.no_grad()
+def sample_responses(policy, prompts, max_new_tokens, generator, device, ctx=nullcontext(), temperature=1.0, top_k=0,
+                     top_p=1.0, batch_size=0, desc=None):
+    """The one sampling helper of every stage: one response per prompt string, to a fixed maximum length, everything
+    after the first EOS padding (RLHF_NOTES.md 9-10). A too-long prompt keeps its end. batch_size > 0 samples in
+    chunks of that many rows (with a progress bar named desc); the result is one Samples either way."""
     from tqdm import tqdm
-    from data import decode, encode_prompt, pad_batch
-    todo = [p for p in prompts for _ in range(cfg.num_samples)]
-    room = model.config.block_size - cfg.max_new_tokens
+    from data import EOS, decode, encode_prompt, layout_batch, pad_batch
+    room = policy.config.block_size - max_new_tokens
     if room < 1:
-        raise ConfigError(f"--max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in the model's "
-                          f"block_size={model.config.block_size}")
-    out = []
-    for i in tqdm(range(0, len(todo), cfg.batch_size), desc=desc, disable=None, leave=False):
-        chunk = todo[i:i + cfg.batch_size]
-        ids, mask = pad_batch([encode_prompt(p)[-room:] for p in chunk], side="left")
-        toks, tmask = model.generate(ids.to(device), mask.to(device), cfg.max_new_tokens, cfg.temperature,
-                                     cfg.top_k, cfg.top_p, generator=generator)
-        for p, t, m in zip(chunk, toks.tolist(), tmask.tolist()):
-            n = sum(m)
-            out.append((p, decode(t[:n]), n))
-    return out
+        raise ConfigError(f"--max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
+                          f"block_size={policy.config.block_size} (use --max_new_tokens={policy.config.block_size // 2}"
+                          f" or less)")
+    prompt_ids = [encode_prompt(p)[-room:] for p in prompts]
+    size = batch_size or max(1, len(prompts))
+    responses = []
+    for i in tqdm(range(0, len(prompts), size), desc=desc, disable=None if desc else True, leave=False):
+        ids, mask = pad_batch(prompt_ids[i:i + size], side="left")
+        with ctx:
+            tokens, tmask = policy.generate(ids.to(device), mask.to(device), max_new_tokens, temperature, top_k,
+                                            top_p, generator=generator)
+        responses += [t[:n] for t, n in zip(tokens.tolist(), tmask.sum(1).tolist())]  # up to and including EOS
+    ids, mask, R = layout_batch(prompt_ids, responses)
+    ids, mask = ids.to(device), mask.to(device)
+    return Samples(list(prompts), [decode(r) for r in responses], ids, mask, R, mask[:, -R:].float(),
+                   torch.tensor([len(r) == 0 or r[-1] != EOS for r in responses], device=device))
 
 
 @torch.no_grad()
@@ -597,14 +616,15 @@ def sample(cfg):
     model, _ = load_policy(cfg.ckpt, device)
     prompts = load_prompts(cfg.prompts) if cfg.prompts else [cfg.prompt]
     g = torch.Generator(device=device).manual_seed(cfg.seed)
-    with ctx:
-        rows = generate_texts(model, prompts, cfg, device, g)
+    s = sample_responses(model, [p for p in prompts for _ in range(cfg.num_samples)], cfg.max_new_tokens, g, device,
+                         ctx, cfg.temperature, cfg.top_k, cfg.top_p, cfg.batch_size, desc="sampling")
+    lengths = s.resp_mask.sum(1).long().tolist()
     with open(os.path.join(run.dir, "samples.jsonl"), "w") as f:
-        for p, r, n in rows:
+        for p, r, n in zip(s.prompts, s.responses, lengths):
             f.write(json.dumps(dict(prompt=p, response=r, tokens=n)) + "\n")
-    for p, r, _ in rows[:10]:
+    for p, r in list(zip(s.prompts, s.responses))[:10]:
         print(f"--- {p!r}\n{p}{r}")
-    run.summary(samples=len(rows), mean_tokens=sum(n for *_, n in rows) / len(rows))
+    run.summary(samples=len(lengths), mean_tokens=sum(lengths) / len(lengths))
     return 0
 
 
