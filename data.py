@@ -377,14 +377,15 @@ def encode_prompt(text):
     return [EOS] + encode(text)
 
 
-def tokenize_pair(prompt, responses, block_size):
-    """prompt and its responses -> (prompt_ids, [response_ids, ...], truncated), each response ending in EOS,
-    so that prompt + any response fits in block_size tokens.
+def tokenize_pair(prompt, responses, block_size, append_eos=True):
+    """prompt and its responses -> (prompt_ids, [response_ids, ...], truncated), each response ending in EOS
+    (append_eos=False: as written, for responses that were cut at a fixed length rather than ended), so that
+    prompt + any response fits in block_size tokens.
 
     A too-long pair loses the start of its prompt first (the latest context matters most), but the prompt keeps
     at least half the block (or all of itself if shorter) so that a long response still has something to
     respond to; then the responses are cut from the right, losing their EOS: `truncated` says so."""
-    p, rs = encode_prompt(prompt), [encode(r) + [EOS] for r in responses]
+    p, rs = encode_prompt(prompt), [encode(r) + [EOS] * append_eos for r in responses]
     longest = max(len(r) for r in rs)
     truncated = len(p) + longest > block_size
     if truncated:
@@ -451,10 +452,101 @@ class TokenStream:
 
     def batch(self, step):
         # SeedSequence mixes (seed, step) into one seed; seed * K + step would let two runs share batches
-        g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, step]).generate_state(1)[0]))
+        g = torch.Generator().manual_seed(derived_seed(self.seed, step))
         ix = torch.randint(len(self.tokens) - self.block_size, (self.batch_size,), generator=g).numpy()
         windows = torch.from_numpy(self.tokens[ix[:, None] + np.arange(self.block_size + 1)].astype(np.int64))
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()  # x, y: (B, T) each
+
+
+# -----------------------------------------------------------------------------
+# datasets as batches: the held-out rule, the index stream, and the batches of SFT, reward modelling and DPO
+
+def derived_seed(*keys):
+    """The one seeding idiom: a seed for one random draw of a run, from non-negative integers such as (seed, step,
+    stream). SeedSequence mixes them, so two runs (or two streams of one run) never share draws the way seed * K + step
+    can. Every batch and sample of a run is a function of these keys alone, so a resumed run draws the same."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
+def heldout_split(items, frac=0.1):
+    """The one held-out rule: the last `frac` of a dataset (a list of examples or a token array), at least one item,
+    the same every run."""
+    n = max(1, int(len(items) * frac))
+    return items[:-n], items[-n:]
+
+
+def epoch_indices(n, step, batch_size, seed, total=None):
+    """Item indices of step's batch: draws step*B .. (step+1)*B - 1 (fewer at the end of `total` draws) of a stream
+    that visits all n items once per pass, each pass in an order drawn from (seed, pass) alone. So a batch is a pure
+    function of the step, and no item is dropped or repeated within a pass. (Prompts of PPO, pairs of the reward
+    model and DPO, examples of SFT.)"""
+    end = (step + 1) * batch_size if total is None else min((step + 1) * batch_size, total)
+    draws = range(step * batch_size, end)
+    perms = {e: torch.randperm(n, generator=torch.Generator().manual_seed(derived_seed(seed, e)))
+             for e in {d // n for d in draws}}
+    return [int(perms[d // n][d % n]) for d in draws]
+
+
+def load_sft_data(paths, limit, block_size):
+    """Returns ('corpus', token array) when every record is plain text, else ('pairs', [(prompt_ids, resp_ids)])."""
+    examples = [ex for p in paths.split(",") if p for ex in load_sft(p, limit=limit or None)]
+    if all(ex.prompt == "" for ex in examples):
+        return "corpus", encode_corpus([ex.response for ex in examples], desc="tokenizing")
+    rows = [tokenize_pair(ex.prompt, [ex.response], block_size) for ex in examples]
+    n_trunc = sum(r[2] for r in rows)
+    if n_trunc:
+        print(f"{n_trunc} of {len(rows)} examples were longer than block_size={block_size} and were truncated")
+    return "pairs", [(p, r) for p, (r,), _ in rows]
+
+
+def example_batch(rows, idx, device):
+    """Tokenized (prompt, response) examples idx in the shared layout -> ids, mask (B, P + R) and R."""
+    ids, mask, R = layout_batch([rows[i][0] for i in idx], [rows[i][1] for i in idx])
+    return ids.to(device), mask.to(device), R
+
+
+def load_pairs(path, limit, block_size, append_eos=True):
+    """Preference pairs -> ([(prompt_ids, chosen_ids, rejected_ids)], [Pair]), truncated to block_size."""
+    pairs = load_preferences(path, limit or None)
+    rows, n_truncated = [], 0
+    for pair in pairs:
+        prompt, (chosen, rejected), truncated = tokenize_pair(pair.prompt, [pair.chosen, pair.rejected], block_size,
+                                                              append_eos)
+        rows.append((prompt, chosen, rejected))
+        n_truncated += truncated
+    if n_truncated:
+        print(f"{path}: {n_truncated} of {len(rows)} pairs were longer than block_size={block_size} and were "
+              f"truncated (prompt from the left, then the responses)")
+    return rows, pairs
+
+
+def load_pair_splits(data, eval_data, max_pairs, block_size, append_eos=True):
+    """(train rows, eval rows, train Pairs) of the reward model and DPO: eval_data, or else the held-out rule."""
+    train_rows, train_pairs = load_pairs(data, max_pairs, block_size, append_eos)
+    if eval_data:
+        eval_rows, _ = load_pairs(eval_data, max_pairs, block_size, append_eos)
+    else:
+        if len(train_rows) < 2:
+            raise DataError(f"{data}: {len(train_rows)} pair(s); at least 2 are needed to hold out an eval split "
+                            f"(or give --eval_data)")
+        (train_rows, eval_rows), train_pairs = heldout_split(train_rows), heldout_split(train_pairs)[0]
+    print(f"pairs: {len(train_rows):,} training, {len(eval_rows):,} eval "
+          f"({eval_data or 'the last 10% of ' + data})")
+    return train_rows, eval_rows, train_pairs
+
+
+def pair_batch(rows, idx, device):
+    """Pairs idx as ONE batch of 2B sequences in the shared layout, chosen in rows 0..B-1 and rejected in rows
+    B..2B-1, so both go through one forward pass (as the DPO reference code). Returns ids, mask (2B, P + R), R."""
+    prompts = [rows[i][0] for i in idx]
+    ids, mask, R = layout_batch(prompts + prompts, [rows[i][1] for i in idx] + [rows[i][2] for i in idx])
+    return ids.to(device), mask.to(device), R
+
+
+def batches_in_order(n, batch_size, limit=0):
+    """Index ranges of a dataset's batches in order (evaluation): the first `limit` batches, or all (limit 0)."""
+    n = n if limit == 0 else min(n, limit * batch_size)
+    return [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
 
 
 def split_file(path, eval_fraction, out_prefix):

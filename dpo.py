@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from model import response_logprobs
-from reward import PairsConfig, batch_indices, eval_batches, load_splits, pair_batch, plan
+from data import batches_in_order, epoch_indices, load_pair_splits, pair_batch
+from reward import PairsConfig, plan
 from train import (ConfigError, OptimConfig, Run, RunConfig, check_finite, load_policy, lr_at, make_optimizer, opt,
                    optimizer_step, setup_device)
 
@@ -96,6 +97,8 @@ class DPOConfig(PairsConfig, RunConfig, OptimConfig):
     label_smoothing: float = opt(0.0, "cdpo only: probability eps that a preference label is flipped, in (0, 0.5)",
                                  min=0.0)
     reference_free: bool = opt(False, "no reference model: h = logp_chosen - logp_rejected")
+    append_eos: bool = opt(True, "end each response with EOS, whose log-prob joins the sequence's (false: responses "
+                                 "cut at a fixed length, as IMDb continuations, which never end)")
     batch_size: int = opt(64, "preference pairs per optimizer step (notes #25)", min=1)
     learning_rate: float = opt(1e-5, "peak learning rate (about 1e-6 in the paper; tiny models tolerate more)",
                                min=0.0)
@@ -126,7 +129,8 @@ def train(cfg):
     # 1. policy, reference and data
     policy, _ = load_policy(cfg.init_from, device)  # dropout off (notes #3)
     ref = None if cfg.reference_free else load_policy(cfg.ref or cfg.init_from, device)[0].requires_grad_(False)
-    train_rows, eval_rows, _ = load_splits(cfg, policy.config.block_size)
+    train_rows, eval_rows, _ = load_pair_splits(cfg.data, cfg.eval_data, cfg.max_pairs, policy.config.block_size,
+                                             cfg.append_eos)
     total = plan(cfg, len(train_rows))
     optimizer = make_optimizer(policy, cfg, device)
     start = run.restore(policy, optimizer)
@@ -156,7 +160,7 @@ def train(cfg):
     def evaluate():
         policy.eval()
         parts = [(pair_logps(policy, eval_rows, idx, device, ctx), ref_logps("eval", eval_rows, idx))
-                 for idx in eval_batches(eval_rows, cfg)]
+                 for idx in batches_in_order(len(eval_rows), cfg.batch_size, cfg.eval_iters)]
         policy.train()
         logps, ref_lp = torch.cat([p for p, _ in parts], 1), torch.cat([r for _, r in parts], 1)
         return dpo_metrics(*losses_of(logps, ref_lp), logps[0], logps[1])
@@ -169,7 +173,7 @@ def train(cfg):
                disable=None)
     for step in bar:
         # 3a. batch: B pairs as 2B sequences, and the reference's log-probs of them
-        idx = batch_indices(step, len(train_rows), cfg.batch_size, total, cfg.seed)
+        idx = epoch_indices(len(train_rows), step, cfg.batch_size, cfg.seed, total)
         ref_lp = ref_logps("train", train_rows, idx)  # (2, B)
         # 3b. policy log-probs, chosen and rejected in one forward pass
         logps = pair_logps(policy, train_rows, idx, device, ctx)  # (2, B)

@@ -52,18 +52,18 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from data import EOS, decode, encode_prompt, layout_batch, load_prompts, pad_batch, tokenize_pair
+from data import EOS, derived_seed, epoch_indices, decode, encode_prompt, layout_batch, load_prompts, pad_batch, tokenize_pair
 from model import ScalarHead, last_real_index, response_logprobs
 from reward import RewardModel, load_reward_model, score_texts
 from train import (ConfigError, OptimConfig, Run, RunConfig, check_finite, load_policy, lr_at, make_optimizer, opt,
-                   optimizer_step, pairs_batch, sample_responses, setup_device, sft_loss, split_heldout)
+                   optimizer_step, sample_responses, setup_device)
 
 SAMPLING, SHUFFLE, PROMPT_ORDER, EVAL = range(4)  # the random streams of a step
 
 
 def step_seed(seed, step, stream):
     """Seed of one random stream of one step: a function of (seed, step) alone, so a resumed run draws the same."""
-    return (seed * 1_000_003 + step) * 4 + stream
+    return derived_seed(seed, step, stream)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -495,15 +495,6 @@ def update(cfg, policy, value_fn, trainable, optimizer, b, advantages, returns, 
 # ----------------------------------------------------------------------------------------------------------------
 # stages ppo, rloo, grpo: one loop
 
-def prompt_indices(n_total, step, n, seed):
-    """The n prompts of a step: draws step*n .. step*n + n - 1 of a stream that visits every prompt once per pass,
-    each pass in an order drawn from (seed, pass) alone."""
-    draws = range(step * n, (step + 1) * n)
-    perms = {e: torch.randperm(n_total, generator=torch.Generator().manual_seed(step_seed(seed, e, PROMPT_ORDER)))
-             for e in {d // n_total for d in draws}}
-    return [int(perms[d // n_total][d % n_total]) for d in draws]
-
-
 def make_critic(cfg, policy, device):
     """PPO's value model (notes #16). Returns (value_fn(ids, mask) -> (B, T), the module to train beside the policy).
 
@@ -584,7 +575,7 @@ def train_rl(cfg, algo):
     for step in bar:
         t0 = time.time()
         # 1. rollout: k samples of each of the step's prompts, log-probs of policy and reference, scores
-        batch_prompts = [prompts[i] for i in prompt_indices(len(prompts), step, n_prompts, cfg.seed) for _ in range(k)]
+        batch_prompts = [prompts[i] for i in epoch_indices(len(prompts), step, n_prompts, cfg.seed) for _ in range(k)]
         g = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step, SAMPLING))
         b = rollout(policy, ref, batch_prompts, reward_fn, cfg.max_new_tokens, cfg.temperature, g, device, ctx,
                     cfg.micro_batch_size)
@@ -722,52 +713,5 @@ def best_of_n(cfg):
                "kl/analytic": best_of_n_kl(cfg.n), "n": cfg.n, "prompts": len(prompts)}
     print(f"best-of-{cfg.n} on {len(prompts)} prompts: mean score of the best {summary['score/best']:.4f}, of all "
           f"{summary['score/all']:.4f}; KL(best-of-N || policy) = {summary['kl/analytic']:.4f} nats")
-    # 2. rejection-sampling fine-tuning (Llama 2): the SFT loss on the kept responses, as train.sft on pairs
-    if cfg.finetune:
-        final = finetune(cfg, run, policy, selected, device, ctx)
-        if final is None:
-            return 130
-        summary.update(final)
     run.summary(**summary)
     return 0
-
-
-def finetune(cfg, run, policy, selected, device, ctx):
-    """SFT of `policy` on the selected (prompt, response) pairs, with train.py's batches and loss; saves the policy in
-    this run's ckpt.pt. Returns the final metrics, or None when stopped by a signal (a checkpoint is saved)."""
-    if len(selected) < 2:
-        raise ConfigError(f"--finetune: {len(selected)} prompt(s); at least 2 are needed (one is held out)")
-    rows = [tokenize_pair(r["prompt"], [r["response"]], policy.config.block_size) for r in selected]
-    train_rows, eval_rows = split_heldout("pairs", [(p, rs[0]) for p, rs, _ in rows])
-    optimizer = make_optimizer(policy, cfg, device)
-    start = run.restore(policy, optimizer)
-
-    @torch.no_grad()
-    def evaluate():
-        with ctx:
-            return sum(sft_loss(policy, pairs_batch(eval_rows, i, cfg.batch_size, cfg.seed + 1, device)).item()
-                       for i in range(cfg.eval_iters)) / cfg.eval_iters
-
-    policy.train()
-    for step in tqdm(range(start, cfg.max_iters), desc="finetune", initial=start, total=cfg.max_iters, disable=None):
-        with ctx:
-            loss = sft_loss(policy, pairs_batch(train_rows, step, cfg.batch_size, cfg.seed, device))
-        check_finite(step, loss=loss.detach())
-        loss.backward()
-        lr = lr_at(step, cfg)
-        optimizer_step(policy, optimizer, lr, cfg.grad_clip, step)
-        done = step + 1
-        if done % cfg.log_interval == 0 or done == cfg.max_iters:
-            metrics = {"loss": loss.item(), "lr": lr}
-            if done % cfg.eval_interval == 0 or done == cfg.max_iters:
-                metrics["eval/loss"] = evaluate()
-            run.log(done, **metrics)
-        if done % cfg.ckpt_interval == 0 or done == cfg.max_iters or run.stop_requested:
-            run.save(done, policy, optimizer)
-        if run.stop_requested:
-            print(f"stopped at step {done}; continue with --resume --out_dir={cfg.out_dir}", file=sys.stderr)
-            return None
-    if start >= cfg.max_iters and run.ckpt is None:
-        run.save(cfg.max_iters, policy, optimizer)
-    policy.eval()
-    return {"eval/loss": evaluate(), "step": cfg.max_iters}

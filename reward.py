@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data import batches_in_order, epoch_indices, load_pair_splits, pair_batch
 from model import GPT, GPTConfig, ScalarHead, last_real_index
 from train import (ConfigError, ModelConfig, OptimConfig, Run, RunConfig, check_finite, disable_dropout,
                    load_checkpoint, load_policy, lr_at, make_optimizer, model_from_checkpoint, opt,
@@ -134,67 +135,12 @@ class PairsConfig:
     eval_iters: int = opt(0, "batches per evaluation (0: the whole eval split)", min=0)
 
 
-def load_pairs(path, limit, block_size):
-    """Preference pairs -> ([(prompt_ids, chosen_ids, rejected_ids)], [data.Pair]), truncated to block_size."""
-    from data import load_preferences, tokenize_pair
-    pairs = load_preferences(path, limit or None)
-    rows, n_truncated = [], 0
-    for pair in pairs:
-        prompt, (chosen, rejected), truncated = tokenize_pair(pair.prompt, [pair.chosen, pair.rejected], block_size)
-        rows.append((prompt, chosen, rejected))
-        n_truncated += truncated
-    if n_truncated:
-        print(f"{path}: {n_truncated} of {len(rows)} pairs were longer than block_size={block_size} and were "
-              f"truncated (prompt from the left, then the responses)")
-    return rows, pairs
-
-
-def load_splits(cfg, block_size):
-    """(train rows, eval rows, train Pairs): --eval_data, or else the last 10% of --data held out."""
-    train_rows, train_pairs = load_pairs(cfg.data, cfg.max_pairs, block_size)
-    if cfg.eval_data:
-        eval_rows, _ = load_pairs(cfg.eval_data, cfg.max_pairs, block_size)
-    else:
-        if len(train_rows) < 2:
-            raise ConfigError(f"--data={cfg.data}: {len(train_rows)} pair(s); at least 2 are needed to hold out "
-                              f"an eval split (or give --eval_data)")
-        n = max(1, len(train_rows) // 10)
-        train_rows, eval_rows, train_pairs = train_rows[:-n], train_rows[-n:], train_pairs[:-n]
-    print(f"pairs: {len(train_rows):,} training, {len(eval_rows):,} eval "
-          f"({cfg.eval_data or 'the last 10% of ' + cfg.data})")
-    return train_rows, eval_rows, train_pairs
-
-
 def plan(cfg, n_train):
     """Derived sizes, right after the data is read: sets cfg.max_iters and returns how many pairs the run draws."""
     if cfg.max_iters == 0:
         cfg.max_iters = math.ceil(cfg.epochs * n_train / cfg.batch_size)
         return cfg.epochs * n_train
     return cfg.max_iters * cfg.batch_size
-
-
-def batch_indices(step, n, batch_size, total, seed):
-    """Pair indices of step's batch: draws step*B .. (step+1)*B - 1 (fewer at the end of `total`) of a stream that
-    visits all n pairs once per epoch, in an order drawn from (seed, epoch) alone, so resuming changes nothing."""
-    draws = range(step * batch_size, min((step + 1) * batch_size, total))
-    perms = {e: torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + e))
-             for e in {d // n for d in draws}}
-    return [int(perms[d // n][d % n]) for d in draws]
-
-
-def pair_batch(rows, idx, device):
-    """Pairs idx as ONE batch of 2B sequences in the shared layout, chosen in rows 0..B-1 and rejected in rows
-    B..2B-1, so both go through one forward pass (RLHF notes #23). Returns ids, mask (2B, P + R) and R."""
-    from data import layout_batch
-    prompts = [rows[i][0] for i in idx]
-    ids, mask, R = layout_batch(prompts + prompts, [rows[i][1] for i in idx] + [rows[i][2] for i in idx])
-    return ids.to(device), mask.to(device), R
-
-
-def eval_batches(rows, cfg):
-    """Index lists of the eval split's batches, in order: the first eval_iters batches, or all of them."""
-    n = len(rows) if cfg.eval_iters == 0 else min(len(rows), cfg.eval_iters * cfg.batch_size)
-    return [range(i, min(i + cfg.batch_size, n)) for i in range(0, n, cfg.batch_size)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -232,7 +178,7 @@ def init_model(cfg):
 def evaluate(model, rows, cfg, device, ctx):
     model.eval()
     scores = []
-    for idx in eval_batches(rows, cfg):
+    for idx in batches_in_order(len(rows), cfg.batch_size, cfg.eval_iters):
         ids, mask, _ = pair_batch(rows, idx, device)
         with ctx:
             scores.append(model(ids, mask).float().view(2, -1))  # (2, b): chosen, rejected
@@ -265,7 +211,7 @@ def train(cfg):
     device, ctx = setup_device(cfg)
     # 1. model and data
     model = init_model(cfg)
-    train_rows, eval_rows, train_pairs = load_splits(cfg, cfg.block_size)
+    train_rows, eval_rows, train_pairs = load_pair_splits(cfg.data, cfg.eval_data, cfg.max_pairs, cfg.block_size)
     total = plan(cfg, len(train_rows))
     model.to(device)
     optimizer = make_optimizer(model, cfg, device)
@@ -282,7 +228,7 @@ def train(cfg):
                disable=None)
     for step in bar:
         # 2a. batch: B pairs as 2B sequences, scored at their last real tokens in one forward pass
-        idx = batch_indices(step, len(train_rows), cfg.batch_size, total, cfg.seed)
+        idx = epoch_indices(len(train_rows), step, cfg.batch_size, cfg.seed, total)
         ids, mask, _ = pair_batch(train_rows, idx, device)
         with ctx:
             r_chosen, r_rejected = fwd(ids, mask).float().view(2, -1)  # (B,) each

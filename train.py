@@ -422,37 +422,6 @@ class SFTConfig(RunConfig, ModelConfig, OptimConfig):
     max_docs: int = opt(0, "read at most this many records per file (0: all)", min=0)
 
 
-def load_sft_data(paths, limit, block_size):
-    """Returns ('corpus', token array) when every record is plain text, else ('pairs', [(prompt_ids, resp_ids)])."""
-    from data import encode_corpus, load_sft, tokenize_pair
-    examples = [ex for p in paths.split(",") if p for ex in load_sft(p, limit=limit or None)]
-    if all(ex.prompt == "" for ex in examples):
-        return "corpus", encode_corpus([ex.response for ex in examples], desc="tokenizing")
-    rows = [tokenize_pair(ex.prompt, [ex.response], block_size) for ex in examples]
-    n_trunc = sum(r[2] for r in rows)
-    if n_trunc:
-        print(f"{n_trunc} of {len(rows)} examples were longer than block_size={block_size} and were truncated")
-    return "pairs", [(p, r) for p, (r,), _ in rows]
-
-
-def split_heldout(kind, data, frac=0.05):
-    """The last 5% as the evaluation set: of the token stream, or of the examples."""
-    if kind == "corpus":
-        n = int(len(data) * (1 - frac))
-        return data[:n], data[n:]
-    n = max(1, int(len(data) * frac))
-    return data[:-n], data[-n:]
-
-
-def pairs_batch(rows, step, batch_size, seed, device):
-    """A batch of tokenized prompt/response examples in the project's layout, chosen by (seed, step) alone."""
-    from data import layout_batch
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    idx = torch.randint(len(rows), (batch_size,), generator=g).tolist()
-    ids, mask, R = layout_batch([rows[i][0] for i in idx], [rows[i][1] for i in idx])
-    return ids.to(device), mask.to(device), R
-
-
 def sft_loss(model, batch):
     """Mean next-token cross-entropy: over every token of a corpus window (x, y), or over the response tokens
     (and their EOS) of a prompt/response batch (ids, mask, R), through the shared log-prob helper."""
@@ -464,7 +433,7 @@ def sft_loss(model, batch):
 
 
 def sft(cfg):
-    from data import TokenStream
+    from data import TokenStream, epoch_indices, example_batch, heldout_split, load_sft_data
     run = Run(cfg, "sft")
     device, ctx = setup_device(cfg)
     # 1. data
@@ -474,7 +443,7 @@ def sft(cfg):
         if eval_kind != kind:
             raise ConfigError(f"--eval_data={cfg.eval_data} holds {eval_kind}, but --data holds {kind}")
     else:
-        train_data, eval_data = split_heldout(kind, train_data)
+        train_data, eval_data = heldout_split(train_data)
     if kind == "corpus":
         if len(eval_data) <= cfg.block_size + 1 or len(train_data) <= cfg.block_size + 1:
             raise ConfigError(f"--data: too little text for --block_size={cfg.block_size}")
@@ -484,8 +453,10 @@ def sft(cfg):
                                              (train_stream if split == "train" else eval_stream).batch(step))
         print(f"corpus: {len(train_data):,} training tokens, {len(eval_data):,} held out")
     else:
-        get_batch = lambda split, step: pairs_batch(train_data if split == "train" else eval_data, step,
-                                                    cfg.batch_size, cfg.seed + (split != "train"), device)
+        def get_batch(split, step):
+            rows = train_data if split == "train" else eval_data
+            return example_batch(rows, epoch_indices(len(rows), step, cfg.batch_size, cfg.seed + (split != "train")),
+                                 device)
         print(f"pairs: {len(train_data):,} training examples, {len(eval_data):,} held out")
     # 2. model
     if cfg.init_from == "scratch":

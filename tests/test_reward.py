@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 
+import data
 import reward
 import train
 from conftest import TINY_MODEL, kill_and_resume, read_json, read_metrics, run_cli
@@ -127,11 +128,11 @@ def test_trunk_from_policy_checkpoint_and_head_init(tmp_path):
 def test_batches_visit_every_pair_once_per_epoch_and_keep_the_last():
     n, B = 10, 4
     total = 2 * n  # two epochs: 5 batches, the last one of 4 draws, none dropped
-    batches = [reward.batch_indices(s, n, B, total, seed=3) for s in range(5)]
+    batches = [data.epoch_indices(n, s, B, 3, total) for s in range(5)]
     draws = [i for b in batches for i in b]
     assert len(draws) == total and sorted(draws[:n]) == sorted(draws[n:]) == list(range(n))
     assert draws[:n] != draws[n:]  # a fresh order per epoch
-    assert reward.batch_indices(2, n, B, total, seed=3) == batches[2]  # a pure function of the step
+    assert data.epoch_indices(n, 2, B, 3, total) == batches[2]  # a pure function of the step
 
 
 # ----------------------------------------------------------------------------------------------------------------
