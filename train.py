@@ -9,22 +9,28 @@ live in the file of their algorithm and plug into the same run folder and checkp
     python train.py STAGE --help             # every key of a stage, with its default and meaning
 
 Every run writes to --out_dir: config.json, metrics.jsonl (one flat JSON object per log step), summary.json (the
-final metrics, flat) and ckpt.pt (one dict of tensors and plain values: model, optimizer, config, step, RNG states
-and the stage's own state), written atomically. --resume continues a killed run from its ckpt.pt, bit for bit on CPU (with one thread: see README).
+final metrics, flat) and ckpt.pt (one dict of tensors and plain values: model, optimizer, config, step, RNG
+states and the stage's own state), written atomically. --resume continues a killed run from its ckpt.pt, bit for bit on CPU (with one thread: see
+README). One run at a time holds a run folder (out_dir/.lock); a new run into a folder of another stage or config
+needs --overwrite.
 
 Bad input (data files, keys, values, checkpoints) ends the run with one line `error: ...` and exit status 2.
 """
 import dataclasses
+import fcntl
 import importlib
 import json
 import math
+import operator
 import os
 import random
+import re
 import signal
 import sys
+import threading
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,8 +49,8 @@ STAGES = {
     "rloo": ("ppo", "RLOOConfig", "train_rloo", "REINFORCE leave-one-out (k samples per prompt, no critic)"),
     "grpo": ("ppo", "GRPOConfig", "train_grpo", "GRPO (group-normalised advantages, k3 KL in the loss)"),
     "bon": ("ppo", "BoNConfig", "best_of_n", "best-of-N sampling; with --finetune, rejection-sampling fine-tuning"),
-    "pipeline": ("imdb", "PipelineConfig", "pipeline", "the IMDb controlled-sentiment benchmark, end to end"),
-    "plot": ("imdb", "PlotConfig", "plot", "plot a run folder's metrics.jsonl to PNG"),
+    "pipeline": ("pipeline", "PipelineConfig", "pipeline", "the IMDb controlled-sentiment benchmark, end to end"),
+    "plot": ("pipeline", "PlotConfig", "plot", "plot a run folder's metrics.jsonl to PNG"),
 }
 
 
@@ -59,9 +65,10 @@ class TrainingError(Exception):
 # ----------------------------------------------------------------------------------------------------------------
 # configuration: one flat dataclass per stage, every field with a one-line description
 
-def opt(default, help, min=None):
-    """A config field with its --help text and, optionally, the smallest value it accepts."""
-    return field(default=default, metadata=dict(help=help, min=min))
+def opt(default, help, min=None, max=None, above=None, below=None):
+    """A config field with its --help text and, optionally, the bounds it accepts: min/max inclusive,
+    above/below exclusive."""
+    return field(default=default, metadata=dict(help=help, min=min, max=max, above=above, below=below))
 
 
 @dataclass
@@ -70,11 +77,23 @@ class RunConfig:
     out_dir: str = opt("out/run", "run folder: config.json, metrics.jsonl, summary.json, ckpt.pt")
     device: str = opt("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     dtype: str = opt("auto", "auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16, float16")
+    seed: int = opt(1337, "seed for everything random (data order, dropout, sampling)", min=0)
+    overwrite: bool = opt(False, "replace a run folder of another stage or another config")
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """Keys shared by the training stages."""
     compile: bool = opt(False, "torch.compile the model for training")
-    seed: int = opt(1337, "seed for everything random (data order, dropout, sampling)")
     resume: bool = opt(False, "continue the run in out_dir from its ckpt.pt")
     log_interval: int = opt(10, "steps between log lines", min=1)
     ckpt_interval: int = opt(200, "steps between checkpoints (one is always written at the end)", min=1)
+    ckpt_minutes: float = opt(10.0, "also write a checkpoint when this many minutes passed since the last (0: off)",
+                              min=0.0)
+
+
+# keys that may change between a run and its --resume or re-run without making it another run
+RESTART_KEYS = ("resume", "overwrite", "log_interval", "ckpt_interval", "ckpt_minutes")
 
 
 @dataclass
@@ -84,7 +103,7 @@ class ModelConfig:
     n_head: int = opt(4, "attention heads", min=1)
     n_embd: int = opt(256, "width; divisible by n_head", min=1)
     block_size: int = opt(256, "longest sequence the model sees", min=2)
-    dropout: float = opt(0.0, "dropout (pretraining / SFT only; RLHF stages turn it off)", min=0.0)
+    dropout: float = opt(0.0, "dropout (pretraining / SFT only; RLHF stages turn it off)", min=0.0, below=1.0)
     bias: bool = opt(True, "biases in Linear and LayerNorm layers")
 
 
@@ -137,13 +156,21 @@ def parse_config(cls, argv):
             raise ConfigError(f"--{key}={raw}: expected {'an integer' if kind is int else 'a number'}") from None
         if kind is float and not math.isfinite(v):
             raise ConfigError(f"--{key}={raw}: expected a finite number")
-        low = f.metadata.get("min")
-        if low is not None and v < low:
-            raise ConfigError(f"--{key}={raw}: must be >= {low}")
+        m = f.metadata
+        for bound, ok, says in (("min", operator.ge, ">="), ("max", operator.le, "<="), ("above", operator.gt, ">"),
+                                ("below", operator.lt, "<")):
+            if m.get(bound) is not None and not ok(v, m[bound]):
+                raise ConfigError(f"--{key}={raw}: must be {says} {m[bound]}")
         values[key] = v
     cfg = cls(**values)
     if hasattr(cfg, "n_embd") and hasattr(cfg, "n_head") and cfg.n_embd % cfg.n_head:
         raise ConfigError(f"--n_embd={cfg.n_embd} is not divisible by --n_head={cfg.n_head}")
+    if hasattr(cfg, "out_dir") and not cfg.out_dir.strip():
+        raise ConfigError("--out_dir is empty: name a run folder")
+    if hasattr(cfg, "device"):
+        check_device(cfg.device)
+    if getattr(cfg, "dtype", "auto") not in ("auto", "float32", "bfloat16", "float16"):
+        raise ConfigError(f"--dtype={cfg.dtype}: expected auto, float32, bfloat16 or float16")
     return cfg
 
 
@@ -157,14 +184,23 @@ def config_help(stage, cls):
 # ----------------------------------------------------------------------------------------------------------------
 # devices, precision, randomness
 
+def check_device(name):
+    """auto, cpu, cuda, cuda:N or mps, if this machine has it; checked at parse time, before a run folder exists."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", name):
+        raise ConfigError(f"--device={name}: expected auto, cpu, cuda, cuda:N or mps")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device={name}: CUDA is not available on this machine")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise ConfigError(f"--device={name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device={name}: MPS is not available on this machine")
+
+
 def setup_device(cfg):
     """Resolves cfg.device/dtype, seeds every RNG, and returns (device, autocast context)."""
+    check_device(cfg.device)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device={cfg.device}: CUDA is not available on this machine")
     dtype = ("bfloat16" if device.startswith("cuda") else "float32") if cfg.dtype == "auto" else cfg.dtype
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"--dtype={cfg.dtype}: expected auto, float32, bfloat16 or float16")
     cfg.device, cfg.dtype = device, dtype
     seed_everything(cfg.seed)
     if device.startswith("cuda"):
@@ -204,19 +240,50 @@ def set_rng_state(state):
 
 def save_checkpoint(path, ckpt):
     """Write to a temporary file in the same folder, fsync, then rename over the old one: a kill at any moment
-    leaves either the old or the new checkpoint, never a torn one."""
+    leaves either the old or the new checkpoint, never a torn one. Ctrl-C / SIGTERM arriving during the write are
+    held until it ends; a failed write (a full disk) removes its temporary file and is one line, the old checkpoint
+    left as it was."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(folder, os.O_RDONLY)  # make the rename itself durable
     try:
-        os.fsync(fd)
+        with signals_held():
+            with open(tmp, "wb") as f:
+                torch.save(ckpt, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            fd = os.open(folder, os.O_RDONLY)  # make the rename itself durable
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise TrainingError(f"{path}: writing the checkpoint failed ({e.strerror or e}); the previous checkpoint "
+                                f"is left as it was") from None
+        raise
+
+
+@contextmanager
+def signals_held():
+    """Hold SIGINT and SIGTERM until the block ends, then deliver them to the handlers that were in place. (Swapping
+    the Python handlers, not blocking the signals, because another thread would take a blocked signal and Python
+    would still run its handler in this one.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    old = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum))
+           for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
     finally:
-        os.close(fd)
+        for sig, handler in old.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        for sig in pending:
+            signal.raise_signal(sig)
 
 
 def load_checkpoint(path, kind=None):
@@ -228,6 +295,11 @@ def load_checkpoint(path, kind=None):
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for arbitrary objects, RuntimeError for a torn or foreign file
+        if "Weights only load failed" in str(e):  # PyTorch's text is long and ends mid-sentence when cut
+            name = re.search(r"GLOBAL ([\w.]+)", str(e))
+            raise ConfigError(f"{path}: refused: it holds Python objects other than tensors and plain values"
+                              f"{f' ({name[1]})' if name else ''}, which could run code when unpickled "
+                              f"(checkpoints are loaded with torch.load(weights_only=True))") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{path}: not a loadable checkpoint of this project ({first[:160]})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "kind" not in ckpt:
@@ -238,7 +310,11 @@ def load_checkpoint(path, kind=None):
 
 
 def model_from_checkpoint(ckpt, path, module=None):
-    """Build the GPT stored in ckpt (or load its weights into `module`), with a one-line error on a mismatch."""
+    """Build the GPT stored in ckpt (or load its weights into `module`), with a one-line error on a mismatch or on
+    non-finite weights (which would otherwise surface far away, as NaN probabilities in sampling)."""
+    for name, t in ckpt["model"].items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+            raise ConfigError(f"{path}: the weight {name} holds NaN or infinite values (a diverged run?)")
     module = module or GPT(GPTConfig(**ckpt["model_args"]))
     try:
         module.load_state_dict(ckpt["model"])
@@ -257,7 +333,8 @@ def load_policy(path, device):
 
 
 def disable_dropout(model):
-    """RLHF runs with dropout off in every model, or the first PPO ratio is not 1 (N+ details, #3)."""
+    """RLHF runs with dropout off in every model, or the first PPO ratio is not 1 (Huang et al. 2024, The N+
+    implementation details of RLHF with PPO: "disable dropout")."""
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
@@ -270,31 +347,82 @@ def disable_dropout(model):
 # ----------------------------------------------------------------------------------------------------------------
 # the run folder
 
+_LOCKS = {}  # run folder (real path) -> its open, locked .lock file, held until the process ends
+
 class Run:
     """A run folder: config.json, metrics.jsonl, summary.json, ckpt.pt, plus a flag set by Ctrl-C / SIGTERM.
 
-    With cfg.resume, `self.ckpt` is the checkpoint to continue from, and metrics rows logged after it are dropped
-    (they will be logged again), so the log has no duplicate steps."""
+    The folder is locked (out_dir/.lock) for the run's life, so two runs never write into one folder at once. A new
+    run into a folder of another stage or config is refused unless cfg.overwrite. With cfg.resume, `self.ckpt` is
+    the checkpoint to continue from, and metrics rows logged after it are dropped (they will be logged again), so
+    the log has no duplicate steps. Works with any RunConfig; the training keys (TrainConfig) are optional."""
 
     def __init__(self, cfg, stage):
         self.cfg, self.stage, self.dir = cfg, stage, cfg.out_dir
-        os.makedirs(self.dir, exist_ok=True)
         self.ckpt_path = os.path.join(self.dir, "ckpt.pt")
         self.metrics_path = os.path.join(self.dir, "metrics.jsonl")
         self.ckpt = None
-        if cfg.resume:
-            if not os.path.exists(self.ckpt_path):
-                raise ConfigError(f"--resume: {self.ckpt_path} does not exist")
-            self.ckpt = load_checkpoint(self.ckpt_path)
-            if self.ckpt.get("stage") != stage:
-                raise ConfigError(f"--resume: {self.ckpt_path} is from stage {self.ckpt.get('stage')}, not {stage}")
-            self._truncate_metrics(self.ckpt["step"])
-        elif os.path.exists(self.metrics_path):
-            os.remove(self.metrics_path)  # a fresh run in an old folder starts a fresh log
-        write_json(os.path.join(self.dir, "config.json"), dict(stage=stage, **dataclasses.asdict(cfg)))
+        config = dict(stage=stage, **dataclasses.asdict(cfg))
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+            self._lock()
+            if getattr(cfg, "resume", False):
+                if not os.path.exists(self.ckpt_path):
+                    raise ConfigError(f"--resume: {self.ckpt_path} does not exist")
+                self.ckpt = load_checkpoint(self.ckpt_path)
+                if self.ckpt.get("stage") != stage:
+                    raise ConfigError(f"--resume: {self.ckpt_path} is from stage {self.ckpt.get('stage')}, "
+                                      f"not {stage}")
+                self._truncate_metrics(self.ckpt["step"])
+            else:
+                self._check_reuse(config)
+                for name in ("metrics.jsonl", "summary.json"):  # a fresh run starts a fresh log and summary
+                    if os.path.exists(os.path.join(self.dir, name)):
+                        os.remove(os.path.join(self.dir, name))
+            write_json(os.path.join(self.dir, "config.json"), config)
+        except OSError as e:  # a read-only folder, a file where the folder should be, a full disk
+            raise ConfigError(f"--out_dir={self.dir}: cannot write the run folder ({e.strerror or e})") from None
         self.stop_requested = False
+        self.last_save = time.time()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
+
+    def _lock(self):
+        """Hold an exclusive lock on out_dir/.lock until the process ends. A folder this process already holds
+        (a stage run twice in one process, as tests do) stays held."""
+        key = os.path.realpath(self.dir)
+        if key in _LOCKS:
+            return
+        f = open(os.path.join(self.dir, ".lock"), "a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise ConfigError(f"--out_dir={self.dir} is in use by another run (wait for it, or choose another "
+                              f"--out_dir)") from None
+        _LOCKS[key] = f
+
+    def _check_reuse(self, config):
+        """A new run may reuse a folder of the same stage and config (a re-run); another stage or config only with
+        --overwrite, whose old checkpoint is then removed so that nothing of the other run is left to resume."""
+        path = os.path.join(self.dir, "config.json")
+        if not os.path.exists(path):
+            return
+        try:
+            old = read_json(path)
+        except (ValueError, UnicodeDecodeError):
+            old = {}
+        config = json.loads(json.dumps(config, default=str))  # as config.json holds it
+        changed = sorted(k for k in set(old) | set(config) if k not in RESTART_KEYS and old.get(k) != config.get(k))
+        if not changed:
+            return
+        if not getattr(self.cfg, "overwrite", False):
+            what = (f"a {old.get('stage')} run" if old.get("stage") != config["stage"] else
+                    f"a run with another config ({', '.join('--' + k for k in changed)})")
+            raise ConfigError(f"--out_dir={self.dir} holds {what}; add --overwrite to replace it, or choose "
+                              f"another --out_dir")
+        if os.path.exists(self.ckpt_path):
+            os.remove(self.ckpt_path)
 
     def _on_signal(self, signum, frame):
         if self.stop_requested:  # a second Ctrl-C: stop now
@@ -314,9 +442,28 @@ class Run:
         os.replace(tmp, self.metrics_path)
 
     def log(self, step, **metrics):
-        """Append one flat JSON row (non-finite numbers are written as null)."""
+        """Append one flat JSON row (non-finite numbers are written as null). When stderr is not a terminal (nohup,
+        a log file, CI), tqdm's bar is off, so also print a compact line with the first few metrics."""
+        row = {k: plain(v) for k, v in metrics.items()}
         with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(dict(step=step, **{k: plain(v) for k, v in metrics.items()})) + "\n")
+            f.write(json.dumps(dict(step=step, **row)) + "\n")
+        if not sys.stderr.isatty():
+            print(f"step {step}: " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                               for k, v in list(row.items())[:6]), flush=True)
+
+    def end_step(self, done, total, save):
+        """The one run-loop tail: call save() (which writes the checkpoint) every cfg.ckpt_interval steps, at the
+        last step, on a stop request, or when cfg.ckpt_minutes passed since the last save. Returns True when a stop
+        was requested: the stage then returns 130."""
+        interval = getattr(self.cfg, "ckpt_interval", 0)
+        minutes = getattr(self.cfg, "ckpt_minutes", 0)
+        if ((interval and done % interval == 0) or done == total or self.stop_requested
+                or (minutes and time.time() - self.last_save > 60 * minutes)):
+            save()
+            self.last_save = time.time()
+        if self.stop_requested:
+            print(f"stopped at step {done}; continue with --resume --out_dir={self.dir}", file=sys.stderr)
+        return self.stop_requested
 
     def save(self, step, model, optimizer=None, kind="policy", **extra):
         """The one checkpoint format: model weights (unwrapped, uncompiled), shape, optimizer, config, step, RNG
@@ -351,6 +498,11 @@ def plain(v):
     if isinstance(v, float) and not math.isfinite(v):
         return None
     return v
+
+
+def shorten(text, limit=200):
+    """Text for a log line: at most about `limit` characters, the cut marked."""
+    return text if len(text) <= limit else text[:limit] + f"... [{len(text) - limit:,} more characters]"
 
 
 def read_json(path):
@@ -394,16 +546,18 @@ def lr_at(step, cfg):
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def optimizer_step(model, optimizer, lr, grad_clip, step):
-    """Clip, check the gradient norm is finite, step, zero. Returns the gradient norm."""
+def optimizer_step(model, optimizer, cfg, step):
+    """The one optimizer step of every stage: set the scheduled learning rate, clip the gradient norm to
+    cfg.grad_clip (0: off), check the norm is finite, step, zero the gradients. Returns (lr, grad_norm)."""
+    lr = lr_at(step, cfg)
     for group in optimizer.param_groups:
         group["lr"] = lr
     params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
     check_finite(step, grad_norm=norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(norm)
+    return lr, float(norm)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -413,13 +567,31 @@ DEFAULT_SFT_DATA = "assets/imdb-train-sample.jsonl.gz,assets/imdb-unsup-sample.j
 
 
 @dataclass
-class SFTConfig(RunConfig, ModelConfig, OptimConfig):
+class SFTConfig(TrainConfig, ModelConfig, OptimConfig):
     out_dir: str = opt("out/sft", "run folder")
     data: str = opt(DEFAULT_SFT_DATA, "training data: JSONL(.gz) or .txt, comma-separated files ({text}, IMDb rows, "
                                       "{prompt, response} or {messages}); text is a corpus, pairs train the response")
     eval_data: str = opt("", "evaluation data (default: a held-out 5% slice of --data)")
-    init_from: str = opt("scratch", "scratch, or a policy checkpoint to fine-tune")
+    block_size: int = opt(0, "longest sequence the model sees (0: 256 from scratch, the checkpoint's with "
+                             "--init_from; a smaller value than the checkpoint's is fine)", min=0)
+    init_from: str = opt("scratch", "scratch, or a policy checkpoint to fine-tune (its shape wins over the model "
+                                    "keys)")
     max_docs: int = opt(0, "read at most this many records per file (0: all)", min=0)
+
+
+def block_size_for(cfg, ckpt_block_size=None):
+    """The training block_size: --block_size, or (when 0) the checkpoint's, or 256 from scratch. A checkpoint's
+    position table fixes its longest sequence, so a larger --block_size than the checkpoint's is an error."""
+    if ckpt_block_size is None:
+        size = cfg.block_size or 256
+    elif cfg.block_size > ckpt_block_size:
+        raise ConfigError(f"--block_size={cfg.block_size} exceeds the checkpoint's block_size={ckpt_block_size} "
+                          f"(leave --block_size out to use the checkpoint's)")
+    else:
+        size = cfg.block_size or ckpt_block_size
+    if size < 2:
+        raise ConfigError(f"--block_size={size}: must be >= 2")
+    return size
 
 
 def sft_loss(model, batch):
@@ -434,6 +606,8 @@ def sft_loss(model, batch):
 
 def sft(cfg):
     from data import TokenStream, epoch_indices, example_batch, heldout_split, load_sft_data
+    init = None if cfg.init_from == "scratch" else load_checkpoint(cfg.init_from, "policy")
+    cfg.block_size = block_size_for(cfg, init and init["model_args"]["block_size"])
     run = Run(cfg, "sft")
     device, ctx = setup_device(cfg)
     # 1. data
@@ -459,14 +633,11 @@ def sft(cfg):
                                  device)
         print(f"pairs: {len(train_data):,} training examples, {len(eval_data):,} held out")
     # 2. model
-    if cfg.init_from == "scratch":
+    if init is None:
         model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                               block_size=cfg.block_size, dropout=cfg.dropout, bias=cfg.bias))
     else:
-        ckpt = load_checkpoint(cfg.init_from, "policy")
-        model = model_from_checkpoint(ckpt, cfg.init_from)
-        if cfg.block_size > model.config.block_size:
-            raise ConfigError(f"--block_size={cfg.block_size} exceeds the checkpoint's {model.config.block_size}")
+        model = model_from_checkpoint(init, cfg.init_from)
     model.to(device)
     optimizer = make_optimizer(model, cfg, device)
     start = run.restore(model, optimizer)
@@ -495,8 +666,7 @@ def sft(cfg):
             loss = sft_loss(fwd, batch)
         check_finite(step, loss=loss)
         loss.backward()
-        lr = lr_at(step, cfg)
-        norm = optimizer_step(model, optimizer, lr, cfg.grad_clip, step)
+        lr, norm = optimizer_step(model, optimizer, cfg, step)
         tokens += batch[0].numel()
         done = step + 1
         if done % cfg.log_interval == 0 or done == cfg.max_iters:
@@ -508,10 +678,7 @@ def sft(cfg):
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", **({"eval": f"{metrics['eval/loss']:.3f}"}
                                                              if "eval/loss" in metrics else {}))
             t0, tokens = time.time(), 0
-        if done % cfg.ckpt_interval == 0 or done == cfg.max_iters or run.stop_requested:
-            run.save(done, model, optimizer)
-        if run.stop_requested:
-            print(f"stopped at step {done}; continue with --resume --out_dir={cfg.out_dir}", file=sys.stderr)
+        if run.end_step(done, cfg.max_iters, lambda: run.save(done, model, optimizer)):
             return 130
     if start >= cfg.max_iters and run.ckpt is None:
         run.save(cfg.max_iters, model, optimizer)
@@ -532,10 +699,10 @@ class SampleConfig(RunConfig):
     prompt: str = opt("", "one prompt (default: the start of a document)")
     prompts: str = opt("", "file of prompts (JSONL {prompt}/{input_text}/{text}, preference files, or .txt lines)")
     num_samples: int = opt(3, "samples per prompt", min=1)
-    max_new_tokens: int = opt(64, "tokens to sample per response", min=1)
+    max_new_tokens: int = opt(0, "tokens to sample per response (0: half the model's block_size)", min=0)
     temperature: float = opt(1.0, "softmax temperature (0: greedy)", min=0.0)
     top_k: int = opt(0, "keep only the k most likely tokens (0: off)", min=0)
-    top_p: float = opt(1.0, "nucleus sampling mass (1: off)", min=0.0)
+    top_p: float = opt(1.0, "nucleus sampling mass, in (0, 1] (1: off)", above=0.0, max=1.0)
     batch_size: int = opt(64, "prompts per generate() call", min=1)
 
 
@@ -555,8 +722,9 @@ class Samples:
 def sample_responses(policy, prompts, max_new_tokens, generator, device, ctx=nullcontext(), temperature=1.0, top_k=0,
                      top_p=1.0, batch_size=0, desc=None):
     """The one sampling helper of every stage: one response per prompt string, to a fixed maximum length, everything
-    after the first EOS padding (RLHF_NOTES.md 9-10). A too-long prompt keeps its end. batch_size > 0 samples in
-    chunks of that many rows (with a progress bar named desc); the result is one Samples either way."""
+    after the first EOS padding (the batch layout documented in model.py). A too-long prompt keeps its end.
+    batch_size > 0 samples in chunks of that many rows (with a progress bar named desc); the result is one Samples
+    either way."""
     from tqdm import tqdm
     from data import EOS, decode, encode_prompt, layout_batch, pad_batch
     room = policy.config.block_size - max_new_tokens
@@ -587,14 +755,15 @@ def sample(cfg):
     model, _ = load_policy(cfg.ckpt, device)
     prompts = load_prompts(cfg.prompts) if cfg.prompts else [cfg.prompt]
     g = torch.Generator(device=device).manual_seed(cfg.seed)
-    s = sample_responses(model, [p for p in prompts for _ in range(cfg.num_samples)], cfg.max_new_tokens, g, device,
+    max_new_tokens = cfg.max_new_tokens or model.config.block_size // 2
+    s = sample_responses(model, [p for p in prompts for _ in range(cfg.num_samples)], max_new_tokens, g, device,
                          ctx, cfg.temperature, cfg.top_k, cfg.top_p, cfg.batch_size, desc="sampling")
     lengths = s.resp_mask.sum(1).long().tolist()
     with open(os.path.join(run.dir, "samples.jsonl"), "w") as f:
         for p, r, n in zip(s.prompts, s.responses, lengths):
             f.write(json.dumps(dict(prompt=p, response=r, tokens=n)) + "\n")
-    for p, r in list(zip(s.prompts, s.responses))[:10]:
-        print(f"--- {p!r}\n{p}{r}")
+    for p, r in list(zip(s.prompts, s.responses))[:10]:  # cut, so that a huge prompt is not echoed whole
+        print(f"--- {shorten(p)!r}\n{shorten(p)}{shorten(r)}")
     run.summary(samples=len(lengths), mean_tokens=sum(lengths) / len(lengths))
     return 0
 
@@ -631,6 +800,9 @@ def main(argv):
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # the machine, not the code: a full disk, a folder that went away
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
