@@ -1,16 +1,17 @@
 """Tests of imdb.py: the official archive's conversion and download checks, the gold reward (the committed
-artifact, its checksum, its accuracy, and its training), the simulated preference labels, the pipeline at tiny size
-and the plot stage."""
+artifact, its checksum, its accuracy, and its training), the simulated preference labels, the committed SFT model,
+and the command line's guards (no default that overwrites a committed asset, one line when offline). The pipeline's
+tests are in test_pipeline.py."""
 
 import gzip
 import hashlib
 import io
 import dataclasses
 import json
-import math
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tarfile
 
@@ -19,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import imdb  # noqa: E402
-from conftest import read_json, run_cli  # noqa: E402
+from conftest import ROOT  # noqa: E402
 from data import DataError, encode_corpus, load_imdb  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from train import load_policy, save_checkpoint  # noqa: E402
@@ -203,42 +204,33 @@ def test_freeze_keeps_the_weights_in_half_the_space(tmp_path):
 
 
 def test_pipeline_refuses_a_damaged_committed_sft_model(tmp_path, monkeypatch):
-    monkeypatch.setattr(imdb, "SFT_CPU_SHA256", "0" * 64)
+    import pipeline
+    monkeypatch.setattr(pipeline, "SFT_CPU_SHA256", "0" * 64)
     got = imdb.file_sha256(imdb.SFT_CPU_PATH)[:16]
     with pytest.raises(DataError, match=rf"sft-imdb-cpu.pt: sha256 {got}\.\.\. is not the committed SFT model's 0{{16}}"):
-        imdb.pipeline(imdb.PipelineConfig(out_dir=str(tmp_path / "imdb"), device="cpu"))
+        pipeline.pipeline(pipeline.PipelineConfig(out_dir=str(tmp_path / "imdb"), device="cpu"))
+    assert not (tmp_path / "imdb").exists()  # refused before anything is written
 
 
-def test_pipeline_runs_every_method_and_writes_the_report(tmp_path):
-    out = tmp_path / "imdb"
-    p = run_cli("pipeline", "--preset=tiny", f"--out_dir={out}", timeout=600)
-    report = read_json(out / "results.json")
-    methods = {name.split("_beta")[0] for name in report["policies"]}
-    assert methods == {"sft", "ppo", "ppo_gt", "dpo", "rloo", "grpo"}
-    for r in report["policies"].values():
-        assert 0.0 <= r["gold"] <= 1.0 and math.isfinite(r["kl"]) and math.isfinite(r["proxy"])
-    assert report["policies"]["sft"]["kl"] == 0.0  # the reference against itself
-    assert [r["n"] for r in report["best_of_n"]["gold"]] == list(imdb.BON_NS)
-    assert "| policy | gold reward |" in (out / "results.md").read_text() and "best-of-N" in p.stdout
-    for png in ("frontier.png", "overoptimisation.png"):
-        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    samples = (out / "samples" / "sft.jsonl").read_text().splitlines()
-    assert len(samples) == 8 and {"prefix", "response", "gold", "proxy", "kl"} <= set(json.loads(samples[0]))
-    # run again: every finished sub-run is skipped, and the same report comes out
-    run_cli("pipeline", "--preset=tiny", f"--out_dir={out}", timeout=600)
-    assert read_json(out / "results.json")["policies"] == report["policies"]
-    # --sft=PATH: no SFT is trained, and the given model is the reference (the same samples, so the same numbers)
-    other = tmp_path / "other"
-    run_cli("pipeline", "--preset=tiny", f"--out_dir={other}", f"--sft={out / 'sft' / 'ckpt.pt'}", "--methods=dpo",
-            timeout=600)
-    assert not (other / "sft").exists()
-    assert read_json(other / "results.json")["policies"]["sft"] == report["policies"]["sft"]
+def imdb_cli(*args):
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    return subprocess.run([sys.executable, "imdb.py", *args], cwd=ROOT, capture_output=True, text=True, env=env,
+                          timeout=120)
 
 
-def test_plot_stage_draws_a_png_and_names_a_missing_key(tmp_path):
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(dict(step=s, loss=1.0 / s, kl=0.1 * s)) + "\n"
-                                                    for s in range(1, 6)))
-    run_cli("plot", f"--run={tmp_path}")
-    assert (tmp_path / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    p = run_cli("plot", f"--run={tmp_path}", "--keys=loss,nope", check=False)
-    assert p.returncode == 2 and "nope" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+def test_cli_never_overwrites_committed_assets_by_default():
+    before = {p: imdb.file_sha256(p) for p in (imdb.GOLD_PATH, imdb.SFT_CPU_PATH)}
+    for command in (["freeze", f"--ckpt={imdb.SFT_CPU_PATH}"], ["gold", f"--train={TRAIN_SAMPLE}", f"--test={TEST_SAMPLE}"]):
+        p = imdb_cli(*command)
+        assert p.returncode == 2 and "--out" in p.stderr, p.stderr
+    assert {p: imdb.file_sha256(p) for p in before} == before
+
+
+def test_download_without_network_is_one_line(tmp_path):
+    # no network here: a proxy that refuses every connection stands in for a machine offline
+    env = dict(os.environ, OMP_NUM_THREADS="1", https_proxy="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
+    p = subprocess.run([sys.executable, "imdb.py", "download", f"--dest={tmp_path / 'imdb'}"], cwd=ROOT,
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip().startswith("error: https://ai.stanford.edu") and len(p.stderr.strip().splitlines()) == 1
+    assert "download failed" in p.stderr and "Traceback" not in p.stderr

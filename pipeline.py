@@ -1,0 +1,587 @@
+"""
+The IMDb benchmark end to end (stage `pipeline`, what `python train.py` runs): SFT -> prompts -> simulated
+preferences -> proxy reward model -> PPO, PPO on the gold reward, DPO, RLOO and GRPO at each KL strength -> every
+policy evaluated on held-out prefixes, best-of-N from the SFT policy -> results.md and two figures. The task itself
+(data, gold reward, prompts, preference labels) is in imdb.py; each training step is a sub-run of train.py.
+
+    python train.py                                  # the cpu preset (~7 min on 2 cores) into out/imdb
+    python train.py pipeline --preset=gpu --imdb_dir=../shared/data/imdb --out_dir=out/imdb-gpu
+    python train.py pipeline --preset=tiny --out_dir=/tmp/imdb    # seconds, for the tests
+    python train.py plot --run=out/imdb/runs/ppo_beta0.05_seed1   # any run folder's metrics.jsonl as a PNG
+
+Re-running: each sub-run lives in its own folder under --out_dir. Run the same command again after a stop or a crash
+and finished sub-runs are reused, killed ones resume from their checkpoints. A sub-run is reused only if its
+config.json equals the config that the new command gives it and the files it read (prompts, preferences, the SFT and
+reward checkpoints: inputs.json) are the same bytes; the prompts and preferences likewise (prompts.json,
+preferences.json). Anything else is refused in one line, or with --overwrite re-made from scratch, so that one
+folder never mixes the results of two configurations.
+
+Stopping: Ctrl-C (or SIGTERM) once: each running sub-run gets one SIGTERM, saves a checkpoint and exits, and the
+pipeline exits with status 130; twice: the sub-runs are killed at once (their checkpoints are written atomically, so
+the last one survives). Sub-runs run in their own process group, so a terminal's Ctrl-C reaches only the pipeline.
+
+Simplifications, on purpose:
+- Every policy, the preference pairs, the reward model's normalisation and best-of-N sample at one temperature
+  (TEMPERATURE, 1): the policy's own distribution, the one whose KL to the reference is reported.
+- Continuations are cut at max_new_tokens (as in the DPO paper) and never end with EOS: the RL stages keep cut
+  responses as they are (--no_eos_rule=keep), and DPO appends no EOS to its pairs (--append_eos=false).
+- Best-of-N is read off one pool of SFT samples per prompt as an exact expectation over the pool, not by drawing N;
+  its KL is that of the selection from the pool (ties handled), next to the bound log N - (N-1)/N.
+- Sub-runs on one machine share its cores (CPU) or its GPU; there is no multi-machine scheduling.
+"""
+import dataclasses
+import hashlib
+import importlib
+import json
+import math
+import os
+import signal
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from data import load_imdb, read_jsonl
+from imdb import (ROOT, SFT_CPU_PATH, SFT_CPU_SHA256, SPLITS, check_sha256, gold_reward, imdb_files, sft_samples,
+                  simulate_preferences, write_prompts)
+from train import (STAGES, ConfigError, Run, RunConfig, TrainingError, load_checkpoint, load_policy, opt,
+                   parse_config, read_json, setup_device, write_json)
+
+# the one sampling temperature of the benchmark: every policy trains and is evaluated at it, and the reward model is
+# normalised on SFT samples drawn at it (a reward normalised at 0.7 would be off-centre on samples at 1.0)
+TEMPERATURE = 1.0
+
+# Everything the presets set. The cpu preset is the main job (python train.py, ~7 minutes on 2 cores, on the committed
+# sample, from the committed SFT model: its `sft` keys apply only with --sft=train); the gpu preset is the benchmark
+# (one H100, ~10 minutes, on the full data of --imdb_dir, SFT included). The tiny preset is for the tests: the
+# committed SFT model and just enough steps that every method raises the gold reward.
+PRESETS = {
+    "cpu": dict(
+        imdb_dir="", sft=dict(n_layer=2, n_head=2, n_embd=64, block_size=64, batch_size=16, max_iters=250,
+                               learning_rate=2e-3, warmup_iters=20, eval_interval=125),
+        sft_ckpt=SFT_CPU_PATH, n_train_prompts=2000, n_eval_prompts=256, max_new_tokens=20, jobs=2, seeds=[1],
+        reward=dict(learning_rate=1e-3, epochs=1),
+        methods=dict(ppo=[0.05], ppo_gt=[0.05], dpo=[0.1], rloo=[0.05], grpo=[0.04]),
+        rl=dict(batch_size=32, minibatch_size=16, micro_batch_size=32, max_iters=20, learning_rate=3e-4,
+                whiten_rewards=True, eval_interval=1000), dpo=dict(batch_size=32, max_iters=56, learning_rate=3e-4),
+        bon_prompts=64, bon_pool=64),
+    "gpu": dict(
+        imdb_dir="../shared/data/imdb", sft=dict(n_layer=6, n_head=6, n_embd=384, block_size=128, batch_size=128,
+                                                 max_iters=2500, learning_rate=1e-3, warmup_iters=200,
+                                                 eval_interval=500, compile=True),
+        n_train_prompts=4096, n_eval_prompts=512, max_new_tokens=48, jobs=5, seeds=[1, 2],
+        reward=dict(),
+        methods=dict(ppo=[0.05, 0.1, 0.15, 0.2], ppo_gt=[0.02], dpo=[0.05, 0.1, 0.25, 0.5], rloo=[0.05, 0.1],
+                     grpo=[0.04, 0.1]),
+        rl=dict(batch_size=128, minibatch_size=32, micro_batch_size=64, max_iters=40, learning_rate=2e-5,
+                eval_interval=1000), dpo=dict(batch_size=64, max_iters=170, learning_rate=5e-5),
+        bon_prompts=256, bon_pool=256),
+    "tiny": dict(
+        imdb_dir="", sft=dict(n_layer=1, n_head=2, n_embd=32, block_size=48, batch_size=8, max_iters=10,
+                               learning_rate=3e-3, warmup_iters=2, eval_interval=10, eval_iters=2),
+        sft_ckpt=SFT_CPU_PATH, n_train_prompts=512, n_eval_prompts=64, max_new_tokens=12, jobs=2, seeds=[1],
+        reward=dict(learning_rate=1e-3),
+        methods=dict(ppo=[0.05], ppo_gt=[0.05], dpo=[0.1], rloo=[0.05], grpo=[0.04]),
+        rl=dict(batch_size=32, minibatch_size=16, micro_batch_size=32, max_iters=10, learning_rate=5e-4,
+                warmup_iters=0, eval_interval=1000), dpo=dict(batch_size=32, max_iters=16, learning_rate=5e-4,
+                                                              warmup_iters=0),
+        bon_prompts=8, bon_pool=16),
+}
+METHODS = ("ppo", "ppo_gt", "dpo", "rloo", "grpo")
+BON_NS = (1, 2, 4, 8, 16, 32, 64)
+
+
+@dataclass
+class PipelineConfig(RunConfig):
+    out_dir: str = opt("out/imdb", "run folder of the whole benchmark; each sub-run gets a folder inside it")
+    preset: str = opt("cpu", "cpu (the main job: ~7 min on 2 cores, committed sample), gpu (the full sweep, "
+                             "one H100, ~10 min) or tiny (about a minute, for the tests)")
+    imdb_dir: str = opt("", "folder with IMDb {train,test,unsup}.jsonl.gz (default: the preset's; cpu: the "
+                            "committed sample)")
+    jobs: int = opt(0, "sub-runs at once (0: the preset's; several share one GPU well)", min=0)
+    methods: str = opt("", "comma-separated subset of ppo,ppo_gt,dpo,rloo,grpo (default: all)")
+    sft: str = opt("", "the SFT model: train (train it in this run), a policy checkpoint to start from, or '' (the "
+                       "preset's: cpu and tiny start from the committed assets/sft-imdb-cpu.pt, gpu trains)")
+
+
+# -----------------------------------------------------------------------------
+# reuse only what the same inputs made
+
+class Stopped(Exception):
+    """Ctrl-C or SIGTERM: the pipeline stops between sub-runs or policies and exits with status 130."""
+
+
+_sha = {}
+
+
+def fingerprint(path):
+    """size and sha256 of a file (memoised by path, size and mtime)."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _sha:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        _sha[key] = digest.hexdigest()
+    return dict(size=st.st_size, sha256=_sha[key])
+
+
+def first_difference(old, new):
+    """The first key whose value differs between two flat dicts, as 'key: old -> new'; None if they are equal."""
+    for k in list(new) + [k for k in old if k not in new]:
+        if old.get(k, "(missing)") != new.get(k, "(missing)"):
+            return f"{k}: {old.get(k, '(missing)')} -> {new.get(k, '(missing)')}"
+    return None
+
+
+def stale(what, old, new, overwrite):
+    """None if `old` (what is on disk) equals `new` (what this command would make); else the reason to re-make it:
+    nothing stored (old is None), or, with --overwrite, the first differing key. Without --overwrite a difference is
+    a one-line ConfigError naming `what` and that key."""
+    if old is None:
+        return "nothing stored"
+    diff = first_difference(old, new)
+    if diff is not None and not overwrite:
+        raise ConfigError(f"{what} was made by other arguments ({diff}); use another --out_dir, or --overwrite to "
+                          f"re-make it")
+    return diff
+
+
+IGNORED = ("out_dir", "resume", "overwrite")  # keys that do not change what a sub-run computes
+
+
+def sub_run_plan(stage, out_dir, args, overwrite):
+    """What to do with the sub-run `train.py STAGE ARGS --out_dir=OUT_DIR`: 'done' (its summary.json exists and it
+    was made by this config from these inputs), 'resume' (the same, killed after a checkpoint), 'fresh', or
+    'overwrite' (a stale run, with --overwrite). Its config is parsed as train.py would, and compared with its
+    config.json, ignoring IGNORED; its input files with inputs.json. Returns (plan, inputs)."""
+    module, cls_name = STAGES[stage][:2]
+    cfg = parse_config(getattr(importlib.import_module(module), cls_name), [*args, f"--out_dir={out_dir}"])
+    new = json.loads(json.dumps(dict(stage=stage, **dataclasses.asdict(cfg)), default=str))
+    new = {k: v for k, v in new.items() if k not in IGNORED}
+    inputs = inputs_of(args)
+    stored = {f: read_json(os.path.join(out_dir, f)) if os.path.exists(os.path.join(out_dir, f)) else None
+              for f in ("config.json", "inputs.json")}
+    done = os.path.exists(os.path.join(out_dir, "summary.json"))
+    if stored["config.json"] is None and not done:
+        return "fresh", inputs  # never started, or killed before it wrote its config
+    old = stored["config.json"] and {k: v for k, v in stored["config.json"].items() if k not in IGNORED}
+    if stale(out_dir, old, new, overwrite) or \
+            stale(f"{out_dir} (its input files)", stored["inputs.json"], inputs, overwrite):
+        return "overwrite", inputs
+    if done:
+        return "done", inputs
+    return ("resume" if os.path.exists(os.path.join(out_dir, "ckpt.pt")) else "fresh"), inputs
+
+
+def inputs_of(args):
+    """{file: size and sha256} of every file named by an argument (--data=a,b names two)."""
+    files = [v for a in args for v in a.partition("=")[2].split(",") if v and os.path.isfile(v)]
+    return {f: fingerprint(f) for f in files}
+
+
+# -----------------------------------------------------------------------------
+# sub-runs: train.py in a child process, a few at a time, stopped cleanly
+
+class Scheduler:
+    """The sub-runs in flight and the signals received. First SIGINT/SIGTERM: one SIGTERM to each running sub-run
+    (it saves a checkpoint and exits), nothing new starts, and the pipeline stops between phases; second: every
+    sub-run's process group is killed and Stopped is raised at once."""
+
+    def __init__(self):
+        self.running, self.signals = [], 0  # running: [(Popen, out_dir)]
+
+    def on_signal(self, signum, frame):
+        self.signals += 1
+        if self.signals == 1:
+            print(f"\n{signal.Signals(signum).name}: stopping; {len(self.running)} running sub-run(s) save a "
+                  f"checkpoint and exit (a second signal kills them)", file=sys.stderr, flush=True)
+            for p, _ in self.running:
+                self.terminate(p)
+            return
+        self.kill_all()
+        raise Stopped
+
+    def terminate(self, p):
+        """One SIGTERM, never a second: a sub-run that is saving after the first must not be interrupted."""
+        if p.poll() is None and not getattr(p, "terminated", False):
+            p.terminated = True
+            p.send_signal(signal.SIGTERM)
+
+    def kill_all(self):
+        for p, _ in self.running:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)  # its own process group (start_new_session): all of it
+                except ProcessLookupError:
+                    pass
+        for p, _ in self.running:
+            p.wait()
+        self.running.clear()
+
+    def check(self):
+        if self.signals:
+            raise Stopped
+
+    def start(self, stage, out_dir, args, plan, inputs, threads):
+        """`python train.py STAGE ARGS` as a child process in its own session, writing out_dir/log.txt."""
+        if plan == "overwrite":
+            shutil.rmtree(out_dir)  # from scratch: no stale checkpoint, summary or metrics survives
+        os.makedirs(out_dir, exist_ok=True)
+        write_json(os.path.join(out_dir, "inputs.json"), inputs)
+        extra = {"resume": ["--resume"], "overwrite": ["--overwrite"]}.get(plan, [])
+        cmd = [sys.executable, os.path.join(ROOT, "train.py"), stage, *args, f"--out_dir={out_dir}", *extra]
+        with open(os.path.join(out_dir, "log.txt"), "a") as log:
+            log.write(" ".join(cmd) + "\n")
+            log.flush()
+            env = dict(os.environ, TQDM_DISABLE="1", **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+            p = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                 start_new_session=True)
+        self.running.append((p, out_dir))
+
+    def run_all(self, jobs, desc, max_jobs, overwrite, cpu=False):
+        """Run [(stage, out_dir, args)] at most max_jobs at a time, with a progress bar. Every job's folder is
+        checked before any starts; a failure stops the others (one SIGTERM each) and raises TrainingError. On the
+        CPU (cpu=True) the cores are shared out: each sub-run gets cores // max_jobs threads."""
+        self.check()
+        threads = max(1, (os.cpu_count() or 1) // max_jobs) if cpu else 0
+        plans = [(job, *sub_run_plan(*job, overwrite)) for job in jobs]
+        pending = [(job, plan, inputs) for job, plan, inputs in plans if plan != "done"]
+        failed = None
+        try:
+            with tqdm(total=len(jobs), initial=len(jobs) - len(pending), desc=desc, dynamic_ncols=True) as bar:
+                while pending or self.running:
+                    while pending and len(self.running) < max_jobs and not self.signals and not failed:
+                        (stage, out_dir, args), plan, inputs = pending.pop(0)
+                        self.start(stage, out_dir, args, plan, inputs, threads)
+                    for p, out_dir in list(self.running):
+                        if p.poll() is None:
+                            continue
+                        self.running.remove((p, out_dir))
+                        bar.update(1)
+                        if p.returncode != 0 and not self.signals and not failed:
+                            failed = out_dir
+                            for q, _ in self.running:
+                                self.terminate(q)
+                    if (self.signals or failed) and not self.running:
+                        break
+                    time.sleep(0.1)
+        finally:
+            self.kill_all()  # anything still running here is an error's orphan: none may outlive the pipeline
+        self.check()
+        if failed:
+            with open(os.path.join(failed, "log.txt")) as f:
+                tail = f.read().strip().splitlines()[-1:] or ["(no output)"]
+            raise TrainingError(f"{failed}: sub-run failed ({tail[0][:200]}); see its log.txt")
+
+
+# -----------------------------------------------------------------------------
+# evaluation: every policy on held-out prefixes, and best-of-N from the SFT policy
+
+def bon_probs(select, n):
+    """P(best-of-n picks sample j) for a pool of M samples per prompt: n draws from the pool with replacement, the
+    one with the highest `select` score kept, ties broken uniformly. select: (P, M) -> (P, M).
+
+    The samples scoring at most s win with probability (#{select <= s} / M)^n, so a block of tied samples wins with
+    (hi/M)^n - (lo/M)^n (lo, hi: the samples below it and up to it) and shares that evenly. Distinct scores give the
+    textbook (i/M)^n - ((i-1)/M)^n for the sample of rank i; all-equal scores give 1/M each."""
+    M = select.size(1)
+    ordered = select.sort(dim=1).values
+    lo = torch.searchsorted(ordered, select.contiguous(), right=False).double()  # (P, M) samples strictly below
+    hi = torch.searchsorted(ordered, select.contiguous(), right=True).double()  # (P, M) samples at or below
+    return ((hi / M) ** n - (lo / M) ** n) / (hi - lo)
+
+
+def bon_curve(select, gold, proxy, ns):
+    """Best-of-N from a pool of M samples per prompt, for each N in ns, as exact expectations over the pool.
+    select, gold, proxy: (P, M). Returns per N: the expected gold and proxy rewards; kl, the KL of the best-of-N
+    selection from the pool's uniform distribution, sum_j p_j log(M p_j) averaged over prompts (0 when every
+    sample scores the same); and kl_bound, log N - (N-1)/N, which bounds the KL of best-of-N from any reference
+    distribution (Beirami et al. 2024, arXiv:2401.01879) and is what a pool of distinct scores approaches as M grows."""
+    M = select.size(1)
+    out = []
+    for n in ns:
+        p = bon_probs(select, n)  # (P, M)
+        kl = (p * torch.log(M * p).clamp(min=-1e9)).sum(1).mean()  # p > 0 for every sample, so no 0 log 0
+        out.append(dict(n=n, gold=float((gold.double() * p).sum(1).mean()),
+                        proxy=float((proxy.double() * p).sum(1).mean()), kl=float(kl),
+                        kl_bound=math.log(n) - (n - 1) / n))
+    return out
+
+
+def evaluate_all(policies, ref_path, eval_prompts, proxy_path, cfg, max_new_tokens, out_dir, scheduler):
+    """Every policy on the held-out prefixes at TEMPERATURE: gold reward, proxy reward, KL(pi || pi_ref) as the
+    mean over samples of the sum over tokens of log pi - log pi_ref. Samples go to out_dir/samples/NAME.jsonl.
+    Stops between policies after a signal."""
+    from ppo import evaluate_policy
+    from reward import load_reward_model, score_texts
+    device, ctx = setup_device(cfg)
+    ref, _ = load_policy(ref_path, device)
+    proxy = load_reward_model(proxy_path, device)
+    gold = lambda p, r: torch.tensor(gold_reward(p, r))
+    os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
+    results = {}
+    for name, path in tqdm(policies.items(), desc="evaluate", dynamic_ncols=True):
+        scheduler.check()
+        policy = ref if path == ref_path else load_policy(path, device)[0]
+        with ctx:
+            ev = evaluate_policy(policy, ref, eval_prompts, gold, device, ctx, max_new_tokens, batch_size=256,
+                                 temperature=TEMPERATURE, seed=cfg.seed)
+            prox = score_texts(proxy, [s["prompt"] for s in ev["samples"]], [s["response"] for s in ev["samples"]],
+                               device)
+        with open(os.path.join(out_dir, "samples", f"{name}.jsonl"), "w") as f:
+            for s, pr in zip(ev["samples"], prox):
+                f.write(json.dumps(dict(prefix=s["prompt"], response=s["response"], gold=s["score"], proxy=pr,
+                                        kl=s["kl"])) + "\n")
+        results[name] = dict(gold=ev["score"], proxy=sum(prox) / len(prox), kl=ev["kl"], length=ev["length"])
+    return results
+
+
+def best_of_n(sft_path, proxy_path, prompts, pool, cfg, max_new_tokens):
+    """Pool `pool` SFT samples per prompt, score them with both rewards, and read off best-of-N (N <= pool)
+    selected by the proxy and by the gold reward."""
+    from reward import load_reward_model, score_texts
+    todo, responses = sft_samples(sft_path, prompts, pool, cfg, max_new_tokens, cfg.seed + 7, TEMPERATURE,
+                                  "best-of-n pool")
+    device, ctx = setup_device(cfg)
+    proxy = load_reward_model(proxy_path, device)
+    gold = torch.tensor(gold_reward(todo, responses)).view(len(prompts), pool)
+    with ctx:
+        prox = torch.tensor(score_texts(proxy, todo, responses, device)).view(len(prompts), pool)
+    ns = [n for n in BON_NS if n <= pool]
+    return dict(proxy=bon_curve(prox, gold, prox, ns), gold=bon_curve(gold, gold, prox, ns))
+
+
+# -----------------------------------------------------------------------------
+# the pipeline
+
+def pipeline(cfg):
+    preset = PRESETS.get(cfg.preset)
+    if preset is None:
+        raise ConfigError(f"--preset={cfg.preset}: expected one of {', '.join(PRESETS)}")
+    methods = cfg.methods.split(",") if cfg.methods else list(preset["methods"])
+    for m in methods:
+        if m not in METHODS:
+            raise ConfigError(f"--methods: unknown method {m!r}; expected some of {', '.join(METHODS)}")
+    imdb_dir = cfg.imdb_dir or preset["imdb_dir"]
+    files = imdb_files(imdb_dir) if imdb_dir else \
+        {s: os.path.join(ROOT, "assets", f"imdb-{s}-sample.jsonl.gz") for s in SPLITS}
+    sft = cfg.sft or preset.get("sft_ckpt", "train")
+    if sft == SFT_CPU_PATH:
+        check_sha256(sft, SFT_CPU_SHA256, "the committed SFT model")
+    run = Run(cfg, "pipeline")
+    scheduler = Scheduler()
+    handlers = {sig: signal.signal(sig, scheduler.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return stages(cfg, run, scheduler, preset, methods, files, sft)
+    except Stopped:
+        print(f"stopped; run the same command again to continue where it stopped", file=sys.stderr)
+        return 130
+    finally:
+        scheduler.kill_all()
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
+
+
+def stages(cfg, run, scheduler, preset, methods, files, sft):
+    out, t0, timings = run.dir, time.time(), {}
+    jobs, overwrite = cfg.jobs or preset["jobs"], cfg.overwrite
+    on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    dev = [f"--device={cfg.device}", f"--dtype={cfg.dtype}"]
+    phase = lambda name: timings.__setitem__(name, round(time.time() - t0 - sum(timings.values()), 1))
+
+    # 1. SFT: a tiny GPT trained on the review text (train + unsup), here or ahead of time (the committed model)
+    if sft == "train":
+        sft_dir = os.path.join(out, "sft")
+        scheduler.run_all([("sft", sft_dir, [f"--data={files['train']},{files['unsup']}", f"--seed={cfg.seed}", *dev,
+                                             *(f"--{k}={v}" for k, v in preset["sft"].items())])],
+                          "1/6 sft", 1, overwrite)
+        sft_ckpt = os.path.join(sft_dir, "ckpt.pt")
+    else:
+        sft_ckpt = os.path.abspath(sft)
+        print(f"1/6 sft: starting from {sft}")
+    block_size = load_checkpoint(sft_ckpt, "policy")["model_args"]["block_size"]  # a bad --sft fails here, in one line
+    phase("sft")
+
+    # 2. prompts: 2-8 token prefixes of train reviews for training, of test reviews for evaluation only
+    made_by = dict(preset=cfg.preset, seed=cfg.seed, n_train=preset["n_train_prompts"],
+                   n_eval=preset["n_eval_prompts"], **{s: fingerprint(files[s]) for s in ("train", "test")})
+    meta = os.path.join(out, "prompts.json")
+    paths = [os.path.join(out, f"prompts_{s}.jsonl") for s in ("train", "eval")]
+    if stale(meta, read_json(meta) if os.path.exists(meta) else None, made_by, overwrite) or \
+            not all(map(os.path.exists, paths)):
+        shuffle = lambda rows, s: [rows[i] for i in torch.randperm(len(rows),
+                                                                   generator=torch.Generator().manual_seed(s))]
+        write_prompts(shuffle(load_imdb(files["train"]), cfg.seed), paths[0], preset["n_train_prompts"], cfg.seed)
+        write_prompts(shuffle(load_imdb(files["test"]), cfg.seed + 1), paths[1], preset["n_eval_prompts"],
+                      cfg.seed + 1)
+        write_json(meta, made_by)
+    train_prompts, eval_prompts = ([row["prompt"] for _, row in read_jsonl(p)] for p in paths)
+
+    # 3. preferences: pairs of SFT samples labelled by a simulated (Bradley-Terry) human with the gold reward
+    prefs, meta = os.path.join(out, "preferences.jsonl"), os.path.join(out, "preferences.json")
+    made_by = dict(preset=cfg.preset, seed=cfg.seed, sft=sft_ckpt, sft_file=fingerprint(sft_ckpt),
+                   prompts=fingerprint(paths[0]), max_new_tokens=preset["max_new_tokens"], temperature=TEMPERATURE)
+    stored = read_json(meta) if os.path.exists(meta) else None
+    if stale(meta, stored and stored["made_by"], made_by, overwrite) or not os.path.exists(prefs):
+        scheduler.check()
+        agreement = simulate_preferences(sft_ckpt, train_prompts, cfg, preset["max_new_tokens"], TEMPERATURE, prefs)
+        write_json(meta, dict(made_by=made_by, agreement=agreement))
+    agreement = read_json(meta)["agreement"]
+    phase("preferences")
+
+    # 4. the proxy reward model, from the SFT trunk, normalised on SFT samples at the policies' temperature
+    rm_dir = os.path.join(out, "reward")
+    scheduler.run_all([("reward", rm_dir, [f"--data={prefs}", f"--init_from={sft_ckpt}", f"--policy={sft_ckpt}",
+                                           f"--max_new_tokens={preset['max_new_tokens']}",
+                                           f"--temperature={TEMPERATURE}", f"--block_size={block_size}",
+                                           f"--seed={cfg.seed}", *dev,
+                                           *(f"--{k}={v}" for k, v in preset["reward"].items())])],
+                      "2/6 reward model", 1, overwrite)
+    proxy = os.path.join(rm_dir, "ckpt.pt")
+    rm_acc = read_json(os.path.join(rm_dir, "summary.json")).get("eval/accuracy")
+    phase("reward")
+
+    # 5. every method at every KL strength and seed, several sub-runs at once. Continuations are cut at
+    # max_new_tokens by design (as in the DPO paper): no no-EOS rule for RL, no appended EOS for DPO
+    rl = [f"--init_from={sft_ckpt}", f"--prompts={paths[0]}", "--no_eos_rule=keep", f"--temperature={TEMPERATURE}",
+          f"--max_new_tokens={preset['max_new_tokens']}", *dev, *(f"--{k}={v}" for k, v in preset["rl"].items())]
+    dpo = [f"--init_from={sft_ckpt}", f"--data={prefs}", "--append_eos=false", *dev,
+           *(f"--{k}={v}" for k, v in preset["dpo"].items())]
+    stage_args = dict(ppo=("ppo", rl + [f"--reward={proxy}"], "kl_coef"),
+                      ppo_gt=("ppo", rl + ["--reward=imdb.py:gold_reward"], "kl_coef"),
+                      rloo=("rloo", rl + [f"--reward={proxy}"], "kl_coef"),
+                      grpo=("grpo", rl + [f"--reward={proxy}"], "kl_coef"), dpo=("dpo", dpo, "beta"))
+    todo, policies = [], {"sft": sft_ckpt}
+    for m in methods:
+        stage, args, beta_key = stage_args[m]
+        for beta in preset["methods"][m]:
+            for seed in preset["seeds"]:
+                name = f"{m}_beta{beta}_seed{seed}"
+                todo.append((stage, os.path.join(out, "runs", name), args + [f"--{beta_key}={beta}", f"--seed={seed}"]))
+                policies[name] = os.path.join(out, "runs", name, "ckpt.pt")
+    scheduler.run_all(todo, "3/6 methods", jobs, overwrite, cpu=on_cpu)
+    phase("methods")
+
+    # 6. evaluation on held-out prefixes, and best-of-N from the SFT policy
+    results = evaluate_all(policies, sft_ckpt, eval_prompts, proxy, cfg, preset["max_new_tokens"], out, scheduler)
+    phase("evaluate")
+    scheduler.check()
+    bon = best_of_n(sft_ckpt, proxy, eval_prompts[:preset["bon_prompts"]], preset["bon_pool"], cfg,
+                    preset["max_new_tokens"])
+    phase("best_of_n")
+    report = dict(preset=cfg.preset, device=cfg.device, preference_agreement=agreement, reward_accuracy=rm_acc,
+                  timings_s=timings, policies=results, best_of_n=bon)
+    write_json(os.path.join(out, "results.json"), report)
+    write_report(report, out)
+    phase("report")
+    print(open(os.path.join(out, "results.md")).read())
+    run.summary(**{"sft/gold": results["sft"]["gold"], "reward/accuracy": rm_acc, "preference_agreement": agreement,
+                   **{f"{n}/gold": r["gold"] for n, r in results.items()},
+                   **{f"{n}/kl": r["kl"] for n, r in results.items()}, "seconds": time.time() - t0})
+    return 0
+
+
+# -----------------------------------------------------------------------------
+# the report, and stage `plot` for any run folder
+
+def method_of(name):
+    return name.split("_beta")[0]
+
+
+def write_report(report, out):
+    """results.md (a table per policy, and best-of-N), frontier.png (gold reward against KL), overoptimisation.png
+    (proxy and gold reward against KL)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    res, bon = report["policies"], report["best_of_n"]
+    lines = [f"IMDb controlled sentiment, preset {report['preset']} on {report['device']}: preference labels agree "
+             f"with the gold reward on {report['preference_agreement']:.1%} of pairs; proxy reward model eval "
+             f"accuracy {report['reward_accuracy']:.1%}.", "",
+             "| policy | gold reward | proxy reward | KL(pi‖ref) nats | response tokens |", "|---|---|---|---|---|"]
+    for name, r in sorted(res.items(), key=lambda kv: (method_of(kv[0]), kv[0])):
+        lines.append(f"| {name} | {r['gold']:.3f} | {r['proxy']:+.3f} | {r['kl']:.2f} | {r['length']:.1f} |")
+    lines += ["", "Best-of-N from a pool of SFT samples per prompt. KL: of the best-of-N selection from the pool, "
+              "computed from the scores (ties share their probability); bound: log N - (N-1)/N (Beirami et al. 2024).",
+              "", "| best-of-N | N | gold reward | proxy reward | KL from the pool | bound |", "|---|---|---|---|---|---|"]
+    for sel in ("proxy", "gold"):
+        for r in bon[sel]:
+            lines.append(f"| by {sel} | {r['n']} | {r['gold']:.3f} | {r['proxy']:+.3f} | {r['kl']:.3f} | "
+                         f"{r['kl_bound']:.3f} |")
+    lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in report["timings_s"].items())]
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    colors = dict(ppo="C0", ppo_gt="C1", dpo="C2", rloo="C3", grpo="C4", sft="k")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key in zip(axes, ("gold", "proxy")):
+        for m in sorted({method_of(n) for n in res}):
+            pts = sorted((r["kl"], r[key]) for n, r in res.items() if method_of(n) == m)
+            ax.plot(*zip(*pts), "o", color=colors.get(m, "C5"), label=m, alpha=0.8)
+        for sel, style in (("proxy", "--"), ("gold", ":")):
+            ax.plot([r["kl"] for r in bon[sel]], [r[key] for r in bon[sel]], style, color="C7",
+                    label=f"best-of-N by {sel}")
+        ax.set_xlabel("KL(π ‖ π_ref), nats per response")
+        ax.set_ylabel(f"{key} reward" + (" (P(positive))" if key == "gold" else " (normalised)"))
+        ax.set_title(f"{key} reward vs KL")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "frontier.png"), dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4.5))  # over-optimisation: proxy keeps rising while gold stalls
+    for m in sorted({method_of(n) for n in res} - {"sft"}):
+        pts = sorted((r["kl"], r["proxy"], r["gold"]) for n, r in res.items() if method_of(n) == m)
+        kl, pr, go = zip(*pts)
+        ax.plot(kl, pr, "--o", color=colors.get(m, "C5"), alpha=0.6, label=f"{m} proxy")
+        ax.plot(kl, [2 * g - 1 for g in go], "-s", color=colors.get(m, "C5"), label=f"{m} gold (2p-1)")
+    ax.set_xlabel("KL(π ‖ π_ref), nats")
+    ax.set_ylabel("reward")
+    ax.set_title("proxy vs gold reward as KL grows")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "overoptimisation.png"), dpi=120)
+    plt.close(fig)
+
+
+@dataclass
+class PlotConfig:
+    run: str = opt("out/imdb/sft", "run folder whose metrics.jsonl to plot")
+    keys: str = opt("", "comma-separated metrics to plot (default: every numeric one)")
+    out: str = opt("", "PNG to write (default: RUN/metrics.png)")
+
+
+def plot(cfg):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    path = os.path.join(cfg.run, "metrics.jsonl")
+    rows = [obj for _, obj in read_jsonl(path)]
+    keys = cfg.keys.split(",") if cfg.keys else sorted({k for r in rows for k, v in r.items()
+                                                        if k != "step" and isinstance(v, (int, float))})
+    missing = [k for k in keys if not any(k in r for r in rows)]
+    if missing:
+        raise ConfigError(f"--keys: {', '.join(missing)} not in {path}")
+    cols = min(3, len(keys))
+    rows_of_axes = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(rows_of_axes, cols, figsize=(5 * cols, 3.2 * rows_of_axes), squeeze=False)
+    for ax, k in zip(axes.flat, keys):
+        pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))]
+        ax.plot(*zip(*pts), ".-")
+        ax.set_title(k)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    out = cfg.out or os.path.join(cfg.run, "metrics.png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    print(f"wrote {out}")
+    return 0

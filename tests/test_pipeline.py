@@ -1,0 +1,216 @@
+"""Tests of pipeline.py: best-of-N's probabilities and KL against a brute-force enumeration, the rule that reuses a
+sub-run or refuses it, and the tiny pipeline end to end as a user runs it: it learns (every method raises the gold
+reward), a Ctrl-C stops it cleanly and a re-run finishes it, another seed in the same folder is refused, and
+--overwrite re-makes what is stale."""
+import dataclasses
+import importlib
+import itertools
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import pipeline  # noqa: E402
+from conftest import ROOT, read_json, run_cli  # noqa: E402
+from train import ConfigError  # noqa: E402
+
+
+# -----------------------------------------------------------------------------
+# best-of-N
+
+def brute_force_bon(scores, n):
+    """P(best-of-n picks each sample), by enumerating all M^n draws with replacement; ties split evenly."""
+    M = len(scores)
+    p = [0.0] * M
+    for draw in itertools.product(range(M), repeat=n):
+        best = max(scores[j] for j in draw)
+        winners = sorted({j for j in draw if scores[j] == best})
+        for j in winners:
+            p[j] += 1 / len(winners) / M ** n
+    return p
+
+
+def pool_kl(M, n):
+    """The KL of best-of-n from a pool of M distinct scores: sum_i p_i log(M p_i), p_i = (i/M)^n - ((i-1)/M)^n."""
+    p = [(i / M) ** n - ((i - 1) / M) ** n for i in range(1, M + 1)]
+    return sum(q * math.log(M * q) for q in p)
+
+
+@pytest.mark.parametrize("scores", [[0.3, -1.0, 2.0, 0.5], [1.0, 1.0, 0.0, 2.0], [1.0, 1.0, 1.0, 1.0],
+                                    [0.0, 2.0, 2.0, 2.0, -1.0]])
+def test_bon_probs_match_brute_force_with_and_without_ties(scores):
+    for n in (1, 2, 3):
+        got = pipeline.bon_probs(torch.tensor([scores]), n)[0].tolist()
+        assert got == pytest.approx(brute_force_bon(scores, n), abs=1e-12)
+
+
+def test_bon_kl_is_measured_from_the_scores():
+    M, ns = 16, [1, 2, 4, 8, 16]
+    g = torch.Generator().manual_seed(0)
+    distinct = torch.randn(5, M, generator=g)
+    equal = torch.zeros(5, M)
+    tied = distinct.clone()
+    tied[:, :6] = tied[:, :6].max(1, keepdim=True).values  # ties inside each prompt's pool
+    gold = torch.rand(5, M, generator=g)
+    for r_d, r_e, r_t in zip(*(pipeline.bon_curve(s, gold, s, ns) for s in (distinct, equal, tied))):
+        n = r_d["n"]
+        assert r_e["kl"] == pytest.approx(0.0, abs=1e-12)  # every sample scores the same: best-of-N is the pool
+        assert r_e["gold"] == pytest.approx(gold.double().mean().item())
+        assert r_d["kl"] == pytest.approx(pool_kl(M, n), abs=1e-9)  # distinct scores: the pool formula
+        if n > 1:
+            assert r_t["kl"] < r_d["kl"] - 1e-6  # ties make the selection closer to the pool
+        bound = math.log(n) - (n - 1) / n
+        assert r_d["kl_bound"] == pytest.approx(bound)
+        # Beirami et al. 2024 (arXiv:2401.01879): the bound holds for any discrete reference, this pool included
+        assert r_d["kl"] <= bound + 1e-9 and r_t["kl"] <= bound + 1e-9
+
+
+def test_bon_kl_never_exceeds_the_bound_on_random_tied_pools():
+    g = torch.Generator().manual_seed(1)
+    for M in (2, 3, 5, 8, 32):
+        scores = torch.randint(0, 4, (20, M), generator=g).float()  # many ties
+        for r in pipeline.bon_curve(scores, scores, scores, [1, 2, 4, 8, 16, 64]):
+            assert 0.0 <= r["kl"] + 1e-12 and r["kl"] <= r["kl_bound"] + 1e-9
+
+
+# -----------------------------------------------------------------------------
+# which sub-runs are reused
+
+def fake_sub_run(out_dir, stage, args, summary=True, ckpt=False):
+    """A finished (or killed) sub-run's folder as train.py leaves it, and the inputs.json the pipeline writes."""
+    plan, inputs = pipeline.sub_run_plan(stage, str(out_dir), args, overwrite=False)
+    assert plan == "fresh"
+    module, cls_name = pipeline.STAGES[stage][:2]
+    cfg = pipeline.parse_config(getattr(importlib.import_module(module), cls_name), [*args, f"--out_dir={out_dir}"])
+    os.makedirs(out_dir, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(dict(stage=stage, **dataclasses.asdict(cfg)), default=str))
+    (out_dir / "inputs.json").write_text(json.dumps(inputs))
+    if summary:
+        (out_dir / "summary.json").write_text("{}")
+    if ckpt:
+        (out_dir / "ckpt.pt").write_bytes(b"")
+
+
+def test_sub_run_reused_only_with_the_same_config_and_inputs(tmp_path):
+    prefs = tmp_path / "preferences.jsonl"
+    prefs.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    args = [f"--data={prefs}", "--beta=0.1", "--seed=1", "--max_iters=3"]
+    run = tmp_path / "runs" / "dpo"
+    fake_sub_run(run, "dpo", args)
+    assert pipeline.sub_run_plan("dpo", str(run), args, False)[0] == "done"
+    # another seed: refused in one line naming the folder and the key, or re-made with --overwrite
+    with pytest.raises(ConfigError, match=rf"{run} was made by other arguments \(seed: 1 -> 2\).*--overwrite"):
+        pipeline.sub_run_plan("dpo", str(run), args[:2] + ["--seed=2", "--max_iters=3"], False)
+    assert pipeline.sub_run_plan("dpo", str(run), args[:2] + ["--seed=2", "--max_iters=3"], True)[0] == "overwrite"
+    # the same arguments, but the file they name has other bytes: stale too
+    prefs.write_text('{"prompt": "a", "chosen": "c", "rejected": "b"}\n')
+    with pytest.raises(ConfigError, match=r"\(its input files\).*sha256"):
+        pipeline.sub_run_plan("dpo", str(run), args, False)
+    # killed after a checkpoint: resumed; killed before one: started again
+    killed = tmp_path / "runs" / "killed"
+    fake_sub_run(killed, "dpo", args, summary=False, ckpt=True)
+    assert pipeline.sub_run_plan("dpo", str(killed), args, False)[0] == "resume"
+    os.remove(killed / "ckpt.pt")
+    assert pipeline.sub_run_plan("dpo", str(killed), args, False)[0] == "fresh"
+
+
+# -----------------------------------------------------------------------------
+# end to end
+
+def sub_runs_alive(folder):
+    """Processes whose command line names `folder` (the pipeline's sub-runs all do)."""
+    alive = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        if str(folder) in cmd and int(pid) != os.getpid():
+            alive.append(cmd.replace("\0", " "))
+    return alive
+
+
+def start_pipeline(*args):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    # its own session, as a terminal's foreground job is: killpg below is the terminal's Ctrl-C
+    return subprocess.Popen([sys.executable, "train.py", "pipeline", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def wait_for(path_fn, p, timeout=120):
+    t0 = time.time()
+    while not path_fn() and p.poll() is None and time.time() - t0 < timeout:
+        time.sleep(0.05)
+    assert p.poll() is None, f"the pipeline ended before the moment to stop it:\n{p.communicate()[1][-2000:]}"
+
+
+def test_tiny_pipeline_learns_stops_cleanly_and_never_mixes_runs(tmp_path):
+    out = tmp_path / "imdb"
+    runs = out / "runs"
+    # 1. Ctrl-C (to the whole process group, as a terminal sends it) while the methods train: one line, exit 130,
+    # no sub-run left behind
+    p = start_pipeline("--preset=tiny", f"--out_dir={out}")
+    wait_for(lambda: runs.exists() and any((d / "log.txt").exists() for d in runs.iterdir()), p)
+    time.sleep(1.0)
+    os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-2000:]
+    assert "run the same command again" in err.strip().splitlines()[-1]
+    assert sub_runs_alive(tmp_path) == []
+    # a second run, stopped twice: the sub-runs are killed at once, still exit 130, still no orphans
+    p = start_pipeline("--preset=tiny", f"--out_dir={out}")
+    wait_for(lambda: sub_runs_alive(runs), p)
+    p.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err[-2000:]
+    assert sub_runs_alive(tmp_path) == []
+
+    # 2. the same command again finishes the job, and every method raised the gold reward above the SFT model's
+    # (margins seen on seeds 1337, 1 and 2: see the README's test notes)
+    run_cli("pipeline", "--preset=tiny", f"--out_dir={out}", timeout=600)
+    report = read_json(out / "results.json")
+    res = report["policies"]
+    assert {name.split("_beta")[0] for name in res} == {"sft", *pipeline.METHODS}
+    assert res["sft"]["kl"] == 0.0
+    for name, r in res.items():
+        if name != "sft":
+            assert r["gold"] > res["sft"]["gold"] + 0.03, (name, r, res["sft"])
+            assert 0 < r["kl"] < 20, (name, r)
+    assert [r["n"] for r in report["best_of_n"]["gold"]] == [1, 2, 4, 8, 16]  # N <= the pool of 16
+    for png in ("frontier.png", "overoptimisation.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # 3. again: every sub-run reused, the same numbers
+    run_cli("pipeline", "--preset=tiny", f"--out_dir={out}", timeout=600)
+    assert read_json(out / "results.json")["policies"] == res
+
+    # 4. another seed into the same folder: refused in one line, nothing changed
+    p = run_cli("pipeline", "--preset=tiny", f"--out_dir={out}", "--seed=7", "--methods=dpo", check=False)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "--overwrite" in p.stderr, p.stderr
+    assert read_json(out / "results.json")["policies"] == res
+    # with --overwrite: the stale prompts, preferences, reward model and DPO run are made again, with new numbers
+    run_cli("pipeline", "--preset=tiny", f"--out_dir={out}", "--seed=7", "--methods=dpo", "--overwrite",
+            timeout=600)
+    new = read_json(out / "results.json")["policies"]
+    assert set(new) == {"sft", "dpo_beta0.1_seed1"}
+    assert new["sft"] != res["sft"] and new["dpo_beta0.1_seed1"] != res["dpo_beta0.1_seed1"]
+    assert read_json(out / "prompts.json")["seed"] == 7 and read_json(out / "reward" / "config.json")["seed"] == 7
+
+
+def test_plot_stage_draws_a_png_and_names_a_missing_key(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(dict(step=s, loss=1.0 / s, kl=0.1 * s)) + "\n"
+                                                    for s in range(1, 6)))
+    run_cli("plot", f"--run={tmp_path}")
+    assert (tmp_path / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    p = run_cli("plot", f"--run={tmp_path}", "--keys=loss,nope", check=False)
+    assert p.returncode == 2 and "nope" in p.stderr and len(p.stderr.strip().splitlines()) == 1
