@@ -186,6 +186,7 @@ class GPT(nn.Module):
         Returns (tokens, mask), both (B, max_new_tokens): the sampled ids, and 1 on every sampled token up to and
         including the first EOS. After its EOS a row emits pad_id (its mask is 0). temperature 0 is greedy.
         Sampling draws from `generator` only, so a seeded generator gives the same samples on the same device."""
+        check_top_p(top_p)
         B, P = prompt.shape
         assert P + max_new_tokens <= self.config.block_size, "prompt + max_new_tokens exceeds block_size"
         dev = prompt.device
@@ -205,26 +206,49 @@ class GPT(nn.Module):
         return out, response_mask(out, eos_id, pad_id)
 
 
+def check_top_p(top_p):
+    """top_p must be in (0, 1]: 0 would keep no token at all, and above 1 means nothing."""
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def sampling_cdf(logits, temperature=1.0, top_k=0, top_p=1.0):
+    """The unnormalised cumulative distribution (B, V), float64, that sample_token inverts: token i is drawn when
+    u ~ U[0, cdf[:, -1]) falls in [cdf[:, i-1], cdf[:, i]), so its chance is its step over the total.
+
+    Float64 throughout, because float32 is not enough for a 50,257-token softmax: near a cumulative sum of 1 its
+    resolution is 6e-8, so a token of probability 1e-8 after a large one has a step of 0 (about 20k of GPT-2's
+    tokens could never be drawn, a total variation of 3-5e-4 from the softmax per token). In float64 each token's
+    chance is its softmax probability to within about 1e-16 (half a unit in the last place of the running sum), and
+    at most about 1e-11 in total variation. top_k 0 and top_p 1 switch those filters off."""
+    x = logits.to(torch.float64, copy=True)  # (B, V); copy: edited in place below
+    if top_k and top_k < x.size(-1):
+        kth = torch.topk(x, top_k, dim=-1).values[:, -1:]
+        x.masked_fill_(x < kth, float("-inf"))  # ties with the k-th largest are all kept
+    x.sub_(x.amax(-1, keepdim=True))  # the largest weight is exp(0) = 1: no overflow, whatever the logits
+    if temperature != 1.0:
+        x.div_(temperature)
+    if top_p < 1.0:  # nucleus (Holtzman et al. 2019): keep the smallest set of tokens whose probability reaches top_p
+        sorted_x, order = torch.sort(x, dim=-1, descending=True)
+        p = sorted_x.softmax(-1)
+        drop_sorted = (p.cumsum(-1) - p) >= top_p  # the mass before this token already reaches top_p
+        x.masked_fill_(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    return x.exp_().cumsum_(-1)
+
+
 def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
-    """One token per row from logits (B, V). top_k 0 and top_p 1 switch those filters off."""
+    """One token per row from logits (B, V), drawn from softmax(logits / temperature) after the top-k and top-p
+    filters (top_k 0 and top_p 1 switch them off; temperature 0 is greedy)."""
+    check_top_p(top_p)
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:  # nucleus: keep the smallest set of tokens whose probability reaches top_p
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p  # mass before this token already reaches top_p
-        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-    # inverse CDF: the first token whose cumulative probability exceeds u ~ U(0, total) is an exact categorical draw.
-    # One uniform per row and no host sync: on a CPU, drawing a noise value per vocabulary entry (Gumbel-max, or
-    # torch.multinomial) costs ten times the rest of the step. u stays strictly below the total, so a token of
-    # probability 0 (cut by top-k/top-p) is never chosen.
-    cdf = logits.softmax(-1).cumsum(-1)
+    # inverse CDF: the first token whose cumulative weight exceeds u ~ U(0, total) is a categorical draw, exact to
+    # float64's precision (see sampling_cdf). One uniform per row and no host sync: on a CPU, drawing a noise value
+    # per vocabulary entry (Gumbel-max, or torch.multinomial) costs ten times the rest of the step. u stays strictly
+    # below the total, so a token of probability 0 (cut by top-k/top-p) is never chosen.
+    cdf = sampling_cdf(logits, temperature, top_k, top_p)  # (B, V) float64
     total = cdf[:, -1:]
-    u = torch.rand(total.shape, generator=generator, device=cdf.device, dtype=cdf.dtype) * total
+    u = torch.rand(total.shape, generator=generator, device=cdf.device, dtype=cdf.dtype) * total  # 2^-53 grid
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, u, right=True).squeeze(1)
 
@@ -240,9 +264,11 @@ def response_logprobs(model, ids, mask, n_response, temperature=1.0, with_entrop
     """Per-token log-probabilities of the last n_response columns of ids (the response), under `model`.
 
     ids, mask: (B, P + R) in the project's layout, R = n_response. Logits are computed only at the R positions
-    that predict response tokens, divided by the sampling temperature (N+ detail: the same T for old, new and
-    reference log-probs). Returns logp (B, R), 0 where mask is 0, and, with_entropy, the entropy (B, R) of each
-    predictive distribution (0 where mask is 0). Every algorithm (SFT, DPO, PPO, RLOO, GRPO, evaluation) uses this."""
+    that predict response tokens, divided by the sampling temperature: the same T for old, new and reference
+    log-probs, as in Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO",
+    https://arxiv.org/abs/2403.17031. Returns logp (B, R), 0 where mask is 0, and, with_entropy, the entropy (B, R)
+    of each predictive distribution (0 where mask is 0). Every algorithm (SFT, DPO, PPO, RLOO, GRPO,
+    evaluation) uses this."""
     h = model.hidden(ids, mask)[:, -n_response - 1:-1]  # (B, R, C): position t predicts token t + 1
     logits = model.logits(h).float() / temperature  # (B, R, V)
     logp_all = F.log_softmax(logits, dim=-1)
@@ -258,7 +284,8 @@ def response_logprobs(model, ids, mask, n_response, temperature=1.0, with_entrop
 class ScalarHead(nn.Module):
     """A linear head that reads one number from a hidden state: the reward model's score or the critic's value.
 
-    Init (N+ details / OpenAI): weight ~ N(0, 1 / sqrt(d + 1)), bias 0."""
+    Init as OpenAI's lm-human-preferences (https://github.com/openai/lm-human-preferences, kept by Huang et al.
+    2024, https://arxiv.org/abs/2403.17031): weight ~ N(0, 1 / sqrt(d + 1)), bias 0."""
 
     def __init__(self, n_embd):
         super().__init__()

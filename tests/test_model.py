@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model import (GPT, GPTConfig, KVCache, N_REAL_TOKENS, ScalarHead, last_real_index, response_logprobs,
-                   response_mask, sample_token)
+                   response_mask, sample_token, sampling_cdf)
 
 
 def tiny(seed=0, **kw):
@@ -99,13 +99,64 @@ def test_sample_token_matches_the_categorical_distribution():
     assert p[2] > 0.6
 
 
-@pytest.mark.parametrize("u", [0.0, 1.0 - 2.0 ** -24])  # the smallest and the largest value torch.rand can return
+@pytest.mark.parametrize("u", [0.0, 1.0 - 2.0 ** -53])  # the smallest and the largest value torch.rand can return
 def test_sample_token_never_draws_a_token_of_probability_zero(monkeypatch, u):
     # tokens 0, 1 and 4, 5 are cut (-inf): a draw at either end of the uniform's range must land on 2 or 3
     logits = torch.tensor([[-math.inf, -math.inf, 0.3, 1e-3, -math.inf, -math.inf]] * 3)
     monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.full(shape, u, dtype=kw.get("dtype")))
     assert set(sample_token(logits).tolist()) <= {2, 3}
     assert set(sample_token(torch.tensor([[0.0, 5.0, -math.inf]]), top_k=1).tolist()) == {1}
+
+
+def skewed_logits():
+    """GPT-2-sized logits (1, 50257): one token of probability ~0.9995 first, then 50,256 tokens of ~1e-8 each.
+    In float32 the CDF steps of the small ones vanish next to 1 (its resolution there is 6e-8)."""
+    logits = torch.rand(1, N_REAL_TOKENS, generator=torch.Generator().manual_seed(0)) * 0.5  # small ones differ
+    logits[0, 0] = math.log(1e8)
+    return logits
+
+
+def test_sample_token_draws_each_token_of_a_skewed_softmax_exactly(monkeypatch):
+    # u put at the middle of a token's exact CDF interval (float64 reference, steps of ~1e-8) must draw that token;
+    # with a float32 CDF and uniform, most of these land on another token
+    logits = skewed_logits()
+    p = logits.double().softmax(-1)[0]
+    cdf = torch.cat([torch.zeros(1, dtype=torch.float64), p.cumsum(0) / p.sum()])
+    want = torch.cat([torch.tensor([0, 1, N_REAL_TOKENS - 1]),
+                      torch.randint(1, N_REAL_TOKENS, (61,), generator=torch.Generator().manual_seed(1))])
+    u = ((cdf[want] + cdf[want + 1]) / 2)[:, None]  # (64, 1)
+    monkeypatch.setattr(torch, "rand", lambda shape, **kw: u.to(kw.get("dtype")))
+    assert sample_token(logits.repeat(len(want), 1)).tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("temperature, top_k", [(1.0, 0), (0.7, 0), (1.0, 40000)])
+def test_sampling_cdf_gives_every_token_its_softmax_probability(temperature, top_k):
+    # each token's chance under the sampler is its CDF step over the total: equal to its softmax probability up to
+    # float64 rounding of the running sum (half a unit in the last place, ~1e-16), and no token of probability
+    # above that is out of reach (in float32 ~20k of these tokens could never be drawn)
+    logits = skewed_logits()
+    cdf = sampling_cdf(logits, temperature, top_k)[0]
+    chance = torch.diff(cdf, prepend=cdf.new_zeros(1)) / cdf[-1]
+    x = logits.double()[0] / temperature
+    if top_k:
+        x = x.masked_fill(x < x.topk(top_k).values[-1], -math.inf)
+    p = x.softmax(-1)
+    assert cdf.dtype == torch.float64
+    assert ((chance - p).abs() <= 1e-12 * p + 2.0 ** -52).all()
+    assert (chance[p > 1e-14] > 0).all() and (chance[p == 0] == 0).all()
+    assert 0.5 * (chance - p).abs().sum() < 1e-11  # total variation
+
+
+def test_top_p_outside_zero_one_is_refused():
+    logits = torch.zeros(2, 5)
+    for bad in (0.0, -0.5, 1.5, math.nan):
+        with pytest.raises(ValueError, match="top_p"):
+            sample_token(logits, top_p=bad)
+    m = tiny(6)
+    ids, mask = left_pad([[1, 2, 3]])
+    with pytest.raises(ValueError, match="top_p"):
+        m.generate(ids, mask, 4, top_p=0.0)
+    assert sample_token(logits, top_p=1.0).shape == (2,)
 
 
 def test_response_logprobs_equals_plain_log_softmax_gather():
