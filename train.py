@@ -10,9 +10,9 @@ live in the file of their algorithm and plug into the same run folder and checkp
 
 Every run writes to --out_dir: config.json, metrics.jsonl (one flat JSON object per log step), summary.json (the
 final metrics, flat) and ckpt.pt (one dict of tensors and plain values: model, optimizer, config, step, RNG
-states and the stage's own state), written atomically. --resume continues a killed run from its ckpt.pt, bit for bit on CPU (with one thread: see
-README). One run at a time holds a run folder (out_dir/.lock); a new run into a folder of another stage or config
-needs --overwrite.
+states and the stage's own state), written atomically. --resume continues a killed run from its ckpt.pt, bit for
+bit on CPU (with one thread: see README). One run at a time holds a run folder (out_dir/.lock); a new run into a
+folder of another stage or config needs --overwrite.
 
 Bad input (data files, keys, values, checkpoints) ends the run with one line `error: ...` and exit status 2.
 """

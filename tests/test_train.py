@@ -1,5 +1,6 @@
 """train.py as a user meets it: the CLI, the run folder, SFT learning, sampling, and the reliability promises
 (atomic checkpoints, exact resume, safe loading, numerical guards, one-line errors)."""
+import dataclasses
 import json
 import os
 import pickle
@@ -32,10 +33,16 @@ SFT_FAST = [*TINY_MODEL, "--batch_size=8", "--learning_rate=3e-3", "--warmup_ite
 
 
 @pytest.fixture(scope="module")
-def sft_run(corpus, tmp_path_factory):
+def sft_cli(corpus, tmp_path_factory):
+    """(run folder, stdout) of a small SFT run, its output redirected as under nohup or CI."""
     out = tmp_path_factory.mktemp("sft")
-    run_cli("sft", f"--data={corpus}", *SFT_FAST, "--max_iters=60", f"--out_dir={out}")
-    return str(out)
+    p = run_cli("sft", f"--data={corpus}", *SFT_FAST, "--max_iters=60", f"--out_dir={out}")
+    return str(out), p.stdout
+
+
+@pytest.fixture(scope="module")
+def sft_run(sft_cli):
+    return sft_cli[0]
 
 
 def test_sft_lowers_the_loss_and_writes_the_run_folder(sft_run):
@@ -139,6 +146,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train.save_checkpoint(path, dict(kind="policy", model={"w": torch.zeros(3)}))
     assert torch.equal(train.load_checkpoint(path)["model"]["w"], torch.ones(3))  # the old one, intact
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # and no half-written temporary file left beside it
 
 
 class Evil:
@@ -194,3 +202,273 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(corpus, tmp_path, 
     assert code == 1 and "step 12: loss is nan" in err
     ckpt = train.load_checkpoint(str(out / "ckpt.pt"))
     assert ckpt["step"] == 10 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the shared API of every stage: optimizer_step, Run.end_step, Run.log, RunConfig / TrainConfig
+
+@pytest.fixture
+def in_process(capsys):
+    """train.main(ARGS) in this process, for errors found before any training (much faster than a subprocess):
+    returns (exit status, stdout, stderr). Restores the signal handlers a Run installs."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def call(*args):
+        code = train.main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+    yield call
+    for s, h in handlers.items():
+        signal.signal(s, h)
+
+
+def one_line_error(code, err):
+    return code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_optimizer_step_schedules_clips_and_steps():
+    cfg = train.parse_config(train.SFTConfig, ["--learning_rate=0.1", "--warmup_iters=4", "--grad_clip=1.0"])
+    model = torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD([dict(params=[model.weight]), dict(params=[model.bias])], lr=123.0)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 2.0)  # norm sqrt(8 * 4) = 5.66, clipped to 1
+    lr, norm = train.optimizer_step(model, opt, cfg, step=1)
+    assert lr == train.lr_at(1, cfg) == pytest.approx(0.1 * 2 / 5)
+    assert all(g["lr"] == lr for g in opt.param_groups)
+    assert norm == pytest.approx(8 ** 0.5 * 2)  # the norm before clipping, as logged
+    step = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())])
+    assert step.norm().item() == pytest.approx(lr * 1.0, rel=1e-5)  # SGD step of the clipped gradient
+    assert all(p.grad is None for p in model.parameters())
+    cfg.grad_clip = 0.0  # off
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 2.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    lr, _ = train.optimizer_step(model, opt, cfg, step=1)
+    step = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())])
+    assert step.norm().item() == pytest.approx(lr * 8 ** 0.5 * 2, rel=1e-5)
+    model.weight.grad = torch.full_like(model.weight, float("nan"))
+    with pytest.raises(train.TrainingError, match="step 7: grad_norm is nan"):
+        train.optimizer_step(model, opt, cfg, step=7)
+
+
+def test_config_split_training_keys_only_in_training_stages():
+    run_keys = {f.name for f in dataclasses.fields(train.RunConfig)}
+    assert run_keys == {"out_dir", "device", "dtype", "seed", "overwrite"}
+    train_keys = {f.name for f in dataclasses.fields(train.TrainConfig)} - run_keys
+    assert train_keys == {"compile", "resume", "log_interval", "ckpt_interval", "ckpt_minutes"}
+    assert train_keys <= {f.name for f in dataclasses.fields(train.SFTConfig)}
+    assert not train_keys & {f.name for f in dataclasses.fields(train.SampleConfig)}
+    with pytest.raises(train.ConfigError, match="unknown key --resume"):
+        train.parse_config(train.SampleConfig, ["--resume"])
+
+
+def test_end_step_saves_on_interval_last_step_time_and_stop(tmp_path, capsys):
+    cfg = train.parse_config(train.SFTConfig, [f"--out_dir={tmp_path}", "--ckpt_interval=3", "--ckpt_minutes=1"])
+    run = train.Run(cfg, "sft")
+    saved = []
+    for done in range(1, 9):
+        assert run.end_step(done, 8, lambda: saved.append(done)) is False
+    assert saved == [3, 6, 8]
+    run.last_save -= 61  # a minute since the last save: save now, whatever the interval says
+    run.end_step(10, 100, lambda: saved.append(10))
+    assert saved[-1] == 10
+    run.end_step(11, 100, lambda: saved.append(11))
+    assert saved[-1] == 10  # and not again right after
+    run.stop_requested = True
+    assert run.end_step(12, 100, lambda: saved.append(12)) is True
+    assert saved[-1] == 12
+    assert f"stopped at step 12; continue with --resume --out_dir={tmp_path}" in capsys.readouterr().err
+    # a stage without the training keys (RunConfig only) saves at the end or on a stop only
+    run = train.Run(train.SampleConfig(out_dir=str(tmp_path / "s")), "sample")
+    saved.clear()
+    for done in range(1, 5):
+        run.end_step(done, 4, lambda: saved.append(done))
+    assert saved == [4]
+
+
+def test_log_prints_a_line_when_stderr_is_not_a_terminal(tmp_path, capsys):
+    run = train.Run(train.SFTConfig(out_dir=str(tmp_path)), "sft")
+    run.log(5, loss=3.14159265, lr=torch.tensor(6e-4), grad_norm=float("nan"), tokens_per_s=12345.678)
+    out = capsys.readouterr().out  # captured: stderr is not a terminal here
+    assert out.strip() == "step 5: loss 3.142 lr 0.0006 grad_norm None tokens_per_s 1.235e+04"
+    assert read_metrics(tmp_path) == [dict(step=5, loss=3.14159265, lr=pytest.approx(6e-4), grad_norm=None,
+                                           tokens_per_s=12345.678)]
+
+
+def test_sft_prints_progress_when_output_is_redirected(sft_cli):
+    lines = [line for line in sft_cli[1].splitlines() if line.startswith("step ")]
+    assert [line.split(":")[0] for line in lines] == [f"step {s}" for s in range(5, 61, 5)]
+    assert all(" loss " in line and " lr " in line for line in lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the run folder: a lock, no silent reuse of another run's folder, one-line errors
+
+def test_a_busy_run_folder_is_refused(tmp_path):
+    import fcntl
+    with open(tmp_path / ".lock", "a") as f:  # another run holds the folder
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        p = run_cli("sample", "--ckpt=assets/sft-imdb-cpu.pt", f"--out_dir={tmp_path}", check=False)
+    assert one_line_error(p.returncode, p.stderr) and f"--out_dir={tmp_path} is in use by another run" in p.stderr
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_a_folder_of_another_stage_or_config_needs_overwrite(tmp_path, in_process):
+    out = str(tmp_path / "o")
+    ckpt = "--ckpt=assets/sft-imdb-cpu.pt"
+    args = ["sample", ckpt, "--max_new_tokens=2", "--num_samples=1", f"--out_dir={out}"]
+    os.makedirs(out)
+    train.write_json(os.path.join(out, "config.json"), dict(stage="reward", out_dir=out))
+    train.save_checkpoint(os.path.join(out, "ckpt.pt"), dict(kind="reward", model={}))
+    code, _, err = in_process(*args)
+    assert one_line_error(code, err) and f"--out_dir={out} holds a reward run; add --overwrite" in err
+    assert read_json(os.path.join(out, "config.json"))["stage"] == "reward"  # untouched
+    assert in_process(*args, "--overwrite")[0] == 0
+    assert read_json(os.path.join(out, "config.json"))["stage"] == "sample"
+    assert not os.path.exists(os.path.join(out, "ckpt.pt"))  # nothing of the other run is left to resume
+    assert in_process(*args)[0] == 0  # the same stage and config runs again
+    code, _, err = in_process(*args[:-1], "--seed=7", args[-1])
+    assert one_line_error(code, err) and "holds a run with another config (--seed)" in err
+    # keys that only say how a run is logged, checkpointed or restarted make no other run
+    cfg = train.SFTConfig(out_dir=str(tmp_path / "sft"))
+    train.Run(cfg, "sft")
+    train.Run(dataclasses.replace(cfg, log_interval=3, ckpt_interval=7, ckpt_minutes=0.5), "sft")
+    with pytest.raises(train.ConfigError, match=r"another config \(--max_iters\)"):
+        train.Run(dataclasses.replace(cfg, max_iters=3), "sft")
+
+
+def test_unwritable_or_empty_out_dir_is_one_line(tmp_path, in_process, monkeypatch):
+    code, _, err = in_process("sample", "--out_dir=")
+    assert one_line_error(code, err) and "--out_dir is empty" in err
+    (tmp_path / "file").write_text("x")
+    code, _, err = in_process("sample", f"--out_dir={tmp_path}/file/run")  # a file where a folder should be
+    assert one_line_error(code, err) and "cannot write the run folder" in err
+
+    def read_only(path, obj):  # tests run as root, where chmod does not stop writes: fake the read-only folder
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(train, "write_json", read_only)
+    code, _, err = in_process("sample", f"--out_dir={tmp_path}/ro")
+    assert one_line_error(code, err) and f"--out_dir={tmp_path}/ro: cannot write the run folder (Permission " \
+                                          f"denied)" in err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoints: a full disk, a signal during the write, non-finite weights
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_the_old_one(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    train.save_checkpoint(path, dict(kind="policy", model={"w": torch.ones(3)}))
+
+    def full_disk(obj, f):
+        f.write(b"PK\x03\x04 part of a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(train.TrainingError) as e:
+        train.save_checkpoint(path, dict(kind="policy", model={"w": torch.zeros(3)}))
+    assert str(e.value) == f"{path}: writing the checkpoint failed (No space left on device); the previous " \
+                           f"checkpoint is left as it was"
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no orphaned temporary file
+    monkeypatch.undo()
+    assert torch.equal(train.load_checkpoint(path)["model"]["w"], torch.ones(3))
+
+
+def test_a_signal_during_a_checkpoint_write_waits_for_the_write(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    real_save = torch.save
+
+    def slow_save(obj, f):  # SIGTERM arrives halfway through the write
+        f.write(b"")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        real_save(obj, f)
+
+    def on_term(signum, frame):  # as a Run's handler does on a second signal
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        monkeypatch.setattr(torch, "save", slow_save)
+        with pytest.raises(KeyboardInterrupt):  # delivered, but only once the checkpoint is whole
+            train.save_checkpoint(path, dict(kind="policy", model={"w": torch.ones(3)}))
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+    assert torch.equal(train.load_checkpoint(path)["model"]["w"], torch.ones(3))
+    assert signal.getsignal(signal.SIGTERM) is old  # the handlers are back
+
+
+def test_a_policy_with_non_finite_weights_is_refused(tmp_path, in_process):
+    ckpt = torch.load("assets/sft-imdb-cpu.pt", weights_only=True)
+    ckpt["model"]["transformer.h.1.mlp.c_fc.weight"][3, 5] = float("nan")
+    path = str(tmp_path / "nan.pt")
+    train.save_checkpoint(path, ckpt)
+    with pytest.raises(train.ConfigError, match=r"the weight transformer\.h\.1\.mlp\.c_fc\.weight holds NaN"):
+        train.load_policy(path, "cpu")
+    code, _, err = in_process("sample", f"--ckpt={path}", f"--out_dir={tmp_path}/o")
+    assert one_line_error(code, err) and path in err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bad values, block_size from --init_from, stage sample's defaults
+
+def test_an_unknown_device_is_one_line_from_the_command_line(tmp_path):
+    p = run_cli("sft", "--device=tpu", f"--out_dir={tmp_path}", check=False)
+    assert one_line_error(p.returncode, p.stderr) and "--device=tpu: expected auto, cpu, cuda, cuda:N" in p.stderr
+    assert not os.listdir(tmp_path)  # refused before the run folder is touched
+
+
+@pytest.mark.parametrize("stage, arg, needle", [
+    ("sft", "--device=cuda:x", "--device=cuda:x: expected auto, cpu, cuda, cuda:N"),
+    ("sft", "--dtype=float8", "--dtype=float8: expected auto, float32"),
+    ("sft", "--seed=-1", "--seed=-1: must be >= 0"),
+    ("sft", "--dropout=1.5", "--dropout=1.5: must be < 1.0"),
+    ("sft", "--dropout=1", "--dropout=1: must be < 1.0"),
+    ("sample", "--top_p=0", "--top_p=0: must be > 0.0"),
+    ("sample", "--top_p=1.5", "--top_p=1.5: must be <= 1.0"),
+    ("sample", "--seed=-5", "--seed=-5: must be >= 0"),
+])
+def test_bad_values_are_one_line(stage, arg, needle, tmp_path, in_process):
+    code, _, err = in_process(stage, arg, f"--out_dir={tmp_path}")
+    assert one_line_error(code, err) and needle in err
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")
+def test_an_unavailable_device_is_one_line(tmp_path, in_process):
+    code, _, err = in_process("sft", "--device=mps", f"--out_dir={tmp_path}")
+    assert one_line_error(code, err) and "--device=mps: MPS is not available" in err
+    if not torch.cuda.is_available():
+        code, _, err = in_process("sft", "--device=cuda:1", f"--out_dir={tmp_path}")
+        assert one_line_error(code, err) and "CUDA is not available" in err
+
+
+def test_sft_init_from_takes_block_size_from_the_checkpoint(sft_run, corpus, tmp_path, in_process):
+    base = ["sft", f"--init_from={sft_run}/ckpt.pt", f"--data={corpus}", "--batch_size=2", "--max_iters=1",
+            "--eval_iters=1", "--warmup_iters=0"]
+    assert in_process(*base, f"--out_dir={tmp_path}/a")[0] == 0
+    assert read_json(tmp_path / "a/config.json")["block_size"] == 64  # the checkpoint's, not 256
+    assert in_process(*base, "--block_size=32", f"--out_dir={tmp_path}/b")[0] == 0  # smaller is fine
+    code, _, err = in_process(*base, "--block_size=128", f"--out_dir={tmp_path}/c")
+    assert one_line_error(code, err) and "--block_size=128 exceeds the checkpoint's block_size=64" in err
+    assert not os.path.exists(tmp_path / "c")
+
+
+def test_sample_defaults_work_on_the_shipped_model_and_long_prompts_are_cut(tmp_path, in_process):
+    code, out, err = in_process("sample", "--ckpt=assets/sft-imdb-cpu.pt", "--num_samples=1", "--prompt=" + "x" * 5000,
+                                f"--out_dir={tmp_path}")
+    assert code == 0, err
+    assert len(out) < 2000 and "4,800 more characters" in out  # not the 5000-character prompt, twice
+    row = json.loads(open(tmp_path / "samples.jsonl").readline())
+    assert row["prompt"] == "x" * 5000 and row["tokens"] <= 32  # the file keeps it whole; half of block_size 64
+    code, _, err = in_process("sample", "--ckpt=assets/sft-imdb-cpu.pt", "--max_new_tokens=64",
+                              f"--out_dir={tmp_path}/big")
+    assert one_line_error(code, err) and "(use --max_new_tokens=32 or less)" in err
+
+
+def test_no_references_to_documents_users_do_not_have():
+    import re
+    text = open(os.path.join(ROOT, "train.py")).read()
+    assert not re.search(r"notes #\d|N\+ #\d|N\+ details, #\d|RLHF_NOTES", text)
