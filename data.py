@@ -5,10 +5,16 @@ train.py and the stage files import it. Bad input of any kind raises DataError w
 "{path}:{line}: {what}", which train.py prints before exiting with status 2: never a traceback.
 
 Files are JSON lines (.jsonl, .json, either gzipped as .gz), streamed; blank lines are skipped. A record's
-format is told by its keys, which must be exactly one of the accepted key sets: any other key is an error
-that names it, so a typo like "chosen_" is caught, not ignored. All records of a file have the same key set.
+format is told by its keys: the largest accepted key set that the record contains ({prompt, chosen, rejected,
+score} is the {prompt, chosen, rejected} format, not {chosen, rejected}). Other keys, such as the extra columns
+of UltraFeedback and most hub datasets, are ignored, and one line on stderr per file says which and in how many
+records. A record that contains no accepted key set is an error that names what the nearest one lacks, so a
+typo like "chosen_" is caught ("missing ['chosen']"); so is one that contains two of the same size ({prompt,
+text} as a prompt). All records of a file have the same format.
 
   preferences  {prompt, chosen, rejected}                  strings; chosen/rejected are the responses only
+                                                           (message lists, as UltraFeedback binarized: read as
+                                                           {chosen, rejected} below, the prompt key ignored)
                {chosen, rejected}                          whole HH dialogues, "\\n\\nHuman: ..\\n\\nAssistant: .."
                {chosen, rejected}                          lists of {role, content} messages
                {input_text, candidate_0, candidate_1, choice}   Vertex AI; choice (0 or 1) picks the chosen one
@@ -35,6 +41,7 @@ import itertools
 import json
 import os
 import re
+import sys
 import zlib
 from dataclasses import dataclass
 
@@ -135,11 +142,17 @@ def read_jsonl(path):
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: bad JSON: {e.msg} at column {e.colno}") from None
+            # e.msg of some errors ends in "at" already ("Invalid control character at"); e.pos counts from the
+            # start of the line (e.colno restarts at 1 after its final newline: a line cut short read "column 1")
+            what = e.msg.removesuffix(" at")
+            if what == "Invalid control character" and line[e.pos] in "\r\n":  # the line end inside a string
+                what = "Unterminated string"
+            where = "at the end of the line" if e.pos >= len(line.rstrip()) else f"at column {e.pos + 1}"
+            raise DataError(f"{path}:{n}: bad JSON: {what} {where}") from None
         except RecursionError:
             raise DataError(f"{path}:{n}: bad JSON: nested too deeply") from None
         except ValueError as e:  # e.g. an integer of more than 4,300 digits
-            raise DataError(f"{path}:{n}: bad JSON: {_short(str(e), 100)}") from None
+            raise DataError(f"{path}:{n}: bad JSON: {_short(str(e), 80)}") from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{n}: expected a JSON object {{...}}, got {_kind(obj)}")
         yield n, obj
@@ -159,7 +172,7 @@ def _field(path, n, obj, key, kind=str):
     return value
 
 
-def _short(value, limit=60):
+def _short(value, limit=40):
     """repr(value), cut to `limit` characters: error messages quote the input, but stay short."""
     text = repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
@@ -170,25 +183,55 @@ def _keys(keys):
     return _short([_short(k, 30) if len(k) > 30 else k for k in sorted(keys)], 64)
 
 
+def _format(path, n, keys, formats):
+    """The name of the format of a record with these keys: the largest accepted key set that they contain."""
+    names = [name for name, want in formats.items() if set(want) <= keys]
+    if not names:
+        # name what the nearest key set lacks: a typo like "chosen_" then reads "missing ['chosen']"
+        near = set(max(formats.values(), key=lambda want: len(keys & set(want))))
+        hint = "; ".join(f"{what} {_keys(ks)}" for what, ks in
+                         (("missing", near - keys), ("unrecognised", keys - near)) if ks and keys & near)
+        hint = f" ({hint})" if hint else ""
+        accepted = " or ".join("{" + ", ".join(want) + "}" for want in formats.values())
+        raise DataError(f"{path}:{n}: unrecognised keys {_keys(keys)}{hint}; expected {accepted}")
+    largest = max(len(formats[name]) for name in names)
+    names = [name for name in names if len(formats[name]) == largest]
+    if len(names) > 1:  # e.g. {prompt, text} for prompts: which one is the prompt?
+        raise DataError(f"{path}:{n}: keys {_keys(keys)} hold more than one format, "
+                        + " and ".join("{" + ", ".join(formats[name]) + "}" for name in names) + "; keep one")
+    return names[0]
+
+
 def _records(path, formats):
-    """Yield (line_no, format_name, obj), the format told by which key set of `formats` the record has."""
-    first = None
-    for n, obj in read_jsonl(path):
-        keys = set(obj)
-        name = next((name for name, want in formats.items() if keys == set(want)), None)
-        if name is None:
-            # name what differs from the nearest key set: a typo then reads "unknown ['chosen_']"
-            near = set(max(formats.values(), key=lambda want: len(keys & set(want))))
-            hint = "; ".join(f"{what} {_keys(ks)}" for what, ks in
-                             (("unknown", keys - near), ("missing", near - keys)) if ks and keys & near)
-            accepted = " or ".join("{" + ", ".join(want) + "}" for want in formats.values())
-            raise DataError(f"{path}:{n}: unrecognised keys {_keys(keys)}{f' ({hint})' if hint else ''}; "
-                            f"expected {accepted}")
-        first = first or (name, n)
-        if name != first[0]:
-            raise DataError(f"{path}:{n}: keys {_keys(keys)} differ from those of line {first[1]}, "
-                            f"{sorted(formats[first[0]])}; formats cannot be mixed in one file")
-        yield n, name, obj
+    """Yield (line_no, format_name, obj), the format told by which key set of `formats` the record holds (the
+    largest, if it holds several). Other keys are ignored, and said so in one line on stderr per file."""
+    first, refused = None, False
+    ignored, n_rows, n_extra = {}, 0, 0  # ignored: key -> number of records that had it
+    try:
+        for n, obj in read_jsonl(path):
+            keys = set(obj)
+            name = _format(path, n, keys, formats)
+            if name == "separate" and isinstance(obj["chosen"], list) and "dialogue" in formats:
+                name = "dialogue"  # message lists: the prompt is their first turns (UltraFeedback binarized)
+            first = first or (name, n)
+            if name != first[0]:
+                raise DataError(f"{path}:{n}: keys {_keys(keys)} differ from those of line {first[1]}, "
+                                f"{sorted(formats[first[0]])}; formats cannot be mixed in one file")
+            extra = keys - set(formats[name])
+            n_rows, n_extra = n_rows + 1, n_extra + bool(extra)
+            for key in extra:
+                ignored[key] = ignored.get(key, 0) + 1
+            yield n, name, obj
+    except DataError:
+        refused = True
+        raise
+    finally:  # also when the reader stops early (a limit), but not for a file refused here
+        if ignored and not refused:
+            counts = sorted(ignored.items(), key=lambda kv: (-kv[1], kv[0]))
+            shown = ", ".join(f"{_short(k, 30)}: {c:,}" for k, c in counts[:5])
+            more = f" and {len(counts) - 5:,} more" if len(counts) > 5 else ""
+            print(f"{path}: ignored keys outside the {{{', '.join(formats[first[0]])}}} format in {n_extra:,} of "
+                  f"{n_rows:,} records read (key: records): {shown}{more}", file=sys.stderr)
 
 
 def _is_text_file(path):

@@ -170,8 +170,10 @@ BAD = [  # loader, file name, content, expected in message, line number (None: n
     ("preferences", "badjson.jsonl", GOOD + b'{"prompt": "Q", "chosen": \n', "bad JSON", 2),
     ("preferences", "notobj.jsonl", GOOD + b"[1, 2]\n", "expected a JSON object", 2),
     ("preferences", "missing.jsonl", rec(prompt="Q", chosen=" a"), "missing ['rejected']", 1),
-    ("preferences", "typo.jsonl", GOOD + GOOD + rec(prompt="Q", chosen=" a", rejected=" b", chosen_=" c"),
-     "unknown ['chosen_']", 3),
+    ("preferences", "typo.jsonl", GOOD + GOOD + rec(prompt="Q", chosen_=" a", rejected=" b"),
+     "(missing ['chosen']; unrecognised ['chosen_'])", 3),
+    ("preferences", "ctrl.jsonl", GOOD + b'{"prompt": "a\x01b"}\n', "bad JSON: Invalid control character at column 14", 2),
+    ("preferences", "cut.jsonl", GOOD + b'{"prompt": "Q", "chosen": "a\n', "bad JSON: Unterminated string at the end", 2),
     ("preferences", "unrec.jsonl", rec(question="Q"), "{input_text, candidate_0, candidate_1, choice}", 1),
     ("preferences", "mixed.jsonl", GOOD + rec(chosen="\n\nHuman: a\n\nAssistant: b",
                                               rejected="\n\nHuman: a\n\nAssistant: c"), "cannot be mixed", 2),
@@ -202,8 +204,10 @@ BAD = [  # loader, file name, content, expected in message, line number (None: n
     ("prompts", "prompts.jsonl", rec(prompt="ok") + rec(prompt=["no"]), "'prompt' must be a string", 2),
     ("prompts", "emptyprompt.jsonl", rec(text="Input=  "), "empty prompt", 1),
     ("prompts", "unknown.jsonl", rec(query="x"), "unrecognised keys ['query']", 1),
+    ("prompts", "twoformats.jsonl", rec(prompt="x", text="y"), "hold more than one format, {prompt} and {text}", 1),
+    ("prompts", "mixextra.jsonl", rec(prompt="x", id=1) + rec(text="y", id=2), "cannot be mixed", 2),
     ("prompts", "bad.txt", b"fine\n\xff\xfe\n", "not UTF-8", 2),
-    ("sft", "sft.jsonl", rec(prompt="Q", completion="A"), "unknown ['completion']", 1),
+    ("sft", "sft.jsonl", rec(prompt="Q", completion="A"), "missing ['response']", 1),
     ("sft", "msgs.jsonl", rec(messages="hi"), "'messages' must be an array", 1),
     ("imdb", "label.jsonl", rec(id=1, rating=9, label=2, text="t"), "'label' must be -1", 1),
     ("imdb", "rating.jsonl", rec(id=1, rating=11, label=1, text="t"), "'rating' must be 0 to 10", 1),
@@ -221,6 +225,72 @@ def test_bad_input_is_one_line_data_error(tmp_path, loader, name, content, expec
     msg = str(e.value)
     assert expected in msg and "\n" not in msg
     assert msg.startswith(f"{path}:{line}: " if line else f"{path}: ")
+
+
+def test_bad_json_message_names_the_column_once(tmp_path):
+    path = write(tmp_path, "j.jsonl", [{"prompt": "Q"}, '{"prompt": "a\tb"}', '{"prompt": "Q", "chosen": '])
+    with pytest.raises(DataError) as e:
+        data.load_prompts(path)
+    assert str(e.value).endswith(":2: bad JSON: Invalid control character at column 14")  # was "at at column"
+    path = write(tmp_path, "k.jsonl", [{"prompt": "Q"}, '{"prompt": "Q", "chosen": '])
+    with pytest.raises(DataError) as e:
+        data.load_prompts(path)
+    assert str(e.value).endswith(":2: bad JSON: Expecting value at the end of the line")  # was "at column 1"
+
+
+@pytest.mark.parametrize("loader, record", [
+    ("sft", {"messages": [{"role": "r" * 500, "content": "x"}]}),
+    ("preferences", {"input_text": "I", "candidate_0": "a", "candidate_1": "b", "choice": 10 ** 500}),
+    ("imdb", {"id": 1, "rating": 10 ** 500, "label": 0, "text": "t"}),
+    ("imdb", {"id": 1, "rating": 1, "label": -10 ** 500, "text": "t"}),
+    ("prompts", {"r" * 500: "x"}),
+    ("preferences", {"prompt": "Q", "chosen": "a", "r" * 500: "b"}),
+])
+def test_quoted_input_is_cut_to_a_few_dozen_characters(tmp_path, loader, record):
+    path = write(tmp_path, "long.jsonl", [record])
+    with pytest.raises(DataError) as e:
+        getattr(data, "load_" + loader)(path)
+    msg = str(e.value)
+    assert "r" * 38 not in msg and "0" * 38 not in msg, msg
+
+
+def test_extra_keys_are_ignored_and_reported_once_per_file(tmp_path, capsys):
+    # the largest key set a record holds is its format: {prompt, chosen, rejected, score} is a separate-prompt
+    # pair (as {chosen, rejected} it would be refused: no "\n\nAssistant:" turn)
+    rows = [{"prompt": "Q?", "chosen": " yes", "rejected": " no", "score": 0.5, "source": "x"},
+            {"prompt": "R?", "chosen": " a", "rejected": " b", "score": 1.0}, {"prompt": "S?", "chosen": " c",
+                                                                             "rejected": " d"}]
+    path = write(tmp_path, "extra.jsonl", rows)
+    assert data.load_preferences(path) == [Pair("Q?", " yes", " no"), Pair("R?", " a", " b"), Pair("S?", " c", " d")]
+    out = capsys.readouterr()
+    assert out.out == "" and len(out.err.splitlines()) == 1
+    assert out.err.startswith(f"{path}: ignored keys outside the {{prompt, chosen, rejected}} format in 2 of 3 records")
+    assert out.err.rstrip().endswith("'score': 2, 'source': 1")
+    assert data.load_sft(path, limit=1) == [Example("Q?", " yes")]  # a limit still gives the line, counted so far
+    assert capsys.readouterr().err.count("in 1 of 1 records") == 1
+    assert data.load_prompts(path) == ["Q?", "R?", "S?"]
+    assert capsys.readouterr().err.count("\n") == 1
+    # a file without extra keys says nothing
+    data.load_preferences(write(tmp_path, "plain.jsonl", rows[2:]))
+    assert capsys.readouterr().err == ""
+    # other loaders: an IMDb row as a prompt ({text}); an SFT row with an id
+    imdb = {"id": 1, "rating": 9, "label": 1, "text": "Great film"}
+    assert data.load_prompts(write(tmp_path, "imdb.jsonl", [imdb])) == ["Great film"]
+    assert data.load_sft(write(tmp_path, "sft.jsonl", [{"prompt": "Q", "response": " A", "id": 3}])) \
+        == [Example("Q", " A")]
+    assert data.load_imdb(write(tmp_path, "imdb2.jsonl", [dict(imdb, url="u")]))[0]["text"] == "Great film"
+
+
+def test_ultrafeedback_binarized_rows_load_as_message_pairs(tmp_path, capsys):
+    # HuggingFaceH4/ultrafeedback_binarized: prompt (a string) beside chosen/rejected message lists and more columns
+    chosen = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}]
+    row = {"prompt": "Hi there", "prompt_id": "ab12", "chosen": chosen,
+           "rejected": chosen[:1] + [{"role": "assistant", "content": "Go away."}], "messages": chosen,
+           "score_chosen": 8.0, "score_rejected": 2.0}
+    pairs = data.load_preferences(write(tmp_path, "uf.jsonl", [row, row]))
+    assert pairs == [Pair("\n\nHuman: Hi there\n\nAssistant:", " Hello!", " Go away.")] * 2
+    err = capsys.readouterr().err
+    assert "{chosen, rejected} format in 2 of 2 records" in err and "'prompt': 2" in err
 
 
 def test_missing_file_and_directory(tmp_path):

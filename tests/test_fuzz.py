@@ -3,14 +3,16 @@
 load_preferences, load_prompts, load_sft and load_imdb. The promise in data.py's docstring, checked on each:
 a loader either returns a list or raises DataError with one line, "{path}:{line}: {what}" or "{path}: {what}";
 any other exception (KeyError, TypeError, ValueError, RecursionError, ...) is a bug, and so is a message that grows
-with the input. Valid files, generated too, must load.
+with the input. Valid files, generated too, must load, and load alike with extra keys of no format in their records.
 
 Run: .venv/bin/python -m pytest -q tests/test_fuzz.py -p no:cacheprovider --durations=5
 Size: 4 fuzz tests x 500 examples = 2,000 generated files, each given to every loader (8,000 loads): about 10 s
 of tests, 13 s with start-up, on 2 CPU cores. Raise FUZZ_EXAMPLES (an environment variable) for a longer hunt.
 """
 
+import contextlib
 import gzip
+import io
 import json
 import os
 import re
@@ -50,8 +52,10 @@ def write(tmp_dir, suffix, content, compress=True):
 def check(load, path, content=None):
     """load(path) returns a list or raises a one-line DataError that starts with the path (and a "path:N:" names a
     line of the file, when content, the uncompressed bytes, is known). Any other exception propagates: a bug."""
+    err = io.StringIO()  # the loader's own note: at most one line, "{path}: ignored keys ...", short
     try:
-        out = load(path)
+        with contextlib.redirect_stderr(err):
+            out = load(path)
     except DataError as e:
         msg = str(e)
         assert len(msg.splitlines()) == 1, f"{load.__name__}: not one line: {msg!r}"  # \n, \r, \u2028...
@@ -62,6 +66,11 @@ def check(load, path, content=None):
         assert len(msg) - len(path) < MAX_MESSAGE, f"{load.__name__}: {len(msg)}-char message: {msg[:300]!r}..."
     else:
         assert isinstance(out, list), f"{load.__name__} returned {type(out).__name__}"
+    notes = err.getvalue().split("\n")[:-1]  # print() ends the one line with "\n"
+    assert len(notes) <= 1, f"{load.__name__}: {len(notes)} lines on stderr: {err.getvalue()[:300]!r}"
+    for note in notes:
+        assert note.startswith(path + ": ignored keys outside the {"), f"{load.__name__}: {note[:300]!r}"
+        assert len(note.splitlines()) == 1 and len(note) - len(path) < MAX_MESSAGE, f"{load.__name__}: {note[:300]!r}"
 
 
 def check_all_loaders(path, content=None):
@@ -326,11 +335,19 @@ def test_fuzz_huge_and_deep_values(tmp_dir, file):
     check_all_loaders(write(tmp_dir, suffix, content), content)
 
 
+extra_keys = st.dictionaries(st.text(st.characters(codec="utf-8", max_codepoint=0xFFFF), max_size=6)
+                             .filter(lambda k: k not in ALL_KEYS), json_values, max_size=3)  # keys of no format
+
+
 @FUZZ
 @given(fmt=st.sampled_from(sorted(VALID_RECORDS)), data_=st.data())
 def test_fuzz_valid_files_load(tmp_dir, fmt, data_):
-    """Generated valid files (any text, blank lines, BOM, CRLF, gzip) load, one item per record."""
+    """Generated valid files (any text, blank lines, BOM, CRLF, gzip) load, one item per record; keys of no format
+    (extra columns, as hub datasets have) are ignored: the file loads as it does without them."""
     rows = data_.draw(st.lists(VALID_RECORDS[fmt], min_size=1, max_size=5))
+    plain = write(tmp_dir, "-plain.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+    without_extras = {load: load(plain) for load, formats in ACCEPTS.items() if fmt in formats}
+    rows = [{**data_.draw(extra_keys), **r} if data_.draw(st.booleans()) else r for r in rows]
     lines_ = [json.dumps(r, ensure_ascii=data_.draw(st.booleans())) for r in rows]
     lines_ = [line for r in lines_ for line in [r] + data_.draw(st.sampled_from([[], [""], ["  ", ""]]))]
     end = data_.draw(st.sampled_from(["\n", "\r\n"]))
@@ -341,5 +358,6 @@ def test_fuzz_valid_files_load(tmp_dir, fmt, data_):
             out = load(path)
             # prompts: a preference file gives each distinct prompt once
             assert len(out) == len(rows) if load is not data.load_prompts else 1 <= len(out) <= len(rows)
+            assert out == without_extras[load], load.__name__
         else:
             check(load, path, content)
