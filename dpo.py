@@ -6,7 +6,7 @@ and IPO (Azar et al. 2023): fine-tune a policy on preference pairs directly, wit
     python train.py dpo --data=pairs.jsonl.gz --init_from=out/sft/ckpt.pt --loss=ipo    # or --loss=cdpo
                                                                      # --label_smoothing=0.1, --reference_free
 
-How (RLHF notes #22-#26): a pair's log-probability under a model is the sum of its response tokens' log-probs
+How (after the DPO reference code, github.com/eric-mitchell/direct-preference-optimization): a pair's log-probability under a model is the sum of its response tokens' log-probs
 (prompt masked, EOS appended to each response), computed by model.response_logprobs, the helper PPO uses too;
 the chosen and rejected responses of a batch share one forward pass. The reference is a frozen copy of the
 starting policy (or --ref). Its log-probs never change, so by default they are computed once per dataset, train
@@ -18,7 +18,6 @@ Simplifications, on purpose:
 - AdamW as every other stage (the reference code uses RMSprop) with the shared warm-up + cosine schedule.
 - The data order and the held-out split are the reward model's (reward.py): a batch is a pure function of the step.
 """
-import sys
 import time
 from dataclasses import dataclass
 
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 from model import response_logprobs
 from data import batches_in_order, epoch_indices, load_pair_splits, pair_batch
 from reward import PairsConfig, plan
-from train import (ConfigError, OptimConfig, Run, RunConfig, check_finite, load_policy, lr_at, make_optimizer, opt,
+from train import (ConfigError, OptimConfig, Run, TrainConfig, check_finite, load_policy, make_optimizer, opt,
                    optimizer_step, setup_device)
 
 
@@ -46,7 +45,7 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen
     reference_free:  bool, drop the reference from h: a reference that gives every response the same probability
 
     Returns (losses, chosen_rewards, rejected_rewards), each (B,); the rewards beta * (logp - logp_ref) are
-    detached (they are metrics: notes #26). Average the losses for the batch loss."""
+    detached (they are metrics, as the reference code logs them). Average the losses for the batch loss."""
     pi_logratios = policy_chosen_logps - policy_rejected_logps
     ref_logratios = 0.0 if reference_free else reference_chosen_logps - reference_rejected_logps
     h = pi_logratios - ref_logratios  # h_pi^{y_w, y_l} of the IPO paper (B,)
@@ -64,7 +63,7 @@ def pair_logps(model, rows, idx, device, ctx):
     """Sequence log-probs of pairs idx under model, chosen and rejected in one forward pass: two (b,) tensors."""
     ids, mask, R = pair_batch(rows, idx, device)
     with ctx:
-        logps = response_logprobs(model, ids, mask, R).sum(-1)  # (2b,): response tokens only (notes #23)
+        logps = response_logprobs(model, ids, mask, R).sum(-1)  # (2b,): response tokens only
     return logps.view(2, -1)
 
 
@@ -86,20 +85,20 @@ def dpo_metrics(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected
 
 
 @dataclass
-class DPOConfig(PairsConfig, RunConfig, OptimConfig):
+class DPOConfig(PairsConfig, TrainConfig, OptimConfig):
     out_dir: str = opt("out/dpo", "run folder")
     init_from: str = opt("out/sft/ckpt.pt", "policy checkpoint to start from (pairs are truncated to its "
-                                            "block_size); a frozen copy of it is the reference (notes #24)")
+                                            "block_size); a frozen copy of it is the reference")
     ref: str = opt("", "reference policy checkpoint (default: --init_from)")
     ref_cache: bool = opt(True, "compute reference log-probs once per dataset before training (false: per batch)")
     loss: str = opt("dpo", "dpo, cdpo (conservative DPO, with --label_smoothing) or ipo")
-    beta: float = opt(0.1, "beta: strength of the KL constraint to the reference (notes #25)", min=0.0)
+    beta: float = opt(0.1, "beta: strength of the KL constraint to the reference (0.1 in the paper)", min=0.0)
     label_smoothing: float = opt(0.0, "cdpo only: probability eps that a preference label is flipped, in (0, 0.5)",
                                  min=0.0)
     reference_free: bool = opt(False, "no reference model: h = logp_chosen - logp_rejected")
     append_eos: bool = opt(True, "end each response with EOS, whose log-prob joins the sequence's (false: responses "
                                  "cut at a fixed length, as IMDb continuations, which never end)")
-    batch_size: int = opt(64, "preference pairs per optimizer step (notes #25)", min=1)
+    batch_size: int = opt(64, "preference pairs per optimizer step (64 in the paper)", min=1)
     learning_rate: float = opt(1e-5, "peak learning rate (about 1e-6 in the paper; tiny models tolerate more)",
                                min=0.0)
     warmup_iters: int = opt(10, "linear warm-up steps", min=0)
@@ -127,7 +126,7 @@ def train(cfg):
     run = Run(cfg, "dpo")
     device, ctx = setup_device(cfg)
     # 1. policy, reference and data
-    policy, _ = load_policy(cfg.init_from, device)  # dropout off (notes #3)
+    policy, _ = load_policy(cfg.init_from, device)  # dropout off
     ref = None if cfg.reference_free else load_policy(cfg.ref or cfg.init_from, device)[0].requires_grad_(False)
     train_rows, eval_rows, _ = load_pair_splits(cfg.data, cfg.eval_data, cfg.max_pairs, policy.config.block_size,
                                              cfg.append_eos)
@@ -137,7 +136,7 @@ def train(cfg):
     print(f"policy: {policy.num_params() / 1e6:.2f}M parameters; loss {cfg.loss}, beta {cfg.beta}; "
           f"{cfg.batch_size} pairs per step; {cfg.max_iters} steps ({total / len(train_rows):.2f} epochs) on "
           f"{device} ({cfg.dtype})")
-    # 2. reference log-probs: once per dataset (notes #24), or per batch in ref_logps()
+    # 2. reference log-probs: once per dataset, or per batch in ref_logps()
     cache = {}
     if ref is not None and cfg.ref_cache:
         cache = {split: reference_logps(ref, rows, 2 * cfg.batch_size, device, ctx)
@@ -182,8 +181,7 @@ def train(cfg):
         loss = losses.mean()
         check_finite(step, loss=loss.detach())
         loss.backward()
-        lr = lr_at(step, cfg)
-        norm = optimizer_step(policy, optimizer, lr, cfg.grad_clip, step)
+        lr, norm = optimizer_step(policy, optimizer, cfg, step)
         # 3d. log, evaluate, checkpoint
         done = step + 1
         if done % cfg.log_interval == 0 or done == cfg.max_iters:
@@ -197,10 +195,7 @@ def train(cfg):
                             **({"eval_acc": f"{metrics['eval/rewards/accuracies']:.3f}"}
                                if "eval/rewards/accuracies" in metrics else {}))
             t0, last = time.time(), done
-        if done % cfg.ckpt_interval == 0 or done == cfg.max_iters or run.stop_requested:
-            run.save(done, policy, optimizer, kind="policy")
-        if run.stop_requested:
-            print(f"stopped at step {done}; continue with --resume --out_dir={cfg.out_dir}", file=sys.stderr)
+        if run.end_step(done, cfg.max_iters, lambda: run.save(done, policy, optimizer)):
             return 130
 
     # 4. final evaluation: the last step's, unless the run resumed after it

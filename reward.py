@@ -6,7 +6,8 @@ that DPO shares (reading, truncation, held-out split, batches) live here too.
     python train.py reward --data=pairs.jsonl.gz --init_from=out/sft/ckpt.pt --block_size=256
     python train.py score --ckpt=out/reward/ckpt.pt --data=texts.jsonl     # or --prompt=... --response=...
 
-Training follows RLHF notes #4-#8: the trunk starts from an SFT checkpoint, the head from N(0, 1/sqrt(d + 1));
+Training follows OpenAI's lm-human-preferences and the N+ implementation details of RLHF (Huang et al.
+2024): the trunk starts from an SFT checkpoint, the head from N(0, 1/sqrt(d + 1));
 chosen and rejected responses of B pairs are scored in one batch of 2B sequences; loss
 -logsigmoid(r_chosen - r_rejected - margin), optionally + c * mean((r_chosen + r_rejected)^2); one epoch with
 the learning rate decayed to 0. Afterwards gain and bias are fitted so that rewards of samples from a policy
@@ -18,11 +19,13 @@ Simplifications, on purpose:
 - The data order is a fresh permutation per epoch drawn from (seed, epoch), so a batch is a pure function of the
   step; the last batch of the run may be smaller (no pair is dropped).
 """
+import importlib.util
+import inspect
 import json
 import math
 import os
-import sys
 import time
+import traceback
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -32,15 +35,15 @@ import torch.nn.functional as F
 
 from data import batches_in_order, epoch_indices, load_pair_splits, pair_batch
 from model import GPT, GPTConfig, ScalarHead, last_real_index
-from train import (ConfigError, ModelConfig, OptimConfig, Run, RunConfig, check_finite, disable_dropout,
-                   load_checkpoint, load_policy, lr_at, make_optimizer, model_from_checkpoint, opt,
+from train import (ConfigError, ModelConfig, OptimConfig, Run, RunConfig, TrainConfig, check_finite, disable_dropout,
+                   load_checkpoint, load_policy, make_optimizer, model_from_checkpoint, opt,
                    optimizer_step, sample_responses, setup_device)
 
 
 class RewardModel(nn.Module):
     """GPT trunk + scalar head. forward(ids, mask) -> raw scores (B,) read at each row's last real token.
 
-    The buffers gain and bias hold the normalisation fitted after training (RLHF notes #8): score() returns
+    The buffers gain and bias hold the normalisation fitted after training (as OpenAI): score() returns
     gain * raw + bias, so that rewards of reference responses have mean 0 and std 1. The same class, with its
     head read at every position, is PPO's critic."""
 
@@ -52,13 +55,15 @@ class RewardModel(nn.Module):
         self.register_buffer("gain", torch.ones(()))
         self.register_buffer("bias", torch.zeros(()))
 
-    def values(self, ids, mask):
-        """Head output at every position: (B, T)."""
-        return self.head(self.gpt.hidden(ids, mask))
-
     def forward(self, ids, mask):
-        v = self.values(ids, mask)  # (B, T)
+        """Raw scores (B,): the head read at each row's last real token (what the Bradley-Terry loss trains)."""
+        v = self.head(self.gpt.hidden(ids, mask))  # (B, T)
         return v.gather(1, last_real_index(mask)[:, None]).squeeze(1)  # (B,)
+
+    def values(self, ids, mask):
+        """Normalised head output at every position (B, T): gain * raw + bias. As PPO's critic, position t holds
+        the value of the state that the logits at t predict from."""
+        return self.gain * self.head(self.gpt.hidden(ids, mask)).float() + self.bias
 
     def score(self, ids, mask):
         """Normalised reward (B,)."""
@@ -76,7 +81,7 @@ def load_reward_model(path, device):
 # the loss, and scoring texts
 
 def bradley_terry_loss(r_chosen, r_rejected, margin=0.0, center_coef=0.0):
-    """Mean Bradley-Terry loss of B pairs (RLHF notes #5), a scalar.
+    """Mean Bradley-Terry loss of B pairs (Bradley and Terry 1952; Ouyang et al. 2022, eq. 1), a scalar.
 
     r_chosen, r_rejected: (B,) scores of the chosen and rejected responses. margin: a float or (B,), subtracted
     inside the sigmoid (Llama 2): -logsigmoid(r_c - r_r - margin). center_coef: weight c of the centering term
@@ -108,7 +113,7 @@ def score_texts(model, prompts, responses, device, batch_size=64):
 
 @torch.no_grad()
 def normalise(model, prompts, responses, device, batch_size=64):
-    """Fit gain and bias so that the scores of these texts have mean 0 and std 1 (RLHF notes #8, OpenAI).
+    """Fit gain and bias so that the scores of these texts have mean 0 and std 1 (OpenAI's lm-human-preferences).
     Returns the raw mean and std. Fits from the raw scores, so fitting twice gives the same result."""
     model.gain.fill_(1.0)
     model.bias.fill_(0.0)
@@ -128,7 +133,7 @@ class PairsConfig:
     data: str = opt("", "preference pairs: JSONL(.gz) in any of data.py's four preference formats (required)")
     eval_data: str = opt("", "evaluation pairs (default: the last 10% of --data, held out; the same every run)")
     max_pairs: int = opt(0, "read at most this many pairs per file (0: all)", min=0)
-    epochs: int = opt(1, "passes over the training pairs, when --max_iters=0 (more than one overfits, notes #7)",
+    epochs: int = opt(1, "passes over the training pairs, when --max_iters=0 (more than one overfits: Ouyang et al. 2022)",
                       min=1)
     max_iters: int = opt(0, "optimizer steps (0: --epochs passes over the training pairs)", min=0)
     batch_size: int = opt(32, "preference pairs per optimizer step (twice as many sequences)", min=1)
@@ -144,21 +149,151 @@ def plan(cfg, n_train):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# rewards for the RL stages: one interface, fn(prompts: list[str], responses: list[str]) -> float32 tensor (B,)
+
+@dataclass
+class RewardSpec:
+    """Keys of every stage that needs a reward (ppo, rloo, grpo, bon)."""
+    reward: str = opt("", "reward: a reward-model checkpoint, FILE.py:FUNCTION (prompts, responses -> one float per "
+                          "response), or several of these, comma-separated (required)")
+    reward_weights: str = opt("", "weights of several rewards, comma-separated: their weighted sum (default: all 1)")
+    reward_combine: str = opt("sum", "several rewards: sum (weighted), or llama2 (two: helpfulness, then safety; "
+                                     "the safety score where sigmoid(safety) < 0.15 or the prompt is flagged unsafe)")
+    unsafe_prompts: str = opt("", "llama2: a prompts file (any data.load_prompts format); its prompts are flagged "
+                                  "unsafe (exact text match)")
+
+
+def user_frame(exc, path):
+    """'FILE:LINE' of the deepest frame of exc's traceback that lies in the user's file `path` (else the deepest)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    mine = [f for f in frames if os.path.abspath(f.filename) == os.path.abspath(path)] or frames[-1:]
+    return f"{mine[-1].filename}:{mine[-1].lineno}" if mine else path
+
+
+def load_function(spec):
+    """FILE.py:FUNCTION -> the function, its file run as a fresh module. Every failure is one ConfigError."""
+    path, _, name = spec.rpartition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--reward={spec}: {path} is not a file")
+    module_spec = importlib.util.spec_from_file_location("reward_fn_" + os.path.splitext(os.path.basename(path))[0],
+                                                         path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # the user's file failed to import: its own error, at its own line
+        raise ConfigError(f"--reward={spec}: importing {path} failed at {user_frame(e, path)}: "
+                          f"{type(e).__name__}: {str(e)[:200]}") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ConfigError(f"--reward={spec}: {path} has no function {name!r}")
+    try:
+        inspect.signature(fn).bind([], [])
+    except TypeError:
+        raise ConfigError(f"--reward={spec}: {name}{inspect.signature(fn)} must take two arguments, "
+                          f"(prompts, responses)") from None
+    except ValueError:  # a builtin without a signature: let the call decide
+        pass
+    return fn
+
+
+def call_user_reward(fn, spec, prompts, responses):
+    """A user's reward function, called and checked: one float per response, finite. Its failures are one line
+    naming the user's file and line, never a traceback of ours."""
+    path = spec.rpartition(":")[0]
+    try:
+        out = fn(prompts, responses)
+    except Exception as e:
+        raise ConfigError(f"--reward={spec}: raised {type(e).__name__} at {user_frame(e, path)}: "
+                          f"{str(e)[:200]}") from None
+    try:
+        values = torch.as_tensor(out, dtype=torch.float32).flatten() if out is not None else None
+    except (TypeError, ValueError, RuntimeError):
+        values = None
+    if values is None:
+        raise ConfigError(f"--reward={spec}: returned {type(out).__name__} {str(out)[:60]!r}; expected one float per "
+                          f"response (a list or a tensor)")
+    return values
+
+
+def reward_component(spec, device, batch_size):
+    """One reward, checked: its scores as a float32 tensor (B,) on device."""
+    if spec.endswith(".py"):
+        raise ConfigError(f"--reward={spec}: name the function too, as FILE.py:FUNCTION")
+    if ".py:" in spec:
+        fn = load_function(spec)
+        get = lambda prompts, responses: call_user_reward(fn, spec, prompts, responses)
+    else:
+        model = load_reward_model(spec, device)
+        get = lambda prompts, responses: torch.tensor(score_texts(model, prompts, responses, device, batch_size))
+
+    def scores(prompts, responses):
+        out = get(prompts, responses).to(device)
+        if out.numel() != len(responses):
+            raise ConfigError(f"--reward={spec}: returned {out.numel()} scores for {len(responses)} responses")
+        if not torch.isfinite(out).all():
+            raise ConfigError(f"--reward={spec}: returned a non-finite score")
+        return out
+    return scores
+
+
+def llama2_reward(helpful, safety, unsafe, threshold=0.15):
+    """Llama 2's combination (Touvron et al. 2023, section 3.2.2): the safety score R_s where the prompt is flagged
+    unsafe or sigmoid(R_s) < 0.15, otherwise the helpfulness score R_h. Both are (normalised) logits, so LOGIT of the
+    chosen sigmoid score is the chosen score itself; the WHITEN of that paper is done per batch by the RL loop.
+    helpful, safety: (B,) float; unsafe: (B,) bool. Returns (B,)."""
+    return torch.where(unsafe | (torch.sigmoid(safety) < threshold), safety, helpful)
+
+
+def make_reward(spec, device, weights="", combine="sum", unsafe_prompts="", batch_size=64):
+    """The reward of every RL stage: fn(prompts, responses) -> float32 tensor (B,) on device.
+
+    spec: a reward checkpoint (scored by score_texts: normalised, read at the last real token), FILE.py:FUNCTION
+    (a user's function returning one float per response), or several of these, comma-separated, combined as the
+    weighted sum with `weights` ("1,0.5"), or with combine="llama2" (helpfulness first, safety second; a prompt is
+    flagged unsafe when it is in the `unsafe_prompts` file)."""
+    from data import load_prompts
+    specs = [s.strip() for s in spec.split(",") if s.strip()]
+    if not specs:
+        raise ConfigError("--reward is required: a reward checkpoint, FILE.py:FUNCTION, or several, comma-separated")
+    parts = [reward_component(s, device, batch_size) for s in specs]
+    if combine == "llama2":
+        if len(parts) != 2 or weights:
+            raise ConfigError("--reward_combine=llama2 takes two rewards (helpfulness, safety) and no --reward_weights")
+        unsafe = set(load_prompts(unsafe_prompts)) if unsafe_prompts else set()
+        return lambda prompts, responses: llama2_reward(
+            parts[0](prompts, responses), parts[1](prompts, responses),
+            torch.tensor([p in unsafe for p in prompts], dtype=torch.bool, device=device))
+    if combine != "sum":
+        raise ConfigError(f"--reward_combine={combine}: expected sum or llama2")
+    if unsafe_prompts:
+        raise ConfigError("--unsafe_prompts is used only with --reward_combine=llama2")
+    try:
+        w = [float(x) for x in weights.split(",")] if weights else [1.0] * len(parts)
+    except ValueError:
+        raise ConfigError(f"--reward_weights={weights}: expected numbers, comma-separated") from None
+    if len(w) != len(parts):
+        raise ConfigError(f"--reward_weights={weights}: {len(w)} weights for {len(parts)} rewards")
+    if w == [1.0]:
+        return parts[0]
+    return lambda prompts, responses: sum(wi * part(prompts, responses) for wi, part in zip(w, parts))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # stage reward
 
 @dataclass
-class RewardConfig(PairsConfig, RunConfig, ModelConfig, OptimConfig):
+class RewardConfig(PairsConfig, TrainConfig, ModelConfig, OptimConfig):
     out_dir: str = opt("out/reward", "run folder")
     init_from: str = opt("scratch", "scratch (shape from the model keys), or a policy checkpoint (from sft) whose "
-                                    "GPT becomes the trunk (notes #6); --block_size may not exceed its own")
-    learning_rate: float = opt(3e-5, "peak learning rate, decayed to --min_lr (0) at the end (notes #7)", min=0.0)
+                                    "GPT becomes the trunk; --block_size may not exceed its own")
+    learning_rate: float = opt(3e-5, "peak learning rate, decayed to --min_lr (0) at the end", min=0.0)
     warmup_iters: int = opt(0, "linear warm-up steps", min=0)
     margin: float = opt(0.0, "constant margin inside the sigmoid: -logsigmoid(r_c - r_r - margin)")
     center_coef: float = opt(0.0, "weight c of the centering term c * mean((r_c + r_r)^2) (0.01 in N+/TRL)", min=0.0)
     policy: str = opt("", "policy checkpoint whose samples fit the normalisation (default: the data's responses)")
     norm_samples: int = opt(512, "prompts (with --policy) or pairs whose responses fit the normalisation", min=1)
     max_new_tokens: int = opt(64, "with --policy: tokens sampled per response", min=1)
-    temperature: float = opt(0.7, "with --policy: sampling temperature (notes #9)", min=0.0)
+    temperature: float = opt(0.7, "with --policy: sampling temperature: the policies' (N+: 0.7)", min=0.0)
 
 
 def init_model(cfg):
@@ -236,8 +371,7 @@ def train(cfg):
         loss = bradley_terry_loss(r_chosen, r_rejected, cfg.margin, cfg.center_coef)
         check_finite(step, loss=loss.detach())
         loss.backward()
-        lr = lr_at(step, cfg)
-        norm = optimizer_step(model, optimizer, lr, cfg.grad_clip, step)
+        lr, norm = optimizer_step(model, optimizer, cfg, step)
         # 2c. log, evaluate, checkpoint (the last one after the normalisation)
         done = step + 1
         if done % cfg.log_interval == 0 or done == cfg.max_iters:
@@ -249,13 +383,10 @@ def train(cfg):
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.2f}",
                             **({"eval_acc": f"{metrics['eval/accuracy']:.3f}"} if "eval/accuracy" in metrics else {}))
             t0, last = time.time(), done
-        if run.stop_requested or (done % cfg.ckpt_interval == 0 and done < cfg.max_iters):
-            run.save(done, model, optimizer, kind="reward")
-        if run.stop_requested:
-            print(f"stopped at step {done}; continue with --resume --out_dir={cfg.out_dir}", file=sys.stderr)
+        if run.end_step(done, cfg.max_iters, lambda: run.save(done, model, optimizer, kind="reward")):
             return 130
 
-    # 3. final evaluation (the last step's, unless the run resumed after it), normalisation (notes #8), checkpoint
+    # 3. final evaluation (the last step's, unless the run resumed after it), normalisation, checkpoint
     final = ({k: v for k, v in metrics.items() if k.startswith("eval/")}
              or {f"eval/{k}": v for k, v in evaluate(model, eval_rows, cfg, device, ctx).items()})
     mean, std = fit_normalisation(model, cfg, train_pairs, device, ctx)
