@@ -48,7 +48,7 @@ from tqdm import tqdm
 from data import load_imdb, read_jsonl
 from imdb import (ROOT, SFT_CPU_PATH, SFT_CPU_SHA256, SPLITS, check_sha256, gold_reward, imdb_files, sft_samples,
                   simulate_preferences, write_prompts)
-from train import (STAGES, ConfigError, Run, RunConfig, TrainingError, load_checkpoint, load_policy, opt,
+from train import (RESTART_KEYS, STAGES, ConfigError, Run, RunConfig, TrainingError, load_checkpoint, load_policy, opt,
                    parse_config, read_json, setup_device, write_json)
 
 # the one sampling temperature of the benchmark: every policy trains and is evaluated at it, and the reward model is
@@ -83,12 +83,12 @@ PRESETS = {
     "tiny": dict(
         imdb_dir="", sft=dict(n_layer=1, n_head=2, n_embd=32, block_size=48, batch_size=8, max_iters=10,
                                learning_rate=3e-3, warmup_iters=2, eval_interval=10, eval_iters=2),
-        sft_ckpt=SFT_CPU_PATH, n_train_prompts=512, n_eval_prompts=64, max_new_tokens=12, jobs=2, seeds=[1],
-        reward=dict(learning_rate=1e-3),
+        sft_ckpt=SFT_CPU_PATH, n_train_prompts=1024, n_eval_prompts=128, max_new_tokens=12, jobs=2, seeds=[1],
+        reward=dict(learning_rate=1e-3, warmup_iters=0),
         methods=dict(ppo=[0.05], ppo_gt=[0.05], dpo=[0.1], rloo=[0.05], grpo=[0.04]),
-        rl=dict(batch_size=32, minibatch_size=16, micro_batch_size=32, max_iters=10, learning_rate=5e-4,
-                warmup_iters=0, eval_interval=1000), dpo=dict(batch_size=32, max_iters=16, learning_rate=5e-4,
-                                                              warmup_iters=0),
+        rl=dict(batch_size=32, minibatch_size=16, micro_batch_size=32, max_iters=12, learning_rate=5e-4,
+                warmup_iters=0, whiten_rewards=True, eval_interval=1000),
+        dpo=dict(batch_size=32, max_iters=32, learning_rate=5e-4, warmup_iters=0),
         bon_prompts=8, bon_pool=16),
 }
 METHODS = ("ppo", "ppo_gt", "dpo", "rloo", "grpo")
@@ -111,10 +111,6 @@ class PipelineConfig(RunConfig):
 # -----------------------------------------------------------------------------
 # reuse only what the same inputs made
 
-class Stopped(Exception):
-    """Ctrl-C or SIGTERM: the pipeline stops between sub-runs or policies and exits with status 130."""
-
-
 _sha = {}
 
 
@@ -133,9 +129,10 @@ def fingerprint(path):
 
 def first_difference(old, new):
     """The first key whose value differs between two flat dicts, as 'key: old -> new'; None if they are equal."""
+    short = lambda v: str(v) if len(str(v)) <= 60 else str(v)[:57] + "..."
     for k in list(new) + [k for k in old if k not in new]:
         if old.get(k, "(missing)") != new.get(k, "(missing)"):
-            return f"{k}: {old.get(k, '(missing)')} -> {new.get(k, '(missing)')}"
+            return f"{k}: {short(old.get(k, '(missing)'))} -> {short(new.get(k, '(missing)'))}"
     return None
 
 
@@ -152,7 +149,7 @@ def stale(what, old, new, overwrite):
     return diff
 
 
-IGNORED = ("out_dir", "resume", "overwrite")  # keys that do not change what a sub-run computes
+IGNORED = ("out_dir", *RESTART_KEYS)  # keys that do not change what a sub-run computes (train.py)
 
 
 def sub_run_plan(stage, out_dir, args, overwrite):
@@ -187,6 +184,10 @@ def inputs_of(args):
 
 # -----------------------------------------------------------------------------
 # sub-runs: train.py in a child process, a few at a time, stopped cleanly
+
+class Stopped(Exception):
+    """Ctrl-C or SIGTERM: the pipeline stops between sub-runs or policies and exits with status 130."""
+
 
 class Scheduler:
     """The sub-runs in flight and the signals received. First SIGINT/SIGTERM: one SIGTERM to each running sub-run
@@ -456,7 +457,9 @@ def stages(cfg, run, scheduler, preset, methods, files, sft):
     stage_args = dict(ppo=("ppo", rl + [f"--reward={proxy}"], "kl_coef"),
                       ppo_gt=("ppo", rl + ["--reward=imdb.py:gold_reward"], "kl_coef"),
                       rloo=("rloo", rl + [f"--reward={proxy}"], "kl_coef"),
-                      grpo=("grpo", rl + [f"--reward={proxy}"], "kl_coef"), dpo=("dpo", dpo, "beta"))
+                      # GRPO normalises its rewards within each group already (ppo.py refuses --whiten_rewards)
+                      grpo=("grpo", [a for a in rl if not a.startswith("--whiten_rewards")] + [f"--reward={proxy}"],
+                            "kl_coef"), dpo=("dpo", dpo, "beta"))
     todo, policies = [], {"sft": sft_ckpt}
     for m in methods:
         stage, args, beta_key = stage_args[m]
