@@ -432,8 +432,9 @@ def test_an_unknown_device_is_one_line_from_the_command_line(tmp_path):
     ("sample", "--seed=-5", "--seed=-5: must be >= 0"),
 ])
 def test_bad_values_are_one_line(stage, arg, needle, tmp_path, in_process):
-    code, _, err = in_process(stage, arg, f"--out_dir={tmp_path}")
+    code, _, err = in_process(stage, arg, f"--out_dir={tmp_path}/o")
     assert one_line_error(code, err) and needle in err
+    assert not os.path.exists(tmp_path / "o")  # found when parsing, before a run folder is made
 
 
 @pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")
