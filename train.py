@@ -411,7 +411,7 @@ class Run:
         try:
             old = read_json(path)
         except (ValueError, UnicodeDecodeError):
-            old = {}
+            old = dict(stage="unreadable (config.json is not JSON)")
         config = json.loads(json.dumps(config, default=str))  # as config.json holds it
         changed = sorted(k for k in set(old) | set(config) if k not in RESTART_KEYS and old.get(k) != config.get(k))
         if not changed:
