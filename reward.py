@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from data import batches_in_order, epoch_indices, load_pair_splits, pair_batch
 from model import GPT, GPTConfig, ScalarHead, last_real_index
-from train import (ConfigError, ModelConfig, OptimConfig, Run, RunConfig, TrainConfig, check_finite, disable_dropout,
+from train import (ConfigError, ModelConfig, block_size_for, OptimConfig, Run, RunConfig, TrainConfig, check_finite, disable_dropout,
                    load_checkpoint, load_policy, make_optimizer, model_from_checkpoint, opt,
                    optimizer_step, sample_responses, setup_device)
 
@@ -286,6 +286,8 @@ class RewardConfig(PairsConfig, TrainConfig, ModelConfig, OptimConfig):
     out_dir: str = opt("out/reward", "run folder")
     init_from: str = opt("scratch", "scratch (shape from the model keys), or a policy checkpoint (from sft) whose "
                                     "GPT becomes the trunk; --block_size may not exceed its own")
+    block_size: int = opt(0, "longest sequence (0: the checkpoint's with --init_from, else 256); pairs are truncated "
+                             "to it", min=0)
     learning_rate: float = opt(3e-5, "peak learning rate, decayed to --min_lr (0) at the end", min=0.0)
     warmup_iters: int = opt(0, "linear warm-up steps", min=0)
     margin: float = opt(0.0, "constant margin inside the sigmoid: -logsigmoid(r_c - r_r - margin)")
@@ -297,15 +299,16 @@ class RewardConfig(PairsConfig, TrainConfig, ModelConfig, OptimConfig):
 
 
 def init_model(cfg):
-    """A RewardModel with its trunk from --init_from (a policy checkpoint) or from scratch; dropout off (#3)."""
+    """A RewardModel with its trunk from --init_from (a policy checkpoint) or from scratch, dropout off; sets
+    cfg.block_size (0: the checkpoint's, or 256 from scratch; train.block_size_for)."""
     if cfg.init_from == "scratch":
+        cfg.block_size = block_size_for(cfg)
         return disable_dropout(RewardModel(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                                                      block_size=cfg.block_size, bias=cfg.bias)))
     ckpt = load_checkpoint(cfg.init_from, "policy")
     model = RewardModel(GPTConfig(**ckpt["model_args"]))
     model_from_checkpoint(ckpt, cfg.init_from, model.gpt)
-    if cfg.block_size > model.config.block_size:
-        raise ConfigError(f"--block_size={cfg.block_size} exceeds the checkpoint's {model.config.block_size}")
+    cfg.block_size = block_size_for(cfg, model.config.block_size)
     return disable_dropout(model)
 
 
