@@ -22,7 +22,7 @@ labelled train reviews. It shares nothing with the proxy reward model (a GPT tru
 that overoptimising the proxy shows up as a gap between the two. It is a fixed artifact, assets/gold-imdb.pt,
 whose sha256 is pinned below: numbers from different runs and commits use the same judge.
 
-The cpu preset's SFT model, assets/sft-imdb-cpu.pt (sha256 pinned below), is the 2-layer, 64-wide GPT trained ahead
+The SFT model of the cpu and tiny presets, assets/sft-imdb-cpu.pt (sha256 pinned below), is the 2-layer, 64-wide GPT trained ahead
 of time on one GPU on the full train + unsup text (6,000 steps; the command is in the README) and stored by
 `python imdb.py freeze` as fp16 weights. Two CPU cores cannot train a usable one in the default run's minutes
 (250 steps leave eval loss 7.0 and near-gibberish samples, from which no method learns); --sft=train does anyway.

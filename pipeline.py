@@ -30,7 +30,6 @@ Simplifications, on purpose:
 - Sub-runs on one machine share its cores (CPU) or its GPU; there is no multi-machine scheduling.
 """
 import dataclasses
-import hashlib
 import importlib
 import json
 import math
@@ -46,8 +45,8 @@ import torch
 from tqdm import tqdm
 
 from data import load_imdb, read_jsonl
-from imdb import (ROOT, SFT_CPU_PATH, SFT_CPU_SHA256, SPLITS, check_sha256, gold_reward, imdb_files, sft_samples,
-                  simulate_preferences, write_prompts)
+from imdb import (ROOT, SFT_CPU_PATH, SFT_CPU_SHA256, SPLITS, check_sha256, file_sha256, gold_reward, imdb_files,
+                  sft_samples, simulate_preferences, write_prompts)
 from train import (RESTART_KEYS, STAGES, ConfigError, Run, RunConfig, TrainingError, load_checkpoint, load_policy, opt,
                    parse_config, read_json, setup_device, write_json)
 
@@ -119,11 +118,7 @@ def fingerprint(path):
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
     if key not in _sha:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-        _sha[key] = digest.hexdigest()
+        _sha[key] = file_sha256(path)
     return dict(size=st.st_size, sha256=_sha[key])
 
 
@@ -195,9 +190,11 @@ class Scheduler:
     sub-run's process group is killed and Stopped is raised at once."""
 
     def __init__(self):
-        self.running, self.signals = [], 0  # running: [(Popen, out_dir)]
+        self.running, self.signals, self.closed = [], 0, False  # running: [(Popen, out_dir)]
 
     def on_signal(self, signum, frame):
+        if self.closed:  # the pipeline is already on its way out: nothing left to stop
+            return
         self.signals += 1
         if self.signals == 1:
             print(f"\n{signal.Signals(signum).name}: stopping; {len(self.running)} running sub-run(s) save a "
@@ -377,16 +374,16 @@ def pipeline(cfg):
         check_sha256(sft, SFT_CPU_SHA256, "the committed SFT model")
     run = Run(cfg, "pipeline")
     scheduler = Scheduler()
-    handlers = {sig: signal.signal(sig, scheduler.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in (signal.SIGINT, signal.SIGTERM):  # in place of Run's handler, as Run's stays for its process's life
+        signal.signal(sig, scheduler.on_signal)
     try:
         return stages(cfg, run, scheduler, preset, methods, files, sft)
     except Stopped:
-        print(f"stopped; run the same command again to continue where it stopped", file=sys.stderr)
+        print("stopped; run the same command again to continue where it stopped", file=sys.stderr)
         return 130
     finally:
         scheduler.kill_all()
-        for sig, h in handlers.items():
-            signal.signal(sig, h)
+        scheduler.closed = True  # a signal during the exit is ignored, not a traceback
 
 
 def stages(cfg, run, scheduler, preset, methods, files, sft):
