@@ -6,7 +6,7 @@ policy evaluated on held-out prefixes, best-of-N from the SFT policy -> results.
 
     python train.py                                  # the cpu preset (~7 min on 2 cores) into out/imdb
     python train.py pipeline --preset=gpu --imdb_dir=../shared/data/imdb --out_dir=out/imdb-gpu
-    python train.py pipeline --preset=tiny --out_dir=/tmp/imdb    # seconds, for the tests
+    python train.py pipeline --preset=tiny --out_dir=/tmp/imdb    # the tests' size: a few minutes on 2 cores
     python train.py plot --run=out/imdb/runs/ppo_beta0.05_seed1   # any run folder's metrics.jsonl as a PNG
 
 Re-running: each sub-run lives in its own folder under --out_dir. Run the same command again after a stop or a crash
@@ -98,7 +98,7 @@ BON_NS = (1, 2, 4, 8, 16, 32, 64)
 class PipelineConfig(RunConfig):
     out_dir: str = opt("out/imdb", "run folder of the whole benchmark; each sub-run gets a folder inside it")
     preset: str = opt("cpu", "cpu (the main job: ~7 min on 2 cores, committed sample), gpu (the full sweep, "
-                             "one H100, ~10 min) or tiny (about a minute, for the tests)")
+                             "one H100, ~10 min) or tiny (a few minutes on 2 cores, for the tests)")
     imdb_dir: str = opt("", "folder with IMDb {train,test,unsup}.jsonl.gz (default: the preset's; cpu: the "
                             "committed sample)")
     jobs: int = opt(0, "sub-runs at once (0: the preset's; several share one GPU well)", min=0)
