@@ -164,6 +164,14 @@ def _kind(value):
             dict: "an object"}.get(type(value), "null")
 
 
+def write_jsonl(path, rows):
+    """The one JSON-lines writer: one object per line, written to a temporary file and renamed into place, so a
+    kill never leaves half a file."""
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    os.replace(path + ".tmp", path)
+
+
 def _field(path, n, obj, key, kind=str):
     """obj[key], checked to be of JSON type `kind` (str, int or list; a boolean is never an integer)."""
     value = obj[key]
@@ -600,14 +608,12 @@ def split_file(path, eval_fraction, out_prefix):
         raise DataError(f"{path}: empty file, nothing to split")
     n_eval = max(1, round(len(rows) * eval_fraction))
     for name, part in (("train", rows[:-n_eval]), ("eval", rows[-n_eval:])):
-        with open(f"{out_prefix}-{name}.jsonl", "w") as f:
-            f.writelines(json.dumps(obj) + "\n" for obj in part)
+        write_jsonl(f"{out_prefix}-{name}.jsonl", part)
     return len(rows) - n_eval, n_eval
 
 
 if __name__ == "__main__":
     import argparse
-    import sys
     parser = argparse.ArgumentParser(description="data tools (training runs from train.py)")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("split", help="split a JSONL file into PREFIX-train.jsonl and PREFIX-eval.jsonl")

@@ -59,7 +59,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import DataError, decode, encode, load_imdb
+from data import DataError, decode, encode, load_imdb, write_jsonl
 from train import ConfigError, load_checkpoint, load_policy, save_checkpoint, setup_device
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -315,8 +315,7 @@ def write_prompts(rows, path, n, seed):
     for r in rows[:n]:
         k = int(torch.randint(2, 9, (1,), generator=g))
         prompts.append(decode(encode(r["text"])[:k]))
-    with open(path, "w") as f:
-        f.writelines(json.dumps(dict(prompt=p)) + "\n" for p in prompts)
+    write_jsonl(path, [dict(prompt=p) for p in prompts])
     return prompts
 
 
@@ -352,9 +351,7 @@ def simulate_preferences(sft_path, prompts, cfg, max_new_tokens, temperature, pa
     _, responses = sft_samples(sft_path, prompts, 2, cfg, max_new_tokens, cfg.seed + 3, temperature,
                                "preference samples")
     rows, agreement = label_pairs(prompts, responses[0::2], responses[1::2], cfg.seed + 4)
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(path + ".tmp", path)
+    write_jsonl(path, rows)
     return agreement
 
 

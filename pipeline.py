@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from data import load_imdb, read_jsonl
+from data import load_imdb, read_jsonl, write_jsonl
 from imdb import (ROOT, SFT_CPU_PATH, SFT_CPU_SHA256, SPLITS, check_sha256, file_sha256, gold_reward, imdb_files,
                   sft_samples, simulate_preferences, write_prompts)
 from train import (RESTART_KEYS, STAGES, ConfigError, Run, RunConfig, TrainingError, load_checkpoint, load_policy, opt,
@@ -332,10 +332,9 @@ def evaluate_all(policies, ref_path, eval_prompts, proxy_path, cfg, max_new_toke
                                  temperature=TEMPERATURE, seed=cfg.seed)
             prox = score_texts(proxy, [s["prompt"] for s in ev["samples"]], [s["response"] for s in ev["samples"]],
                                device)
-        with open(os.path.join(out_dir, "samples", f"{name}.jsonl"), "w") as f:
-            for s, pr in zip(ev["samples"], prox):
-                f.write(json.dumps(dict(prefix=s["prompt"], response=s["response"], gold=s["score"], proxy=pr,
-                                        kl=s["kl"])) + "\n")
+        write_jsonl(os.path.join(out_dir, "samples", f"{name}.jsonl"),
+                    [dict(prefix=s["prompt"], response=s["response"], gold=s["score"], proxy=pr, kl=s["kl"])
+                     for s, pr in zip(ev["samples"], prox)])
         results[name] = dict(gold=ev["score"], proxy=sum(prox) / len(prox), kl=ev["kl"], length=ev["length"])
     return results
 

@@ -43,7 +43,6 @@ Simplifications, on purpose:
 - Best-of-N draws its N samples independently (no deduplication); a tie keeps the first. Rejection-sampling
   fine-tuning (Llama 2) is `bon` followed by `sft` on its selected.jsonl, not a loop of its own.
 """
-import json
 import math
 import os
 import sys
@@ -55,11 +54,11 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from data import derived_seed, epoch_indices, load_prompts
+from data import derived_seed, epoch_indices, load_prompts, write_jsonl
 from model import ScalarHead, last_real_index, response_logprobs
 from reward import RewardModel, RewardSpec, load_reward_model, make_reward
 from train import (ConfigError, OptimConfig, Run, RunConfig, Samples, TrainConfig, check_finite, disable_dropout,
-                   load_policy, make_optimizer, opt, optimizer_step, sample_responses, setup_device)
+                   load_policy, make_optimizer, opt, optimizer_step, sample_responses, setup_device, shorten)
 
 SAMPLING, SHUFFLE, EVAL = range(3)  # the random streams of a step: derived_seed(seed, step, stream)
 
@@ -547,7 +546,7 @@ def train_rl(cfg, algo):
             bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
         if done % cfg.eval_interval == 0 or done == cfg.max_iters:
             for p, r, s in list(zip(b.prompts, b.responses, b.scores.tolist()))[:2]:
-                tqdm.write(f"[step {done}] score {s:+.3f} | {p[-100:]!r} -> {r[:200]!r}")
+                tqdm.write(f"[step {done}] score {s:+.3f} | {shorten(p)!r} -> {shorten(r)!r}")
             if eval_prompts:
                 final_eval = evaluate(done)
         if run.end_step(done, cfg.max_iters, save):
@@ -577,11 +576,6 @@ def train_rloo(cfg):
 
 def train_grpo(cfg):
     return train_rl(cfg, "grpo")
-
-
-def write_jsonl(path, rows):
-    with open(path, "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 # ----------------------------------------------------------------------------------------------------------------

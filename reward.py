@@ -21,7 +21,6 @@ Simplifications, on purpose:
 """
 import importlib.util
 import inspect
-import json
 import math
 import os
 import time
@@ -37,7 +36,7 @@ from data import batches_in_order, epoch_indices, load_pair_splits, pair_batch
 from model import GPT, GPTConfig, ScalarHead, last_real_index
 from train import (ConfigError, ModelConfig, block_size_for, OptimConfig, Run, RunConfig, TrainConfig, check_finite, disable_dropout,
                    load_checkpoint, load_policy, make_optimizer, model_from_checkpoint, opt,
-                   optimizer_step, sample_responses, setup_device)
+                   optimizer_step, sample_responses, setup_device, shorten)
 
 
 class RewardModel(nn.Module):
@@ -415,7 +414,7 @@ class ScoreConfig(RunConfig):
 
 
 def score(cfg):
-    from data import load_sft
+    from data import load_sft, write_jsonl
     if cfg.data and (cfg.prompt or cfg.response):
         raise ConfigError("give either --data or --prompt/--response, not both")
     if not (cfg.data or cfg.prompt or cfg.response):
@@ -427,11 +426,10 @@ def score(cfg):
     prompts, responses = [ex.prompt for ex in examples], [ex.response for ex in examples]
     with ctx:
         scores = score_texts(model, prompts, responses, device, cfg.batch_size)
-    with open(os.path.join(run.dir, "scores.jsonl"), "w") as f:
-        for p, r, s in zip(prompts, responses, scores):
-            f.write(json.dumps(dict(prompt=p, response=r, score=s)) + "\n")
+    write_jsonl(os.path.join(run.dir, "scores.jsonl"),
+                [dict(prompt=p, response=r, score=s) for p, r, s in zip(prompts, responses, scores)])
     for p, r, s in list(zip(prompts, responses, scores))[:10]:
-        print(f"{s:+.4f}  {(p + r)[-100:]!r}")
+        print(f"{s:+.4f}  {shorten(p + r)!r}")
     t = torch.tensor(scores)
     summary = run.summary(n=len(scores), mean=t.mean().item(), std=t.std(correction=0).item())
     print(f"{summary['n']} scored: mean {summary['mean']:+.4f}, std {summary['std']:.4f}; {run.dir}/scores.jsonl")

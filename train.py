@@ -48,7 +48,7 @@ STAGES = {
     "ppo": ("ppo", "PPOConfig", "train_ppo", "PPO with GAE, a critic and a reference-model KL penalty"),
     "rloo": ("ppo", "RLOOConfig", "train_rloo", "REINFORCE leave-one-out (k samples per prompt, no critic)"),
     "grpo": ("ppo", "GRPOConfig", "train_grpo", "GRPO (group-normalised advantages, k3 KL in the loss)"),
-    "bon": ("ppo", "BoNConfig", "best_of_n", "best-of-N sampling; with --finetune, rejection-sampling fine-tuning"),
+    "bon": ("ppo", "BoNConfig", "best_of_n", "best-of-N sampling; sft on its selected.jsonl is rejection-sampling fine-tuning"),
     "pipeline": ("pipeline", "PipelineConfig", "pipeline", "the IMDb controlled-sentiment benchmark, end to end"),
     "plot": ("pipeline", "PlotConfig", "plot", "plot a run folder's metrics.jsonl to PNG"),
 }
@@ -571,7 +571,7 @@ class SFTConfig(TrainConfig, ModelConfig, OptimConfig):
     out_dir: str = opt("out/sft", "run folder")
     data: str = opt(DEFAULT_SFT_DATA, "training data: JSONL(.gz) or .txt, comma-separated files ({text}, IMDb rows, "
                                       "{prompt, response} or {messages}); text is a corpus, pairs train the response")
-    eval_data: str = opt("", "evaluation data (default: a held-out 5% slice of --data)")
+    eval_data: str = opt("", "evaluation data (default: the last 10% of --data, held out)")
     block_size: int = opt(0, "longest sequence the model sees (0: 256 from scratch, the checkpoint's with "
                              "--init_from; a smaller value than the checkpoint's is fine)", min=0)
     init_from: str = opt("scratch", "scratch, or a policy checkpoint to fine-tune (its shape wins over the model "
@@ -749,7 +749,7 @@ def sample_responses(policy, prompts, max_new_tokens, generator, device, ctx=nul
 
 @torch.no_grad()
 def sample(cfg):
-    from data import load_prompts
+    from data import load_prompts, write_jsonl
     run = Run(cfg, "sample")
     device, ctx = setup_device(cfg)
     model, _ = load_policy(cfg.ckpt, device)
@@ -759,9 +759,8 @@ def sample(cfg):
     s = sample_responses(model, [p for p in prompts for _ in range(cfg.num_samples)], max_new_tokens, g, device,
                          ctx, cfg.temperature, cfg.top_k, cfg.top_p, cfg.batch_size, desc="sampling")
     lengths = s.resp_mask.sum(1).long().tolist()
-    with open(os.path.join(run.dir, "samples.jsonl"), "w") as f:
-        for p, r, n in zip(s.prompts, s.responses, lengths):
-            f.write(json.dumps(dict(prompt=p, response=r, tokens=n)) + "\n")
+    write_jsonl(os.path.join(run.dir, "samples.jsonl"),
+                [dict(prompt=p, response=r, tokens=n) for p, r, n in zip(s.prompts, s.responses, lengths)])
     for p, r in list(zip(s.prompts, s.responses))[:10]:  # cut, so that a huge prompt is not echoed whole
         print(f"--- {shorten(p)!r}\n{shorten(p)}{shorten(r)}")
     run.summary(samples=len(lengths), mean_tokens=sum(lengths) / len(lengths))

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 import data as data_lib
 import dpo
-import reward
 import train
 from conftest import kill_and_resume, read_json, read_metrics, run_cli
 from data import EOS

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model import (GPT, GPTConfig, KVCache, N_REAL_TOKENS, ScalarHead, last_real_index, response_logprobs,
-                   response_mask, sample_token, sampling_cdf)
+                   sample_token, sampling_cdf)
 
 
 def tiny(seed=0, **kw):
