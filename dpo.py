@@ -115,8 +115,6 @@ def check_config(cfg):
         raise ConfigError(f"--label_smoothing is used by --loss=cdpo only (got --loss={cfg.loss})")
     if cfg.beta <= 0:
         raise ConfigError(f"--beta={cfg.beta}: must be > 0")
-    if cfg.compile:
-        raise ConfigError("--compile is not supported by stage dpo (log-probs go through model.hidden, not forward)")
     if cfg.reference_free and cfg.ref:
         raise ConfigError("--reference_free uses no reference model: drop --ref")
 
@@ -126,8 +124,9 @@ def train(cfg):
     run = Run(cfg, "dpo")
     device, ctx = setup_device(cfg)
     # 1. policy, reference and data
-    policy, _ = load_policy(cfg.init_from, device)  # dropout off
-    ref = None if cfg.reference_free else load_policy(cfg.ref or cfg.init_from, device)[0].requires_grad_(False)
+    policy, _ = load_policy(cfg.init_from, device, cfg.compile)  # dropout off
+    ref = None if cfg.reference_free else \
+        load_policy(cfg.ref or cfg.init_from, device, cfg.compile)[0].requires_grad_(False)
     train_rows, eval_rows, _ = load_pair_splits(cfg.data, cfg.eval_data, cfg.max_pairs, policy.config.block_size,
                                              cfg.append_eos)
     total = plan(cfg, len(train_rows))

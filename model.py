@@ -17,6 +17,7 @@ Simplifications on purpose:
   every softmax: they can never be sampled and never take probability mass in a log-prob.
 """
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -140,12 +141,28 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters()) - self.transformer.wpe.weight.numel()
 
+    def compile_hidden(self):
+        """torch.compile the path of every training step and log-prob (hidden() without a cache). Decoding keeps
+        the plain path, as its step is replayed as a CUDA graph instead. Weights and checkpoints are unaffected."""
+        self.compiled = torch.compile(self._hidden)
+        return self
+
     def hidden(self, idx, mask=None, cache=None, cache_idx=None):
         """Final hidden states (B, T, C) of tokens idx (B, T).
 
         mask (B, T): 1 on real tokens (None: all real, the fast causal path). Position ids count real tokens only
         (cumsum(mask) - 1), so left padding changes nothing for real tokens. With a cache, the T tokens go into
-        slots cache_idx (T,) and attend to everything already there."""
+        slots cache_idx (T,) and attend to everything already there.
+
+        A mask of real tokens followed by padding in every row (right padding only) needs no attention mask: under
+        causal attention a real token never sees the padding after it, and its position is its column. Such batches
+        take the fast causal path (flash attention); their padding positions' outputs are not used anywhere."""
+        if cache is None and mask is not None and bool((mask[:, 0] > 0).all() & (mask[:, 1:] <= mask[:, :-1]).all()):
+            mask = None
+        compiled = self.__dict__.get("compiled") if cache is None else None
+        return (compiled or self._hidden)(idx, mask, cache, cache_idx)
+
+    def _hidden(self, idx, mask, cache, cache_idx):
         B, T = idx.shape
         if cache is None:
             if mask is None:
@@ -172,7 +189,7 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, mask=None):
         """nanoGPT's interface: logits (B, T, 50257) and, given targets (B, T), the mean cross-entropy over
         targets that are not -1."""
-        logits = self.logits(self.hidden(idx, mask))
+        logits = self.logits(self._hidden(idx, mask, None, None))
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
@@ -180,30 +197,119 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompt, prompt_mask, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
-                 eos_id=50256, pad_id=50257, generator=None, cache_dtype=None):
+                 eos_id=50256, pad_id=50257, generator=None, cuda_graph=True):
         """Sample continuations of left-padded prompts (B, P) with mask (B, P).
 
         Returns (tokens, mask), both (B, max_new_tokens): the sampled ids, and 1 on every sampled token up to and
         including the first EOS. After its EOS a row emits pad_id (its mask is 0). temperature 0 is greedy.
-        Sampling draws from `generator` only, so a seeded generator gives the same samples on the same device."""
+        Sampling draws from `generator` only, so a seeded generator gives the same samples on the same device.
+
+        One pass over the prompts fills the KV cache (prefill), then decode_step() adds one token per row. On a GPU
+        (cuda_graph=True) that step is captured once as a CUDA graph and replayed: the same kernels, on the same
+        buffers, drawing the same random numbers, without the ~10 us of launch overhead of each of its few hundred
+        kernels. The cache is sized to a multiple of 64 so one graph serves prompts of similar lengths."""
         check_top_p(top_p)
         B, P = prompt.shape
         assert P + max_new_tokens <= self.config.block_size, "prompt + max_new_tokens exceeds block_size"
-        dev = prompt.device
-        cache = KVCache(self.config, B, P + max_new_tokens, dev, cache_dtype or self.lm_head.weight.dtype)
-        out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
-        h = self.hidden(prompt, prompt_mask, cache, torch.arange(P, device=dev))[:, -1]  # prefill: (B, C)
-        for t in range(max_new_tokens):
-            tok = sample_token(self.logits(h).float(), temperature, top_k, top_p, generator)  # (B,)
-            tok = torch.where(done, torch.full_like(tok, pad_id), tok)
-            out[:, t] = tok
-            done = done | (tok == eos_id)
-            if t + 1 == max_new_tokens or (t % 16 == 15 and bool(done.all())):  # one host sync per 16 tokens
+        graph = cuda_graph and prompt.device.type == "cuda" and max_new_tokens > 1
+        length = -(-(P + max_new_tokens) // 64) * 64 if graph else P + max_new_tokens
+        d = self._decoder(B, length, max_new_tokens, prompt.device, (temperature, top_k, top_p, eos_id, pad_id), graph)
+        gen = d.lend(generator) if graph else generator  # the graph draws from its own generator, in our state
+        d.cache.valid.zero_()
+        h = self.hidden(prompt, prompt_mask, d.cache, torch.arange(P, device=prompt.device))[:, -1]  # prefill
+        first = sample_token(self.logits(h).float(), temperature, top_k, top_p, gen)  # (B,)
+        d.start(first, P, eos_id, pad_id)
+        for t in range(1, max_new_tokens):
+            if graph:
+                d.graph.replay()
+            else:
+                self.decode_step(d, temperature, top_k, top_p, eos_id, pad_id, gen)
+            if t % 16 == 15 and bool(d.done.all()):  # one host sync per 16 tokens
                 break
-            step_idx = torch.full((1,), P + t, device=dev, dtype=torch.long)
-            h = self.hidden(tok[:, None], None, cache, step_idx)[:, -1]
+        if graph:
+            d.give_back(generator)
+        out = d.out.clone()
         return out, response_mask(out, eos_id, pad_id)
+
+    def decode_step(self, d, temperature, top_k, top_p, eos_id, pad_id, generator):
+        """One new token per row: feeds d.tok at cache slot d.slot, writes the next token into column d.col of d.out.
+        Tensor ops on d's fixed buffers only (no host sync, no Python branch on data), so it can be a CUDA graph."""
+        h = self.hidden(d.tok[:, None], None, d.cache, d.slot)[:, -1]  # (B, C)
+        tok = sample_token(self.logits(h).float(), temperature, top_k, top_p, generator)
+        tok = torch.where(d.done, pad_id, tok)
+        d.out.index_copy_(1, d.col, tok[:, None])
+        d.done |= tok == eos_id
+        d.tok.copy_(tok)
+        d.slot += 1
+        d.col += 1
+
+    def _decoder(self, B, length, max_new_tokens, device, sampling, graph):
+        """The decoding buffers (and, on a GPU, the captured step) for this shape, made once and kept."""
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else \
+            self.lm_head.weight.dtype
+        key = (B, length, max_new_tokens, str(device), dtype, sampling, graph)
+        decoders = self.__dict__.setdefault("_decoders", {})
+        if key not in decoders:
+            if not graph:
+                decoders.clear()  # eager buffers are cheap to remake; keep only the last
+            d = decoders[key] = Decoder(self.config, B, length, max_new_tokens, device, dtype, graph)
+            if graph:
+                d.capture(lambda: self.decode_step(d, *sampling, d.gen))
+        return decoders[key]
+
+
+class Decoder:
+    """Fixed buffers of one decoding shape: the KV cache, the current token per row, the cache slot and output
+    column it goes to, which rows are done, and the output; plus the CUDA graph of one decode_step on them."""
+
+    def __init__(self, cfg, B, length, max_new_tokens, device, dtype, graph):
+        self.cache = KVCache(cfg, B, length, device, dtype)
+        self.tok = torch.zeros(B, dtype=torch.long, device=device)
+        self.done = torch.zeros(B, dtype=torch.bool, device=device)
+        self.out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.col = torch.zeros(1, dtype=torch.long, device=device)
+        self.gen = torch.Generator(device=device) if graph else None
+        self.graph = None
+
+    def start(self, first, P, eos_id, pad_id):
+        """After the prefill: the first sampled token is column 0 and goes into slot P."""
+        self.out.fill_(pad_id)
+        self.out[:, 0] = first
+        self.tok.copy_(first)
+        self.done.copy_(first == eos_id)
+        self.slot.fill_(P)
+        self.col.fill_(1)
+
+    def lend(self, generator):
+        """The graph's own generator, set to the caller's state (None: the default CUDA generator's), so the draws
+        are those the caller's generator would make; give_back() moves the advanced state back to the caller."""
+        self.gen.set_state(generator.get_state() if generator is not None else torch.cuda.get_rng_state())
+        return self.gen
+
+    def give_back(self, generator):
+        generator.set_state(self.gen.get_state()) if generator is not None else \
+            torch.cuda.set_rng_state(self.gen.get_state())
+
+    def capture(self, step):
+        """Record step() as a CUDA graph (after a warm-up on a side stream, as CUDA graphs need). The generator is
+        registered with the graph, so each replay draws fresh numbers and advances it. Autocast's weight cache is
+        off inside (a cast cached during capture would be freed after it, under the graph's feet)."""
+        dev = self.tok.device.type
+        amp = torch.autocast(dev, torch.get_autocast_dtype(dev), cache_enabled=False) \
+            if torch.is_autocast_enabled(dev) else nullcontext()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), amp:
+            for _ in range(2):
+                self.slot.fill_(0), self.col.fill_(0)
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        self.graph.register_generator_state(self.gen)
+        self.slot.fill_(0), self.col.fill_(0)
+        with torch.cuda.graph(self.graph), amp:
+            step()
 
 
 def check_top_p(top_p):
@@ -267,18 +373,83 @@ def response_logprobs(model, ids, mask, n_response, temperature=1.0, with_entrop
     that predict response tokens, divided by the sampling temperature: the same T for old, new and reference
     log-probs, as in Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO",
     https://arxiv.org/abs/2403.17031. Returns logp (B, R), 0 where mask is 0, and, with_entropy, the entropy (B, R)
-    of each predictive distribution (0 where mask is 0). Every algorithm (SFT, DPO, PPO, RLOO, GRPO,
-    evaluation) uses this."""
+    of each predictive distribution (0 where mask is 0; no gradient). Every algorithm (SFT, DPO, PPO, RLOO, GRPO,
+    evaluation) uses this. In plain PyTorch it would read
+
+        logp_all = F.log_softmax(model.logits(h).float() / temperature, -1)             # (B, R, 50257)
+        logp = logp_all.gather(-1, targets[..., None]).squeeze(-1)
+
+    which holds B x R x 50,257 float32 numbers, twice, plus their gradient: the largest tensors of every step.
+    TokenLogProbs computes the same numbers a slice of rows at a time instead (tests/test_model.py checks it
+    against the line above, gradients included)."""
     h = model.hidden(ids, mask)[:, -n_response - 1:-1]  # (B, R, C): position t predicts token t + 1
-    logits = model.logits(h).float() / temperature  # (B, R, V)
-    logp_all = F.log_softmax(logits, dim=-1)
-    targets = ids[:, -n_response:]
-    resp_mask = mask[:, -n_response:].to(logp_all.dtype)
-    logp = logp_all.gather(-1, targets.clamp(max=logits.size(-1) - 1).unsqueeze(-1)).squeeze(-1) * resp_mask
-    if not with_entropy:
-        return logp
-    entropy = -(logp_all.exp() * logp_all).sum(-1) * resp_mask
-    return logp, entropy
+    targets = ids[:, -n_response:].clamp(max=N_REAL_TOKENS - 1)  # PAD (50257) -> any real id; masked below
+    logp, entropy = token_logprobs(model, h, targets, temperature, with_entropy)
+    resp_mask = mask[:, -n_response:].float()
+    return (logp * resp_mask, entropy * resp_mask) if with_entropy else logp * resp_mask
+
+
+def token_logprobs(model, h, targets, temperature=1.0, with_entropy=True):
+    """log p(targets) (...) and the entropy (...) of model's next-token distributions at hidden states h (..., C)."""
+    dev = h.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else model.lm_head.weight.dtype
+    logp, entropy = TokenLogProbs.apply(h.reshape(-1, h.size(-1)), model.lm_head.weight[:N_REAL_TOKENS],
+                                        targets.reshape(-1), temperature, dtype, with_entropy)
+    return logp.view(targets.shape), entropy.view(targets.shape)
+
+
+class TokenLogProbs(torch.autograd.Function):
+    """log softmax(h W^T / T)[target] for each row of h (N, C), with W the unembedding (V, C), without ever
+    holding all N x V logits: they are made ROWS rows at a time (matrix product in `dtype`, the autocast dtype,
+    softmax in float32) and made again in backward, where d logp / d logits = onehot(target) - softmax. The price
+    is one more (N, C) x (C, V) product; the gain is that memory no longer grows with N x V. (Wijmans et al. 2024,
+    "Cut Your Losses in Large-Vocabulary Language Models", https://arxiv.org/abs/2411.09009, go further inside
+    one kernel.) Returns logp (N,) float32 and the entropy (N,) (zeros unless with_entropy; not differentiable).
+    On a CPU the slices stay below glibc's 32 MB limit for heap blocks (train.keep_freed_memory): a larger block is
+    mapped and unmapped at every use, and the kernel's zeroing of its pages cost as much time as the compute."""
+    ROWS = {"cuda": 1024}  # rows per slice: 1024 x 50,257 float32 = 206 MB on a GPU; CPU: 128 (26 MB, see below)
+
+    @staticmethod
+    def logits(h, weight, dtype, temperature):  # (n, C) -> (n, V) float32
+        z = h.to(dtype) @ weight.to(dtype).t()
+        return z.to(torch.promote_types(dtype, torch.float32)).div_(temperature)  # float64 stays float64
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, temperature, dtype, with_entropy):
+        acc = torch.promote_types(dtype, torch.float32)
+        logp = torch.empty(h.size(0), device=h.device, dtype=acc)
+        entropy = torch.zeros(h.size(0), device=h.device, dtype=acc)
+        rows = TokenLogProbs.ROWS.get(h.device.type, 128)
+        with torch.autocast(h.device.type, enabled=False):
+            for i in range(0, h.size(0), rows):
+                z = TokenLogProbs.logits(h[i:i + rows], weight, dtype, temperature)  # (n, V)
+                lse = z.logsumexp(-1)
+                logp[i:i + len(z)] = z.gather(-1, targets[i:i + len(z), None]).squeeze(-1) - lse
+                if with_entropy:  # H = lse - sum_v p_v z_v
+                    entropy[i:i + len(z)] = lse - (z.sub(lse[:, None]).exp_() * z).sum(-1)
+        ctx.save_for_backward(h, weight, targets)
+        ctx.temperature, ctx.dtype = temperature, dtype
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, _):
+        h, weight, targets = ctx.saved_tensors
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        acc = torch.promote_types(ctx.dtype, torch.float32)
+        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=acc) if ctx.needs_input_grad[1] else None
+        rows = TokenLogProbs.ROWS.get(h.device.type, 128)
+        with torch.autocast(h.device.type, enabled=False):
+            for i in range(0, h.size(0), rows):
+                hi, g = h[i:i + rows], grad_logp[i:i + rows, None]  # (n, C), (n, 1)
+                dz = TokenLogProbs.logits(hi, weight, ctx.dtype, ctx.temperature).softmax(-1).mul_(-g)
+                dz.scatter_add_(-1, targets[i:i + len(hi), None], g).div_(ctx.temperature)  # (n, V) d loss / d z
+                dz = dz.to(ctx.dtype)
+                if grad_h is not None:
+                    grad_h[i:i + len(hi)] = dz @ weight.to(ctx.dtype)
+                if grad_w is not None:
+                    grad_w += (dz.t() @ hi.to(ctx.dtype)).to(acc)
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None
 
 
 class ScalarHead(nn.Module):

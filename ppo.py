@@ -57,8 +57,9 @@ from tqdm import tqdm
 from data import derived_seed, epoch_indices, load_prompts, write_jsonl
 from model import ScalarHead, last_real_index, response_logprobs
 from reward import RewardModel, RewardSpec, load_reward_model, make_reward
-from train import (ConfigError, OptimConfig, Run, RunConfig, Samples, TrainConfig, check_finite, disable_dropout,
-                   load_policy, make_optimizer, opt, optimizer_step, sample_responses, setup_device, shorten)
+from train import (Clock, ConfigError, OptimConfig, Run, RunConfig, Samples, TrainConfig, check_finite,
+                   disable_dropout, load_policy, make_optimizer, opt, optimizer_step, sample_responses, setup_device,
+                   shorten)
 
 SAMPLING, SHUFFLE, EVAL = range(3)  # the random streams of a step: derived_seed(seed, step, stream)
 
@@ -151,16 +152,21 @@ def in_chunks(fn, ids, mask, size):
 
 
 @torch.no_grad()
-def rollout(policy, ref, prompts, reward_fn, max_new_tokens, temperature, generator, device, ctx, micro_batch_size):
+def rollout(policy, ref, prompts, reward_fn, max_new_tokens, temperature, generator, device, ctx, micro_batch_size,
+            clock=None):
     """Phase 1: sample, log-probs of policy and reference at the sampling temperature, and the reward's score of
-    prompt + response."""
+    prompt + response. clock (train.Clock): times the three parts."""
+    clock = clock or Clock()
     b = Rollout(**vars(sample_responses(policy, prompts, max_new_tokens, generator, device, ctx, temperature)))
+    clock.lap("generate")
     with ctx:
         b.logp, b.entropy = in_chunks(lambda i, m: response_logprobs(policy, i, m, b.R, temperature, True),
                                       b.ids, b.mask, micro_batch_size)
         b.ref_logp = in_chunks(lambda i, m: response_logprobs(ref, i, m, b.R, temperature), b.ids, b.mask,
                                micro_batch_size)
+        clock.lap("logprobs")
         b.scores = reward_fn(b.prompts, b.responses).float()
+        clock.lap("reward")
     return b
 
 
@@ -445,8 +451,6 @@ def make_critic(cfg, policy, device):
 
 def check_rl_config(cfg, algo):
     k = getattr(cfg, "k", 1)
-    if cfg.compile:
-        raise ConfigError(f"--compile: not supported by stage {algo} yet")
     if not cfg.prompts:
         raise ConfigError("--prompts is required: a file of prompts")
     if cfg.batch_size % k:
@@ -466,14 +470,16 @@ def train_rl(cfg, algo):
     run = Run(cfg, algo)
     device, ctx = setup_device(cfg)
     # models: the policy, its frozen reference, the reward, PPO's critic (dropout off and eval mode in all: N+)
-    policy, _ = load_policy(cfg.init_from, device)
-    ref, _ = load_policy(cfg.ref or cfg.init_from, device)
+    policy, _ = load_policy(cfg.init_from, device, cfg.compile)
+    ref, _ = load_policy(cfg.ref or cfg.init_from, device, cfg.compile)
     ref.requires_grad_(False)
     reward_fn = make_reward(cfg.reward, device, cfg.reward_weights, cfg.reward_combine, cfg.unsafe_prompts,
                             cfg.micro_batch_size)
     prompts = load_prompts(cfg.prompts, cfg.max_prompts or None)
     eval_prompts = load_prompts(cfg.eval_prompts, cfg.eval_iters * cfg.batch_size) if cfg.eval_prompts else []
     critic = make_critic(cfg, policy, device) if algo == "ppo" else None
+    if cfg.compile and isinstance(critic, RewardModel):
+        critic.gpt.compile_hidden()
     optimizer = make_optimizer(nn.ModuleDict(dict(policy=policy, **({"critic": critic} if critic else {}))), cfg,
                                device)
     kl_ctl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
@@ -505,12 +511,12 @@ def train_rl(cfg, algo):
     bar = tqdm(range(start, cfg.max_iters), desc=algo, initial=start, total=cfg.max_iters, dynamic_ncols=True,
                disable=None)
     for step in bar:
-        t0 = time.time()
+        t0, clock = time.time(), Clock(device)
         # 1. rollout: k samples of each of the step's prompts, log-probs of policy and reference, scores
         batch_prompts = [prompts[i] for i in epoch_indices(len(prompts), step, n_prompts, cfg.seed) for _ in range(k)]
         g = torch.Generator(device=device).manual_seed(derived_seed(cfg.seed, step, SAMPLING))
         b = rollout(policy, ref, batch_prompts, reward_fn, cfg.max_new_tokens, cfg.temperature, g, device, ctx,
-                    cfg.micro_batch_size)
+                    cfg.micro_batch_size, clock)
         # 2. the no-EOS rule; Llama 2 whitens its combined score per batch (Touvron et al. 2023, eq. 4)
         scores = whiten(b.scores, torch.ones_like(b.scores)) if cfg.reward_combine == "llama2" else b.scores
         scores = apply_no_eos_rule(scores, b.no_eos, cfg.no_eos_rule, cfg.no_eos_score)
@@ -525,8 +531,10 @@ def train_rl(cfg, algo):
         kl_seq, beta = (b.logp - b.ref_logp).sum(1), kl_ctl.value  # (B,)
         # 4. advantages
         non_score = advantages(algo, cfg, b, scores, kl, beta, critic, ctx)
+        clock.lap("advantages")
         # 5. update
         stats = update(cfg, policy, critic, optimizer, b, step, ctx, beta if algo == "grpo" else 0.0)
+        clock.lap("update")
         # 6. adaptive KL coefficient (on the k1 KL of the batch), log, checkpoint
         kl_ctl.update(kl_seq.mean().item(), cfg.batch_size)
         done = step + 1
@@ -542,7 +550,8 @@ def train_rl(cfg, algo):
         if critic is not None:  # how well the values at rollout time predicted the returns
             metrics["val/explained_variance"] = explained_variance(b.old_values, b.returns, b.resp_mask).item()
         if done % cfg.log_interval == 0 or done == cfg.max_iters:
-            run.log(done, **metrics, **{"time/step_s": time.time() - t0})
+            run.log(done, **metrics, **{"time/step_s": time.time() - t0},
+                    **{f"time/{phase}_s": v for phase, v in clock.laps.items()})
             bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
         if done % cfg.eval_interval == 0 or done == cfg.max_iters:
             for p, r, s in list(zip(b.prompts, b.responses, b.scores.tolist()))[:2]:

@@ -353,7 +353,8 @@ def train(cfg):
     model.to(device)
     optimizer = make_optimizer(model, cfg, device)
     start = run.restore(model, optimizer)
-    fwd = torch.compile(model) if cfg.compile else model
+    if cfg.compile:
+        model.gpt.compile_hidden()
     print(f"model: {model.gpt.num_params() / 1e6:.2f}M parameters; {cfg.batch_size} pairs per step; "
           f"{cfg.max_iters} steps ({total / len(train_rows):.2f} epochs) on {device} ({cfg.dtype})")
 
@@ -368,7 +369,7 @@ def train(cfg):
         idx = epoch_indices(len(train_rows), step, cfg.batch_size, cfg.seed, total)
         ids, mask, _ = pair_batch(train_rows, idx, device)
         with ctx:
-            r_chosen, r_rejected = fwd(ids, mask).float().view(2, -1)  # (B,) each
+            r_chosen, r_rejected = model(ids, mask).float().view(2, -1)  # (B,) each
         # 2b. Bradley-Terry loss and update
         loss = bradley_terry_loss(r_chosen, r_rejected, cfg.margin, cfg.center_coef)
         check_finite(step, loss=loss.detach())

@@ -106,8 +106,7 @@ def test_reference_cache_equals_on_the_fly_logps(tiny):
 @pytest.mark.parametrize("args, match", [(["--data="], "--data"), (["--loss=kto"], "--loss=kto"), (["--loss=cdpo"], "label_smoothing"),
                                          (["--label_smoothing=0.1"], "cdpo only"),
                                          (["--loss=cdpo", "--label_smoothing=0.5"], r"\(0, 0.5\)"),
-                                         (["--beta=0"], "--beta=0"), (["--reference_free", "--ref=x.pt"], "--ref"),
-                                         (["--compile"], "--compile")])
+                                         (["--beta=0"], "--beta=0"), (["--reference_free", "--ref=x.pt"], "--ref")])
 def test_bad_configs_name_the_key(args, match):
     with pytest.raises(train.ConfigError, match=match):
         dpo.check_config(train.parse_config(dpo.DPOConfig, ["--data=pairs.jsonl", *args]))

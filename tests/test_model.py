@@ -177,6 +177,46 @@ def test_response_logprobs_equals_plain_log_softmax_gather():
         torch.testing.assert_close(ent[b, :n], ref_ent, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 1024])
+def test_token_logprobs_in_slices_match_the_full_softmax_and_its_gradients(monkeypatch, rows):
+    """TokenLogProbs (slices of rows, logits made again in backward) against one plain log_softmax over all rows:
+    the values, and the gradients with respect to the hidden states and the (tied) unembedding."""
+    import model
+    monkeypatch.setattr(model.TokenLogProbs, "ROWS", {"cpu": rows})
+    torch.manual_seed(0)
+    m = tiny(6).double()
+    ids = torch.randint(0, 50257, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0
+    g = torch.randn(3, 4, dtype=torch.float64)
+    logp, ent = response_logprobs(m, ids, mask, 4, temperature=0.8, with_entropy=True)
+    (logp * g).sum().backward()
+    fast = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    logits = m(ids)[0][:, -5:-1].double() / 0.8  # plain: the full (B, R, V) softmax
+    ref = torch.log_softmax(logits, -1).gather(-1, ids[:, -4:, None]).squeeze(-1) * mask[:, -4:]
+    (ref * g).sum().backward()
+    torch.testing.assert_close(logp.double(), ref.detach(), rtol=1e-6, atol=1e-6)
+    ref_ent = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1) * mask[:, -4:]
+    torch.testing.assert_close(ent.double(), ref_ent.detach(), rtol=1e-5, atol=1e-5)
+    for a, b in zip(fast, (p.grad for p in m.parameters())):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+
+@torch.no_grad()
+def test_generate_reuses_its_buffers_without_leaking_state_between_calls():
+    """A second call with other prompts (shorter, then longer) gives what a fresh model gives: nothing of the first
+    call's cache, done flags or output survives into the next."""
+    m, fresh = tiny(7), tiny(7)
+    a_ids, a_mask = left_pad([[1, 2, 3, 4, 5, 6], [7, 8]])
+    b_ids, b_mask = left_pad([[9, 10], [11]])
+    m.generate(a_ids, a_mask, 10, generator=torch.Generator().manual_seed(1))
+    for ids, mask in ((b_ids, b_mask), (a_ids, a_mask)):
+        got = m.generate(ids, mask, 10, generator=torch.Generator().manual_seed(2))
+        want = fresh.generate(ids, mask, 10, generator=torch.Generator().manual_seed(2))
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def test_last_real_index_and_scalar_head_init():
     mask = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1], [1, 1, 1, 1]])
     assert last_real_index(mask).tolist() == [1, 3, 3]
@@ -194,3 +234,16 @@ def test_parameter_names_map_onto_gpt2():
         assert n in names, n
     m = tiny()
     assert m.lm_head.weight is m.transformer.wte.weight
+
+
+def test_right_padded_batches_take_the_causal_path_with_the_same_real_outputs():
+    """Rows of real tokens then padding (no left padding) skip the attention mask; every real token's hidden state
+    is the masked path's. A left-padded batch keeps the mask."""
+    m = tiny(8)
+    ids = torch.randint(0, 50257, (3, 10))
+    mask = torch.tensor([[1] * 10, [1] * 6 + [0] * 4, [1] * 3 + [0] * 7])
+    fast, masked = m.hidden(ids, mask), m._hidden(ids, mask, None, None)
+    torch.testing.assert_close(fast[mask.bool()], masked[mask.bool()], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(fast[~mask.bool()], masked[~mask.bool()])  # the padding did take the other path
+    left = mask.flip(1)
+    torch.testing.assert_close(m.hidden(ids, left), m._hidden(ids, left, None, None))

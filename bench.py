@@ -1,0 +1,259 @@
+"""
+Speed of this project against the libraries a user would otherwise pick, measured in one command on one GPU.
+
+    python bench.py                       # on a GPU: every row, then the peers (../shared/peers/run_all.sh)
+    python bench.py --rows=sample,ppo --peers=none
+
+Rows, all at GPT-2-small shape (12 layers, 768 wide, 124M parameters, random weights: throughput does not depend on
+them), bf16, at the peers' exact settings (../shared/peers/README.md):
+- sample: GPT.generate(), prompt 64, 128 new tokens, batch 64 and 256, weights in bf16 as generate()'s peer; also
+  the eager decoder (no CUDA graph) and a check that both draw the same tokens from the same seed.
+- train: the sft stage's step (sft_loss, AdamW, clipping), batch 16 x 1024, torch.compile; tokens/s and model
+  FLOP utilisation (6 N FLOPs per token, as the peer counts, against 790 TFLOP/s, the bf16 dense matrix product
+  measured on the H100 and H200).
+- ppo: `train.py ppo` as a user runs it: batch 64, prompt 64, response 64 (no EOS stop), 4 epochs, 1 minibatch,
+  policy + reference + reward model + critic all 124M; episodes/s from the median step after warm-up, peak memory,
+  and the step's split into generate / log-probs / reward / advantages / update (the stage's time/* metrics).
+- dpo: `train.py dpo`: 32 pairs, prompt 64, responses 64, reference on the fly.
+Each row's peer is timed by ../shared/peers/run_all.sh in the same command, after ours; the table gives figure,
+peer figure and ratio, and bench.json holds everything. Timings are medians over steps after warm-up.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+PEAK_FLOPS = 790e12  # bf16 dense matrix product, measured on one H100 and one H200 (the speed issue)
+GPT2_SMALL = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024)
+WORDS = [" the", " movie", " was", " good", " bad", " and", " I", " it", " film", " story", " a", " great"]
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_gib():
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+
+
+def text_of(n, rng):
+    """A string of exactly n GPT-2 tokens (single-token words, each with its leading space)."""
+    from data import encode
+    s = "".join(rng.choice(WORDS) for _ in range(n))
+    assert len(encode(s)) == n
+    return s
+
+
+def write_inputs(folder, seed=0):
+    """Random GPT-2-small policy and reward checkpoints in this project's format, 64-token prompts, pairs."""
+    import random
+    from data import write_jsonl
+    from model import GPT, GPTConfig
+    from reward import RewardModel
+    from train import save_checkpoint
+    os.makedirs(folder, exist_ok=True)
+    cfg = GPTConfig(**GPT2_SMALL)
+    for kind, model in (("policy", GPT(cfg)), ("reward", RewardModel(cfg))):
+        save_checkpoint(os.path.join(folder, f"{kind}.pt"),
+                        dict(kind=kind, stage="bench", step=0, model=model.state_dict(),
+                             model_args=dataclasses.asdict(cfg), optimizer=None, config={}, rng=None))
+    rng = random.Random(seed)
+    write_jsonl(os.path.join(folder, "prompts.jsonl"), [{"prompt": text_of(64, rng)} for _ in range(512)])
+    write_jsonl(os.path.join(folder, "pairs.jsonl"),
+                [{"prompt": text_of(64, rng), "chosen": text_of(64, rng), "rejected": text_of(64, rng)}
+                 for _ in range(512)])
+
+
+@torch.no_grad()
+def bench_sample(folder, batch, new=128, prompt=64, calls=5, warmup=2):
+    from train import load_policy
+    model = load_policy(os.path.join(folder, "policy.pt"), "cuda")[0].to(torch.bfloat16)
+    ids = torch.randint(0, 50257, (batch, prompt), device="cuda")
+    mask = torch.ones_like(ids)
+    out = {}
+    for name, graph in (("graph", True), ("eager", False)):
+        torch.cuda.reset_peak_memory_stats()
+        times = []
+        for i in range(warmup + calls):
+            g = torch.Generator(device="cuda").manual_seed(i)
+            sync()
+            t = time.perf_counter()
+            tokens, tmask = model.generate(ids, mask, new, generator=g, cuda_graph=graph)
+            sync()
+            times.append(time.perf_counter() - t)
+        n_new = int(tmask.sum())  # real tokens of the last call (random weights: nearly every row runs to the end)
+        dt = statistics.median(times[warmup:])
+        out[name] = dict(new_tokens_per_s=n_new / dt, call_s=dt, peak_gib=peak_gib())
+    same = [torch.equal(model.generate(ids, mask, new, generator=torch.Generator(device="cuda").manual_seed(s),
+                                       cuda_graph=True)[0],
+                        model.generate(ids, mask, new, generator=torch.Generator(device="cuda").manual_seed(s),
+                                       cuda_graph=False)[0]) for s in (11, 12)]
+    out["graph_equals_eager"] = all(same)
+    return out
+
+
+def bench_train(batch=16, seq=1024, steps=10, warmup=4, compile=True):
+    from model import GPT, GPTConfig
+    from train import OptimConfig, make_optimizer, optimizer_step, sft_loss
+    torch.cuda.reset_peak_memory_stats()
+    model = GPT(GPTConfig(**GPT2_SMALL)).cuda().train()
+    fwd = torch.compile(model) if compile else model  # as the sft stage does
+    cfg = OptimConfig()
+    cfg.warmup_iters = 0
+    optimizer = make_optimizer(model, cfg, "cuda")
+    x = torch.randint(0, 50257, (batch, seq + 1), device="cuda")
+    times = []
+    for step in range(warmup + steps):
+        sync()
+        t = time.perf_counter()
+        with torch.autocast("cuda", torch.bfloat16):
+            loss = sft_loss(fwd, (x[:, :-1], x[:, 1:]))
+        loss.backward()
+        optimizer_step(model, optimizer, cfg, step)
+        sync()
+        times.append(time.perf_counter() - t)
+    dt = statistics.median(times[warmup:])
+    n = sum(p.numel() for p in model.parameters())
+    tps = batch * seq / dt
+    return dict(tokens_per_s=tps, step_s=dt, params=n, mfu=6 * n * tps / PEAK_FLOPS, peak_gib=peak_gib())
+
+
+def stage(args, out_dir):
+    """Run `train.py STAGE ...` and return its metrics rows."""
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *args, f"--out_dir={out_dir}", "--overwrite"]
+    print("$", " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def bench_ppo(folder, out, steps=10, warmup=4, compile=False):
+    rows = stage(["ppo", f"--init_from={folder}/policy.pt", f"--reward={folder}/reward.pt",
+                  f"--prompts={folder}/prompts.jsonl", "--batch_size=64", "--minibatch_size=64",
+                  "--micro_batch_size=64", "--num_epochs=4", "--max_new_tokens=64", "--temperature=1.0",
+                  "--no_eos_rule=keep", f"--max_iters={warmup + steps}", "--eval_interval=100000",
+                  "--ckpt_interval=100000", f"--compile={compile}"], os.path.join(out, f"ppo-compile{int(compile)}"))
+    rows = [r for r in rows if "time/step_s" in r][warmup:]
+    dt = statistics.median(r["time/step_s"] for r in rows)
+    split = {k[5:-2]: statistics.median(r[k] for r in rows) for k in rows[0] if k.startswith("time/") and
+             k != "time/step_s"}
+    return dict(episodes_per_s=64 / dt, step_s=dt, split_s=split, peak_gib=rows[-1].get("memory/peak_gib"))
+
+
+def bench_dpo(folder, out, steps=12, warmup=4, compile=False):
+    rows = stage(["dpo", f"--init_from={folder}/policy.pt", f"--data={folder}/pairs.jsonl", "--batch_size=32",
+                  "--append_eos=false", f"--max_iters={warmup + steps}", "--log_interval=1", "--eval_interval=100000",
+                  "--eval_iters=1", "--ckpt_interval=100000", f"--compile={compile}"],
+                 os.path.join(out, f"dpo-compile{int(compile)}"))
+    rows = [r for r in rows if "ms_per_step" in r][warmup:]
+    dt = statistics.median(r["ms_per_step"] for r in rows) / 1000
+    return dict(pairs_per_s=32 / dt, step_s=dt, peak_gib=rows[-1].get("memory/peak_gib"))
+
+
+def run_peers(script, out):
+    path = os.path.join(out, "peers.jsonl")
+    if os.path.exists(path):
+        os.remove(path)
+    print("$ bash", script, path, flush=True)
+    subprocess.run(["bash", script, path], check=False)
+    peers = {}
+    with open(path) as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            key = r.get("name", r.get("peer"))
+            if key == "hf_train" and r.get("compile"):
+                key = "hf_train_compiled"
+            if key == "hf_generate":
+                key = f"hf_generate_{r.get('batch')}"
+            peers[key] = r
+    return peers
+
+
+def table(ours, peers):
+    """(work, our figure, peer figure, ratio) rows."""
+    def get(d, *keys):
+        for k in keys:
+            d = d.get(k) if isinstance(d, dict) else None
+        return d
+
+    rows = []
+    for b in (64, 256):
+        rows.append((f"sampling, batch {b}, prompt 64, 128 new tokens (new tokens/s)",
+                     get(ours, f"sample_{b}", "graph", "new_tokens_per_s"),
+                     get(peers, f"hf_generate_{b}", "new_tokens_per_s"), "generate()"))
+    rows.append(("training step, batch 16 x 1024, compiled (tokens/s)", get(ours, "train", "tokens_per_s"),
+                 get(peers, "hf_train_compiled", "tokens_per_s"), "GPT2LMHeadModel compiled"))
+    for c in ("0", "1"):
+        rows.append((f"PPO step, 64 x (64 + 64), 4 epochs{', --compile' if c == '1' else ''} (episodes/s)",
+                     get(ours, f"ppo_compile{c}", "episodes_per_s"), get(peers, "trl_ppo", "episodes_per_s"),
+                     "TRL PPOTrainer"))
+        rows.append((f"DPO step, 32 pairs, 64 + 64{', --compile' if c == '1' else ''} (pairs/s)",
+                     get(ours, f"dpo_compile{c}", "pairs_per_s"), get(peers, "trl_dpo", "pairs_per_s"),
+                     "TRL DPOTrainer"))
+    return [(w, a, b, name, a / b if a and b else None) for w, a, b, name in rows if a is not None]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--rows", default="sample,train,ppo,dpo", help="which of sample,train,ppo,dpo to time")
+    p.add_argument("--compile", default="off,on", help="PPO/DPO with --compile: off, on or off,on")
+    p.add_argument("--peers", default=os.path.join(ROOT, "..", "shared", "peers", "run_all.sh"),
+                   help="the peers' run_all.sh (copy the peers folder to the GPU machine), or none")
+    p.add_argument("--out", default="out/bench", help="folder for bench.json, the inputs and the stages' runs")
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: bench.py needs a CUDA GPU (python bench.py --help says what it measures)", file=sys.stderr)
+        return 2
+    rows = a.rows.split(",")
+    os.makedirs(a.out, exist_ok=True)
+    folder = os.path.join(a.out, "inputs")
+    write_inputs(folder)
+    result = dict(date=time.strftime("%Y-%m-%d"), gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                  python=platform.python_version(), ours={}, peers={})
+    save = lambda: open(os.path.join(a.out, "bench.json"), "w").write(json.dumps(result, indent=1))  # noqa: E731
+    compiles = [c == "on" for c in a.compile.split(",")]
+    if "sample" in rows:
+        for b in (64, 256):
+            result["ours"][f"sample_{b}"] = bench_sample(folder, b)
+            print(f"sample {b}:", result["ours"][f"sample_{b}"], flush=True)
+            save()
+    if "train" in rows:
+        result["ours"]["train"] = bench_train()
+        print("train:", result["ours"]["train"], flush=True)
+        save()
+    for c in compiles:
+        if "ppo" in rows:
+            result["ours"][f"ppo_compile{int(c)}"] = bench_ppo(folder, a.out, compile=c)
+            print("ppo:", result["ours"][f"ppo_compile{int(c)}"], flush=True)
+            save()
+        if "dpo" in rows:
+            result["ours"][f"dpo_compile{int(c)}"] = bench_dpo(folder, a.out, compile=c)
+            print("dpo:", result["ours"][f"dpo_compile{int(c)}"], flush=True)
+            save()
+    if a.peers != "none":
+        result["peers"] = run_peers(a.peers, a.out)
+    result["table"] = table(result["ours"], result["peers"])
+    save()
+    print(f"\n{result['gpu']}, torch {result['torch']}, {result['date']}\n")
+    print("| work | this project | peer | ratio |\n| --- | --- | --- | --- |")
+    for work, ours, peer, name, ratio in result["table"]:
+        print(f"| {work} | {ours:,.1f} | {name} {peer:,.1f} | {ratio:.2f}x |" if ratio else
+              f"| {work} | {ours:,.1f} | {name} - | - |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
