@@ -410,43 +410,45 @@ class TokenLogProbs(torch.autograd.Function):
     ROWS = {"cuda": 1024}  # rows per slice: 1024 x 50,257 float32 = 206 MB on a GPU; CPU: 128 (26 MB, see below)
 
     @staticmethod
-    def logits(h, weight, dtype, temperature):  # (n, C) -> (n, V) float32
-        z = h.to(dtype) @ weight.to(dtype).t()
-        return z.to(torch.promote_types(dtype, torch.float32)).div_(temperature)  # float64 stays float64
+    def logits(h, w, temperature):  # (n, C), (V, C) in the product's dtype -> (n, V) float32 (float64 stays)
+        z = (h.to(w.dtype) @ w.t()).to(torch.promote_types(w.dtype, torch.float32))
+        return z if temperature == 1 else z.div_(temperature)
 
     @staticmethod
     def forward(ctx, h, weight, targets, temperature, dtype, with_entropy):
         acc = torch.promote_types(dtype, torch.float32)
         logp = torch.empty(h.size(0), device=h.device, dtype=acc)
         entropy = torch.zeros(h.size(0), device=h.device, dtype=acc)
-        rows = TokenLogProbs.ROWS.get(h.device.type, 128)
+        lse = torch.empty(h.size(0), device=h.device, dtype=acc)  # log of the softmax's denominator, per row
+        rows, w = TokenLogProbs.ROWS.get(h.device.type, 128), weight.to(dtype)
         with torch.autocast(h.device.type, enabled=False):
             for i in range(0, h.size(0), rows):
-                z = TokenLogProbs.logits(h[i:i + rows], weight, dtype, temperature)  # (n, V)
-                lse = z.logsumexp(-1)
-                logp[i:i + len(z)] = z.gather(-1, targets[i:i + len(z), None]).squeeze(-1) - lse
-                if with_entropy:  # H = lse - sum_v p_v z_v
-                    entropy[i:i + len(z)] = lse - (z.sub(lse[:, None]).exp_() * z).sum(-1)
-        ctx.save_for_backward(h, weight, targets)
+                z = TokenLogProbs.logits(h[i:i + rows], w, temperature)  # (n, V)
+                lse[i:i + len(z)] = z.logsumexp(-1)
+                logp[i:i + len(z)] = z.gather(-1, targets[i:i + len(z), None]).squeeze(-1) - lse[i:i + len(z)]
+                if with_entropy:  # H = -sum_v p_v log p_v, log p = z - lse
+                    logp_all = z.sub_(lse[i:i + len(z), None])
+                    entropy[i:i + len(z)] = -(logp_all.exp() * logp_all).sum(-1)
+        ctx.save_for_backward(h, weight, targets, lse)
         ctx.temperature, ctx.dtype = temperature, dtype
         ctx.mark_non_differentiable(entropy)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, _):
-        h, weight, targets = ctx.saved_tensors
+        h, weight, targets, lse = ctx.saved_tensors
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         acc = torch.promote_types(ctx.dtype, torch.float32)
         grad_w = torch.zeros(weight.shape, device=weight.device, dtype=acc) if ctx.needs_input_grad[1] else None
-        rows = TokenLogProbs.ROWS.get(h.device.type, 128)
+        rows, w = TokenLogProbs.ROWS.get(h.device.type, 128), weight.to(ctx.dtype)
         with torch.autocast(h.device.type, enabled=False):
             for i in range(0, h.size(0), rows):
                 hi, g = h[i:i + rows], grad_logp[i:i + rows, None]  # (n, C), (n, 1)
-                dz = TokenLogProbs.logits(hi, weight, ctx.dtype, ctx.temperature).softmax(-1).mul_(-g)
-                dz.scatter_add_(-1, targets[i:i + len(hi), None], g).div_(ctx.temperature)  # (n, V) d loss / d z
-                dz = dz.to(ctx.dtype)
+                p = TokenLogProbs.logits(hi, w, ctx.temperature).sub_(lse[i:i + rows, None]).exp_()  # softmax
+                dz = p.mul_(-g).scatter_add_(-1, targets[i:i + len(hi), None], g)  # (n, V) d loss / d (z / T)
+                dz = (dz if ctx.temperature == 1 else dz.div_(ctx.temperature)).to(ctx.dtype)
                 if grad_h is not None:
-                    grad_h[i:i + len(hi)] = dz @ weight.to(ctx.dtype)
+                    grad_h[i:i + len(hi)] = dz @ w
                 if grad_w is not None:
                     grad_w += (dz.t() @ hi.to(ctx.dtype)).to(acc)
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None
