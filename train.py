@@ -51,6 +51,7 @@ STAGES = {
     "bon": ("ppo", "BoNConfig", "best_of_n", "best-of-N sampling; sft on its selected.jsonl is rejection-sampling fine-tuning"),
     "pipeline": ("pipeline", "PipelineConfig", "pipeline", "the IMDb controlled-sentiment benchmark, end to end"),
     "plot": ("pipeline", "PlotConfig", "plot", "plot a run folder's metrics.jsonl to PNG"),
+    "export": ("hf", "ExportConfig", "export", "a checkpoint to a Hugging Face GPT-2 folder (transformers loads it)"),
 }
 
 
@@ -286,14 +287,13 @@ def signals_held():
             signal.raise_signal(sig)
 
 
-def load_checkpoint(path, kind=None):
-    """Load a checkpoint safely (weights_only: no pickled code runs); check it is of the expected kind."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"{path}: no such checkpoint file")
+def safe_torch_load(path):
+    """torch.load(weights_only=True) with one-line errors: no pickled code runs, and a file that would need it is
+    refused by name."""
     try:
         with warnings.catch_warnings():  # torch warns before refusing; the one-line error below says it all
             warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for arbitrary objects, RuntimeError for a torn or foreign file
         if "Weights only load failed" in str(e):  # PyTorch's text is long and ends mid-sentence when cut
             name = re.search(r"GLOBAL ([\w.]+)", str(e))
@@ -302,10 +302,23 @@ def load_checkpoint(path, kind=None):
                               f"(checkpoints are loaded with torch.load(weights_only=True))") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{path}: not a loadable checkpoint of this project ({first[:160]})") from None
+
+
+def load_checkpoint(path, kind=None):
+    """Load a checkpoint safely (weights_only: no pickled code runs); check it is of the expected kind. A folder is
+    a Hugging Face GPT-2 folder (config.json + model.safetensors or pytorch_model.bin): hf.py converts it."""
+    if os.path.isdir(path):
+        import hf
+        ckpt = hf.load_folder(path)
+    elif not os.path.isfile(path):
+        raise ConfigError(f"{path}: no such checkpoint file")
+    else:
+        ckpt = safe_torch_load(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "kind" not in ckpt:
         raise ConfigError(f"{path}: not a checkpoint of this project (no 'model'/'kind' entries)")
     if kind is not None and ckpt["kind"] not in ((kind,) if isinstance(kind, str) else kind):
-        raise ConfigError(f"{path}: a {ckpt['kind']} checkpoint, but a {kind} checkpoint is needed here")
+        wanted = kind if isinstance(kind, str) else " or ".join(kind)
+        raise ConfigError(f"{path}: a {ckpt['kind']} checkpoint, but a {wanted} checkpoint is needed here")
     return ckpt
 
 
