@@ -2,11 +2,14 @@
 weights stored in x out) against a plain GPT-2 forward pass written here too; every kind of bad folder; export
 round trips. Where the `safetensors` package or `transformers` is installed, files and models are checked against
 them (skipped cleanly where not; no network: models are random, saved with save_pretrained into tmp_path)."""
+import io
 import json
 import math
 import os
 import signal
 import struct
+import sys
+import types
 
 import pytest
 import torch
@@ -390,3 +393,189 @@ def test_an_exported_policy_and_reward_model_load_in_transformers(tmp_path, in_p
     with torch.no_grad():
         logits = theirs(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
         assert (logits + offset - rm.score(ids, mask)).abs().max() < 1e-4
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the rest of the issue: bf16 frozen models, gradient checkpointing, trackers, chat templates, prompts from stdin
+
+def test_frozen_models_load_in_bfloat16_and_keep_their_scores_close(tmp_path):
+    from reward import load_reward_model
+    folder = write_folder(tmp_path / "gpt2")
+    policy, _ = train.load_policy(folder, "cpu", torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in policy.parameters())
+    tokens, mask = policy.generate(torch.tensor([[50256, 464]]), torch.ones(1, 2, dtype=torch.long), 5,
+                                   temperature=0.0)
+    assert tokens.shape == (1, 5) and mask.sum() >= 1
+    rm = reward_model()
+    torch.save(dict(kind="reward", model=rm.state_dict(), model_args=dict(vars(rm.config))), tmp_path / "rm.pt")
+    half = load_reward_model(str(tmp_path / "rm.pt"), "cpu", torch.bfloat16)
+    assert half.gain.dtype == torch.float32 and half.head.proj.weight.dtype == torch.bfloat16
+    ids, mask = right_padded(6)
+    with torch.no_grad():
+        assert (half.score(ids, mask) - rm.score(ids, mask)).abs().max() < 0.1
+    assert train.frozen_dtype(train.parse_config(train.SampleConfig, ["--dtype=bfloat16"])) == torch.bfloat16
+    assert train.frozen_dtype(train.parse_config(train.SampleConfig, ["--dtype=float32"])) is None
+
+
+def test_grad_checkpoint_recomputes_blocks_and_gives_the_same_gradients():
+    grads, calls = [], []
+    for on in (False, True):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, dropout=0.1)).train()
+        cfg = train.parse_config(train.SFTConfig, ["--grad_checkpoint"] if on else [])
+        train.make_optimizer(model, cfg, "cpu")  # switches it on in the model it trains
+        n = [0]
+        for block in model.transformer.h:
+            block.register_forward_pre_hook(lambda *_: n.__setitem__(0, n[0] + 1))
+        ids = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(2)  # the same dropout masks in both runs (checkpoint replays the RNG state)
+        model(ids, ids)[1].backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
+        calls.append(n[0])
+    assert calls == [2, 4]  # each block ran again in the backward pass
+    assert all(torch.allclose(grads[0][k], grads[1][k], atol=1e-6) for k in grads[0])
+
+
+CORPUS = [f"the film was {w} and the acting was {v} ." for w in ("good", "bad", "long") for v in ("superb", "plain")]
+
+
+def tiny_sft(tmp_path, *extra):
+    data = tmp_path / "corpus.jsonl"
+    data.write_text("".join(json.dumps({"text": CORPUS[i % len(CORPUS)]}) + "\n" for i in range(60)))
+    return ["sft", f"--data={data}", "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16",
+            "--batch_size=4", "--max_iters=6", "--log_interval=2", "--eval_interval=4", "--eval_iters=1",
+            "--device=cpu", f"--out_dir={tmp_path}/run", *extra]
+
+
+def metrics_rows(out_dir):
+    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+
+
+class FakeWandb(types.ModuleType):
+    """Stands in for the wandb package: records what the run sends."""
+
+    def __init__(self):
+        super().__init__("wandb")
+        self.inits, self.logged = [], []
+        self.Table = lambda columns, data: ("table", columns, data)
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        return self
+
+    def log(self, row, step):
+        self.logged.append((step, row))
+
+
+def test_wandb_gets_the_rows_of_metrics_jsonl_and_sample_tables(tmp_path, in_process, monkeypatch):
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    code, _, err = in_process(*tiny_sft(tmp_path, "--tracker=wandb"))
+    assert code == 0, err
+    rows = metrics_rows(tmp_path / "run")
+    assert [s for s, _ in fake.logged] == [r["step"] for r in rows] == [2, 4, 6]
+    for (step, sent), row in zip(fake.logged, rows):
+        assert sent == {k: v for k, v in row.items() if k != "step"}
+    assert "eval/loss" in fake.logged[1][1] and fake.inits[0]["config"]["stage"] == "sft"
+    run = train.Run(train.parse_config(train.SampleConfig, [f"--out_dir={tmp_path}/s"]), "sample")
+    run.tracker = train.Tracker("wandb", run.dir, dict(stage="sample"))
+    run.log_samples(7, ["a prompt"], ["a response"], [0.5])
+    assert fake.logged[-1] == (7, {"samples": ("table", ["prompt", "response", "score"],
+                                               [["a prompt", "a response", 0.5]])})
+
+
+def test_tensorboard_gets_the_rows_of_metrics_jsonl(tmp_path, in_process, monkeypatch):
+    scalars, texts = [], []
+
+    class SummaryWriter:
+        def __init__(self, log_dir):
+            self.log_dir = log_dir
+
+        def add_scalar(self, key, value, step):
+            scalars.append((step, key, value))
+
+        def add_text(self, key, text, step):
+            texts.append((step, key, text))
+
+        def flush(self):
+            pass
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = SummaryWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    code, _, err = in_process(*tiny_sft(tmp_path, "--tracker=tensorboard"))
+    assert code == 0, err
+    expected = [(r["step"], k, v) for r in metrics_rows(tmp_path / "run") for k, v in r.items() if k != "step"]
+    assert scalars == expected
+    tracker = train.Tracker("tensorboard", str(tmp_path), dict(stage="x"))
+    tracker.text(3, "samples", ["prompt", "response"], [["a|b", "c\nd"]])
+    assert texts == [(3, "samples", "|prompt|response|\n|---|---|\n|a\\|b|c<br>d|")]
+
+
+@pytest.mark.parametrize("tracker,package,module", [("wandb", "wandb", "wandb"),
+                                                     ("tensorboard", "tensorboard", "torch.utils.tensorboard")])
+def test_a_missing_tracker_package_is_one_line_naming_it(tmp_path, in_process, monkeypatch, tracker, package, module):
+    monkeypatch.setitem(sys.modules, module, None)  # import fails, as when the package is not installed
+    code, _, err = in_process(*tiny_sft(tmp_path, f"--tracker={tracker}"))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and f"pip install {package}" in err, err
+    code, _, err = in_process(*tiny_sft(tmp_path, "--tracker=mlflow"))
+    assert code == 2 and "--tracker=mlflow" in err
+
+
+@pytest.fixture
+def hh_afterwards():
+    import data
+    yield data
+    data.use_chat_template("hh")
+
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi {there}"},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"},
+            {"role": "assistant", "content": "Bye!"}]
+
+
+def test_chat_templates_render_message_lists(tmp_path, hh_afterwards):
+    data = hh_afterwards
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": MESSAGES}) + "\n")
+    (ex,) = data.load_sft(str(path))
+    assert ex.prompt + ex.response == "\n\nSystem: Be brief.\n\nHuman: Hi {there}\n\nAssistant: Hello.\n\nHuman: Bye" \
+                                      "\n\nAssistant: Bye!"  # hh: the HH dialogue itself
+    data.use_chat_template("chatml")
+    (ex,) = data.load_sft(str(path))
+    assert ex.prompt == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi {there}<|im_end|>\n"
+                         "<|im_start|>assistant\nHello.<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n"
+                         "<|im_start|>assistant\n")
+    assert ex.response == "Bye!<|im_end|>"
+    own = tmp_path / "mine.json"
+    own.write_text(json.dumps(dict(system="[S] {content}\n", user="[U] {content}\n", assistant="[A] {content}\n",
+                                   generation="[A]", reply=" {content}")))
+    data.use_chat_template(str(own))
+    (ex,) = data.load_sft(str(path))
+    assert ex.prompt == "[S] Be brief.\n[U] Hi {there}\n[A] Hello.\n[U] Bye\n[A]" and ex.response == " Bye!"
+
+
+def test_a_bad_chat_template_is_one_line(tmp_path, in_process, hh_afterwards):
+    bad = tmp_path / "bad.json"
+    for text, needle in ((json.dumps(dict(user="{content}")), "exactly the strings"),
+                         (json.dumps(dict(system="x", user="{content}", assistant="{content}", generation="",
+                                          reply="{content}")), "'system' must contain {content}"),
+                         ("{nope", "not a JSON chat template")):
+        bad.write_text(text)
+        code, _, err = in_process(*tiny_sft(tmp_path, f"--chat_template={bad}"))
+        assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err, err
+    code, _, err = in_process(*tiny_sft(tmp_path, "--chat_template=llama3"))
+    assert code == 2 and "--chat_template=llama3: not hh, chatml, nor a file" in err
+
+
+def test_prompts_from_standard_input(tmp_path, in_process, monkeypatch):
+    folder = write_folder(tmp_path / "gpt2")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("The movie\n\nA film about\n"))
+    code, _, err = in_process("sample", f"--ckpt={folder}", "--prompts=-", "--num_samples=1", "--max_new_tokens=4",
+                              f"--out_dir={tmp_path}/s")
+    assert code == 0, err
+    rows = [json.loads(line) for line in open(tmp_path / "s" / "samples.jsonl")]
+    assert [r["prompt"] for r in rows] == ["The movie", "A film about"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n"))
+    code, _, err = in_process("sample", f"--ckpt={folder}", "--prompts=-", f"--out_dir={tmp_path}/s2")
+    assert code == 2 and "no prompts on standard input" in err
