@@ -255,6 +255,9 @@ def load_folder(folder):
     naming the file: another architecture, a config this GPT cannot compute, a missing, unexpected, misshapen or
     non-float tensor, an lm_head not tied to wte."""
     cfg_path = os.path.join(folder, "config.json")
+    if os.path.isfile(os.path.join(folder, "ckpt.pt")):  # a run folder of this project, named instead of its checkpoint
+        raise ConfigError(f"{folder}: a run folder of this project; name its checkpoint, "
+                          f"{os.path.join(folder, 'ckpt.pt')}")
     if not os.path.isfile(cfg_path):
         raise ConfigError(f"{folder}: a folder without config.json (a Hugging Face model folder needs one)")
     try:

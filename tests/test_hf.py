@@ -295,6 +295,10 @@ def test_broken_folders_and_files_are_one_line(tmp_path, in_process):
     pickled = write_folder(tmp_path / "pickled", weights="bin")
     torch.save({"x": os.system}, os.path.join(pickled, "pytorch_model.bin"))  # would run code if unpickled
     cases.append((pickled, "refused: it holds Python objects"))
+    run_folder = tmp_path / "run"
+    run_folder.mkdir()
+    (run_folder / "ckpt.pt").write_bytes(b"")
+    cases.append((run_folder, f"a run folder of this project; name its checkpoint, {run_folder}/ckpt.pt"))
     for i, (folder, needle) in enumerate(cases):
         code, _, err = in_process("sample", f"--ckpt={folder}", f"--out_dir={tmp_path}/s{i}")
         assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
