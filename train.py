@@ -6,6 +6,7 @@ live in the file of their algorithm and plug into the same run folder and checkp
     python train.py                          # the main job: the IMDb pipeline (stage `pipeline`) on the built-in sample
     python train.py sft --max_iters=2000     # train a GPT on the IMDb sample's review text
     python train.py sample --ckpt=out/sft/ckpt.pt --prompt="This movie"
+    python train.py sample --ckpt=gpt2/ --prompt="This movie"   # any checkpoint option takes a GPT-2 folder (hf.py)
     python train.py STAGE --help             # every key of a stage, with its default and meaning
 
 Every run writes to --out_dir: config.json, metrics.jsonl (one flat JSON object per log step), summary.json (the
@@ -94,7 +95,7 @@ class TrainConfig(RunConfig):
     ckpt_minutes: float = opt(10.0, "also write a checkpoint when this many minutes passed since the last (0: off)",
                               min=0.0)
     grad_checkpoint: bool = opt(False, "recompute each block's activations in the backward pass: less memory for "
-                                       "large models, about a third more compute")
+                                       "large models, one more forward pass of compute")
     tracker: str = opt("none", "also send the metrics (and sample completions) to tensorboard or wandb; "
                                "metrics.jsonl stays the record")
 
