@@ -23,10 +23,12 @@ text} as a prompt). All records of a file have the same format.
                or a .txt file (one whole document)
   imdb         {id, rating, label, text}   aclImdb: rating 1-10 (0 unlabelled), label 0 neg, 1 pos, -1 unlabelled
 
-Chat layout. There are no chat tokens: a conversation is plain text written as Anthropic's HH data is,
-"\\n\\nHuman: hi\\n\\nAssistant: hello". render_chat() renders the messages before a reply and ends with
-"\\n\\nAssistant:"; the reply is " " + content. So prompt + response is the HH dialogue itself, and since
-GPT-2's pre-tokenizer splits before " word", prompt and response tokenised apart give the tokens of the whole.
+Chat layout. There are no chat tokens: a conversation is plain text. By default (--chat_template=hh) it is
+written as Anthropic's HH data is, "\\n\\nHuman: hi\\n\\nAssistant: hello". render_chat() renders the
+messages before a reply and ends with "\\n\\nAssistant:"; the reply is " " + content. So prompt + response is the
+HH dialogue itself, and since GPT-2's pre-tokenizer splits before " word", prompt and response tokenised apart give
+the tokens of the whole. --chat_template=chatml writes ChatML's markers as text; a JSON file of one's own names
+the five strings of CHAT_TEMPLATES below. Prompts can come from standard input: --prompts=- (one per line).
 
 Simplifications, on purpose:
 - Loaders return plain Python lists: preference and prompt sets are small. Only a pretraining-style corpus
@@ -252,11 +254,54 @@ def _is_text_file(path):
 ROLES = {"system": "System", "user": "Human", "assistant": "Assistant"}
 ASSISTANT = "\n\nAssistant:"
 
+# --chat_template: each role's turn, the text that asks for a reply (generation), and the reply itself; "{content}"
+# stands for a message's text. hh is the layout of Anthropic's HH-RLHF data; chatml is OpenAI's ChatML, whose
+# markers GPT-2 has no tokens for, so they are plain text here.
+CHAT_TEMPLATES = {
+    "hh": dict(system="\n\nSystem: {content}", user="\n\nHuman: {content}", assistant="\n\nAssistant: {content}",
+               generation=ASSISTANT, reply=" {content}"),
+    "chatml": dict(system="<|im_start|>system\n{content}<|im_end|>\n", user="<|im_start|>user\n{content}<|im_end|>\n",
+                   assistant="<|im_start|>assistant\n{content}<|im_end|>\n", generation="<|im_start|>assistant\n",
+                   reply="{content}<|im_end|>"),
+}
+_chat_template = CHAT_TEMPLATES["hh"]
+
+
+def use_chat_template(spec):
+    """Render message lists with the template named spec (hh, chatml) or read from a JSON file holding the five
+    keys of CHAT_TEMPLATES' entries (every one but generation containing "{content}"); a bad file is a DataError."""
+    global _chat_template
+    if spec in CHAT_TEMPLATES:
+        _chat_template = CHAT_TEMPLATES[spec]
+        return _chat_template
+    if not os.path.isfile(spec):
+        raise DataError(f"--chat_template={spec}: not {', '.join(CHAT_TEMPLATES)}, nor a file")
+    try:
+        with open(spec, encoding="utf-8") as f:
+            t = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{spec}: not a JSON chat template ({' '.join(str(e).split())[:80]})") from None
+    keys = set(CHAT_TEMPLATES["hh"])
+    if not isinstance(t, dict) or set(t) != keys or not all(isinstance(v, str) for v in t.values()):
+        raise DataError(f"{spec}: a chat template is a JSON object of exactly the strings {', '.join(sorted(keys))}")
+    lacking = [k for k in keys - {"generation"} if "{content}" not in t[k]]
+    if lacking:
+        raise DataError(f"{spec}: '{lacking[0]}' must contain {{content}}, where the message's text goes")
+    _chat_template = t
+    return t
+
 
 def render_chat(messages):
-    """Messages [{role, content}] before a reply -> '\\n\\nHuman: ...\\n\\nAssistant:' (the HH layout), to be
-    continued by ' ' + the reply. Roles are assumed valid here; the loaders check them."""
-    return "".join(f"\n\n{ROLES[m['role']]}: {m['content']}" for m in messages) + ASSISTANT
+    """Messages [{role, content}] before a reply -> the prompt in the chat template (hh by default:
+    '\\n\\nHuman: ...\\n\\nAssistant:'), to be continued by render_reply(reply). Roles are assumed valid here;
+    the loaders check them."""
+    t = _chat_template
+    return "".join(t[m["role"]].replace("{content}", m["content"]) for m in messages) + t["generation"]
+
+
+def render_reply(content):
+    """An assistant reply as the template writes it after render_chat's prompt (hh: ' ' + content)."""
+    return _chat_template["reply"].replace("{content}", content)
 
 
 def _split_messages(path, n, key, messages):
@@ -271,7 +316,7 @@ def _split_messages(path, n, key, messages):
             raise DataError(f"{where}: 'content' must be a string, got {_kind(m['content'])}")
     if not messages or messages[-1]["role"] != "assistant":
         raise DataError(f"{path}:{n}: '{key}' must end with an assistant message")
-    return render_chat(messages[:-1]), " " + messages[-1]["content"]
+    return render_chat(messages[:-1]), render_reply(messages[-1]["content"])
 
 
 def extract_prompt(text):
@@ -356,6 +401,12 @@ def load_preferences(path, limit=None):
 
 
 def _prompts(path):
+    if path == "-":  # standard input, one prompt per non-blank line
+        prompts = [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
+        if not prompts:
+            raise DataError("-: no prompts on standard input")
+        yield from prompts
+        return
     if _is_text_file(path):
         yield from (line.rstrip("\r\n") for _, line in _lines(path) if line.strip())
         return

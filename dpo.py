@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from model import response_logprobs
 from data import batches_in_order, epoch_indices, load_pair_splits, pair_batch
 from reward import PairsConfig, plan
-from train import (ConfigError, OptimConfig, Run, TrainConfig, check_finite, load_policy, make_optimizer, opt,
-                   optimizer_step, setup_device)
+from train import (ConfigError, OptimConfig, Run, TrainConfig, check_finite, frozen_dtype, load_policy,
+                   make_optimizer, opt, optimizer_step, setup_device)
 
 
 def preference_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
@@ -124,9 +124,9 @@ def train(cfg):
     run = Run(cfg, "dpo")
     device, ctx = setup_device(cfg)
     # 1. policy, reference and data
-    policy, _ = load_policy(cfg.init_from, device, cfg.compile)  # dropout off
+    policy, _ = load_policy(cfg.init_from, device, compile=cfg.compile)  # dropout off
     ref = None if cfg.reference_free else \
-        load_policy(cfg.ref or cfg.init_from, device, cfg.compile)[0].requires_grad_(False)
+        load_policy(cfg.ref or cfg.init_from, device, frozen_dtype(cfg), cfg.compile)[0].requires_grad_(False)
     train_rows, eval_rows, _ = load_pair_splits(cfg.data, cfg.eval_data, cfg.max_pairs, policy.config.block_size,
                                              cfg.append_eos)
     total = plan(cfg, len(train_rows))

@@ -179,7 +179,11 @@ class GPT(nn.Module):
             kv = [(cache.k[i], cache.v[i]) for i in range(len(self.transformer.h))]
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block, layer_kv in zip(self.transformer.h, kv):
-            x = block(x, attn_mask, layer_kv, cache_idx)
+            if getattr(self, "grad_checkpoint", False) and cache is None and torch.is_grad_enabled():
+                # --grad_checkpoint: keep only each block's input; its activations are recomputed in backward
+                x = torch.utils.checkpoint.checkpoint(block, x, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, attn_mask, layer_kv, cache_idx)
         return self.transformer.ln_f(x)
 
     def logits(self, h):

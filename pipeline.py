@@ -114,7 +114,11 @@ _sha = {}
 
 
 def fingerprint(path):
-    """size and sha256 of a file (memoised by path, size and mtime)."""
+    """size and sha256 of a file (memoised by path, size and mtime); of a folder (a GPT-2 folder, --sft=DIR), those
+    of its files."""
+    if os.path.isdir(path):
+        return {f: fingerprint(os.path.join(path, f)) for f in sorted(os.listdir(path))
+                if os.path.isfile(os.path.join(path, f))}
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
     if key not in _sha:

@@ -58,8 +58,8 @@ from data import derived_seed, epoch_indices, load_prompts, write_jsonl
 from model import ScalarHead, last_real_index, response_logprobs
 from reward import RewardModel, RewardSpec, load_reward_model, make_reward
 from train import (Clock, ConfigError, OptimConfig, Run, RunConfig, Samples, TrainConfig, check_finite,
-                   disable_dropout, load_policy, make_optimizer, opt, optimizer_step, sample_responses, setup_device,
-                   shorten)
+                   disable_dropout, frozen_dtype, load_policy, make_optimizer, opt, optimizer_step, sample_responses,
+                   setup_device, shorten)
 
 SAMPLING, SHUFFLE, EVAL = range(3)  # the random streams of a step: derived_seed(seed, step, stream)
 
@@ -470,8 +470,8 @@ def train_rl(cfg, algo):
     run = Run(cfg, algo)
     device, ctx = setup_device(cfg)
     # models: the policy, its frozen reference, the reward, PPO's critic (dropout off and eval mode in all: N+)
-    policy, _ = load_policy(cfg.init_from, device, cfg.compile)
-    ref, _ = load_policy(cfg.ref or cfg.init_from, device, cfg.compile)
+    policy, _ = load_policy(cfg.init_from, device, compile=cfg.compile)
+    ref, _ = load_policy(cfg.ref or cfg.init_from, device, frozen_dtype(cfg), cfg.compile)
     ref.requires_grad_(False)
     reward_fn = make_reward(cfg.reward, device, cfg.reward_weights, cfg.reward_combine, cfg.unsafe_prompts,
                             cfg.micro_batch_size)
@@ -503,6 +503,8 @@ def train_rl(cfg, algo):
         result = evaluate_policy(policy, ref, eval_prompts, reward_fn, device, ctx, cfg.max_new_tokens,
                                  cfg.batch_size, 1.0, derived_seed(cfg.seed, 0, EVAL))
         run.log(step, **{f"eval/{key}": v for key, v in result.items() if key != "samples"})
+        shown = result["samples"][:8]
+        run.log_samples(step, [x["prompt"] for x in shown], [x["response"] for x in shown], [x["score"] for x in shown])
         return result
 
     final_eval, warned, done = None, False, start

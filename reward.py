@@ -69,11 +69,16 @@ class RewardModel(nn.Module):
         return self.gain * self(ids, mask).float() + self.bias
 
 
-def load_reward_model(path, device):
-    """A RewardModel from a `reward` checkpoint, in eval mode with dropout off."""
+def load_reward_model(path, device, dtype=None):
+    """A RewardModel from a `reward` checkpoint (or a GPT2ForSequenceClassification folder: hf.py), in eval mode with
+    dropout off. dtype (train.frozen_dtype) stores trunk and head in that type; gain and bias stay float32."""
     ckpt = load_checkpoint(path, "reward")
     model = model_from_checkpoint(ckpt, path, RewardModel(GPTConfig(**ckpt["model_args"])))
-    return disable_dropout(model).to(device).eval()
+    model = disable_dropout(model).to(device).eval()
+    if dtype is not None:
+        model.gpt.to(dtype)
+        model.head.to(dtype)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ live in the file of their algorithm and plug into the same run folder and checkp
     python train.py                          # the main job: the IMDb pipeline (stage `pipeline`) on the built-in sample
     python train.py sft --max_iters=2000     # train a GPT on the IMDb sample's review text
     python train.py sample --ckpt=out/sft/ckpt.pt --prompt="This movie"
+    python train.py sample --ckpt=gpt2/ --prompt="This movie"   # any checkpoint option takes a GPT-2 folder (hf.py)
     python train.py STAGE --help             # every key of a stage, with its default and meaning
 
 Every run writes to --out_dir: config.json, metrics.jsonl (one flat JSON object per log step), summary.json (the
@@ -52,6 +53,7 @@ STAGES = {
     "bon": ("ppo", "BoNConfig", "best_of_n", "best-of-N sampling; sft on its selected.jsonl is rejection-sampling fine-tuning"),
     "pipeline": ("pipeline", "PipelineConfig", "pipeline", "the IMDb controlled-sentiment benchmark, end to end"),
     "plot": ("pipeline", "PlotConfig", "plot", "plot a run folder's metrics.jsonl to PNG"),
+    "export": ("hf", "ExportConfig", "export", "a checkpoint to a Hugging Face GPT-2 folder (transformers loads it)"),
 }
 
 
@@ -80,6 +82,8 @@ class RunConfig:
     dtype: str = opt("auto", "auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16, float16")
     seed: int = opt(1337, "seed for everything random (data order, dropout, sampling)", min=0)
     overwrite: bool = opt(False, "replace a run folder of another stage or another config")
+    chat_template: str = opt("hh", "how message lists become text: hh (\\n\\nHuman: / \\n\\nAssistant:), chatml, or "
+                                   "a JSON file of your own (see data.py)")
 
 
 @dataclass
@@ -91,10 +95,14 @@ class TrainConfig(RunConfig):
     ckpt_interval: int = opt(200, "steps between checkpoints (one is always written at the end)", min=1)
     ckpt_minutes: float = opt(10.0, "also write a checkpoint when this many minutes passed since the last (0: off)",
                               min=0.0)
+    grad_checkpoint: bool = opt(False, "recompute each block's activations in the backward pass: less memory for "
+                                       "large models, one more forward pass of compute")
+    tracker: str = opt("none", "also send the metrics (and sample completions) to tensorboard or wandb; "
+                               "metrics.jsonl stays the record")
 
 
 # keys that may change between a run and its --resume or re-run without making it another run
-RESTART_KEYS = ("resume", "overwrite", "log_interval", "ckpt_interval", "ckpt_minutes")
+RESTART_KEYS = ("resume", "overwrite", "log_interval", "ckpt_interval", "ckpt_minutes", "grad_checkpoint", "tracker")
 
 
 @dataclass
@@ -172,6 +180,8 @@ def parse_config(cls, argv):
         check_device(cfg.device)
     if getattr(cfg, "dtype", "auto") not in ("auto", "float32", "bfloat16", "float16"):
         raise ConfigError(f"--dtype={cfg.dtype}: expected auto, float32, bfloat16 or float16")
+    if getattr(cfg, "tracker", "none") not in TRACKERS:
+        raise ConfigError(f"--tracker={cfg.tracker}: expected none, {' or '.join(TRACKERS[1:])}")
     return cfg
 
 
@@ -287,14 +297,13 @@ def signals_held():
             signal.raise_signal(sig)
 
 
-def load_checkpoint(path, kind=None):
-    """Load a checkpoint safely (weights_only: no pickled code runs); check it is of the expected kind."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"{path}: no such checkpoint file")
+def safe_torch_load(path):
+    """torch.load(weights_only=True) with one-line errors: no pickled code runs, and a file that would need it is
+    refused by name."""
     try:
         with warnings.catch_warnings():  # torch warns before refusing; the one-line error below says it all
             warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for arbitrary objects, RuntimeError for a torn or foreign file
         if "Weights only load failed" in str(e):  # PyTorch's text is long and ends mid-sentence when cut
             name = re.search(r"GLOBAL ([\w.]+)", str(e))
@@ -303,10 +312,23 @@ def load_checkpoint(path, kind=None):
                               f"(checkpoints are loaded with torch.load(weights_only=True))") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{path}: not a loadable checkpoint of this project ({first[:160]})") from None
+
+
+def load_checkpoint(path, kind=None):
+    """Load a checkpoint safely (weights_only: no pickled code runs); check it is of the expected kind. A folder is
+    a Hugging Face GPT-2 folder (config.json + model.safetensors or pytorch_model.bin): hf.py converts it."""
+    if os.path.isdir(path):
+        import hf
+        ckpt = hf.load_folder(path)
+    elif not os.path.isfile(path):
+        raise ConfigError(f"{path}: no such checkpoint file")
+    else:
+        ckpt = safe_torch_load(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "kind" not in ckpt:
         raise ConfigError(f"{path}: not a checkpoint of this project (no 'model'/'kind' entries)")
     if kind is not None and ckpt["kind"] not in ((kind,) if isinstance(kind, str) else kind):
-        raise ConfigError(f"{path}: a {ckpt['kind']} checkpoint, but a {kind} checkpoint is needed here")
+        wanted = kind if isinstance(kind, str) else " or ".join(kind)
+        raise ConfigError(f"{path}: a {ckpt['kind']} checkpoint, but a {wanted} checkpoint is needed here")
     return ckpt
 
 
@@ -325,14 +347,23 @@ def model_from_checkpoint(ckpt, path, module=None):
     return module
 
 
-def load_policy(path, device, compile=False):
-    """A GPT language model (from sft, dpo, ppo, ...), in eval mode with dropout off (compiled: GPT.compile_hidden)."""
+def load_policy(path, device, dtype=None, compile=False):
+    """A GPT language model (from sft, dpo, ppo, ..., or a GPT-2 folder), in eval mode with dropout off. dtype
+    (frozen_dtype(cfg) for a model that is never trained: a reference policy) stores the weights in that type;
+    compile: GPT.compile_hidden."""
     ckpt = load_checkpoint(path, "policy")
     model = model_from_checkpoint(ckpt, path)
     disable_dropout(model)
     if compile:
         model.compile_hidden()
-    return model.to(device).eval(), ckpt
+    return model.to(device, dtype).eval(), ckpt
+
+
+def frozen_dtype(cfg):
+    """bfloat16 weights for models that are never trained (reference policy, reward model) when the run computes in
+    bfloat16 anyway (autocast casts every matmul input to it): half their memory, which is what lets GPT-2-medium and
+    larger fit beside the policy, its optimizer and critic on one GPU. None (keep float32) otherwise."""
+    return torch.bfloat16 if cfg.dtype == "bfloat16" else None
 
 
 def disable_dropout(model):
@@ -383,6 +414,7 @@ class Run:
                     if os.path.exists(os.path.join(self.dir, name)):
                         os.remove(os.path.join(self.dir, name))
             write_json(os.path.join(self.dir, "config.json"), config)
+            self.tracker = Tracker(cfg.tracker, self.dir, config) if getattr(cfg, "tracker", "none") != "none" else None
         except OSError as e:  # a read-only folder, a file where the folder should be, a full disk
             raise ConfigError(f"--out_dir={self.dir}: cannot write the run folder ({e.strerror or e})") from None
         self.stop_requested = False
@@ -453,9 +485,18 @@ class Run:
             row["memory/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(dict(step=step, **row)) + "\n")
+        if self.tracker:
+            self.tracker.log(step, row)
         if not sys.stderr.isatty():
             print(f"step {step}: " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                for k, v in list(row.items())[:6]), flush=True)
+
+    def log_samples(self, step, prompts, responses, scores=None):
+        """Sample completions at an evaluation, to the tracker as a text table (nothing without --tracker)."""
+        if self.tracker:
+            rows = [[p, r] + ([float(s)] if scores is not None else []) for p, r, s in
+                    zip(prompts, responses, scores if scores is not None else prompts)]
+            self.tracker.text(step, "samples", ["prompt", "response"] + (["score"] if scores is not None else []), rows)
 
     def end_step(self, done, total, save):
         """The one run-loop tail: call save() (which writes the checkpoint) every cfg.ckpt_interval steps, at the
@@ -495,6 +536,48 @@ class Run:
     def summary(self, **metrics):
         write_json(os.path.join(self.dir, "summary.json"), metrics)
         return metrics
+
+
+TRACKERS = ("none", "tensorboard", "wandb")
+
+
+class Tracker:
+    """--tracker: metrics.jsonl's rows mirrored to TensorBoard (out_dir/tensorboard) or Weights & Biases. The packages
+    are optional, imported only here, when asked for; metrics.jsonl stays the source of truth (a resumed run logs
+    its steps again here, not there)."""
+
+    def __init__(self, name, run_dir, config):
+        module, package = dict(tensorboard=("torch.utils.tensorboard", "tensorboard"), wandb=("wandb", "wandb"))[name]
+        try:
+            self.mod = importlib.import_module(module)
+        except ImportError:
+            raise ConfigError(f"--tracker={name}: the {package} package is not installed (pip install {package})") \
+                from None
+        self.name = name
+        if name == "tensorboard":
+            self.writer = self.mod.SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"))
+        else:
+            self.writer = self.mod.init(project="rlhf", name=f"{config['stage']}:{os.path.basename(run_dir.rstrip('/'))}",
+                                        dir=run_dir, config=json.loads(json.dumps(config, default=str)))
+
+    def log(self, step, row):
+        numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.name == "tensorboard":
+            for k, v in numbers.items():
+                self.writer.add_scalar(k, v, step)
+            self.writer.flush()
+        else:
+            self.writer.log(numbers, step=step)
+
+    def text(self, step, key, columns, rows):
+        if self.name == "tensorboard":  # a markdown table; cells' pipes and newlines escaped
+            cell = lambda v: str(v).replace("|", "\\|").replace("\n", "<br>")
+            table = "\n".join(["|" + "|".join(columns) + "|", "|" + "---|" * len(columns)] +
+                              ["|" + "|".join(cell(v) for v in r) + "|" for r in rows])
+            self.writer.add_text(key, table, step)
+            self.writer.flush()
+        else:
+            self.writer.log({key: self.mod.Table(columns=columns, data=rows)}, step=step)
 
 
 class Clock:
@@ -550,7 +633,11 @@ def check_finite(step, **values):
 # optimizer and schedule
 
 def make_optimizer(model, cfg, device):
-    """AdamW with weight decay on matrices only (nanoGPT)."""
+    """AdamW with weight decay on matrices only (nanoGPT). Also switches gradient checkpointing on in every GPT it
+    will train when cfg.grad_checkpoint (model.GPT.hidden reads the flag)."""
+    for m in model.modules():
+        if isinstance(m, GPT):
+            m.grad_checkpoint = getattr(cfg, "grad_checkpoint", False)
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -812,7 +899,7 @@ def keep_freed_memory():
 
 
 def main(argv):
-    from data import DataError
+    from data import DataError, use_chat_template
     keep_freed_memory()
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__.strip() + "\n\nstages:\n" + "\n".join(f"  {s:<9} {v[3]}" for s, v in STAGES.items()))
@@ -836,6 +923,8 @@ def main(argv):
         return 0
     try:
         cfg = parse_config(cls, args)
+        if hasattr(cfg, "chat_template"):
+            use_chat_template(cfg.chat_template)
         return getattr(module, fn_name)(cfg) or 0
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
