@@ -224,25 +224,25 @@ def main(argv=None):
     result = dict(date=time.strftime("%Y-%m-%d"), gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                   python=platform.python_version(), ours={}, peers={})
     save = lambda: open(os.path.join(a.out, "bench.json"), "w").write(json.dumps(result, indent=1))  # noqa: E731
+    def measure(name, fn, *args, **kw):  # a failing row is recorded and the others still run
+        try:
+            result["ours"][name] = fn(*args, **kw)
+        except Exception as e:  # noqa: BLE001
+            result["ours"][name] = dict(error=f"{type(e).__name__}: {e}"[:500])
+        print(f"{name}:", result["ours"][name], flush=True)
+        save()
+
     compiles = [c == "on" for c in a.compile.split(",")]
     if "sample" in rows:
         for b in (64, 256):
-            result["ours"][f"sample_{b}"] = bench_sample(folder, b)
-            print(f"sample {b}:", result["ours"][f"sample_{b}"], flush=True)
-            save()
+            measure(f"sample_{b}", bench_sample, folder, b)
     if "train" in rows:
-        result["ours"]["train"] = bench_train()
-        print("train:", result["ours"]["train"], flush=True)
-        save()
+        measure("train", bench_train)
     for c in compiles:
         if "ppo" in rows:
-            result["ours"][f"ppo_compile{int(c)}"] = bench_ppo(folder, a.out, compile=c)
-            print("ppo:", result["ours"][f"ppo_compile{int(c)}"], flush=True)
-            save()
+            measure(f"ppo_compile{int(c)}", bench_ppo, folder, a.out, compile=c)
         if "dpo" in rows:
-            result["ours"][f"dpo_compile{int(c)}"] = bench_dpo(folder, a.out, compile=c)
-            print("dpo:", result["ours"][f"dpo_compile{int(c)}"], flush=True)
-            save()
+            measure(f"dpo_compile{int(c)}", bench_dpo, folder, a.out, compile=c)
     if a.peers != "none":
         result["peers"] = run_peers(a.peers, a.out)
     result["table"] = table(result["ours"], result["peers"])
