@@ -302,10 +302,11 @@ def init_distributed(cfg):
 
 
 def rank_seed(*keys):
-    """The seed of a random stream, offset per rank: derived_seed(*keys, rank) under torchrun, and derived_seed(*keys)
-    (one key: the key itself) in one process, so that a one-process run draws what it always drew."""
+    """The seed of a random stream, offset per rank: derived_seed(*keys, rank) on ranks > 0; on rank 0, and in one
+    process, derived_seed(*keys) (one key: the key itself), so that rank 0 draws what a one-process run draws (the
+    weights of a model from scratch among them)."""
     from data import derived_seed
-    if world() > 1:
+    if rank() > 0:
         return derived_seed(*keys, rank())
     return keys[0] if len(keys) == 1 else derived_seed(*keys)
 
@@ -632,8 +633,9 @@ class Run:
     def _on_signal(self, signum, frame):
         if self.stop_requested:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
-        print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step, then stopping "
-              f"(continue with --resume)", file=sys.stderr)
+        if is_main():
+            print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step, then stopping "
+                  f"(continue with --resume)", file=sys.stderr)
         self.stop_requested = True
 
     def _truncate_metrics(self, step):
@@ -672,7 +674,7 @@ class Run:
                 or (minutes and time.time() - self.last_save > 60 * minutes)):
             save()
             self.last_save = time.time()
-        if self.stop_requested:
+        if self.stop_requested and is_main():
             print(f"stopped at step {done}; continue with --resume --out_dir={self.dir}", file=sys.stderr)
         return self.stop_requested
 
