@@ -15,6 +15,29 @@ bit on CPU (with one thread: see README). One run at a time holds a run folder (
 folder of another stage or config needs --overwrite.
 
 Bad input (data files, keys, values, checkpoints) ends the run with one line `error: ...` and exit status 2.
+
+Several processes: `torchrun --nproc_per_node=N train.py STAGE ...` (python -m torch.distributed.run) runs sft,
+reward, dpo, ppo, rloo, grpo and bon unchanged, NCCL with one GPU per process on CUDA, gloo on the CPU. Without
+torchrun (WORLD_SIZE unset) nothing below happens: no process group, no collective, the same numbers as before.
+- --batch_size is the global batch. Each process takes a contiguous share of the step's items (my_share), in
+  micro-batches of --micro_batch_size (gradient accumulation); each loss is weighted by its share of the global
+  batch (items, or response tokens for SFT pairs and the RL losses), so the summed gradient is the global batch's
+  and the loss curve is the same for any number of processes and any micro-batch size (up to float rounding).
+- Gradients are summed across processes in the one optimizer step (optimizer_step -> all_reduce_grads: flat buckets
+  of 2^26 numbers, one all_reduce each, before the clipping), not by wrapping the models in DistributedDataParallel.
+  Why: our losses reach the weights through model.hidden and model.response_logprobs, and PPO's critic and policy
+  share one optimizer (and, with --critic=shared, one trunk); DDP's gradient hooks are armed by its wrapper's
+  forward(), which these calls bypass, and routing every stage through it would need a forward() per loss shape.
+  Summing in the step costs one exchange per optimizer step whatever the accumulation (DDP needs no_sync() for
+  that), but after the backward passes rather than overlapped with them, which is DDP's speed-up.
+- Every process starts from rank 0's weights (make_optimizer broadcasts them) and takes the same steps, so every
+  process holds the same weights; rank 0 alone writes the run folder (lock, config.json, metrics, summary,
+  checkpoints) and prints. Random streams are offset per rank (rank_seed); rank 0 draws what one process draws.
+  A stop request (SIGTERM to torchrun, which passes it on) is agreed by all processes at the end of a step, and
+  --resume works under torchrun with any number of processes.
+- The RL stages: each process samples its share of the step's prompts (all k samples of a prompt on one process,
+  so RLOO and GRPO groups are never split); whitening, the adaptive KL controller's KL and the logged metrics are
+  over all processes' samples; minibatches are per process, as many on each as the global batch has.
 """
 import ctypes
 import dataclasses
@@ -97,8 +120,9 @@ class TrainConfig(RunConfig):
                               min=0.0)
 
 
-# keys that may change between a run and its --resume or re-run without making it another run
-RESTART_KEYS = ("resume", "overwrite", "log_interval", "ckpt_interval", "ckpt_minutes")
+# keys that may change between a run and its --resume or re-run without making it another run (micro_batch_size
+# splits the same batch's gradient into other sums; gpus places the pipeline's sub-runs)
+RESTART_KEYS = ("resume", "overwrite", "log_interval", "ckpt_interval", "ckpt_minutes", "micro_batch_size", "gpus")
 
 
 @dataclass

@@ -158,3 +158,33 @@ def test_ppo_two_processes_run_and_rank0_alone_writes(tiny, tmp_path):
     assert len(open(out_dir / "samples.jsonl").readlines()) == 8  # rank 0's evaluation: eval_iters x batch_size
     ckpt = torch.load(out_dir / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 3 and ckpt["critic"] is not None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# what stays one process: the pipeline hands whole sub-runs to GPUs instead
+
+def test_one_process_stages_refuse_torchrun_in_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert train.main(["plot", "--run=nowhere"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: stage plot runs in one process") and err.count("\n") == 1
+
+
+def test_pipeline_gpus_go_to_the_least_busy(monkeypatch):
+    import pipeline
+    s = pipeline.Scheduler()
+    assert s.pick_gpu() is None  # without --gpus the sub-runs keep the environment's GPUs
+    s.gpus = ["0", "1"]
+    busy = lambda gpu: (type("P", (), dict(gpu=gpu))(), "out")
+    assert s.pick_gpu() == "0"
+    s.running = [busy("0")]
+    assert s.pick_gpu() == "1"
+    s.running += [busy("1"), busy("1")]
+    assert s.pick_gpu() == "0"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    cfg = pipeline.PipelineConfig(gpus="1,0", device="auto")
+    assert pipeline.check_gpus(cfg) == ["1", "0"]
+    with pytest.raises(train.ConfigError, match="not a GPU"):
+        pipeline.check_gpus(pipeline.PipelineConfig(gpus="0,2"))
+    with pytest.raises(train.ConfigError, match="--device=auto or cuda"):
+        pipeline.check_gpus(pipeline.PipelineConfig(gpus="0", device="cpu"))
