@@ -40,6 +40,9 @@ Simplifications, on purpose:
 - RLOO and GRPO reuse PPO's clipped surrogate; with --num_epochs=1 and --minibatch_size=--batch_size the ratio is 1
   and they are plain REINFORCE with their baselines. Their losses, like PPO's, average over the real response tokens
   of a minibatch (not per sequence first, as DeepSeekMath's GRPO).
+- Under torchrun (train.py) each process samples its share of a step's prompts from its own random stream and
+  cuts its own rows into minibatches (as many as one process would): an N-process run sees other samples and
+  shuffles than a one-process run, so the two agree in distribution, not number for number. Rank 0 alone evaluates.
 - Best-of-N draws its N samples independently (no deduplication); a tie keeps the first. Rejection-sampling
   fine-tuning (Llama 2) is `bon` followed by `sft` on its selected.jsonl, not a loop of its own.
 """
@@ -58,8 +61,8 @@ from data import derived_seed, epoch_indices, load_prompts, write_jsonl
 from model import ScalarHead, last_real_index, response_logprobs
 from reward import RewardModel, RewardSpec, load_reward_model, make_reward
 from train import (Clock, ConfigError, OptimConfig, Run, RunConfig, Samples, TrainConfig, all_sum, check_finite,
-                   disable_dropout, gather_objects, global_mean, is_main, load_policy, make_optimizer, my_share, opt, optimizer_step,
-                   rank_seed, sample_responses, setup_device, shorten, world)
+                   disable_dropout, gather_objects, global_mean, is_main, load_policy, make_optimizer, my_share, opt,
+                   optimizer_step, rank_seed, sample_responses, setup_device, shorten, world)
 
 SAMPLING, SHUFFLE, EVAL = range(3)  # the random streams of a step: derived_seed(seed, step, stream)
 

@@ -36,8 +36,8 @@ import torch.nn.functional as F
 
 from data import batches_in_order, epoch_indices, load_pair_splits, pair_batch
 from model import GPT, GPTConfig, ScalarHead, last_real_index
-from train import (ConfigError, ModelConfig, block_size_for, OptimConfig, Run, RunConfig, TrainConfig, all_mean, all_sum,
-                   check_finite, disable_dropout, load_checkpoint, load_policy, make_optimizer, micro_batches,
+from train import (ConfigError, ModelConfig, block_size_for, OptimConfig, Run, RunConfig, TrainConfig, all_mean,
+                   all_sum, check_finite, disable_dropout, load_checkpoint, load_policy, make_optimizer, micro_batches,
                    model_from_checkpoint, opt, optimizer_step, sample_responses, setup_device, shorten, world_note)
 
 
