@@ -532,7 +532,7 @@ def pad_batch(seqs, side="right", pad_id=PAD):
 def encode_corpus(texts, desc="tokenizing", chunk_size=1024):
     """Documents -> one flat np.uint16 array of their tokens, each document followed by EOS."""
     texts, enc, parts = list(texts), get_tokenizer(), []
-    with tqdm(total=len(texts), desc=desc, unit="doc") as bar:
+    with tqdm(total=len(texts), desc=desc, unit="doc", disable=None) as bar:  # none in logs, nor on ranks > 0
         for i in range(0, len(texts), chunk_size):
             chunk = enc.encode_ordinary_batch(texts[i:i + chunk_size])  # tiktoken's own threads
             parts.append(np.array([t for ids in chunk for t in ids + [EOS]], dtype=np.uint16))

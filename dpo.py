@@ -14,7 +14,9 @@ and eval, before training (--ref_cache=false computes them for every batch inste
 The loss is preference_loss(), a pure function with the DPO reference code's interface.
 
 Simplifications, on purpose:
-- No gradient accumulation or sharding: a batch of pairs is one forward and one backward pass.
+- Gradient accumulation (--micro_batch_size) and torchrun split a step's pairs into contiguous parts, each
+  loss its pairs' sum over the whole batch's count; every process computes the reference log-probs of the whole
+  dataset and evaluates the whole eval split (redundant work, identical numbers, nothing gathered).
 - AdamW as every other stage (the reference code uses RMSprop) with the shared warm-up + cosine schedule.
 - The data order and the held-out split are the reward model's (reward.py): a batch is a pure function of the step.
 """
@@ -27,8 +29,8 @@ import torch.nn.functional as F
 from model import response_logprobs
 from data import batches_in_order, epoch_indices, load_pair_splits, pair_batch
 from reward import PairsConfig, plan
-from train import (ConfigError, OptimConfig, Run, TrainConfig, check_finite, frozen_dtype, load_policy,
-                   make_optimizer, opt, optimizer_step, setup_device)
+from train import (ConfigError, OptimConfig, Run, TrainConfig, all_mean, check_finite, frozen_dtype, load_policy,
+                   make_optimizer, micro_batches, opt, optimizer_step, setup_device, world_note)
 
 
 def preference_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
@@ -134,7 +136,7 @@ def train(cfg):
     start = run.restore(policy, optimizer)
     print(f"policy: {policy.num_params() / 1e6:.2f}M parameters; loss {cfg.loss}, beta {cfg.beta}; "
           f"{cfg.batch_size} pairs per step; {cfg.max_iters} steps ({total / len(train_rows):.2f} epochs) on "
-          f"{device} ({cfg.dtype})")
+          f"{device} ({cfg.dtype}){world_note(cfg)}")
     # 2. reference log-probs: once per dataset, or per batch in ref_logps()
     cache = {}
     if ref is not None and cfg.ref_cache:
@@ -171,21 +173,25 @@ def train(cfg):
                disable=None)
     for step in bar:
         # 3a. batch: B pairs as 2B sequences, and the reference's log-probs of them
+        #     (this process's share of them, in micro-batches: gradient accumulation over sums / B)
         idx = epoch_indices(len(train_rows), step, cfg.batch_size, cfg.seed, total)
-        ref_lp = ref_logps("train", train_rows, idx)  # (2, B)
-        # 3b. policy log-probs, chosen and rejected in one forward pass
-        logps = pair_logps(policy, train_rows, idx, device, ctx)  # (2, B)
-        # 3c. loss and update
-        losses, chosen_rewards, rejected_rewards = losses_of(logps, ref_lp)
-        loss = losses.mean()
-        check_finite(step, loss=loss.detach())
-        loss.backward()
+        parts = []
+        for part in micro_batches(idx, cfg.micro_batch_size):
+            ref_lp = ref_logps("train", train_rows, part)  # (2, b)
+            # 3b. policy log-probs, chosen and rejected in one forward pass
+            logps = pair_logps(policy, train_rows, part, device, ctx)  # (2, b)
+            # 3c. loss and update
+            losses, chosen_rewards, rejected_rewards = losses_of(logps, ref_lp)
+            loss = losses.sum() / len(idx)
+            check_finite(step, loss=loss.detach())
+            loss.backward()
+            parts.append((losses.detach(), chosen_rewards, rejected_rewards, *logps.detach()))
         lr, norm = optimizer_step(policy, optimizer, cfg, step)
         # 3d. log, evaluate, checkpoint
         done = step + 1
         if done % cfg.log_interval == 0 or done == cfg.max_iters:
-            metrics = dict(dpo_metrics(losses.detach(), chosen_rewards, rejected_rewards, logps[0].detach(),
-                                       logps[1].detach()),
+            mine = [torch.cat(t) for t in zip(*parts)] if parts else [torch.zeros(0, device=device)] * 5
+            metrics = dict(all_mean(dpo_metrics(*mine), mine[0].numel()),
                            lr=lr, grad_norm=norm, ms_per_step=1000 * (time.time() - t0) / (done - last))
             if done % cfg.eval_interval == 0 or done == cfg.max_iters:
                 metrics.update({f"eval/{k}": v for k, v in evaluate().items()})

@@ -105,6 +105,8 @@ class PipelineConfig(RunConfig):
     methods: str = opt("", "comma-separated subset of ppo,ppo_gt,dpo,rloo,grpo (default: all)")
     sft: str = opt("", "the SFT model: train (train it in this run), a policy checkpoint to start from, or '' (the "
                        "preset's: cpu and tiny start from the committed assets/sft-imdb-cpu.pt, gpu trains)")
+    gpus: str = opt("", "GPUs for the sub-runs, comma-separated (0,1): each sub-run gets the least busy one as its "
+                        "only GPU (CUDA_VISIBLE_DEVICES); --jobs counts over all (default: they share the current one)")
 
 
 # -----------------------------------------------------------------------------
@@ -195,6 +197,12 @@ class Scheduler:
 
     def __init__(self):
         self.running, self.signals, self.closed = [], 0, False  # running: [(Popen, out_dir)]
+        self.gpus = []  # --gpus: sub-runs go to the one running the fewest
+
+    def pick_gpu(self):
+        """The GPU (a CUDA_VISIBLE_DEVICES entry) of --gpus that runs the fewest sub-runs now; None without --gpus."""
+        busy = lambda g: sum(getattr(p, "gpu", None) == g for p, _ in self.running)
+        return min(self.gpus, key=busy) if self.gpus else None
 
     def on_signal(self, signum, frame):
         if self.closed:  # the pipeline is already on its way out: nothing left to stop
@@ -241,9 +249,12 @@ class Scheduler:
         with open(os.path.join(out_dir, "log.txt"), "a") as log:
             log.write(" ".join(cmd) + "\n")
             log.flush()
-            env = dict(os.environ, TQDM_DISABLE="1", **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+            gpu = self.pick_gpu()
+            env = dict(os.environ, TQDM_DISABLE="1", **({"OMP_NUM_THREADS": str(threads)} if threads else {}),
+                       **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}))
             p = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
                                  start_new_session=True)
+            p.gpu = gpu
         self.running.append((p, out_dir))
 
     def run_all(self, jobs, desc, max_jobs, overwrite, cpu=False):
@@ -361,6 +372,18 @@ def best_of_n(sft_path, proxy_path, prompts, pool, cfg, max_new_tokens):
 # -----------------------------------------------------------------------------
 # the pipeline
 
+def check_gpus(cfg):
+    """--gpus=0,1 -> ['0', '1'], each a GPU of this machine; the sub-runs then see one GPU each, as cuda."""
+    gpus = [g.strip() for g in cfg.gpus.split(",") if g.strip()]
+    for g in gpus:
+        if not g.isdigit() or int(g) >= torch.cuda.device_count():
+            raise ConfigError(f"--gpus={cfg.gpus}: {g!r} is not a GPU of this machine "
+                              f"({torch.cuda.device_count()} CUDA device(s))")
+    if gpus and cfg.device not in ("auto", "cuda"):
+        raise ConfigError(f"--gpus gives each sub-run one GPU as cuda: use --device=auto or cuda, not {cfg.device}")
+    return gpus
+
+
 def pipeline(cfg):
     preset = PRESETS.get(cfg.preset)
     if preset is None:
@@ -377,6 +400,7 @@ def pipeline(cfg):
         check_sha256(sft, SFT_CPU_SHA256, "the committed SFT model")
     run = Run(cfg, "pipeline")
     scheduler = Scheduler()
+    scheduler.gpus = check_gpus(cfg)
     for sig in (signal.SIGINT, signal.SIGTERM):  # in place of Run's handler, as Run's stays for its process's life
         signal.signal(sig, scheduler.on_signal)
     try:

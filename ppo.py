@@ -40,6 +40,9 @@ Simplifications, on purpose:
 - RLOO and GRPO reuse PPO's clipped surrogate; with --num_epochs=1 and --minibatch_size=--batch_size the ratio is 1
   and they are plain REINFORCE with their baselines. Their losses, like PPO's, average over the real response tokens
   of a minibatch (not per sequence first, as DeepSeekMath's GRPO).
+- Under torchrun (train.py) each process samples its share of a step's prompts from its own random stream and
+  cuts its own rows into minibatches (as many as one process would): an N-process run sees other samples and
+  shuffles than a one-process run, so the two agree in distribution, not number for number. Rank 0 alone evaluates.
 - Best-of-N draws its N samples independently (no deduplication); a tie keeps the first. Rejection-sampling
   fine-tuning (Llama 2) is `bon` followed by `sft` on its selected.jsonl, not a loop of its own.
 """
@@ -57,9 +60,9 @@ from tqdm import tqdm
 from data import derived_seed, epoch_indices, load_prompts, write_jsonl
 from model import ScalarHead, last_real_index, response_logprobs
 from reward import RewardModel, RewardSpec, load_reward_model, make_reward
-from train import (Clock, ConfigError, OptimConfig, Run, RunConfig, Samples, TrainConfig, check_finite,
-                   disable_dropout, frozen_dtype, load_policy, make_optimizer, opt, optimizer_step, sample_responses,
-                   setup_device, shorten)
+from train import (Clock, ConfigError, OptimConfig, Run, RunConfig, Samples, TrainConfig, all_sum, check_finite,
+                   disable_dropout, frozen_dtype, gather_objects, global_mean, is_main, load_policy, make_optimizer,
+                   my_share, opt, optimizer_step, rank_seed, sample_responses, setup_device, shorten, world)
 
 SAMPLING, SHUFFLE, EVAL = range(3)  # the random streams of a step: derived_seed(seed, step, stream)
 
@@ -241,15 +244,21 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
     return advantages, torch.where(m, advantages + values, 0.0)
 
 
+def masked_sums(x, mask):
+    """(sum of the real entries, their count), over every process's rows under torchrun: the whitening, the
+    explained variance and the Llama 2 score whitening are statistics of the global batch."""
+    return all_sum(torch.stack([torch.where(mask.bool(), x, 0.0).sum(), mask.sum().to(x.dtype)]))
+
+
 def masked_mean(x, mask):
-    return torch.where(mask.bool(), x, 0.0).sum() / mask.sum().clamp(min=1)
+    total, n = masked_sums(x, mask)
+    return total / n.clamp(min=1)
 
 
 def masked_var(x, mask):
     """Unbiased variance of the real entries (as N+'s masked_var)."""
-    n = mask.sum()
-    var = masked_mean((x - masked_mean(x, mask)) ** 2, mask)
-    return var * n / (n - 1).clamp(min=1)
+    total, n = masked_sums((x - masked_mean(x, mask)) ** 2, mask)
+    return total / n.clamp(min=1) * n / (n - 1).clamp(min=1)
 
 
 def whiten(x, mask, shift_mean=True, eps=1e-8):
@@ -362,9 +371,12 @@ def clipped_value_loss(values, old_values, returns, mask, cliprange_value=0.2, n
     return loss, stats
 
 
-def minibatches(batch_size, minibatch_size, generator):
-    """A fresh shuffle of 0..B-1 cut into minibatches; the last is smaller when B does not divide (none dropped)."""
-    return torch.randperm(batch_size, generator=generator).split(minibatch_size)
+def minibatches(batch_size, minibatch_size, generator, count=0):
+    """A fresh shuffle of 0..B-1 cut into minibatches; the last is smaller when B does not divide (none dropped).
+    count > 0 (torchrun: B is this process's rows): cut into `count` minibatches instead, sizes differing by at most
+    one, so that every process takes the same optimizer steps."""
+    perm = torch.randperm(batch_size, generator=generator)
+    return perm.tensor_split(count) if count else perm.split(minibatch_size)
 
 
 def update(cfg, policy, critic, optimizer, b, step, ctx, kl_loss_coef=0.0):
@@ -372,12 +384,14 @@ def update(cfg, policy, critic, optimizer, b, step, ctx, kl_loss_coef=0.0):
     each. critic (PPO) adds the value loss on b.returns; kl_loss_coef > 0 adds GRPO's KL term. Returns one dict of
     statistics per minibatch, in order (the first is the ratio-is-1 check of N+)."""
     trainable = nn.ModuleDict(dict(policy=policy, **({"critic": critic} if critic is not None else {})))
-    shuffle = torch.Generator().manual_seed(derived_seed(cfg.seed, step, SHUFFLE))
-    stats = []
+    shuffle = torch.Generator().manual_seed(rank_seed(cfg.seed, step, SHUFFLE))
+    count = math.ceil(cfg.batch_size / cfg.minibatch_size) if world() > 1 else 0
+    sums, counts = [], []
     for _ in range(cfg.num_epochs):
-        for mb in minibatches(b.ids.size(0), cfg.minibatch_size, shuffle):
-            mb = mb.to(b.ids.device)
-            n_tokens = b.resp_mask[mb].sum().clamp(min=1)  # losses average over the minibatch's real tokens
+        mbs = [mb.to(b.ids.device) for mb in minibatches(b.ids.size(0), cfg.minibatch_size, shuffle, count)]
+        # losses average over the minibatch's real tokens (over every process's part of it under torchrun)
+        epoch_tokens = all_sum(torch.stack([b.resp_mask[mb].sum() for mb in mbs])).clamp(min=1)
+        for mb, n_tokens in zip(mbs, epoch_tokens):
             acc = {}
             for micro in mb.split(cfg.micro_batch_size):
                 ids, mask, m = b.ids[micro], b.mask[micro], b.resp_mask[micro]
@@ -399,9 +413,10 @@ def update(cfg, policy, critic, optimizer, b, step, ctx, kl_loss_coef=0.0):
                 loss.backward()
                 acc = {key: acc.get(key, 0) + v.float() for key, v in s.items()}  # sums stay on the device
             optimizer_step(trainable, optimizer, cfg, step)
-            means = (torch.stack(list(acc.values())).double() / n_tokens).tolist()  # one host sync per minibatch
-            stats.append(dict(zip(acc, means)))
-    return stats
+            sums.append(torch.stack(list(acc.values())).double())
+            counts.append(n_tokens)
+    means = (all_sum(torch.stack(sums)) / torch.stack(counts)[:, None]).tolist()  # one host sync per step
+    return [dict(zip(acc, m)) for m in means]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -457,6 +472,9 @@ def check_rl_config(cfg, algo):
         raise ConfigError(f"--batch_size={cfg.batch_size} is not a multiple of --k={k}")
     if cfg.minibatch_size > cfg.batch_size:
         raise ConfigError(f"--minibatch_size={cfg.minibatch_size} exceeds --batch_size={cfg.batch_size}")
+    if world() > 1 and (cfg.batch_size // k // world()) * k < math.ceil(cfg.batch_size / cfg.minibatch_size):
+        raise ConfigError(f"--batch_size={cfg.batch_size} over {world()} processes: each needs at least one prompt "
+                          f"(x k) and one response per minibatch; raise --batch_size or --minibatch_size")
     if algo == "grpo" and cfg.whiten_rewards:
         raise ConfigError("--whiten_rewards: GRPO normalises its rewards per group already")
     kl_estimate(torch.zeros(1), torch.zeros(1), cfg.kl_estimator)  # a bad name fails now, not after sampling
@@ -493,7 +511,8 @@ def train_rl(cfg, algo):
     print(f"{algo}: {cfg.max_iters} steps of {cfg.batch_size} responses ({n_prompts} prompts x {k}), "
           f"{cfg.num_epochs} epochs x {n_mb} minibatches of {cfg.minibatch_size} = {cfg.num_epochs * n_mb} optimizer "
           f"steps per step, micro-batches of {min(cfg.micro_batch_size, cfg.minibatch_size)}; {len(prompts):,} "
-          f"prompts; policy {policy.num_params() / 1e6:.2f}M parameters on {device} ({cfg.dtype})")
+          f"prompts; policy {policy.num_params() / 1e6:.2f}M parameters on {device} ({cfg.dtype})"
+          + (f"; {world()} processes, each sampling its share of the prompts" if world() > 1 else ""))
 
     def save():
         run.save(done, policy, optimizer, critic=critic.state_dict() if critic is not None else None,
@@ -508,6 +527,7 @@ def train_rl(cfg, algo):
         return result
 
     final_eval, warned, done = None, False, start
+    eval_prompts = eval_prompts if is_main() else []  # under torchrun rank 0 alone evaluates, prints and writes
     if eval_prompts and start == 0:
         evaluate(0)
     bar = tqdm(range(start, cfg.max_iters), desc=algo, initial=start, total=cfg.max_iters, dynamic_ncols=True,
@@ -515,14 +535,16 @@ def train_rl(cfg, algo):
     for step in bar:
         t0, clock = time.time(), Clock(device)
         # 1. rollout: k samples of each of the step's prompts, log-probs of policy and reference, scores
-        batch_prompts = [prompts[i] for i in epoch_indices(len(prompts), step, n_prompts, cfg.seed) for _ in range(k)]
-        g = torch.Generator(device=device).manual_seed(derived_seed(cfg.seed, step, SAMPLING))
+        #    (under torchrun: this process's share of the prompts, all k samples of each, from its own stream)
+        batch_prompts = [prompts[i] for i in my_share(epoch_indices(len(prompts), step, n_prompts, cfg.seed))
+                         for _ in range(k)]
+        g = torch.Generator(device=device).manual_seed(rank_seed(cfg.seed, step, SAMPLING))
         b = rollout(policy, ref, batch_prompts, reward_fn, cfg.max_new_tokens, cfg.temperature, g, device, ctx,
                     cfg.micro_batch_size, clock)
         # 2. the no-EOS rule; Llama 2 whitens its combined score per batch (Touvron et al. 2023, eq. 4)
         scores = whiten(b.scores, torch.ones_like(b.scores)) if cfg.reward_combine == "llama2" else b.scores
         scores = apply_no_eos_rule(scores, b.no_eos, cfg.no_eos_rule, cfg.no_eos_score)
-        check_finite(step, scores=scores.mean())
+        check_finite(step, scores=global_mean(scores))
         if cfg.no_eos_rule == "replace" and not warned and b.no_eos.float().mean() > 0.5:
             warned = True
             tqdm.write(f"warning: {int(b.no_eos.sum())} of {len(b.no_eos)} responses have no EOS within "
@@ -538,16 +560,18 @@ def train_rl(cfg, algo):
         stats = update(cfg, policy, critic, optimizer, b, step, ctx, beta if algo == "grpo" else 0.0)
         clock.lap("update")
         # 6. adaptive KL coefficient (on the k1 KL of the batch), log, checkpoint
-        kl_ctl.update(kl_seq.mean().item(), cfg.batch_size)
+        #    (every mean over all processes' samples: global_mean)
+        kl_ctl.update(global_mean(kl_seq), cfg.batch_size)
         done = step + 1
         ratios = torch.tensor([s["val/ratio"] for s in stats])
-        metrics = {"objective/scores": b.scores.mean().item(),  # the reward's own, before the rule and whitening
-                   "objective/kl": kl_seq.mean().item(), "objective/entropy": b.entropy.sum(1).mean().item(),
-                   "objective/non_score_reward": non_score.mean().item(),
-                   "objective/rlhf_reward": (scores + non_score).mean().item(), "objective/kl_coef": beta,
+        metrics = {"objective/scores": global_mean(b.scores),  # the reward's own, before the rule and whitening
+                   "objective/kl": global_mean(kl_seq), "objective/entropy": global_mean(b.entropy.sum(1)),
+                   "objective/non_score_reward": global_mean(non_score),
+                   "objective/rlhf_reward": global_mean(scores + non_score), "objective/kl_coef": beta,
                    **{key: sum(s[key] for s in stats) / len(stats) for key in stats[0]},
-                   "val/ratio_var": ratios.var(correction=0).item(), "val/num_eos_missing": int(b.no_eos.sum()),
-                   "response_length": b.resp_mask.sum(1).mean().item(), "lr": optimizer.param_groups[0]["lr"],
+                   "val/ratio_var": ratios.var(correction=0).item(),
+                   "val/num_eos_missing": int(all_sum(b.no_eos.sum())),
+                   "response_length": global_mean(b.resp_mask.sum(1)), "lr": optimizer.param_groups[0]["lr"],
                    "episodes": done * cfg.batch_size}
         if critic is not None:  # how well the values at rollout time predicted the returns
             metrics["val/explained_variance"] = explained_variance(b.old_values, b.returns, b.resp_mask).item()
@@ -555,7 +579,7 @@ def train_rl(cfg, algo):
             run.log(done, **metrics, **{"time/step_s": time.time() - t0},
                     **{f"time/{phase}_s": v for phase, v in clock.laps.items()})
             bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
-        if done % cfg.eval_interval == 0 or done == cfg.max_iters:
+        if (done % cfg.eval_interval == 0 or done == cfg.max_iters) and is_main():
             for p, r, s in list(zip(b.prompts, b.responses, b.scores.tolist()))[:2]:
                 tqdm.write(f"[step {done}] score {s:+.3f} | {shorten(p)!r} -> {shorten(r)!r}")
             if eval_prompts:
@@ -624,9 +648,10 @@ def best_of_n(cfg):
     policy, _ = load_policy(cfg.init_from, device)
     reward_fn = make_reward(cfg.reward, device, cfg.reward_weights, cfg.reward_combine, cfg.unsafe_prompts,
                             cfg.batch_size)
-    prompts = load_prompts(cfg.prompts, cfg.max_prompts or None)
+    all_prompts = load_prompts(cfg.prompts, cfg.max_prompts or None)
+    prompts = my_share(all_prompts)  # under torchrun each process samples its share; rank 0 gathers and writes
     # N samples per prompt, scored; keep each prompt's best (Llama 2's rejection sampling keeps the same)
-    g = torch.Generator(device=device).manual_seed(derived_seed(cfg.seed, 0, SAMPLING))
+    g = torch.Generator(device=device).manual_seed(rank_seed(cfg.seed, 0, SAMPLING))
     per_call = max(1, cfg.batch_size // cfg.n)
     selected, samples, all_scores = [], [], []
     for i in tqdm(range(0, len(prompts), per_call), desc=f"best-of-{cfg.n}", disable=None, leave=False):
@@ -639,8 +664,13 @@ def best_of_n(cfg):
         samples += [dict(prompt=p, response=r, score=x, selected=j in best)
                     for j, (p, r, x) in enumerate(zip(s.prompts, s.responses, scores.tolist()))]
         all_scores.append(scores)
-    write_jsonl(os.path.join(run.dir, "selected.jsonl"), selected)
-    write_jsonl(os.path.join(run.dir, "samples.jsonl"), samples)
+    if world() > 1:
+        parts = gather_objects((selected, samples, torch.cat(all_scores).cpu()))
+        selected, samples = [x for p in parts for x in p[0]], [x for p in parts for x in p[1]]
+        all_scores, prompts = [p[2] for p in parts], all_prompts
+    if is_main():
+        write_jsonl(os.path.join(run.dir, "selected.jsonl"), selected)
+        write_jsonl(os.path.join(run.dir, "samples.jsonl"), samples)
     all_scores = torch.cat(all_scores)
     best_scores = [x["score"] for x in samples if x["selected"]]
     summary = {"score/best": sum(best_scores) / len(best_scores), "score/all": all_scores.mean().item(),

@@ -17,7 +17,9 @@ Simplifications, on purpose:
 - The margin is one constant for every pair (Llama 2 takes it from the annotators' rating, which the formats lack).
 - Evaluation reads raw scores: the normalisation is fitted after training and does not change the accuracy.
 - The data order is a fresh permutation per epoch drawn from (seed, epoch), so a batch is a pure function of the
-  step; the last batch of the run may be smaller (no pair is dropped).
+  step; the last batch of the run may be smaller (no pair is dropped). Under torchrun each process takes a
+  contiguous share of the step's pairs (train.micro_batches); every process evaluates the whole eval split and fits
+  the same normalisation (redundant work, identical numbers, no gathering).
 """
 import importlib.util
 import inspect
@@ -34,9 +36,9 @@ import torch.nn.functional as F
 
 from data import batches_in_order, epoch_indices, load_pair_splits, pair_batch
 from model import GPT, GPTConfig, ScalarHead, last_real_index
-from train import (ConfigError, ModelConfig, block_size_for, OptimConfig, Run, RunConfig, TrainConfig, check_finite, disable_dropout,
-                   load_checkpoint, load_policy, make_optimizer, model_from_checkpoint, opt,
-                   optimizer_step, sample_responses, setup_device, shorten)
+from train import (ConfigError, ModelConfig, block_size_for, OptimConfig, Run, RunConfig, TrainConfig, all_mean,
+                   all_sum, check_finite, disable_dropout, load_checkpoint, load_policy, make_optimizer, micro_batches,
+                   model_from_checkpoint, opt, optimizer_step, sample_responses, setup_device, shorten, world_note)
 
 
 class RewardModel(nn.Module):
@@ -361,7 +363,7 @@ def train(cfg):
     if cfg.compile:
         model.gpt.compile_hidden()
     print(f"model: {model.gpt.num_params() / 1e6:.2f}M parameters; {cfg.batch_size} pairs per step; "
-          f"{cfg.max_iters} steps ({total / len(train_rows):.2f} epochs) on {device} ({cfg.dtype})")
+          f"{cfg.max_iters} steps ({total / len(train_rows):.2f} epochs) on {device} ({cfg.dtype}){world_note(cfg)}")
 
     # 2. train
     from tqdm import tqdm
@@ -371,19 +373,25 @@ def train(cfg):
                disable=None)
     for step in bar:
         # 2a. batch: B pairs as 2B sequences, scored at their last real tokens in one forward pass
+        # (this process's share of them, in micro-batches: gradient accumulation, each loss weighted by its share)
         idx = epoch_indices(len(train_rows), step, cfg.batch_size, cfg.seed, total)
-        ids, mask, _ = pair_batch(train_rows, idx, device)
-        with ctx:
-            r_chosen, r_rejected = model(ids, mask).float().view(2, -1)  # (B,) each
-        # 2b. Bradley-Terry loss and update
-        loss = bradley_terry_loss(r_chosen, r_rejected, cfg.margin, cfg.center_coef)
-        check_finite(step, loss=loss.detach())
-        loss.backward()
+        loss, scores = 0.0, []
+        for part in micro_batches(idx, cfg.micro_batch_size):
+            ids, mask, _ = pair_batch(train_rows, part, device)
+            with ctx:
+                r_chosen, r_rejected = model(ids, mask).float().view(2, -1)  # (b,) each
+            # 2b. Bradley-Terry loss and update
+            part_loss = bradley_terry_loss(r_chosen, r_rejected, cfg.margin, cfg.center_coef) * (len(part) / len(idx))
+            check_finite(step, loss=part_loss.detach())
+            part_loss.backward()
+            loss, scores = loss + part_loss.detach(), scores + [torch.stack([r_chosen, r_rejected]).detach()]
+        r_chosen, r_rejected = torch.cat(scores, 1) if scores else torch.zeros(2, 0, device=device)
         lr, norm = optimizer_step(model, optimizer, cfg, step)
         # 2c. log, evaluate, checkpoint (the last one after the normalisation)
         done = step + 1
         if done % cfg.log_interval == 0 or done == cfg.max_iters:
-            metrics = dict(pair_metrics(r_chosen.detach(), r_rejected.detach(), loss.item()), lr=lr, grad_norm=norm,
+            metrics = dict(all_mean(pair_metrics(r_chosen, r_rejected, 0.0), r_chosen.numel()),
+                           loss=float(all_sum(loss)), lr=lr, grad_norm=norm,
                            ms_per_step=1000 * (time.time() - t0) / (done - last))
             if done % cfg.eval_interval == 0 or done == cfg.max_iters:
                 metrics.update({f"eval/{k}": v for k, v in evaluate(model, eval_rows, cfg, device, ctx).items()})

@@ -16,6 +16,29 @@ bit on CPU (with one thread: see README). One run at a time holds a run folder (
 folder of another stage or config needs --overwrite.
 
 Bad input (data files, keys, values, checkpoints) ends the run with one line `error: ...` and exit status 2.
+
+Several processes: `torchrun --nproc_per_node=N train.py STAGE ...` (python -m torch.distributed.run) runs sft,
+reward, dpo, ppo, rloo, grpo and bon unchanged, NCCL with one GPU per process on CUDA, gloo on the CPU. Without
+torchrun (WORLD_SIZE unset) nothing below happens: no process group, no collective, the same numbers as before.
+- --batch_size is the global batch. Each process takes a contiguous share of the step's items (my_share), in
+  micro-batches of --micro_batch_size (gradient accumulation); each loss is weighted by its share of the global
+  batch (items, or response tokens for SFT pairs and the RL losses), so the summed gradient is the global batch's
+  and the loss curve is the same for any number of processes and any micro-batch size (up to float rounding).
+- Gradients are summed across processes in the one optimizer step (optimizer_step -> all_reduce_grads: flat buckets
+  of 2^26 numbers, one all_reduce each, before the clipping), not by wrapping the models in DistributedDataParallel.
+  Why: our losses reach the weights through model.hidden and model.response_logprobs, and PPO's critic and policy
+  share one optimizer (and, with --critic=shared, one trunk); DDP's gradient hooks are armed by its wrapper's
+  forward(), which these calls bypass, and routing every stage through it would need a forward() per loss shape.
+  Summing in the step costs one exchange per optimizer step whatever the accumulation (DDP needs no_sync() for
+  that), but after the backward passes rather than overlapped with them, which is DDP's speed-up.
+- Every process starts from rank 0's weights (make_optimizer broadcasts them) and takes the same steps, so every
+  process holds the same weights; rank 0 alone writes the run folder (lock, config.json, metrics, summary,
+  checkpoints) and prints. Random streams are offset per rank (rank_seed); rank 0 draws what one process draws.
+  A stop request (SIGTERM to torchrun, which passes it on) is agreed by all processes at the end of a step, and
+  --resume works under torchrun with any number of processes.
+- The RL stages: each process samples its share of the step's prompts (all k samples of a prompt on one process,
+  so RLOO and GRPO groups are never split); whitening, the adaptive KL controller's KL and the logged metrics are
+  over all processes' samples; minibatches are per process, as many on each as the global batch has.
 """
 import ctypes
 import dataclasses
@@ -55,6 +78,10 @@ STAGES = {
     "plot": ("pipeline", "PlotConfig", "plot", "plot a run folder's metrics.jsonl to PNG"),
     "export": ("hf", "ExportConfig", "export", "a checkpoint to a Hugging Face GPT-2 folder (transformers loads it)"),
 }
+
+
+# stages that run under torchrun (the others refuse it)
+DISTRIBUTED_STAGES = ("sft", "reward", "dpo", "ppo", "rloo", "grpo", "bon")
 
 
 class ConfigError(Exception):
@@ -101,8 +128,10 @@ class TrainConfig(RunConfig):
                                "metrics.jsonl stays the record")
 
 
-# keys that may change between a run and its --resume or re-run without making it another run
-RESTART_KEYS = ("resume", "overwrite", "log_interval", "ckpt_interval", "ckpt_minutes", "grad_checkpoint", "tracker")
+# keys that may change between a run and its --resume or re-run without making it another run (micro_batch_size
+# splits the same batch's gradient into other sums; gpus places the pipeline's sub-runs)
+RESTART_KEYS = ("resume", "overwrite", "log_interval", "ckpt_interval", "ckpt_minutes", "grad_checkpoint", "tracker",
+                "micro_batch_size", "gpus")
 
 
 @dataclass
@@ -118,7 +147,9 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    batch_size: int = opt(32, "sequences per optimizer step", min=1)
+    batch_size: int = opt(32, "sequences per optimizer step, over all processes (torchrun)", min=1)
+    micro_batch_size: int = opt(0, "sequences per forward/backward pass: gradient accumulation (0: a process's whole "
+                                   "share of the batch at once); the results do not depend on it", min=0)
     learning_rate: float = opt(6e-4, "peak learning rate", min=0.0)
     min_lr: float = opt(0.0, "learning rate at the end of the cosine decay", min=0.0)
     warmup_iters: int = opt(50, "linear warm-up steps", min=0)
@@ -211,9 +242,12 @@ def setup_device(cfg):
     """Resolves cfg.device/dtype, seeds every RNG, and returns (device, autocast context)."""
     check_device(cfg.device)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if device == "cuda" and world() > 1:  # under torchrun: one GPU per process
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+        torch.cuda.set_device(device)
     dtype = ("bfloat16" if device.startswith("cuda") else "float32") if cfg.dtype == "auto" else cfg.dtype
     cfg.device, cfg.dtype = device, dtype
-    seed_everything(cfg.seed)
+    seed_everything(rank_seed(cfg.seed))
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -244,6 +278,185 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# distributed: several processes started by torchrun (nothing here runs, and no process group exists, without it)
+
+_COMM_DEVICE = "cpu"  # where collectives' tensors live: the process's GPU with NCCL, the CPU with gloo
+
+
+def world():
+    """Processes of the run: torchrun's WORLD_SIZE, 1 without torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank():
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main():
+    """Rank 0 alone writes the run folder, holds its lock and prints."""
+    return rank() == 0
+
+
+class _NotATerminal:
+    """stderr of ranks > 0: what they write still shows (errors, warnings), but tqdm and Run.log see no terminal,
+    so one progress bar shows, rank 0's."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def isatty(self):
+        return False
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def init_distributed(cfg):
+    """Join torchrun's process group (its environment: MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK):
+    NCCL with one GPU per process (cuda:LOCAL_RANK) when the run is on CUDA, gloo on the CPU. Ranks > 0 print
+    nothing to stdout."""
+    global _COMM_DEVICE
+    import torch.distributed as dist
+    if world() == 1 or dist.is_initialized():
+        return
+    device = getattr(cfg, "device", "cpu")
+    if re.fullmatch(r"cuda:\d+|mps", device):
+        raise ConfigError(f"--device={device}: under torchrun each process takes the GPU of its LOCAL_RANK; use "
+                          f"--device=cuda (or auto), or --device=cpu")
+    cuda = device != "cpu" and torch.cuda.is_available()
+    if cuda:
+        _COMM_DEVICE = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+        torch.cuda.set_device(_COMM_DEVICE)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if not is_main():
+        sys.stdout = open(os.devnull, "w")
+        sys.stderr = _NotATerminal(sys.stderr)
+
+
+def rank_seed(*keys):
+    """The seed of a random stream, offset per rank: derived_seed(*keys, rank) on ranks > 0; on rank 0, and in one
+    process, derived_seed(*keys) (one key: the key itself), so that rank 0 draws what a one-process run draws (the
+    weights of a model from scratch among them)."""
+    from data import derived_seed
+    if rank() > 0:
+        return derived_seed(*keys, rank())
+    return keys[0] if len(keys) == 1 else derived_seed(*keys)
+
+
+def my_share(items):
+    """This process's part of a global batch (a list or range): a contiguous slice, sizes differing by at most one.
+    The whole batch in one process."""
+    n, r, w = len(items), rank(), world()
+    return items[n * r // w:n * (r + 1) // w]
+
+
+def micro_batches(items, size):
+    """This process's share of a global batch cut into micro-batches of at most `size` items (0: one), for gradient
+    accumulation. A process whose share is empty gets none (and contributes no gradient)."""
+    mine = my_share(items)
+    size = size or max(1, len(mine))
+    return [mine[i:i + size] for i in range(0, len(mine), size)]
+
+
+def world_note(cfg):
+    """The printed split of a step's batch over processes and micro-batches ("" in one process without them)."""
+    per = -(-cfg.batch_size // world())
+    return ((f"; {world()} processes, up to {per} sequences each" if world() > 1 else "")
+            + (f"; micro-batches of {cfg.micro_batch_size}" if 0 < cfg.micro_batch_size < per else ""))
+
+
+def all_sum(x):
+    """A number or tensor summed over the processes (x itself in one process)."""
+    if world() == 1:
+        return x
+    import torch.distributed as dist
+    t = torch.as_tensor(x, dtype=x.dtype if isinstance(x, torch.Tensor) else torch.float64).to(_COMM_DEVICE,
+                                                                                                   copy=True)
+    dist.all_reduce(t)
+    return t.to(x.device) if isinstance(x, torch.Tensor) else t.item()
+
+
+def global_mean(x):
+    """The mean of tensor x's entries over every process's x, as a float."""
+    if world() == 1:
+        return x.float().mean().item()
+    s, n = all_sum(torch.stack([x.double().sum(), torch.tensor(float(x.numel()), device=x.device,
+                                                                dtype=torch.float64)])).tolist()
+    return s / max(n, 1)
+
+
+def all_mean(metrics, n):
+    """Means (a dict of floats) over each process's n items -> the means over all processes' items."""
+    if world() == 1:
+        return metrics
+    sums = all_sum(torch.tensor([v * n for v in metrics.values()] + [n], dtype=torch.float64)).tolist()
+    return {k: v / max(sums[-1], 1) for k, v in zip(metrics, sums)}
+
+
+def any_rank(flag):
+    """True on every process when it is true on any (a stop request: every process stops after the same step)."""
+    return flag if world() == 1 else all_sum(float(flag)) > 0
+
+
+def from_rank0(obj):
+    """Rank 0's value of a picklable object, on every process."""
+    if world() == 1:
+        return obj
+    import torch.distributed as dist
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=torch.device(_COMM_DEVICE))
+    return box[0]
+
+
+def gather_objects(obj):
+    """[rank 0's obj, rank 1's, ...] (picklable objects), on every process; [obj] in one process."""
+    if world() == 1:
+        return [obj]
+    import torch.distributed as dist
+    out = [None] * world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+@torch.no_grad()
+def broadcast_from_rank0(model):
+    import torch.distributed as dist
+    for t in list(model.parameters()) + list(model.buffers()):
+        dist.broadcast(t.data, src=0)
+
+
+@torch.no_grad()
+def all_reduce_grads(model, bucket_numel=2**26):
+    """Sum every trainable parameter's gradient over the processes, in flat buckets of up to 2^26 numbers (one
+    all_reduce each). A parameter that has no gradient on some process (its share of the batch was empty) counts
+    zero there; one that has none anywhere keeps none, as in one process. Each process's loss is its share of the
+    global batch's loss (weighted by its share of the batch's items or tokens), so the sum is the gradient of the
+    global batch: the same for any number of processes."""
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+    params = [p for p in model.parameters() if p.requires_grad]
+    used = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
+    dist.all_reduce(used)
+    grads = []
+    for p, u in zip(params, used.tolist()):
+        if u and p.grad is None:
+            p.grad = torch.zeros_like(p)
+        if u:
+            grads.append(p.grad)
+    bucket, size = [], 0
+    for g in grads + [None]:
+        if bucket and (g is None or size + g.numel() > bucket_numel or g.dtype != bucket[0].dtype):
+            flat = _flatten_dense_tensors(bucket)
+            dist.all_reduce(flat)
+            for old, new in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+                old.copy_(new)
+            bucket, size = [], 0
+        if g is not None:
+            bucket.append(g)
+            size += g.numel()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -396,6 +609,25 @@ class Run:
         self.ckpt_path = os.path.join(self.dir, "ckpt.pt")
         self.metrics_path = os.path.join(self.dir, "metrics.jsonl")
         self.ckpt = None
+        # under torchrun rank 0 alone opens the folder (lock, checks, config.json); the others take its verdict and
+        # read its checkpoint
+        error = None
+        if is_main():
+            try:
+                self._open(cfg, stage)
+            except ConfigError as e:
+                error = e
+        error = from_rank0(error and str(error))
+        if error is not None:
+            raise ConfigError(error)
+        if not is_main() and getattr(cfg, "resume", False):
+            self.ckpt = load_checkpoint(self.ckpt_path)
+        self.stop_requested = False
+        self.last_save = time.time()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+
+    def _open(self, cfg, stage):
         config = dict(stage=stage, **dataclasses.asdict(cfg))
         try:
             os.makedirs(self.dir, exist_ok=True)
@@ -417,10 +649,6 @@ class Run:
             self.tracker = Tracker(cfg.tracker, self.dir, config) if getattr(cfg, "tracker", "none") != "none" else None
         except OSError as e:  # a read-only folder, a file where the folder should be, a full disk
             raise ConfigError(f"--out_dir={self.dir}: cannot write the run folder ({e.strerror or e})") from None
-        self.stop_requested = False
-        self.last_save = time.time()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._on_signal)
 
     def _lock(self):
         """Hold an exclusive lock on out_dir/.lock until the process ends. A folder this process already holds
@@ -462,8 +690,9 @@ class Run:
     def _on_signal(self, signum, frame):
         if self.stop_requested:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
-        print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step, then stopping "
-              f"(continue with --resume)", file=sys.stderr)
+        if is_main():
+            print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step, then stopping "
+                  f"(continue with --resume)", file=sys.stderr)
         self.stop_requested = True
 
     def _truncate_metrics(self, step):
@@ -480,6 +709,8 @@ class Run:
         """Append one flat JSON row (non-finite numbers are written as null), with the peak GPU memory so far on a
         GPU. When stderr is not a terminal (nohup, a log file, CI), tqdm's bar is off, so also print a compact line
         with the first few metrics."""
+        if not is_main():
+            return
         row = {k: plain(v) for k, v in metrics.items()}
         if torch.cuda.is_initialized():
             row["memory/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -504,17 +735,21 @@ class Run:
         was requested: the stage then returns 130."""
         interval = getattr(self.cfg, "ckpt_interval", 0)
         minutes = getattr(self.cfg, "ckpt_minutes", 0)
+        self.stop_requested = any_rank(self.stop_requested)  # every process stops after the same step
         if ((interval and done % interval == 0) or done == total or self.stop_requested
                 or (minutes and time.time() - self.last_save > 60 * minutes)):
             save()
             self.last_save = time.time()
-        if self.stop_requested:
+        if self.stop_requested and is_main():
             print(f"stopped at step {done}; continue with --resume --out_dir={self.dir}", file=sys.stderr)
         return self.stop_requested
 
     def save(self, step, model, optimizer=None, kind="policy", **extra):
         """The one checkpoint format: model weights (unwrapped, uncompiled), shape, optimizer, config, step, RNG
-        states, and whatever stage state `extra` holds."""
+        states, and whatever stage state `extra` holds. Rank 0's alone, under torchrun (every rank holds the same
+        weights and optimizer state)."""
+        if not is_main():
+            return
         model = getattr(model, "_orig_mod", model)
         ckpt = dict(kind=kind, stage=self.stage, step=step, model=model.state_dict(),
                     model_args=dataclasses.asdict(model.config) if hasattr(model, "config") else None,
@@ -530,11 +765,14 @@ class Run:
         model_from_checkpoint(self.ckpt, self.ckpt_path, model)
         optimizer.load_state_dict(self.ckpt["optimizer"])
         set_rng_state(self.ckpt["rng"])
+        if rank() > 0:  # the checkpoint holds rank 0's global RNGs (dropout); the others take their own stream again
+            seed_everything(rank_seed(self.cfg.seed, self.ckpt["step"]))
         print(f"resuming from step {self.ckpt['step']}")
         return self.ckpt["step"]
 
     def summary(self, **metrics):
-        write_json(os.path.join(self.dir, "summary.json"), metrics)
+        if is_main():
+            write_json(os.path.join(self.dir, "summary.json"), metrics)
         return metrics
 
 
@@ -634,10 +872,13 @@ def check_finite(step, **values):
 
 def make_optimizer(model, cfg, device):
     """AdamW with weight decay on matrices only (nanoGPT). Also switches gradient checkpointing on in every GPT it
-    will train when cfg.grad_checkpoint (model.GPT.hidden reads the flag)."""
+    will train when cfg.grad_checkpoint (model.GPT.hidden reads the flag). Under torchrun every process starts from
+    rank 0's weights (a model initialised from scratch draws them from each process's own RNG stream)."""
     for m in model.modules():
         if isinstance(m, GPT):
             m.grad_checkpoint = getattr(cfg, "grad_checkpoint", False)
+    if world() > 1:
+        broadcast_from_rank0(model)
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -656,10 +897,14 @@ def lr_at(step, cfg):
 
 def optimizer_step(model, optimizer, cfg, step):
     """The one optimizer step of every stage: set the scheduled learning rate, clip the gradient norm to
-    cfg.grad_clip (0: off), check the norm is finite, step, zero the gradients. Returns (lr, grad_norm)."""
+    cfg.grad_clip (0: off), check the norm is finite, step, zero the gradients. Returns (lr, grad_norm). Under
+    torchrun the gradients are first summed over the processes (all_reduce_grads), so every process clips the same
+    norm and takes the same step."""
     lr = lr_at(step, cfg)
     for group in optimizer.param_groups:
         group["lr"] = lr
+    if world() > 1:
+        all_reduce_grads(model)
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
     check_finite(step, grad_norm=norm)
@@ -733,12 +978,23 @@ def sft(cfg):
         eval_stream = TokenStream(eval_data, cfg.block_size, cfg.batch_size, cfg.seed + 1)
         get_batch = lambda split, step: tuple(t.to(device) for t in
                                              (train_stream if split == "train" else eval_stream).batch(step))
+
+        def train_batches(step):  # this process's micro-batches of the step's windows, each with its share
+            x, y = train_stream.batch(step)
+            for rows in micro_batches(range(cfg.batch_size), cfg.micro_batch_size):
+                yield (x[rows.start:rows.stop].to(device), y[rows.start:rows.stop].to(device)), len(rows) / len(x)
         print(f"corpus: {len(train_data):,} training tokens, {len(eval_data):,} held out")
     else:
         def get_batch(split, step):
             rows = train_data if split == "train" else eval_data
             return example_batch(rows, epoch_indices(len(rows), step, cfg.batch_size, cfg.seed + (split != "train")),
                                  device)
+
+        def train_batches(step):  # each micro-batch's share is its share of the batch's response tokens
+            idx = epoch_indices(len(train_data), step, cfg.batch_size, cfg.seed)
+            n_tokens = sum(len(train_data[i][1]) for i in idx)
+            for part in micro_batches(idx, cfg.micro_batch_size):
+                yield example_batch(train_data, part, device), sum(len(train_data[i][1]) for i in part) / n_tokens
         print(f"pairs: {len(train_data):,} training examples, {len(eval_data):,} held out")
     # 2. model
     if init is None:
@@ -754,7 +1010,7 @@ def sft(cfg):
         fwd, _ = torch.compile(model), model.compile_hidden()
     tokens_per_step = cfg.batch_size * cfg.block_size
     print(f"model: {model.num_params() / 1e6:.2f}M parameters; {tokens_per_step:,} tokens per step; "
-          f"{cfg.max_iters} steps on {device} ({cfg.dtype})")
+          f"{cfg.max_iters} steps on {device} ({cfg.dtype}){world_note(cfg)}")
 
     @torch.no_grad()
     def evaluate():
@@ -771,17 +1027,20 @@ def sft(cfg):
     bar = tqdm(range(start, cfg.max_iters), desc="sft", initial=start, total=cfg.max_iters, dynamic_ncols=True,
                disable=None)
     for step in bar:
-        batch = get_batch("train", step)
-        with ctx:
-            loss = sft_loss(fwd, batch)
-        check_finite(step, loss=loss)
-        loss.backward()
+        # gradient accumulation over this process's micro-batches; each loss weighted by its share of the batch, so
+        # the summed gradient (over micro-batches and processes) is the whole batch's
+        loss = 0.0
+        for batch, share in train_batches(step):
+            with ctx:
+                part = sft_loss(fwd, batch) * share
+            check_finite(step, loss=part)
+            part.backward()
+            loss, tokens = loss + part.detach(), tokens + batch[0].numel()
         lr, norm = optimizer_step(model, optimizer, cfg, step)
-        tokens += batch[0].numel()
         done = step + 1
         if done % cfg.log_interval == 0 or done == cfg.max_iters:
             dt = time.time() - t0
-            metrics = dict(loss=loss.item(), lr=lr, grad_norm=norm, tokens_per_s=tokens / dt)
+            metrics = dict(loss=float(all_sum(loss)), lr=lr, grad_norm=norm, tokens_per_s=all_sum(tokens) / dt)
             if done % cfg.eval_interval == 0 or done == cfg.max_iters:
                 metrics["eval/loss"] = evaluate()
             run.log(done, **metrics)
@@ -925,9 +1184,15 @@ def main(argv):
         cfg = parse_config(cls, args)
         if hasattr(cfg, "chat_template"):
             use_chat_template(cfg.chat_template)
+        if world() > 1:
+            if stage not in DISTRIBUTED_STAGES:
+                raise ConfigError(f"stage {stage} runs in one process, not under torchrun (the pipeline hands its "
+                                  f"sub-runs to GPUs with --gpus)")
+            init_distributed(cfg)
         return getattr(module, fn_name)(cfg) or 0
     except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if is_main():  # the same error on every process: one line
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,190 @@
+"""Several processes under torchrun, on the CPU with gloo (2 processes, as CI runs them): sft and dpo give the loss
+curve of one process with the same global batch; a 2-process dpo run stopped by SIGTERM to the launcher resumes
+under torchrun and still gives that curve; a 2-process ppo run works and rank 0 alone writes its run folder; each
+process reads its own share of a batch, without overlap.
+
+Each torchrun launch costs a few seconds of start-up (three Python processes importing torch), so the file runs four
+launches of tiny models (1 layer, 32 wide) for a few steps."""
+import dataclasses
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+from conftest import ROOT, read_metrics
+from model import GPT, GPTConfig
+from test_reward import write_synthetic
+
+TOL = dict(rel=1e-4, abs=1e-5)  # float32 sums taken in another order (per process, then over processes)
+
+
+def torchrun(*args, nproc=2, wait=True):
+    """python -m torch.distributed.run --nproc_per_node=2 train.py ARGS (one thread per process, as CI's cores)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
+           "train.py", *map(str, args)]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    if not wait:
+        return p
+    out, err = p.communicate(timeout=240)
+    assert p.returncode == 0, f"{cmd} exited {p.returncode}:\n{out[-3000:]}\n{err[-3000:]}"
+    return out
+
+
+def one_process(*args):
+    """train.main(ARGS) in this process (no torchrun, no process group), signal handlers given back afterwards."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert train.main([str(a) for a in args]) == 0
+    finally:
+        torch.set_num_threads(threads)
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+def curve(out_dir, key="loss"):
+    rows = read_metrics(out_dir)
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))  # one row per step: rank 0 alone logs
+    return [r[key] for r in rows]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 1-layer, 32-wide random policy checkpoint, preference pairs, prompt/response pairs, a reward function."""
+    d = tmp_path_factory.mktemp("dist")
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32))
+    train.save_checkpoint(str(d / "policy.pt"), dict(kind="policy", stage="sft", step=0, model=m.state_dict(),
+                                                     optimizer=None, model_args=dataclasses.asdict(m.config),
+                                                     config={}, rng=train.rng_state()))
+    rng = random.Random(0)
+    with open(d / "sft.jsonl", "w") as f:  # responses of different lengths: the per-token weighting matters
+        for _ in range(200):
+            words = " ".join(rng.choice(["good", "bad", "film", "plot", "long"]) for _ in range(rng.randint(1, 8)))
+            f.write(json.dumps(dict(prompt=rng.choice(["The movie", "A film", "It"]), response=" " + words)) + "\n")
+    (d / "reward_fn.py").write_text("def goods(prompts, responses):\n"
+                                    "    return [float(r.count(' good')) for r in responses]\n")
+    (d / "prompts.txt").write_text("\n".join(f"Prompt number {i}:" for i in range(40)) + "\n")
+    return dict(dir=d, policy=str(d / "policy.pt"), pairs=write_synthetic(d / "pairs.jsonl", 120),
+                sft=str(d / "sft.jsonl"), reward=f"{d / 'reward_fn.py'}:goods", prompts=str(d / "prompts.txt"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# shares of a batch (pure: torchrun's environment set by hand)
+
+@pytest.mark.parametrize("n,world", [(16, 2), (7, 2), (5, 3), (1, 2)])
+def test_each_process_reads_its_own_share_without_overlap(monkeypatch, n, world):
+    items, seen = list(range(100, 100 + n)), []
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    for r in range(world):
+        monkeypatch.setenv("RANK", str(r))
+        parts = train.micro_batches(items, 2)
+        assert all(0 < len(p) <= 2 for p in parts)
+        mine = [x for p in parts for x in p]
+        assert mine == train.my_share(items) and len(mine) in (n // world, -(-n // world))
+        seen += mine
+    assert seen == items  # every item once, in order: contiguous shares
+    monkeypatch.setenv("RANK", "1")
+    assert train.rank_seed(7, 3) != train.rank_seed(7, 3, 0)  # ranks draw from streams of their own
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the same loss curve for 1 and 2 processes
+
+def test_sft_two_processes_give_the_loss_curve_of_one(tiny, tmp_path):
+    args = ["sft", f"--data={tiny['sft']}", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32",
+            "--batch_size=10", "--max_iters=6", "--learning_rate=3e-3", "--warmup_iters=0", "--log_interval=1",
+            "--eval_interval=1000", "--eval_iters=1", "--device=cpu"]
+    one_process(*args, "--micro_batch_size=3", f"--out_dir={tmp_path / 'one'}")  # accumulation: 3 + 3 + 3 + 1
+    torchrun(*args, f"--out_dir={tmp_path / 'two'}")
+    one, two = curve(tmp_path / "one"), curve(tmp_path / "two")
+    assert two == pytest.approx(one, **TOL)
+    assert curve(tmp_path / "two", "grad_norm") == pytest.approx(curve(tmp_path / "one", "grad_norm"), **TOL)
+    assert one[-1] < one[0]  # it learned something, so the curves are not flat by accident
+
+
+def test_dpo_two_processes_killed_and_resumed_give_the_loss_curve_of_one(tiny, tmp_path):
+    """The 2-process run gets SIGTERM (to the launcher, which passes it on) after its first step, saves, stops,
+    and resumes under torchrun; its whole curve is still the one-process curve."""
+    args = ["dpo", f"--data={tiny['pairs']}", f"--init_from={tiny['policy']}", "--batch_size=9", "--max_iters=14",
+            "--learning_rate=3e-3", "--warmup_iters=0", "--log_interval=1", "--eval_interval=1000", "--device=cpu"]
+    one_process(*args, "--micro_batch_size=4", f"--out_dir={tmp_path / 'one'}")
+    two = tmp_path / "two"
+    p = torchrun(*args, f"--out_dir={two}", wait=False)
+    t0 = time.time()
+    while p.poll() is None and not (two / "metrics.jsonl").exists() and time.time() - t0 < 120:
+        time.sleep(0.02)
+    os.kill(p.pid, signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode != 0, "the run finished before it was stopped: nothing was tested"
+    stopped = torch.load(two / "ckpt.pt", weights_only=True)["step"]
+    assert 1 <= stopped < 14 and len(read_metrics(two)) == stopped, err[-2000:]
+    torchrun(*args, f"--out_dir={two}", "--resume")
+    one = curve(tmp_path / "one")
+    assert curve(two) == pytest.approx(one, **TOL)
+    assert curve(two, "rewards/accuracies") == pytest.approx(curve(tmp_path / "one", "rewards/accuracies"), **TOL)
+    assert one[-1] < one[0]
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["step"] == 14
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ppo: each process samples its share; rank 0 alone writes
+
+def test_ppo_two_processes_run_and_rank0_alone_writes(tiny, tmp_path):
+    out_dir = tmp_path / "ppo"
+    out = torchrun("ppo", f"--init_from={tiny['policy']}", f"--reward={tiny['reward']}", f"--prompts={tiny['prompts']}",
+                   f"--eval_prompts={tiny['prompts']}", "--eval_iters=1", "--max_new_tokens=6", "--temperature=1.0",
+                   "--batch_size=8", "--minibatch_size=4", "--micro_batch_size=2", "--num_epochs=2", "--max_iters=3",
+                   "--learning_rate=3e-3", "--whiten_rewards", "--no_eos_rule=keep", "--eval_interval=100",
+                   "--device=cpu", f"--out_dir={out_dir}")
+    assert sorted(os.listdir(out_dir)) == [".lock", "ckpt.pt", "config.json", "metrics.jsonl", "samples.jsonl",
+                                           "summary.json"]
+    rows = read_metrics(out_dir)  # the evaluation at step 0, then one row per step (and the last evaluation)
+    assert [r["step"] for r in rows if "objective/scores" in r] == [1, 2, 3]
+    assert [r["step"] for r in rows if "eval/score" in r] == [0, 3]
+    assert rows[-2]["episodes"] == 24  # both processes' samples count
+    assert out.count("step 2: ") == 1 and out.count("done: ") == 1  # rank 0 alone prints
+    assert len(open(out_dir / "samples.jsonl").readlines()) == 8  # rank 0's evaluation: eval_iters x batch_size
+    ckpt = torch.load(out_dir / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 3 and ckpt["critic"] is not None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# what stays one process: the pipeline hands whole sub-runs to GPUs instead
+
+def test_one_process_stages_refuse_torchrun_in_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert train.main(["plot", "--run=nowhere"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: stage plot runs in one process") and err.count("\n") == 1
+
+
+def test_pipeline_gpus_go_to_the_least_busy(monkeypatch):
+    import pipeline
+    s = pipeline.Scheduler()
+    assert s.pick_gpu() is None  # without --gpus the sub-runs keep the environment's GPUs
+    s.gpus = ["0", "1"]
+    busy = lambda gpu: (type("P", (), dict(gpu=gpu))(), "out")
+    assert s.pick_gpu() == "0"
+    s.running = [busy("0")]
+    assert s.pick_gpu() == "1"
+    s.running += [busy("1"), busy("1")]
+    assert s.pick_gpu() == "0"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    cfg = pipeline.PipelineConfig(gpus="1,0", device="auto")
+    assert pipeline.check_gpus(cfg) == ["1", "0"]
+    with pytest.raises(train.ConfigError, match="not a GPU"):
+        pipeline.check_gpus(pipeline.PipelineConfig(gpus="0,2"))
+    with pytest.raises(train.ConfigError, match="--device=auto or cuda"):
+        pipeline.check_gpus(pipeline.PipelineConfig(gpus="0", device="cpu"))
