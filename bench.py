@@ -13,7 +13,8 @@ them), bf16, at the peers' exact settings (../shared/peers/README.md):
   measured on the H100 and H200).
 - ppo: `train.py ppo` as a user runs it: batch 64, prompt 64, response 64 (no EOS stop), 4 epochs, 1 minibatch,
   policy + reference + reward model + critic all 124M; episodes/s from the median step after warm-up, peak memory,
-  and the step's split into generate / log-probs / reward / advantages / update (the stage's time/* metrics).
+  and the step's split into generate / log-probs / reward / advantages / update (the stage's time/* metrics);
+  --ppo_gpus=2 also runs it under torchrun on 2 GPUs, with the same global batch.
 - dpo: `train.py dpo`: 32 pairs, prompt 64, responses 64, reference on the fly.
 Each row's peer is timed by ../shared/peers/run_all.sh in the same command, after ours; the table gives figure,
 peer figure and ratio, and bench.json holds everything. Timings are medians over steps after warm-up.
@@ -128,21 +129,23 @@ def bench_train(batch=16, seq=1024, steps=10, warmup=4, compile=True):
     return dict(tokens_per_s=tps, step_s=dt, params=n, mfu=6 * n * tps / PEAK_FLOPS, peak_gib=peak_gib())
 
 
-def stage(args, out_dir):
-    """Run `train.py STAGE ...` and return its metrics rows."""
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *args, f"--out_dir={out_dir}", "--overwrite"]
+def stage(args, out_dir, nproc=1):
+    """Run `train.py STAGE ...` (under torchrun with nproc > 1) and return its metrics rows."""
+    launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    cmd = [sys.executable, *launcher, os.path.join(ROOT, "train.py"), *args, f"--out_dir={out_dir}", "--overwrite"]
     print("$", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def bench_ppo(folder, out, steps=10, warmup=4, compile=False):
+def bench_ppo(folder, out, steps=10, warmup=4, compile=False, nproc=1):
     rows = stage(["ppo", f"--init_from={folder}/policy.pt", f"--reward={folder}/reward.pt",
                   f"--prompts={folder}/prompts.jsonl", "--batch_size=64", "--minibatch_size=64",
                   "--micro_batch_size=64", "--num_epochs=4", "--max_new_tokens=64", "--temperature=1.0",
                   "--no_eos_rule=keep", f"--max_iters={warmup + steps}", "--eval_interval=100000",
-                  "--ckpt_interval=100000", f"--compile={compile}"], os.path.join(out, f"ppo-compile{int(compile)}"))
+                  "--ckpt_interval=100000", f"--compile={compile}"],
+                 os.path.join(out, f"ppo-compile{int(compile)}-gpus{nproc}"), nproc)
     rows = [r for r in rows if "time/step_s" in r][warmup:]
     dt = statistics.median(r["time/step_s"] for r in rows)
     split = {k[5:-2]: statistics.median(r[k] for r in rows) for k in rows[0] if k.startswith("time/") and
@@ -211,6 +214,7 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--rows", default="sample,train,ppo,dpo", help="which of sample,train,ppo,dpo to time")
     p.add_argument("--compile", default="off,on", help="PPO/DPO with --compile: off, on or off,on")
+    p.add_argument("--ppo_gpus", type=int, default=1, help="also time the PPO row under torchrun on 2..N GPUs")
     p.add_argument("--peers", default=os.path.join(ROOT, "..", "shared", "peers", "run_all.sh"),
                    help="the peers' run_all.sh (copy the peers folder to the GPU machine), or none")
     p.add_argument("--out", default="out/bench", help="folder for bench.json, the inputs and the stages' runs")
@@ -242,6 +246,8 @@ def main(argv=None):
     for c in compiles:
         if "ppo" in rows:
             measure(f"ppo_compile{int(c)}", bench_ppo, folder, a.out, compile=c)
+            for n in range(2, a.ppo_gpus + 1):  # the same global batch of 64, split over n processes
+                measure(f"ppo_compile{int(c)}_gpus{n}", bench_ppo, folder, a.out, compile=c, nproc=n)
         if "dpo" in rows:
             measure(f"dpo_compile{int(c)}", bench_dpo, folder, a.out, compile=c)
     if a.peers != "none":
