@@ -90,6 +90,8 @@ class TrainConfig(RunConfig):
     ckpt_interval: int = opt(200, "steps between checkpoints (one is always written at the end)", min=1)
     ckpt_minutes: float = opt(10.0, "also write a checkpoint when this many minutes passed since the last (0: off)",
                               min=0.0)
+    snapshot_interval: int = opt(0, "also keep the weights alone as ckpt-STEP.pt every this many steps, to evaluate "
+                                    "along training (0: off)", min=0)
 
 
 # keys that may change between a run and its --resume or re-run without making it another run
@@ -457,10 +459,16 @@ class Run:
         was requested: the stage then returns 130."""
         interval = getattr(self.cfg, "ckpt_interval", 0)
         minutes = getattr(self.cfg, "ckpt_minutes", 0)
-        if ((interval and done % interval == 0) or done == total or self.stop_requested
+        snapshot = getattr(self.cfg, "snapshot_interval", 0)
+        snapshot = snapshot and done % snapshot == 0 and done < total  # the last step's weights are ckpt.pt
+        if ((interval and done % interval == 0) or done == total or self.stop_requested or snapshot
                 or (minutes and time.time() - self.last_save > 60 * minutes)):
             save()
             self.last_save = time.time()
+        if snapshot:  # the weights and shape alone (no optimizer or RNG state): a policy to evaluate, not to resume
+            ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+            save_checkpoint(os.path.join(self.dir, f"ckpt-{done}.pt"),
+                            {k: ckpt[k] for k in ("kind", "stage", "step", "model", "model_args")})
         if self.stop_requested:
             print(f"stopped at step {done}; continue with --resume --out_dir={self.dir}", file=sys.stderr)
         return self.stop_requested
