@@ -697,8 +697,8 @@ def write_report(report, out):
     import matplotlib.pyplot as plt
     reps, R, T = report["replicates"], len(report["replicates"]), report["max_new_tokens"]
     lines = [f"IMDb controlled sentiment, preset {report['preset']} on {report['device']}: {report['k']} SFT samples "
-             f"per prefix, all {report['k'] * (report['k'] - 1) // 2} pairs, {report['labels']} labels; {R} "
-             f"replicate(s)."] + \
+             f"per prefix and every pair of them ({report['k'] * (report['k'] - 1) // 2} per prefix), "
+             f"{report['labels']} labels; {R} replicate(s)."] + \
         [f"- replicate {rep['replicate']} (seed {rep['seed']}): labels agree with the gold reward on "
          f"{rep['preference_agreement']:.1%} of pairs; proxy reward model eval accuracy {rep['reward_accuracy']:.1%}"
          for rep in reps]

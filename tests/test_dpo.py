@@ -182,13 +182,16 @@ def test_dpo_kill_and_resume_is_exact(trained, tmp_path):
 
 
 def test_unlikelihood_stage_learns_and_keeps_snapshots(trained, tmp_path):
-    """--loss=unlikelihood on the marker pairs: the chosen response becomes the more likely one; with
-    --snapshot_interval the weights of steps 2 and 4 are kept beside the final checkpoint, and load as policies."""
+    """--loss=unlikelihood on the marker pairs: the held-out loss falls and the chosen response gains on the
+    rejected one (its log-prob minus the rejected's, the logged rewards/margins; it stays negative in 6 steps from a
+    random model, as the chosen response is one token longer); with --snapshot_interval the weights of steps 2 and 4
+    are kept beside the final checkpoint, and load as policies."""
     _, args, _, _ = trained
     out = tmp_path / "ul"
     run_cli(*args, "--loss=unlikelihood", "--alpha=0.5", "--snapshot_interval=2", f"--out_dir={out}")
-    s = read_json(out / "summary.json")
-    assert s["eval/rewards/accuracies"] > 0.9 and s["eval/rewards/margins"] > 0, s  # logp chosen > logp rejected
+    first, last = read_metrics(out)
+    assert last["eval/loss"] < first["eval/loss"] and last["eval/rewards/margins"] > first["eval/rewards/margins"]
+    assert last["eval/logps/chosen"] == last["eval/rewards/chosen"]  # no reference: the rewards are the log-probs
     assert sorted(f.name for f in out.glob("ckpt-*.pt")) == ["ckpt-2.pt", "ckpt-4.pt"]  # step 6 is ckpt.pt
     snap = torch.load(out / "ckpt-4.pt", weights_only=True)
     assert snap["step"] == 4 and "optimizer" not in snap and "rng" not in snap

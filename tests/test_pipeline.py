@@ -242,7 +242,7 @@ def tiny(tmp_path_factory):
     then run to the end by the same command. Returns (folder, what the stopped runs returned)."""
     tmp = tmp_path_factory.mktemp("tiny")
     out, stops = tmp / "imdb", []
-    runs = out / "runs"
+    runs = out / "rep1" / "runs"
     # Ctrl-C to the whole process group, as a terminal sends it, once a method's run has started (its config.json
     # is written just before it takes signals)
     p = start_pipeline("--preset=tiny", f"--out_dir={out}")
@@ -272,7 +272,7 @@ def test_ctrl_c_stops_the_sub_runs_and_the_same_command_continues(tiny):
         assert alive == []  # no sub-run outlives the pipeline
     assert "Traceback" not in stops[0][1]
     # the sub-runs stopped by the first Ctrl-C saved a checkpoint and were resumed, not started again
-    logs = [(d / "log.txt").read_text() for d in (out / "runs").iterdir()]
+    logs = [(d / "log.txt").read_text() for d in (out / "rep1" / "runs").iterdir()]
     assert any("--resume" in log for log in logs), logs
 
 
@@ -283,7 +283,8 @@ def test_tiny_pipeline_raises_the_gold_reward(tiny):
         ppo    -0.003 / -0.014 / +0.206    rloo -0.001 / +0.066 / +0.264    mean of the five +0.062 / +0.090 / +0.220
     The methods that learn from the gold reward itself (PPO-GT) or from its labels (DPO) gain on every seed; those
     that optimise the proxy gain only as far as the tiny proxy is right (it ranks 46% / 57% / 59% of held-out pairs
-    right on those seeds), so for them only the mean over the five methods is asserted."""
+    right on those seeds), so for them only the mean over the five methods is asserted. Preferred-FT and
+    Unlikelihood (+0.022 and -0.024 with seed 1337) run at this size but are not asserted to learn."""
     out, _ = tiny
     report = read_json(out / "results.json")
     (rep,) = report["replicates"]
@@ -295,7 +296,8 @@ def test_tiny_pipeline_raises_the_gold_reward(tiny):
     final = {pipeline.method_of(name): r for name, r in res.items() if name != "sft" and "@" not in name}
     gain = {m: r["gold"] - sft for m, r in final.items()}
     assert gain["ppo_gt"] > MARGIN and gain["dpo"] > MARGIN, gain
-    assert sum(gain.values()) / len(gain) > MARGIN, gain
+    five = [gain[m] for m in ("ppo", "ppo_gt", "dpo", "rloo", "grpo")]
+    assert sum(five) / len(five) > MARGIN, gain
     assert all(0 < r["kl"] < 30 for r in res.values() if r is not res["sft"]), res
     # checkpoints along training were evaluated too: RL at step 6 of 12, DPO and unlikelihood at 16 of 32
     assert {n.partition("@")[2] for n in res if "@" in n} == {"6", "16"}
