@@ -123,7 +123,7 @@ PRESETS["gpu-bt"] = dict(PRESETS["gpu"], labels="bt")
 METHODS = dict(ppo=("ppo", "kl_coef"), ppo_gt=("ppo", "kl_coef"), dpo=("dpo", "beta"), ipo=("dpo", "beta"),
                rloo=("rloo", "kl_coef"), grpo=("grpo", "kl_coef"), pft=("sft", None),
                unlikelihood=("dpo", "alpha"))
-BON_NS = (1, 2, 4, 8, 16, 32, 64)
+BON_NS = (1, 2, 4, 8, 16, 32, 64, 128)
 KL_POINTS = (2.5, 5.0, 10.0)  # the gold@KL summary: nats per sequence
 REPLICATE_STRIDE = 1000  # replicate r's seeds are the first's plus 1000 (r - 1): replicate 1 is the run of old
 
@@ -536,8 +536,9 @@ def stages(cfg, run, scheduler, preset, methods, files, sft):
                     # GRPO normalises its rewards within each group already (ppo.py refuses --whiten_rewards)
                     grpo=[a for a in rl if not a.startswith("--whiten_rewards")] + [f"--reward={rep['proxy']}"],
                     dpo=dpo, ipo=dpo + ["--loss=ipo"], unlikelihood=dpo + ["--loss=unlikelihood"],
-                    # Preferred-FT: SFT on the chosen responses (they get an EOS there, as every SFT response)
-                    pft=[f"--init_from={sft_ckpt}", f"--data={rep['chosen']}", *dev,
+                    # Preferred-FT: SFT on the chosen responses (they get an EOS there, as every SFT response);
+                    # block_size given, as stage sft writes the checkpoint's into config.json, which a re-run checks
+                    pft=[f"--init_from={sft_ckpt}", f"--data={rep['chosen']}", f"--block_size={block_size}", *dev,
                          *(f"--{k}={v}" for k, v in preset["pft"].items())])
         rep["runs"] = {}
         for m in methods:
