@@ -757,7 +757,7 @@ def write_report(report, out):
             ax.plot([0], [res["sft"][key]], "k*", label="SFT" if i == 0 else None)
         ax.set_xlabel("KL(π ‖ π_ref), nats per response")
         ax.set_ylabel(f"{key} reward" + (" (P(positive))" if key == "gold" else " (normalised)"))
-        ax.set_title(f"{key} reward vs KL ({R} replicate(s); small dots: checkpoints along training)")
+        ax.set_title(f"{key} reward vs KL, {R} replicate(s)\n(small dots: checkpoints along training)", fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
@@ -766,16 +766,20 @@ def write_report(report, out):
 
     # over-optimisation (Gao et al.): reward gained over the SFT model against d = sqrt(KL), points and fits
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, (i, key) in zip(axes, ((1, "gold"), (2, "proxy"))):
+    for ax, key in zip(axes, ("gold", "proxy")):
+        labelled = set()
         for rep in reps:
             sft = rep["policies"]["sft"]
             for name, r in rep["policies"].items():
                 if name != "sft":
-                    ax.plot(math.sqrt(max(r["kl"], 0)), r[key] - sft[key], ".", color=COLORS.get(method_of(name)),
-                            alpha=0.5)
+                    m = method_of(name)
+                    ax.plot(math.sqrt(max(r["kl"], 0)), r[key] - sft[key], ".", color=COLORS.get(m, "C5"), alpha=0.5,
+                            label=None if m in labelled else m)
+                    labelled.add(m)
             b = rep["best_of_n"]["proxy"]
             ax.plot([math.sqrt(max(x["kl"], 0)) for x in b], [x[key] - sft[key] for x in b], "x", color="C7",
-                    alpha=0.6)
+                    alpha=0.6, label=None if "bon" in labelled else "best-of-N by proxy")
+            labelled.add("bon")
         for m, fit in report["fits"].items():
             if fit[key] is None:
                 continue
