@@ -1,6 +1,8 @@
 """
 Direct Preference Optimization (Rafailov et al. 2023) and two of its variants, conservative DPO (Mitchell 2023)
 and IPO (Azar et al. 2023): fine-tune a policy on preference pairs directly, with no reward model and no sampling.
+Also the DPO paper's Unlikelihood baseline (--loss=unlikelihood --alpha=A: unlikelihood_loss()); its other baseline,
+Preferred-FT, is `train.py sft` on the chosen responses as {prompt, response} rows.
 
     python train.py dpo --data=pairs.jsonl.gz --init_from=out/sft/ckpt.pt               # DPO, beta 0.1
     python train.py dpo --data=pairs.jsonl.gz --init_from=out/sft/ckpt.pt --loss=ipo    # or --loss=cdpo
@@ -61,12 +63,36 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen
     return losses, chosen_rewards, rejected_rewards
 
 
-def pair_logps(model, rows, idx, device, ctx):
-    """Sequence log-probs of pairs idx under model, chosen and rejected in one forward pass: two (b,) tensors."""
+def unlikelihood_loss(chosen_logps, rejected_logps, chosen_mask, rejected_mask, alpha):
+    """The Unlikelihood baseline of the DPO paper (section 6): raise the likelihood of the chosen response and push
+    down each token of the rejected one with the unlikelihood term of Welleck et al. 2019 (arXiv 1908.04319, Eq. 4),
+    weighted by alpha, for a batch of B pairs of per-token log-probabilities.
+
+    chosen_logps:   (B, T) log pi_theta(y_w,t | x, y_w,<t), 0 off the response
+    rejected_logps: (B, T) log pi_theta(y_l,t | x, y_l,<t)
+    chosen_mask:    (B, T) 1 on the chosen response's tokens, 0 elsewhere
+    rejected_mask:  (B, T) the same for the rejected response
+    alpha:          float >= 0, the weight of the unlikelihood term (0: SFT on the chosen responses alone)
+
+    Each term is a mean over its response's tokens (as SFT's loss is):
+        loss = -mean_t log p(y_w,t) - alpha * mean_t log(1 - p(y_l,t))
+    Returns (B,) losses; average them for the batch loss."""
+    nll = -(chosen_logps * chosen_mask).sum(-1) / chosen_mask.sum(-1).clamp(min=1)
+    # log(1 - p) = log(-expm1(log p)), exact near p = 1; the clamp keeps p = 1 (log p = 0) finite
+    log_not = torch.log(-torch.expm1(rejected_logps.clamp(max=-1e-6)))
+    ul = -(log_not * rejected_mask).sum(-1) / rejected_mask.sum(-1).clamp(min=1)
+    return nll + alpha * ul
+
+
+def pair_logps(model, rows, idx, device, ctx, per_token=False):
+    """Sequence log-probs of pairs idx under model, chosen and rejected in one forward pass: (2, b). per_token: the
+    per-token log-probs and the response mask instead, (2, b, R) each."""
     ids, mask, R = pair_batch(rows, idx, device)
     with ctx:
-        logps = response_logprobs(model, ids, mask, R).sum(-1)  # (2b,): response tokens only
-    return logps.view(2, -1)
+        logps = response_logprobs(model, ids, mask, R)  # (2b, R): response tokens only
+    if per_token:
+        return logps.view(2, -1, R), mask[:, -R:].to(logps.dtype).view(2, -1, R)
+    return logps.sum(-1).view(2, -1)
 
 
 @torch.no_grad()
@@ -93,7 +119,9 @@ class DPOConfig(PairsConfig, TrainConfig, OptimConfig):
                                             "block_size); a frozen copy of it is the reference")
     ref: str = opt("", "reference policy checkpoint (default: --init_from)")
     ref_cache: bool = opt(True, "compute reference log-probs once per dataset before training (false: per batch)")
-    loss: str = opt("dpo", "dpo, cdpo (conservative DPO, with --label_smoothing) or ipo")
+    loss: str = opt("dpo", "dpo, cdpo (conservative DPO, with --label_smoothing), ipo, or unlikelihood (the DPO paper's "
+                           "baseline: likelihood of chosen, unlikelihood of rejected tokens; no reference, no beta)")
+    alpha: float = opt(1.0, "unlikelihood only: weight of the unlikelihood term on the rejected tokens", min=0.0)
     beta: float = opt(0.1, "beta: strength of the KL constraint to the reference (0.1 in the paper)", min=0.0)
     label_smoothing: float = opt(0.0, "cdpo only: probability eps that a preference label is flipped, in (0, 0.5)",
                                  min=0.0)
@@ -109,8 +137,10 @@ class DPOConfig(PairsConfig, TrainConfig, OptimConfig):
 def check_config(cfg):
     if not cfg.data:
         raise ConfigError("--data: a preference file is required")
-    if cfg.loss not in ("dpo", "cdpo", "ipo"):
-        raise ConfigError(f"--loss={cfg.loss}: expected dpo, cdpo or ipo")
+    if cfg.loss not in ("dpo", "cdpo", "ipo", "unlikelihood"):
+        raise ConfigError(f"--loss={cfg.loss}: expected dpo, cdpo, ipo or unlikelihood")
+    if cfg.loss == "unlikelihood" and (cfg.ref or cfg.reference_free):
+        raise ConfigError("--loss=unlikelihood uses no reference model: drop --ref / --reference_free")
     if cfg.loss == "cdpo" and not 0 < cfg.label_smoothing < 0.5:
         raise ConfigError(f"--loss=cdpo needs --label_smoothing in (0, 0.5), got {cfg.label_smoothing}")
     if cfg.loss != "cdpo" and cfg.label_smoothing:
@@ -127,14 +157,16 @@ def train(cfg):
     device, ctx = setup_device(cfg)
     # 1. policy, reference and data
     policy, _ = load_policy(cfg.init_from, device, compile=cfg.compile)  # dropout off
-    ref = None if cfg.reference_free else \
+    ul = cfg.loss == "unlikelihood"
+    ref = None if cfg.reference_free or ul else \
         load_policy(cfg.ref or cfg.init_from, device, frozen_dtype(cfg), cfg.compile)[0].requires_grad_(False)
     train_rows, eval_rows, _ = load_pair_splits(cfg.data, cfg.eval_data, cfg.max_pairs, policy.config.block_size,
                                              cfg.append_eos)
     total = plan(cfg, len(train_rows))
     optimizer = make_optimizer(policy, cfg, device)
     start = run.restore(policy, optimizer)
-    print(f"policy: {policy.num_params() / 1e6:.2f}M parameters; loss {cfg.loss}, beta {cfg.beta}; "
+    print(f"policy: {policy.num_params() / 1e6:.2f}M parameters; loss {cfg.loss}, "
+          f"{f'alpha {cfg.alpha}' if ul else f'beta {cfg.beta}'}; "
           f"{cfg.batch_size} pairs per step; {cfg.max_iters} steps ({total / len(train_rows):.2f} epochs) on "
           f"{device} ({cfg.dtype}){world_note(cfg)}")
     # 2. reference log-probs: once per dataset, or per batch in ref_logps()
@@ -146,24 +178,37 @@ def train(cfg):
 
     @torch.no_grad()
     def ref_logps(split, rows, idx):
-        if cfg.reference_free:  # h ignores the reference; the logged rewards are then beta * logp
+        if cfg.reference_free or ul:  # h ignores the reference; the logged rewards are then beta * logp
             return torch.zeros(2, len(idx), device=device)
         if cache:
             return cache[split][list(idx)].T  # (2, b)
         return pair_logps(ref, rows, idx, device, ctx)
 
-    def losses_of(logps, ref_lp):
+    def forward(rows, idx):
+        """(2, b) sequence log-probs and (2, b) losses' inputs: per-token log-probs and masks for unlikelihood."""
+        if not ul:
+            logps = pair_logps(policy, rows, idx, device, ctx)
+            return logps, logps
+        tok, mask = pair_logps(policy, rows, idx, device, ctx, per_token=True)  # (2, b, R) each
+        return tok.sum(-1), (tok, mask)
+
+    def losses_of(logps, inputs, ref_lp):
+        if ul:  # its metrics: the sequence log-probs stand in for the implicit rewards (accuracy: chosen more likely)
+            (tok, mask) = inputs
+            return (unlikelihood_loss(tok[0], tok[1], mask[0], mask[1], cfg.alpha), logps[0].detach(),
+                    logps[1].detach())
         return preference_loss(logps[0], logps[1], ref_lp[0], ref_lp[1], cfg.beta, cfg.label_smoothing,
                                ipo=cfg.loss == "ipo", reference_free=cfg.reference_free)
 
     @torch.no_grad()
     def evaluate():
         policy.eval()
-        parts = [(pair_logps(policy, eval_rows, idx, device, ctx), ref_logps("eval", eval_rows, idx))
+        parts = [(*forward(eval_rows, idx), ref_logps("eval", eval_rows, idx))
                  for idx in batches_in_order(len(eval_rows), cfg.batch_size, cfg.eval_iters)]
         policy.train()
-        logps, ref_lp = torch.cat([p for p, _ in parts], 1), torch.cat([r for _, r in parts], 1)
-        return dpo_metrics(*losses_of(logps, ref_lp), logps[0], logps[1])
+        metrics = [dpo_metrics(*losses_of(*p), p[0][0], p[0][1]) for p in parts]  # per batch (token counts differ)
+        sizes = [p[0].size(1) for p in parts]
+        return {k: sum(m[k] * n for m, n in zip(metrics, sizes)) / sum(sizes) for k in metrics[0]}
 
     # 3. train
     from tqdm import tqdm
@@ -179,9 +224,9 @@ def train(cfg):
         for part in micro_batches(idx, cfg.micro_batch_size):
             ref_lp = ref_logps("train", train_rows, part)  # (2, b)
             # 3b. policy log-probs, chosen and rejected in one forward pass
-            logps = pair_logps(policy, train_rows, part, device, ctx)  # (2, b)
+            logps, inputs = forward(train_rows, part)  # (2, b)
             # 3c. loss and update
-            losses, chosen_rewards, rejected_rewards = losses_of(logps, ref_lp)
+            losses, chosen_rewards, rejected_rewards = losses_of(logps, inputs, ref_lp)
             loss = losses.sum() / len(idx)
             check_finite(step, loss=loss.detach())
             loss.backward()

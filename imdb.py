@@ -27,9 +27,10 @@ of time on one GPU on the full train + unsup text (6,000 steps; the command is i
 `python imdb.py freeze` as fp16 weights. Two CPU cores cannot train a usable one in the default run's minutes
 (250 steps leave eval loss 7.0 and near-gibberish samples, from which no method learns); --sft=train does anyway.
 
-Prompts and preferences follow the DPO paper's IMDb setup: prefixes of 2-8 tokens of a review; two samples of
-the SFT policy per prefix, labelled by a simulated human who prefers the one the gold classifier finds more
-positive, with Bradley-Terry noise (label_pairs).
+Prompts and preferences follow the DPO paper's IMDb setup (section 6.1, appendix C.1): prefixes of 2-8 tokens of a
+review; k samples of the SFT policy per prefix and all k(k-1)/2 pairs of them (the paper: k = 4, 6 pairs), labelled
+either as the paper did, the response the gold classifier finds more positive chosen ('gold'), or by a simulated
+human who prefers it with Bradley-Terry noise ('bt') (label_pairs).
 
 Simplifications, on purpose:
 - The gold reward is a bag of n-grams, not the fine-tuned transformer of the papers (DistilBERT / SiEBERT):
@@ -332,26 +333,48 @@ def sft_samples(sft_path, prompts, k, cfg, max_new_tokens, seed, temperature, de
                                   desc=desc).responses
 
 
-def label_pairs(prompts, first, second, seed):
-    """Simulated human labels: for each prompt and its two responses, the first is preferred with probability
-    sigmoid(gold_logit(first) - gold_logit(second)) (a Bradley-Terry draw on the gold classifier's logits).
+def label_pairs(prompts, responses, k, labels, seed):
+    """Preference pairs from k samples per prompt, as in the DPO paper (appendix C.1: 4 completions per prefix, all
+    6 pairs used): every pair i < j of a prompt's samples, in order of prompt, then i, then j.
+
+    prompts:   N prompts
+    responses: N * k responses, the k samples of prompt p at p * k .. p * k + k - 1
+    labels:    'gold': the response the gold classifier scores higher is chosen (the paper's labels; on a tie,
+               the earlier sample); 'bt': a simulated human chooses sample i with probability
+               sigmoid(gold_logit(i) - gold_logit(j)), a Bradley-Terry draw (one uniform per pair, from `seed`)
     Returns ([{prompt, chosen, rejected}], agreement), agreement = the share of labels that pick the response the
-    gold reward scores higher."""
-    logit = default_gold().logits([p + r for p, r in zip(prompts, first)] + [p + r for p, r in zip(prompts, second)])
-    la, lb = logit.view(2, -1)
-    first_wins = torch.rand(len(prompts), generator=torch.Generator().manual_seed(seed)) < torch.sigmoid(la - lb)
-    rows = [dict(prompt=p, chosen=a if w else b, rejected=b if w else a)
-            for p, a, b, w in zip(prompts, first, second, first_wins.tolist())]
-    return rows, ((la > lb) == first_wins).float().mean().item()
+    gold reward scores strictly higher (ties count as agreeing)."""
+    if labels not in ("gold", "bt"):
+        raise ConfigError(f"labels={labels!r}: expected gold or bt")
+    if len(responses) != k * len(prompts) or k < 2:
+        raise ValueError(f"{len(responses)} responses for {len(prompts)} prompts x k={k} (k >= 2)")
+    logit = default_gold().logits([p + r for p, r in zip((p for p in prompts for _ in range(k)), responses)])
+    pairs = torch.tensor([(p * k + i, p * k + j) for p in range(len(prompts)) for i in range(k)
+                          for j in range(i + 1, k)], dtype=torch.long).view(-1, 2)  # (P, 2) sample indices
+    la, lb = logit[pairs[:, 0]], logit[pairs[:, 1]]
+    if labels == "gold":
+        first_wins = la >= lb
+    else:
+        first_wins = torch.rand(len(pairs), generator=torch.Generator().manual_seed(seed)) < torch.sigmoid(la - lb)
+    rows = [dict(prompt=prompts[a // k], chosen=responses[a if w else b], rejected=responses[b if w else a])
+            for (a, b), w in zip(pairs.tolist(), first_wins.tolist())]
+    agree = torch.where(la == lb, torch.ones_like(first_wins), (la > lb) == first_wins)
+    return rows, agree.float().mean().item()
 
 
-def simulate_preferences(sft_path, prompts, cfg, max_new_tokens, temperature, path):
-    """Two SFT samples per training prefix, labelled by label_pairs, written to `path` (atomically). Returns the
-    labels' agreement with the gold reward."""
-    _, responses = sft_samples(sft_path, prompts, 2, cfg, max_new_tokens, cfg.seed + 3, temperature,
+def simulate_preferences(sft_path, prompts, cfg, max_new_tokens, temperature, path, k=2, labels="bt", seed=None,
+                         chosen_path=None):
+    """k SFT samples per training prefix, every pair labelled by label_pairs, written to `path` (atomically); with
+    chosen_path, also each pair's chosen response as {prompt, response} (Preferred-FT's SFT data). Samples are drawn
+    with seed + 3 and BT labels with seed + 4 (seed: cfg.seed by default). Returns the labels' agreement with the
+    gold reward."""
+    seed = cfg.seed if seed is None else seed
+    _, responses = sft_samples(sft_path, prompts, k, cfg, max_new_tokens, seed + 3, temperature,
                                "preference samples")
-    rows, agreement = label_pairs(prompts, responses[0::2], responses[1::2], cfg.seed + 4)
+    rows, agreement = label_pairs(prompts, responses, k, labels, seed + 4)
     write_jsonl(path, rows)
+    if chosen_path:
+        write_jsonl(chosen_path, [dict(prompt=r["prompt"], response=r["chosen"]) for r in rows])
     return agreement
 
 

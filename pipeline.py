@@ -1,13 +1,17 @@
 """
-The IMDb benchmark end to end (stage `pipeline`, what `python train.py` runs): SFT -> prompts -> simulated
-preferences -> proxy reward model -> PPO, PPO on the gold reward, DPO, RLOO and GRPO at each KL strength -> every
-policy evaluated on held-out prefixes, best-of-N from the SFT policy -> results.md and two figures. The task itself
-(data, gold reward, prompts, preference labels) is in imdb.py; each training step is a sub-run of train.py.
+The IMDb benchmark end to end (stage `pipeline`, what `python train.py` runs), after the DPO paper's section 6.1:
+SFT -> prompts -> k SFT samples per prefix and every pair of them, labelled by the gold reward (or a simulated
+Bradley-Terry human) -> proxy reward model -> PPO, PPO on the gold reward, DPO (IPO), RLOO, GRPO, Preferred-FT and
+Unlikelihood at each strength -> every policy, and the checkpoints each run kept along training, evaluated on
+held-out prefixes; best-of-N from the SFT policy -> the gold reward at KL 2.5, 5 and 10 nats along each method's
+frontier, Gao et al.'s fits, results.md and two figures. Everything after the SFT model is repeated --replicates times
+with other seeds (rep1/, rep2/, ...), so the spread it reports is that of the whole pipeline. The task itself (data,
+gold reward, prompts, preference pairs) is in imdb.py; each training step is a sub-run of train.py.
 
-    python train.py                                  # the cpu preset (~7 min on 2 cores) into out/imdb
-    python train.py pipeline --preset=gpu --imdb_dir=../shared/data/imdb --out_dir=out/imdb-gpu
+    python train.py                                  # the cpu preset (~6 min on 2 cores) into out/imdb
+    python train.py pipeline --preset=gpu --imdb_dir=../shared/data/imdb --out_dir=out/imdb-gpu   # under 10 min, H200
     python train.py pipeline --preset=tiny --out_dir=/tmp/imdb    # the tests' size: a few minutes on 2 cores
-    python train.py plot --run=out/imdb/runs/ppo_beta0.05_seed1   # any run folder's metrics.jsonl as a PNG
+    python train.py plot --run=out/imdb/rep1/runs/ppo_beta0.05_seed1   # any run folder's metrics.jsonl as a PNG
 
 Re-running: each sub-run lives in its own folder under --out_dir. Run the same command again after a stop or a crash
 and finished sub-runs are reused, killed ones resume from their checkpoints. A sub-run is reused only if its
@@ -28,6 +32,11 @@ Simplifications, on purpose:
 - Best-of-N is read off one pool of SFT samples per prompt as an exact expectation over the pool, not by drawing N;
   its KL is that of the selection from the pool (ties handled), next to the bound log N - (N-1)/N.
 - Sub-runs on one machine share its cores (CPU) or its GPU; there is no multi-machine scheduling.
+- Replicates share the SFT model and the prefixes (train and held-out); everything sampled after the SFT model is
+  theirs. The frontier of a method starts at the SFT model (KL 0), every run's step 0, and is piecewise linear
+  through its strengths and checkpoints (seeds averaged); gold@KL reads it off, '-' beyond its ends.
+- Preferred-FT is stage sft on each pair's chosen response (a prefix's best sample appears once per pair it wins,
+  and gets an EOS at its end, as every SFT response does).
 """
 import dataclasses
 import importlib
@@ -54,55 +63,82 @@ from train import (RESTART_KEYS, STAGES, ConfigError, Run, RunConfig, TrainingEr
 # normalised on SFT samples drawn at it (a reward normalised at 0.7 would be off-centre on samples at 1.0)
 TEMPERATURE = 1.0
 
-# Everything the presets set. The cpu preset is the main job (python train.py, ~7 minutes on 2 cores, on the committed
-# sample, from the committed SFT model: its `sft` keys apply only with --sft=train); the gpu preset is the benchmark
-# (one H100, ~10 minutes, on the full data of --imdb_dir, SFT included). The tiny preset is for the tests: the
-# committed SFT model and just enough steps that every method raises the gold reward.
+# Everything the presets set; the sizes are meant to be edited here. The cpu preset is the main job (python
+# train.py, ~6 minutes on 2 cores, on the committed sample, from the committed SFT model: its `sft` keys apply only
+# with --sft=train); the gpu preset is the benchmark, the DPO paper's set-up (one H200, under 10 minutes, on the full
+# data of --imdb_dir, SFT included); gpu-bt is the same with today's simulated labels (Bradley-Terry) as an ablation.
+# The tiny preset is for the tests: the committed SFT model and just enough steps that every method raises the gold
+# reward.
+#   k: SFT samples per training prefix; every pair of them is a preference pair (k(k-1)/2 per prefix)
+#   labels: gold (the gold reward's higher score is chosen, the paper's) or bt (a Bradley-Terry draw)
+#   replicates: everything after the SFT model (samples, labels, reward model, methods, evaluation) repeated with
+#     another seed; seeds: RL/DPO seeds inside each replicate
+#   methods: the KL strengths of each method (beta; alpha for unlikelihood; [None]: one run, for pft)
+#   rl / dpo / pft: keys of the sub-runs (snapshot_interval: keep weights every N steps, evaluated along training)
 PRESETS = {
     "cpu": dict(
         imdb_dir="", sft=dict(n_layer=2, n_head=2, n_embd=64, block_size=64, batch_size=16, max_iters=250,
                                learning_rate=2e-3, warmup_iters=20, eval_interval=125),
         sft_ckpt=SFT_CPU_PATH, n_train_prompts=2000, n_eval_prompts=256, max_new_tokens=20, jobs=2, seeds=[1],
+        k=2, labels="bt", replicates=1,
         reward=dict(learning_rate=1e-3, epochs=1),
         methods=dict(ppo=[0.05], ppo_gt=[0.05], dpo=[0.1], rloo=[0.05], grpo=[0.04]),
         rl=dict(batch_size=32, minibatch_size=16, micro_batch_size=32, max_iters=20, learning_rate=3e-4,
                 whiten_rewards=True, eval_interval=1000), dpo=dict(batch_size=32, max_iters=56, learning_rate=3e-4),
+        pft=dict(batch_size=32, max_iters=56, learning_rate=3e-4),
         bon_prompts=64, bon_pool=64),
     "gpu": dict(
         imdb_dir="../shared/data/imdb", sft=dict(n_layer=6, n_head=6, n_embd=384, block_size=128, batch_size=128,
                                                  max_iters=2500, learning_rate=1e-3, warmup_iters=200,
                                                  eval_interval=500, compile=True),
-        n_train_prompts=4096, n_eval_prompts=512, max_new_tokens=48, jobs=5, seeds=[1, 2],
-        reward=dict(),
-        methods=dict(ppo=[0.05, 0.1, 0.15, 0.2], ppo_gt=[0.02], dpo=[0.05, 0.1, 0.25, 0.5], rloo=[0.05, 0.1],
-                     grpo=[0.04, 0.1]),
+        # the paper: 25,000 prefixes x 6 pairs; 8,192 x 6 = 49,152 pairs (44,237 to train on) fit the 10 minutes
+        n_train_prompts=8192, n_eval_prompts=512, max_new_tokens=48, jobs=6, seeds=[1],
+        k=4, labels="gold", replicates=2,
+        reward=dict(batch_size=64),
+        methods=dict(ppo=[0.1, 0.2], ppo_gt=[0.02], dpo=[0.1, 0.5], rloo=[0.1], grpo=[0.1], pft=[None],
+                     unlikelihood=[0.5]),
         rl=dict(batch_size=128, minibatch_size=32, micro_batch_size=64, max_iters=40, learning_rate=2e-5,
-                eval_interval=1000), dpo=dict(batch_size=64, max_iters=170, learning_rate=5e-5),
-        bon_prompts=256, bon_pool=256),
+                eval_interval=1000, snapshot_interval=20),
+        # one epoch over the pairs (max_iters 0: --epochs=1), as the paper; weights kept every 230 steps of 691
+        dpo=dict(batch_size=64, learning_rate=5e-5, eval_interval=1000, snapshot_interval=230),
+        pft=dict(batch_size=64, max_iters=690, learning_rate=5e-5, warmup_iters=10, eval_interval=1000,
+                 snapshot_interval=230),
+        bon_prompts=128, bon_pool=128),
     "tiny": dict(
         imdb_dir="", sft=dict(n_layer=1, n_head=2, n_embd=32, block_size=48, batch_size=8, max_iters=10,
                                learning_rate=3e-3, warmup_iters=2, eval_interval=10, eval_iters=2),
         sft_ckpt=SFT_CPU_PATH, n_train_prompts=1024, n_eval_prompts=128, max_new_tokens=12, jobs=2, seeds=[1],
+        k=2, labels="bt", replicates=1,
         reward=dict(learning_rate=1e-3, warmup_iters=0),
-        methods=dict(ppo=[0.05], ppo_gt=[0.05], dpo=[0.1], rloo=[0.05], grpo=[0.04]),
+        methods=dict(ppo=[0.05], ppo_gt=[0.05], dpo=[0.1], rloo=[0.05], grpo=[0.04], unlikelihood=[0.5],
+                     pft=[None]),
         rl=dict(batch_size=32, minibatch_size=16, micro_batch_size=32, max_iters=12, learning_rate=5e-4,
-                warmup_iters=0, whiten_rewards=True, eval_interval=1000),
-        dpo=dict(batch_size=32, max_iters=32, learning_rate=5e-4, warmup_iters=0),
+                warmup_iters=0, whiten_rewards=True, eval_interval=1000, snapshot_interval=6),
+        dpo=dict(batch_size=32, max_iters=32, learning_rate=5e-4, warmup_iters=0, snapshot_interval=16),
+        pft=dict(batch_size=32, max_iters=16, learning_rate=5e-4, warmup_iters=0),
         bon_prompts=8, bon_pool=16),
 }
-METHODS = ("ppo", "ppo_gt", "dpo", "rloo", "grpo")
-BON_NS = (1, 2, 4, 8, 16, 32, 64)
+PRESETS["gpu-bt"] = dict(PRESETS["gpu"], labels="bt")
+# method -> (stage, the key its strengths set); the data and reward each one gets are in stages() below
+METHODS = dict(ppo=("ppo", "kl_coef"), ppo_gt=("ppo", "kl_coef"), dpo=("dpo", "beta"), ipo=("dpo", "beta"),
+               rloo=("rloo", "kl_coef"), grpo=("grpo", "kl_coef"), pft=("sft", None),
+               unlikelihood=("dpo", "alpha"))
+BON_NS = (1, 2, 4, 8, 16, 32, 64, 128)
+KL_POINTS = (2.5, 5.0, 10.0)  # the gold@KL summary: nats per sequence
+REPLICATE_STRIDE = 1000  # replicate r's seeds are the first's plus 1000 (r - 1): replicate 1 is the run of old
 
 
 @dataclass
 class PipelineConfig(RunConfig):
     out_dir: str = opt("out/imdb", "run folder of the whole benchmark; each sub-run gets a folder inside it")
-    preset: str = opt("cpu", "cpu (the main job: ~7 min on 2 cores, committed sample), gpu (the full sweep, "
-                             "one H100, ~10 min) or tiny (a few minutes on 2 cores, for the tests)")
+    preset: str = opt("cpu", "cpu (the main job: ~6 min on 2 cores, committed sample), gpu (the DPO paper's set-up "
+                             "with 2 replicates, one H200, under 10 min), gpu-bt (gpu with simulated BT labels) or "
+                             "tiny (a few minutes on 2 cores, for the tests)")
     imdb_dir: str = opt("", "folder with IMDb {train,test,unsup}.jsonl.gz (default: the preset's; cpu: the "
                             "committed sample)")
     jobs: int = opt(0, "sub-runs at once (0: the preset's; several share one GPU well)", min=0)
-    methods: str = opt("", "comma-separated subset of ppo,ppo_gt,dpo,rloo,grpo (default: all)")
+    methods: str = opt("", "comma-separated subset of " + ",".join(METHODS) + " (default: the preset's)")
+    replicates: int = opt(0, "repeat everything after the SFT model with other seeds (0: the preset's)", min=0)
     sft: str = opt("", "the SFT model: train (train it in this run), a policy checkpoint to start from, or '' (the "
                        "preset's: cpu and tiny start from the committed assets/sft-imdb-cpu.pt, gpu trains)")
     gpus: str = opt("", "GPUs for the sub-runs, comma-separated (0,1): each sub-run gets the least busy one as its "
@@ -327,10 +363,10 @@ def bon_curve(select, gold, proxy, ns):
     return out
 
 
-def evaluate_all(policies, ref_path, eval_prompts, proxy_path, cfg, max_new_tokens, out_dir, scheduler):
-    """Every policy on the held-out prefixes at TEMPERATURE: gold reward, proxy reward, KL(pi || pi_ref) as the
-    mean over samples of the sum over tokens of log pi - log pi_ref. Samples go to out_dir/samples/NAME.jsonl.
-    Stops between policies after a signal."""
+def evaluate_all(policies, ref_path, eval_prompts, proxy_path, cfg, max_new_tokens, out_dir, scheduler, seed):
+    """Every policy on the held-out prefixes at TEMPERATURE, sampled with `seed`: gold reward, proxy reward,
+    KL(pi || pi_ref) as the mean over samples of the sum over tokens of log pi - log pi_ref. Samples go to
+    out_dir/samples/NAME.jsonl. Stops between policies after a signal."""
     from ppo import evaluate_policy
     from reward import load_reward_model, score_texts
     device, ctx = setup_device(cfg)
@@ -344,7 +380,7 @@ def evaluate_all(policies, ref_path, eval_prompts, proxy_path, cfg, max_new_toke
         policy = ref if path == ref_path else load_policy(path, device)[0]
         with ctx:
             ev = evaluate_policy(policy, ref, eval_prompts, gold, device, ctx, max_new_tokens, batch_size=256,
-                                 temperature=TEMPERATURE, seed=cfg.seed)
+                                 temperature=TEMPERATURE, seed=seed)
             prox = score_texts(proxy, [s["prompt"] for s in ev["samples"]], [s["response"] for s in ev["samples"]],
                                device)
         write_jsonl(os.path.join(out_dir, "samples", f"{name}.jsonl"),
@@ -354,11 +390,11 @@ def evaluate_all(policies, ref_path, eval_prompts, proxy_path, cfg, max_new_toke
     return results
 
 
-def best_of_n(sft_path, proxy_path, prompts, pool, cfg, max_new_tokens):
-    """Pool `pool` SFT samples per prompt, score them with both rewards, and read off best-of-N (N <= pool)
-    selected by the proxy and by the gold reward."""
+def best_of_n(sft_path, proxy_path, prompts, pool, cfg, max_new_tokens, seed):
+    """Pool `pool` SFT samples per prompt (drawn with seed + 7), score them with both rewards, and read off
+    best-of-N (N <= pool) selected by the proxy and by the gold reward."""
     from reward import load_reward_model, score_texts
-    todo, responses = sft_samples(sft_path, prompts, pool, cfg, max_new_tokens, cfg.seed + 7, TEMPERATURE,
+    todo, responses = sft_samples(sft_path, prompts, pool, cfg, max_new_tokens, seed + 7, TEMPERATURE,
                                   "best-of-n pool")
     device, ctx = setup_device(cfg)
     proxy = load_reward_model(proxy_path, device)
@@ -392,6 +428,9 @@ def pipeline(cfg):
     for m in methods:
         if m not in METHODS:
             raise ConfigError(f"--methods: unknown method {m!r}; expected some of {', '.join(METHODS)}")
+        if m not in preset["methods"]:
+            raise ConfigError(f"--methods: the {cfg.preset} preset has no strengths for {m} (add them to "
+                              f"PRESETS[{cfg.preset!r}]['methods'] in pipeline.py)")
     imdb_dir = cfg.imdb_dir or preset["imdb_dir"]
     files = imdb_files(imdb_dir) if imdb_dir else \
         {s: os.path.join(ROOT, "assets", f"imdb-{s}-sample.jsonl.gz") for s in SPLITS}
@@ -413,14 +452,42 @@ def pipeline(cfg):
         scheduler.closed = True  # a signal during the exit is ignored, not a traceback
 
 
+def replicate_seed(seed, replicate):
+    """The seed of replicate r (1, 2, ...): seed + REPLICATE_STRIDE * (r - 1); the same function gives the RL/DPO
+    seeds inside it from the preset's."""
+    return seed + REPLICATE_STRIDE * (replicate - 1)
+
+
+def run_name(method, strength, seed):
+    key = METHODS[method][1]
+    return f"{method}_seed{seed}" if key is None else \
+        f"{method}_{'alpha' if key == 'alpha' else 'beta'}{strength}_seed{seed}"
+
+
+def method_of(name):
+    """'ppo_gt_beta0.05_seed1@20' -> 'ppo_gt' (the longest method name that prefixes it); 'sft' -> 'sft'."""
+    return next((m for m in sorted(METHODS, key=len, reverse=True) if name.startswith(m + "_")), name)
+
+
+def snapshots(run_dir):
+    """{step: path} of the ckpt-STEP.pt files a sub-run kept with --snapshot_interval."""
+    found = {}
+    for f in os.listdir(run_dir):
+        if f.startswith("ckpt-") and f.endswith(".pt") and f[5:-3].isdigit():
+            found[int(f[5:-3])] = os.path.join(run_dir, f)
+    return dict(sorted(found.items()))
+
+
 def stages(cfg, run, scheduler, preset, methods, files, sft):
     out, t0, timings = run.dir, time.time(), {}
     jobs, overwrite = cfg.jobs or preset["jobs"], cfg.overwrite
+    replicates = cfg.replicates or preset["replicates"]
     on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     dev = [f"--device={cfg.device}", f"--dtype={cfg.dtype}"]
     phase = lambda name: timings.__setitem__(name, round(time.time() - t0 - sum(timings.values()), 1))
 
-    # 1. SFT: a tiny GPT trained on the review text (train + unsup), here or ahead of time (the committed model)
+    # 1. SFT: a tiny GPT trained on the review text (train + unsup), here or ahead of time (the committed model);
+    # one for every replicate
     if sft == "train":
         sft_dir = os.path.join(out, "sft")
         scheduler.run_all([("sft", sft_dir, [f"--data={files['train']},{files['unsup']}", f"--seed={cfg.seed}", *dev,
@@ -433,7 +500,8 @@ def stages(cfg, run, scheduler, preset, methods, files, sft):
     block_size = load_checkpoint(sft_ckpt, "policy")["model_args"]["block_size"]  # a bad --sft fails here, in one line
     phase("sft")
 
-    # 2. prompts: 2-8 token prefixes of train reviews for training, of test reviews for evaluation only
+    # 2. prompts: 2-8 token prefixes of train reviews for training, of test reviews for evaluation only; the same
+    # prefixes for every replicate (as the paper's fixed set of prefixes)
     made_by = dict(preset=cfg.preset, seed=cfg.seed, n_train=preset["n_train_prompts"],
                    n_eval=preset["n_eval_prompts"], **{s: fingerprint(files[s]) for s in ("train", "test")})
     meta = os.path.join(out, "prompts.json")
@@ -448,130 +516,312 @@ def stages(cfg, run, scheduler, preset, methods, files, sft):
         write_json(meta, made_by)
     train_prompts, eval_prompts = ([row["prompt"] for _, row in read_jsonl(p)] for p in paths)
 
-    # 3. preferences: pairs of SFT samples labelled by a simulated (Bradley-Terry) human with the gold reward
-    prefs, meta = os.path.join(out, "preferences.jsonl"), os.path.join(out, "preferences.json")
-    made_by = dict(preset=cfg.preset, seed=cfg.seed, sft=sft_ckpt, sft_file=fingerprint(sft_ckpt),
-                   prompts=fingerprint(paths[0]), max_new_tokens=preset["max_new_tokens"], temperature=TEMPERATURE)
-    stored = read_json(meta) if os.path.exists(meta) else None
-    if stale(meta, stored and stored["made_by"], made_by, overwrite) or not os.path.exists(prefs):
-        scheduler.check()
-        agreement = simulate_preferences(sft_ckpt, train_prompts, cfg, preset["max_new_tokens"], TEMPERATURE, prefs)
-        write_json(meta, dict(made_by=made_by, agreement=agreement))
-    agreement = read_json(meta)["agreement"]
+    # 3. preferences of each replicate: k SFT samples per prefix, every pair of them, labelled by the gold reward
+    # (the paper) or by a simulated (Bradley-Terry) human; the chosen responses are Preferred-FT's SFT data
+    reps = []
+    for r in range(1, replicates + 1):
+        rep = dict(replicate=r, seed=replicate_seed(cfg.seed, r), dir=os.path.join(out, f"rep{r}"))
+        rep.update(prefs=os.path.join(rep["dir"], "preferences.jsonl"), chosen=os.path.join(rep["dir"], "chosen.jsonl"))
+        meta = os.path.join(rep["dir"], "preferences.json")
+        made_by = dict(preset=cfg.preset, seed=rep["seed"], sft=sft_ckpt, sft_file=fingerprint(sft_ckpt),
+                       prompts=fingerprint(paths[0]), max_new_tokens=preset["max_new_tokens"],
+                       temperature=TEMPERATURE, k=preset["k"], labels=preset["labels"])
+        stored = read_json(meta) if os.path.exists(meta) else None
+        if stale(meta, stored and stored["made_by"], made_by, overwrite) or \
+                not (os.path.exists(rep["prefs"]) and os.path.exists(rep["chosen"])):
+            scheduler.check()
+            os.makedirs(rep["dir"], exist_ok=True)
+            agreement = simulate_preferences(sft_ckpt, train_prompts, cfg, preset["max_new_tokens"], TEMPERATURE,
+                                             rep["prefs"], preset["k"], preset["labels"], rep["seed"], rep["chosen"])
+            write_json(meta, dict(made_by=made_by, agreement=agreement))
+        rep["agreement"] = read_json(meta)["agreement"]
+        reps.append(rep)
     phase("preferences")
 
-    # 4. the proxy reward model, from the SFT trunk, normalised on SFT samples at the policies' temperature
-    rm_dir = os.path.join(out, "reward")
-    scheduler.run_all([("reward", rm_dir, [f"--data={prefs}", f"--init_from={sft_ckpt}", f"--policy={sft_ckpt}",
-                                           f"--max_new_tokens={preset['max_new_tokens']}",
-                                           f"--temperature={TEMPERATURE}", f"--block_size={block_size}",
-                                           f"--seed={cfg.seed}", *dev,
-                                           *(f"--{k}={v}" for k, v in preset["reward"].items())])],
-                      "2/6 reward model", 1, overwrite)
-    proxy = os.path.join(rm_dir, "ckpt.pt")
-    rm_acc = read_json(os.path.join(rm_dir, "summary.json")).get("eval/accuracy")
+    # 4. the proxy reward model of each replicate, from the SFT trunk, trained on that replicate's pairs and
+    # normalised on SFT samples at the policies' temperature
+    scheduler.run_all([("reward", os.path.join(rep["dir"], "reward"),
+                        [f"--data={rep['prefs']}", f"--init_from={sft_ckpt}", f"--policy={sft_ckpt}",
+                         f"--max_new_tokens={preset['max_new_tokens']}", f"--temperature={TEMPERATURE}",
+                         f"--block_size={block_size}", f"--seed={rep['seed']}", *dev,
+                         *(f"--{k}={v}" for k, v in preset["reward"].items())]) for rep in reps],
+                      "2/6 reward model", min(jobs, len(reps)), overwrite, cpu=on_cpu and len(reps) > 1)
+    for rep in reps:
+        rep["proxy"] = os.path.join(rep["dir"], "reward", "ckpt.pt")
+        rep["accuracy"] = read_json(os.path.join(rep["dir"], "reward", "summary.json")).get("eval/accuracy")
     phase("reward")
 
-    # 5. every method at every KL strength and seed, several sub-runs at once. Continuations are cut at
-    # max_new_tokens by design (as in the DPO paper): no no-EOS rule for RL, no appended EOS for DPO
-    rl = [f"--init_from={sft_ckpt}", f"--prompts={paths[0]}", "--no_eos_rule=keep", f"--temperature={TEMPERATURE}",
-          f"--max_new_tokens={preset['max_new_tokens']}", *dev, *(f"--{k}={v}" for k, v in preset["rl"].items())]
-    dpo = [f"--init_from={sft_ckpt}", f"--data={prefs}", "--append_eos=false", *dev,
-           *(f"--{k}={v}" for k, v in preset["dpo"].items())]
-    stage_args = dict(ppo=("ppo", rl + [f"--reward={proxy}"], "kl_coef"),
-                      ppo_gt=("ppo", rl + ["--reward=imdb.py:gold_reward"], "kl_coef"),
-                      rloo=("rloo", rl + [f"--reward={proxy}"], "kl_coef"),
-                      # GRPO normalises its rewards within each group already (ppo.py refuses --whiten_rewards)
-                      grpo=("grpo", [a for a in rl if not a.startswith("--whiten_rewards")] + [f"--reward={proxy}"],
-                            "kl_coef"), dpo=("dpo", dpo, "beta"))
-    todo, policies = [], {"sft": sft_ckpt}
-    for m in methods:
-        stage, args, beta_key = stage_args[m]
-        for beta in preset["methods"][m]:
-            for seed in preset["seeds"]:
-                name = f"{m}_beta{beta}_seed{seed}"
-                todo.append((stage, os.path.join(out, "runs", name), args + [f"--{beta_key}={beta}", f"--seed={seed}"]))
-                policies[name] = os.path.join(out, "runs", name, "ckpt.pt")
+    # 5. every method at every strength and seed of every replicate, several sub-runs at once. Continuations are cut
+    # at max_new_tokens by design (as in the DPO paper): no no-EOS rule for RL, no appended EOS for DPO
+    todo = []
+    for rep in reps:
+        rl = [f"--init_from={sft_ckpt}", f"--prompts={paths[0]}", "--no_eos_rule=keep", f"--temperature={TEMPERATURE}",
+              f"--max_new_tokens={preset['max_new_tokens']}", *dev, *(f"--{k}={v}" for k, v in preset["rl"].items())]
+        dpo = [f"--init_from={sft_ckpt}", f"--data={rep['prefs']}", "--append_eos=false", *dev,
+               *(f"--{k}={v}" for k, v in preset["dpo"].items())]
+        args = dict(ppo=rl + [f"--reward={rep['proxy']}"], ppo_gt=rl + ["--reward=imdb.py:gold_reward"],
+                    rloo=rl + [f"--reward={rep['proxy']}"],
+                    # GRPO normalises its rewards within each group already (ppo.py refuses --whiten_rewards)
+                    grpo=[a for a in rl if not a.startswith("--whiten_rewards")] + [f"--reward={rep['proxy']}"],
+                    dpo=dpo, ipo=dpo + ["--loss=ipo"], unlikelihood=dpo + ["--loss=unlikelihood"],
+                    # Preferred-FT: SFT on the chosen responses (they get an EOS there, as every SFT response);
+                    # block_size given, as stage sft writes the checkpoint's into config.json, which a re-run checks
+                    pft=[f"--init_from={sft_ckpt}", f"--data={rep['chosen']}", f"--block_size={block_size}", *dev,
+                         *(f"--{k}={v}" for k, v in preset["pft"].items())])
+        rep["runs"] = {}
+        for m in methods:
+            stage, key = METHODS[m]
+            for strength in preset["methods"][m]:
+                for s in preset["seeds"]:
+                    seed = replicate_seed(s, rep["replicate"])
+                    name = run_name(m, strength, seed)
+                    run_dir = os.path.join(rep["dir"], "runs", name)
+                    todo.append((stage, run_dir, args[m] + ([f"--{key}={strength}"] if key else []) + [f"--seed={seed}"]))
+                    rep["runs"][name] = run_dir
     scheduler.run_all(todo, "3/6 methods", jobs, overwrite, cpu=on_cpu)
     phase("methods")
 
-    # 6. evaluation on held-out prefixes, and best-of-N from the SFT policy
-    results = evaluate_all(policies, sft_ckpt, eval_prompts, proxy, cfg, preset["max_new_tokens"], out, scheduler)
+    # 6. evaluation on the held-out prefixes: the SFT model, every run's final policy and the weights it kept along
+    # training (NAME@STEP); best-of-N from the SFT policy
+    for rep in reps:
+        policies = {"sft": sft_ckpt}
+        for name, run_dir in rep["runs"].items():
+            policies.update({f"{name}@{step}": path for step, path in snapshots(run_dir).items()})
+            policies[name] = os.path.join(run_dir, "ckpt.pt")
+        rep["policies"] = evaluate_all(policies, sft_ckpt, eval_prompts, rep["proxy"], cfg, preset["max_new_tokens"],
+                                       rep["dir"], scheduler, rep["seed"])
     phase("evaluate")
-    scheduler.check()
-    bon = best_of_n(sft_ckpt, proxy, eval_prompts[:preset["bon_prompts"]], preset["bon_pool"], cfg,
-                    preset["max_new_tokens"])
+    for rep in reps:
+        scheduler.check()
+        rep["best_of_n"] = best_of_n(sft_ckpt, rep["proxy"], eval_prompts[:preset["bon_prompts"]], preset["bon_pool"],
+                                     cfg, preset["max_new_tokens"], rep["seed"])
     phase("best_of_n")
-    report = dict(preset=cfg.preset, device=cfg.device, preference_agreement=agreement, reward_accuracy=rm_acc,
-                  timings_s=timings, policies=results, best_of_n=bon)
+    report = dict(preset=cfg.preset, device=cfg.device, k=preset["k"], labels=preset["labels"],
+                  max_new_tokens=preset["max_new_tokens"], timings_s=timings,
+                  replicates=[dict(replicate=rep["replicate"], seed=rep["seed"], preference_agreement=rep["agreement"],
+                                   reward_accuracy=rep["accuracy"], policies=rep["policies"],
+                                   best_of_n=rep["best_of_n"]) for rep in reps])
+    report["gold_at_kl"] = gold_at_kl(report)
+    report["fits"] = gao_fits(report)
     write_json(os.path.join(out, "results.json"), report)
     write_report(report, out)
     phase("report")
+    write_json(os.path.join(out, "results.json"), report)  # with the report's time
     print(open(os.path.join(out, "results.md")).read())
-    run.summary(**{"sft/gold": results["sft"]["gold"], "reward/accuracy": rm_acc, "preference_agreement": agreement,
-                   **{f"{n}/gold": r["gold"] for n, r in results.items()},
-                   **{f"{n}/kl": r["kl"] for n, r in results.items()}, "seconds": time.time() - t0})
+    first = reps[0]["policies"]
+    run.summary(**{"sft/gold": first["sft"]["gold"], "reward/accuracy": reps[0]["accuracy"],
+                   "preference_agreement": reps[0]["agreement"],
+                   **{f"{n}/gold": r["gold"] for n, r in first.items()},
+                   **{f"{n}/kl": r["kl"] for n, r in first.items()}, "seconds": time.time() - t0})
     return 0
+
+
+# -----------------------------------------------------------------------------
+# the summary: gold reward at fixed KL, and Gao et al.'s functional forms
+
+def interpolate(points, x):
+    """The value at x of the piecewise-linear curve through points [(kl, value)], sorted by KL (points at one KL
+    averaged); None outside [smallest KL, largest KL]."""
+    by_kl = {}
+    for kl, v in points:
+        by_kl.setdefault(kl, []).append(v)
+    pts = sorted((kl, sum(vs) / len(vs)) for kl, vs in by_kl.items())
+    if not pts or not pts[0][0] <= x <= pts[-1][0]:
+        return None
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return pts[0][1]  # a single point, at x
+
+
+def frontier(policies, method):
+    """A method's frontier in one replicate: (KL, gold) of each strength and checkpoint step, averaged over the RL
+    seeds, with the SFT model as every run's step 0 (it is: each run starts from it)."""
+    groups = {}
+    for name, r in policies.items():
+        if method_of(name) == method:
+            run, _, step = name.partition("@")
+            groups.setdefault((run.rsplit("_seed", 1)[0], step), []).append((r["kl"], r["gold"]))
+    sft = policies["sft"]
+    return [(0.0, sft["gold"])] + [tuple(sum(c) / len(pts) for c in zip(*pts)) for pts in groups.values()]
+
+
+def gold_at_kl(report):
+    """{method: {kl: {per_replicate, mean, spread, n}}} for kl in KL_POINTS: each replicate's frontier interpolated
+    at kl (None where it does not reach); mean and spread (max - min) over the replicates that reach it.
+    Best-of-N (by proxy, by gold) uses its KL from the pool."""
+    reps = report["replicates"]
+    curves = {}
+    for m in sorted({method_of(n) for rep in reps for n in rep["policies"]} - {"sft"}):
+        curves[m] = [frontier(rep["policies"], m) for rep in reps]
+    for sel in ("proxy", "gold"):
+        curves[f"bon_{sel}"] = [[(b["kl"], b["gold"]) for b in rep["best_of_n"][sel]] for rep in reps]
+    summary = {}
+    for m, per_rep in curves.items():
+        summary[m] = {}
+        for x in KL_POINTS:
+            vals = [interpolate(pts, x) for pts in per_rep]
+            got = [v for v in vals if v is not None]
+            summary[m][str(x)] = dict(per_replicate=vals, n=len(got), mean=sum(got) / len(got) if got else None,
+                                      spread=max(got) - min(got) if got else None)
+    return summary
+
+
+GAO_FORMS = dict(bon=lambda d: [d, -d * d], rl=lambda d: [d, -d * math.log(d) if d > 0 else 0.0])
+
+
+def gao_fit(d, y, form):
+    """Least squares of Gao et al. 2022's forms (arXiv 2210.10760, Eq. 1-2) through the origin: R(d) = d (a - b d)
+    for best-of-N, R(d) = d (a - b log d) for RL, d = sqrt(KL). Returns dict(a, b, rmse), or None with fewer than
+    2 points off the origin."""
+    import numpy as np
+    if sum(v > 0 for v in d) < 2:
+        return None
+    X, Y = np.array([GAO_FORMS[form](v) for v in d]), np.array(y)
+    (a, b), *_ = np.linalg.lstsq(X, Y, rcond=None)
+    return dict(a=float(a), b=float(b), rmse=float(np.sqrt(np.mean((X @ np.array([a, b]) - Y) ** 2))), form=form)
+
+
+def gao_fits(report):
+    """{method: {gold, proxy: fit}}: each method's points of every replicate, rewards minus that replicate's SFT
+    model's, against d = sqrt(KL). Best-of-N (by proxy) gets the best-of-N form, the rest the RL form."""
+    points = {}
+    for rep in report["replicates"]:
+        sft = rep["policies"]["sft"]
+        for name, r in rep["policies"].items():
+            if name != "sft":
+                points.setdefault(method_of(name), []).append((r["kl"], r["gold"] - sft["gold"],
+                                                               r["proxy"] - sft["proxy"]))
+        for b in rep["best_of_n"]["proxy"]:
+            points.setdefault("bon_proxy", []).append((b["kl"], b["gold"] - sft["gold"], b["proxy"] - sft["proxy"]))
+    fits = {}
+    for m, pts in points.items():
+        d = [math.sqrt(max(kl, 0.0)) for kl, _, _ in pts]
+        form = "bon" if m.startswith("bon") else "rl"
+        fits[m] = {key: gao_fit(d, [p[i] for p in pts], form) for i, key in ((1, "gold"), (2, "proxy"))}
+    return fits
 
 
 # -----------------------------------------------------------------------------
 # the report, and stage `plot` for any run folder
 
-def method_of(name):
-    return name.split("_beta")[0]
+COLORS = dict(ppo="C0", ppo_gt="C1", dpo="C2", rloo="C3", grpo="C4", ipo="C5", pft="C6", unlikelihood="C8",
+              bon_proxy="C7", bon_gold="C9", sft="k")
+
+
+def cell(entry, replicates):
+    """'0.912 ± 0.008' (mean ± spread, max - min over replicates), '0.912' for one replicate, a count where only
+    some replicates reach the KL, '-' where none does."""
+    if entry["mean"] is None:
+        return "-"
+    text = f"{entry['mean']:.3f}" + (f" ± {entry['spread']:.3f}" if entry["n"] > 1 else "")
+    return text + (f" ({entry['n']}/{replicates})" if entry["n"] < replicates else "")
 
 
 def write_report(report, out):
-    """results.md (a table per policy, and best-of-N), frontier.png (gold reward against KL), overoptimisation.png
-    (proxy and gold reward against KL)."""
+    """results.md (gold@KL, a row per policy, best-of-N, the fits), frontier.png (gold reward against KL, every
+    checkpoint), overoptimisation.png (gold and proxy reward against sqrt(KL), with Gao et al.'s fits)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    res, bon = report["policies"], report["best_of_n"]
-    lines = [f"IMDb controlled sentiment, preset {report['preset']} on {report['device']}: preference labels agree "
-             f"with the gold reward on {report['preference_agreement']:.1%} of pairs; proxy reward model eval "
-             f"accuracy {report['reward_accuracy']:.1%}.", "",
-             "| policy | gold reward | proxy reward | KL(pi‖ref) nats | response tokens |", "|---|---|---|---|---|"]
-    for name, r in sorted(res.items(), key=lambda kv: (method_of(kv[0]), kv[0])):
-        lines.append(f"| {name} | {r['gold']:.3f} | {r['proxy']:+.3f} | {r['kl']:.2f} | {r['length']:.1f} |")
+    reps, R, T = report["replicates"], len(report["replicates"]), report["max_new_tokens"]
+    lines = [f"IMDb controlled sentiment, preset {report['preset']} on {report['device']}: {report['k']} SFT samples "
+             f"per prefix and every pair of them ({report['k'] * (report['k'] - 1) // 2} per prefix), "
+             f"{report['labels']} labels; {R} replicate(s)."] + \
+        [f"- replicate {rep['replicate']} (seed {rep['seed']}): labels agree with the gold reward on "
+         f"{rep['preference_agreement']:.1%} of pairs; proxy reward model eval accuracy {rep['reward_accuracy']:.1%}"
+         for rep in reps]
+    lines += ["", f"Gold reward at fixed KL (nats per sequence; per token: divide by the response length, {T} tokens "
+              f"when a continuation runs to the end), interpolated along each method's frontier (its strengths and "
+              f"checkpoints, from the SFT model at KL 0); mean ± spread (max - min) over replicates; '-': the "
+              f"frontier does not reach that KL.", "",
+              "| method | " + " | ".join(f"gold @ KL {x:g} ({x / T:.3f}/token)" for x in KL_POINTS) + " |",
+              "|---|" + "---|" * len(KL_POINTS)]
+    for m, row in report["gold_at_kl"].items():
+        lines.append(f"| {m} | " + " | ".join(cell(row[str(x)], R) for x in KL_POINTS) + " |")
+    lines += ["", "| replicate | policy | gold reward | proxy reward | KL(pi‖ref) nats | KL per token | "
+              "response tokens |", "|---|---|---|---|---|---|---|"]
+    for rep in reps:
+        for name, r in sorted(rep["policies"].items(), key=lambda kv: (method_of(kv[0]), kv[0])):
+            lines.append(f"| {rep['replicate']} | {name} | {r['gold']:.3f} | {r['proxy']:+.3f} | {r['kl']:.2f} | "
+                         f"{r['kl'] / max(r['length'], 1):.3f} | {r['length']:.1f} |")
     lines += ["", "Best-of-N from a pool of SFT samples per prompt. KL: of the best-of-N selection from the pool, "
               "computed from the scores (ties share their probability); bound: log N - (N-1)/N (Beirami et al. 2024).",
-              "", "| best-of-N | N | gold reward | proxy reward | KL from the pool | bound |", "|---|---|---|---|---|---|"]
-    for sel in ("proxy", "gold"):
-        for r in bon[sel]:
-            lines.append(f"| by {sel} | {r['n']} | {r['gold']:.3f} | {r['proxy']:+.3f} | {r['kl']:.3f} | "
-                         f"{r['kl_bound']:.3f} |")
+              "", "| replicate | best-of-N | N | gold reward | proxy reward | KL from the pool | bound |",
+              "|---|---|---|---|---|---|---|"]
+    for rep in reps:
+        for sel in ("proxy", "gold"):
+            for r in rep["best_of_n"][sel]:
+                lines.append(f"| {rep['replicate']} | by {sel} | {r['n']} | {r['gold']:.3f} | {r['proxy']:+.3f} | "
+                             f"{r['kl']:.3f} | {r['kl_bound']:.3f} |")
+    lines += ["", "Gao et al. 2022's forms, fitted to reward minus the SFT model's against d = sqrt(KL): "
+              "best-of-N d (a - b d), the others d (a - b log d).", "",
+              "| method | gold a | gold b | gold rmse | proxy a | proxy b | proxy rmse |", "|---|---|---|---|---|---|---|"]
+    for m, fit in report["fits"].items():
+        lines.append(f"| {m} | " + " | ".join("- | - | -" if fit[k] is None else
+                                              f"{fit[k]['a']:.4f} | {fit[k]['b']:.4f} | {fit[k]['rmse']:.4f}"
+                                              for k in ("gold", "proxy")) + " |")
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in report["timings_s"].items())]
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    colors = dict(ppo="C0", ppo_gt="C1", dpo="C2", rloo="C3", grpo="C4", sft="k")
+
+    # gold reward against KL: every checkpoint (final policies large, earlier ones small), each replicate's frontier
+    # as a line, best-of-N dashed
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, key in zip(axes, ("gold", "proxy")):
-        for m in sorted({method_of(n) for n in res}):
-            pts = sorted((r["kl"], r[key]) for n, r in res.items() if method_of(n) == m)
-            ax.plot(*zip(*pts), "o", color=colors.get(m, "C5"), label=m, alpha=0.8)
-        for sel, style in (("proxy", "--"), ("gold", ":")):
-            ax.plot([r["kl"] for r in bon[sel]], [r[key] for r in bon[sel]], style, color="C7",
-                    label=f"best-of-N by {sel}")
+        for i, rep in enumerate(reps):
+            res = rep["policies"]
+            for m in sorted({method_of(n) for n in res} - {"sft"}):
+                final = [(r["kl"], r[key]) for n, r in res.items() if method_of(n) == m and "@" not in n]
+                along = [(r["kl"], r[key]) for n, r in res.items() if method_of(n) == m and "@" in n]
+                ax.plot(*zip(*final), "o", color=COLORS.get(m, "C5"), alpha=0.8, label=m if i == 0 else None)
+                if along:
+                    ax.plot(*zip(*along), ".", color=COLORS.get(m, "C5"), alpha=0.6)
+                if key == "gold":
+                    ax.plot(*zip(*sorted(frontier(res, m))), "-", color=COLORS.get(m, "C5"), alpha=0.4, lw=1)
+            for sel, style in (("proxy", "--"), ("gold", ":")):
+                ax.plot([r["kl"] for r in rep["best_of_n"][sel]], [r[key] for r in rep["best_of_n"][sel]], style,
+                        color="C7", label=f"best-of-N by {sel}" if i == 0 else None)
+            ax.plot([0], [res["sft"][key]], "k*", label="SFT" if i == 0 else None)
         ax.set_xlabel("KL(π ‖ π_ref), nats per response")
         ax.set_ylabel(f"{key} reward" + (" (P(positive))" if key == "gold" else " (normalised)"))
-        ax.set_title(f"{key} reward vs KL")
+        ax.set_title(f"{key} reward vs KL, {R} replicate(s)\n(small dots: checkpoints along training)", fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "frontier.png"), dpi=120)
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 4.5))  # over-optimisation: proxy keeps rising while gold stalls
-    for m in sorted({method_of(n) for n in res} - {"sft"}):
-        pts = sorted((r["kl"], r["proxy"], r["gold"]) for n, r in res.items() if method_of(n) == m)
-        kl, pr, go = zip(*pts)
-        ax.plot(kl, pr, "--o", color=colors.get(m, "C5"), alpha=0.6, label=f"{m} proxy")
-        ax.plot(kl, [2 * g - 1 for g in go], "-s", color=colors.get(m, "C5"), label=f"{m} gold (2p-1)")
-    ax.set_xlabel("KL(π ‖ π_ref), nats")
-    ax.set_ylabel("reward")
-    ax.set_title("proxy vs gold reward as KL grows")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+
+    # over-optimisation (Gao et al.): reward gained over the SFT model against d = sqrt(KL), points and fits
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key in zip(axes, ("gold", "proxy")):
+        labelled = set()
+        for rep in reps:
+            sft = rep["policies"]["sft"]
+            for name, r in rep["policies"].items():
+                if name != "sft":
+                    m = method_of(name)
+                    ax.plot(math.sqrt(max(r["kl"], 0)), r[key] - sft[key], ".", color=COLORS.get(m, "C5"), alpha=0.5,
+                            label=None if m in labelled else m)
+                    labelled.add(m)
+            b = rep["best_of_n"]["proxy"]
+            ax.plot([math.sqrt(max(x["kl"], 0)) for x in b], [x[key] - sft[key] for x in b], "x", color="C7",
+                    alpha=0.6, label=None if "bon" in labelled else "best-of-N by proxy")
+            labelled.add("bon")
+        for m, fit in report["fits"].items():
+            if fit[key] is None:
+                continue
+            reach = max(math.sqrt(max(r["kl"], 0)) for rep in reps for n, r in rep["policies"].items()
+                        if method_of(n) == m) if m != "bon_proxy" else \
+                max(math.sqrt(max(x["kl"], 0)) for rep in reps for x in rep["best_of_n"]["proxy"])
+            ds = [reach * j / 50 for j in range(1, 51)]
+            ax.plot(ds, [fit[key]["a"] * x0 + fit[key]["b"] * x1 for x0, x1 in map(GAO_FORMS[fit[key]["form"]], ds)],
+                    "-", color=COLORS.get(m, "C5"), label=f"{m} fit")
+        ax.set_xlabel("d = sqrt(KL), sqrt(nats)")
+        ax.set_ylabel(f"{key} reward minus the SFT model's")
+        ax.set_title(f"{key} reward as KL grows, with Gao et al.'s fits")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "overoptimisation.png"), dpi=120)
     plt.close(fig)

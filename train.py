@@ -126,6 +126,8 @@ class TrainConfig(RunConfig):
                                        "large models, one more forward pass of compute")
     tracker: str = opt("none", "also send the metrics (and sample completions) to tensorboard or wandb; "
                                "metrics.jsonl stays the record")
+    snapshot_interval: int = opt(0, "also keep the weights alone as ckpt-STEP.pt every this many steps, to evaluate "
+                                    "along training (0: off)", min=0)
 
 
 # keys that may change between a run and its --resume or re-run without making it another run (micro_batch_size
@@ -736,10 +738,16 @@ class Run:
         interval = getattr(self.cfg, "ckpt_interval", 0)
         minutes = getattr(self.cfg, "ckpt_minutes", 0)
         self.stop_requested = any_rank(self.stop_requested)  # every process stops after the same step
-        if ((interval and done % interval == 0) or done == total or self.stop_requested
+        snapshot = getattr(self.cfg, "snapshot_interval", 0)
+        snapshot = snapshot and done % snapshot == 0 and done < total  # the last step's weights are ckpt.pt
+        if ((interval and done % interval == 0) or done == total or self.stop_requested or snapshot
                 or (minutes and time.time() - self.last_save > 60 * minutes)):
             save()
             self.last_save = time.time()
+        if snapshot and is_main():  # the weights and shape alone (no optimizer or RNG state): a policy to evaluate
+            ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+            save_checkpoint(os.path.join(self.dir, f"ckpt-{done}.pt"),
+                            {k: ckpt[k] for k in ("kind", "stage", "step", "model", "model_args")})
         if self.stop_requested and is_main():
             print(f"stopped at step {done}; continue with --resume --out_dir={self.dir}", file=sys.stderr)
         return self.stop_requested

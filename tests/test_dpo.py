@@ -56,6 +56,28 @@ def test_ipo_closed_form_and_minimum_at_one_over_two_beta():
     assert (h.grad[h.detach() < 2] < 0).all() and (h.grad[h.detach() > 2] > 0).all()
 
 
+def test_unlikelihood_closed_form_gradient_signs_and_alpha_zero_is_sft():
+    # per-token log-probs of 2 pairs, 3 positions; the second chosen response and the first rejected are 2 tokens
+    pc = torch.tensor([[-1.0, -2.0, -0.5], [-0.2, -3.0, 0.0]], requires_grad=True)
+    pr = torch.tensor([[-0.1, -4.0, 0.0], [-1.5, -0.7, -2.5]], requires_grad=True)
+    mc = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    mr = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    alpha = 0.3
+    log_not = lambda lp: math.log(1 - math.exp(lp))  # log(1 - p)
+    want = [(1.0 + 2.0 + 0.5) / 3 - alpha * (log_not(-0.1) + log_not(-4.0)) / 2,
+            (0.2 + 3.0) / 2 - alpha * (log_not(-1.5) + log_not(-0.7) + log_not(-2.5)) / 3]
+    losses = dpo.unlikelihood_loss(pc, pr, mc, mr, alpha)
+    assert losses.tolist() == pytest.approx(want)
+    losses.sum().backward()
+    assert (pc.grad[mc > 0] < 0).all() and (pr.grad[mr > 0] > 0).all()  # descent: chosen up, rejected down
+    assert (pc.grad[mc == 0] == 0).all() and (pr.grad[mr == 0] == 0).all()  # nothing off the responses
+    # alpha 0: the SFT loss on the chosen responses (train.sft_loss's per-token mean, pair by pair)
+    sft = dpo.unlikelihood_loss(pc.detach(), pr.detach(), mc, mr, 0.0)
+    assert sft.tolist() == pytest.approx([3.5 / 3, 3.2 / 2])
+    # a rejected token the policy is sure of (p = 1) gives a large but finite loss
+    assert torch.isfinite(dpo.unlikelihood_loss(pc.detach(), torch.zeros(2, 3), mc, mr, 1.0)).all()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # sequence log-probs and the reference
 
@@ -106,7 +128,8 @@ def test_reference_cache_equals_on_the_fly_logps(tiny):
 @pytest.mark.parametrize("args, match", [(["--data="], "--data"), (["--loss=kto"], "--loss=kto"), (["--loss=cdpo"], "label_smoothing"),
                                          (["--label_smoothing=0.1"], "cdpo only"),
                                          (["--loss=cdpo", "--label_smoothing=0.5"], r"\(0, 0.5\)"),
-                                         (["--beta=0"], "--beta=0"), (["--reference_free", "--ref=x.pt"], "--ref")])
+                                         (["--beta=0"], "--beta=0"), (["--reference_free", "--ref=x.pt"], "--ref"),
+                                         (["--loss=unlikelihood", "--ref=x.pt"], "unlikelihood uses no reference")])
 def test_bad_configs_name_the_key(args, match):
     with pytest.raises(train.ConfigError, match=match):
         dpo.check_config(train.parse_config(dpo.DPOConfig, ["--data=pairs.jsonl", *args]))
@@ -155,6 +178,25 @@ def test_dpo_kill_and_resume_is_exact(trained, tmp_path):
     assert kill_and_resume(args, resumed, kills=2, seed=KILL_SEED) >= 1
     assert read_json(os.path.join(resumed, "summary.json")) == read_json(os.path.join(out, "summary.json"))
     assert all(same_numbers(a, b) for a, b in zip(read_metrics(resumed), read_metrics(out), strict=True))
+
+
+def test_unlikelihood_stage_learns_and_keeps_snapshots(trained, tmp_path):
+    """--loss=unlikelihood on the marker pairs: the held-out loss falls and the chosen response gains on the
+    rejected one (its log-prob minus the rejected's, the logged rewards/margins; it stays negative in 6 steps from a
+    random model, as the chosen response is one token longer); with --snapshot_interval the weights of steps 2 and 4
+    are kept beside the final checkpoint, and load as policies."""
+    _, args, _, _ = trained
+    out = tmp_path / "ul"
+    run_cli(*args, "--loss=unlikelihood", "--alpha=0.5", "--snapshot_interval=2", f"--out_dir={out}")
+    first, last = read_metrics(out)
+    assert last["eval/loss"] < first["eval/loss"] and last["eval/rewards/margins"] > first["eval/rewards/margins"]
+    assert last["eval/logps/chosen"] == last["eval/rewards/chosen"]  # no reference: the rewards are the log-probs
+    assert sorted(f.name for f in out.glob("ckpt-*.pt")) == ["ckpt-2.pt", "ckpt-4.pt"]  # step 6 is ckpt.pt
+    snap = torch.load(out / "ckpt-4.pt", weights_only=True)
+    assert snap["step"] == 4 and "optimizer" not in snap and "rng" not in snap
+    policy, _ = train.load_policy(str(out / "ckpt-4.pt"), "cpu")
+    final, _ = train.load_policy(str(out / "ckpt.pt"), "cpu")
+    assert any((a != b).any() for a, b in zip(policy.state_dict().values(), final.state_dict().values()))
 
 
 def test_bad_preference_file_is_one_line_error(tmp_path):

@@ -23,7 +23,7 @@ import imdb  # noqa: E402
 from conftest import ROOT  # noqa: E402
 from data import DataError, encode_corpus, load_imdb  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from train import load_policy, save_checkpoint  # noqa: E402
+from train import ConfigError, load_policy, save_checkpoint  # noqa: E402
 
 ASSETS = os.path.join(os.path.dirname(imdb.__file__), "assets")
 TRAIN_SAMPLE = os.path.join(ASSETS, "imdb-train-sample.jsonl.gz")
@@ -163,12 +163,54 @@ def test_train_gold_on_sample(tmp_path, one_thread):
 def test_preference_labels_agree_with_the_gold_reward_more_often_than_not():
     rows = load_imdb(TRAIN_SAMPLE, limit=400)
     first, second = [r["text"] for r in rows[:200]], [r["text"] for r in rows[200:]]
-    labelled, agreement = imdb.label_pairs([""] * 200, first, second, seed=0)
+    responses = [t for pair in zip(first, second) for t in pair]  # the 2 samples of prompt p at 2p, 2p + 1
+    labelled, agreement = imdb.label_pairs([""] * 200, responses, 2, "bt", seed=0)
     gold = imdb.default_gold()
     chosen, rejected = gold([""] * 200, [r["chosen"] for r in labelled]), gold([""] * 200, [r["rejected"] for r in labelled])
     assert agreement == pytest.approx(sum(c > r for c, r in zip(chosen, rejected)) / 200)  # the real share
     assert 0.6 < agreement < 1.0  # mostly the gold's choice, but a Bradley-Terry draw, not an argmax
     assert {frozenset((r["chosen"], r["rejected"])) for r in labelled} == {frozenset(p) for p in zip(first, second)}
+    again, _ = imdb.label_pairs([""] * 200, responses, 2, "bt", seed=0)
+    other, _ = imdb.label_pairs([""] * 200, responses, 2, "bt", seed=1)
+    assert again == labelled and other != labelled  # the draw is the seed's
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_every_pair_of_k_samples_and_gold_labels_pick_the_higher_score(k):
+    """The DPO paper's construction: k completions per prefix, all k(k-1)/2 pairs (6 for k = 4), the completion the
+    gold classifier scores higher chosen."""
+    texts = [r["text"][:300] for r in load_imdb(TRAIN_SAMPLE, limit=5 * k)]
+    prompts = [f"prefix {i}: " for i in range(5)]
+    labelled, agreement = imdb.label_pairs(prompts, texts, k, "gold", seed=0)
+    assert len(labelled) == 5 * k * (k - 1) // 2 and agreement == 1.0
+    gold = imdb.default_gold()
+    for p, prompt in enumerate(prompts):
+        mine = [r for r in labelled if r["prompt"] == prompt]
+        own = texts[p * k:(p + 1) * k]
+        assert len(mine) == k * (k - 1) // 2
+        assert {frozenset((r["chosen"], r["rejected"])) for r in mine} == \
+            {frozenset((own[i], own[j])) for i in range(k) for j in range(i + 1, k)}  # each pair once
+        for r in mine:  # the higher gold score is chosen (scored as the pipeline scores: prefix + continuation)
+            c, j = gold([prompt, prompt], [r["chosen"], r["rejected"]])
+            assert c >= j
+    # the most positive sample of a prefix is chosen in all k - 1 of its pairs
+    best = max(texts[:k], key=lambda t: gold([prompts[0]], [t])[0])
+    assert sum(r["chosen"] == best for r in labelled if r["prompt"] == prompts[0]) == k - 1
+    with pytest.raises(ConfigError, match="expected gold or bt"):
+        imdb.label_pairs(prompts, texts, k, "argmax", seed=0)
+
+
+def test_simulate_preferences_writes_pairs_and_preferred_ft_data(tmp_path, one_thread):
+    from train import RunConfig
+    cfg = RunConfig(device="cpu", seed=5)
+    prompts = ["The movie", "I saw this film", "What a"]
+    prefs, chosen = str(tmp_path / "prefs.jsonl"), str(tmp_path / "chosen.jsonl")
+    agreement = imdb.simulate_preferences(imdb.SFT_CPU_PATH, prompts, cfg, 6, 1.0, prefs, k=4, labels="gold",
+                                          chosen_path=chosen)
+    rows = [json.loads(line) for line in open(prefs)]
+    sft_rows = [json.loads(line) for line in open(chosen)]
+    assert agreement == 1.0 and len(rows) == 3 * 6 and [r["prompt"] for r in rows] == [p for p in prompts for _ in range(6)]
+    assert sft_rows == [dict(prompt=r["prompt"], response=r["chosen"]) for r in rows]
 
 
 def test_committed_sft_model_is_pinned_and_writes_imdb_text(one_thread):

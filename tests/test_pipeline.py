@@ -1,7 +1,8 @@
 """Tests of pipeline.py: best-of-N's probabilities and KL against a brute-force enumeration, the rule that reuses a
-sub-run or refuses it, and the tiny pipeline end to end as a user runs it: it learns (every method raises the gold
-reward), a Ctrl-C stops it cleanly and a re-run finishes it, another seed in the same folder is refused, and
---overwrite re-makes what is stale."""
+sub-run or refuses it, the gold@KL interpolation and Gao et al.'s fits on hand-made numbers, the replicates' seeds,
+and the tiny pipeline end to end as a user runs it: it learns (every method raises the gold reward), checkpoints
+along training are evaluated, a Ctrl-C stops it cleanly and a re-run finishes it, another seed in the same folder is
+refused, and --overwrite re-makes what is stale, with a second replicate that differs from the first."""
 import dataclasses
 import importlib
 import itertools
@@ -122,6 +123,86 @@ def test_sub_run_reused_only_with_the_same_config_and_inputs(tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# the gold@KL summary, Gao et al.'s fits, replicate seeds
+
+def test_interpolation_is_exact_on_a_hand_made_frontier_and_none_outside():
+    pts = [(0.0, 0.5), (4.0, 0.7), (2.0, 0.6), (10.0, 0.9)]  # any order
+    assert pipeline.interpolate(pts, 2.5) == pytest.approx(0.6 + 0.1 * 0.5 / 2)
+    assert pipeline.interpolate(pts, 5.0) == pytest.approx(0.7 + 0.2 * 1 / 6)
+    assert pipeline.interpolate(pts, 10.0) == pytest.approx(0.9) and pipeline.interpolate(pts, 0.0) == 0.5
+    assert pipeline.interpolate(pts, 10.5) is None and pipeline.interpolate(pts, -0.1) is None
+    assert pipeline.interpolate([(3.0, 0.8)], 3.0) == 0.8 and pipeline.interpolate([], 1.0) is None
+    assert pipeline.interpolate([(0.0, 0.5), (4.0, 0.6), (4.0, 0.8)], 2.0) == pytest.approx(0.6)  # ties averaged
+
+
+def policy(gold, kl, proxy=0.0):
+    return dict(gold=gold, kl=kl, proxy=proxy, length=20.0)
+
+
+def bon(*kls):
+    return dict(proxy=[dict(n=2 ** i, gold=0.5 + 0.01 * i, proxy=0.1 * i, kl=kl, kl_bound=kl)
+                       for i, kl in enumerate(kls)], gold=[dict(n=1, gold=0.5, proxy=0.0, kl=0.0, kl_bound=0.0)])
+
+
+def test_gold_at_kl_uses_every_checkpoint_averages_seeds_and_reports_the_spread_over_replicates():
+    rep1 = dict(sft=policy(0.5, 0.0), **{"dpo_beta0.1_seed1@50": policy(0.7, 2.0), "dpo_beta0.1_seed1": policy(0.9, 6.0),
+                                         "ppo_beta0.1_seed1": policy(0.8, 4.0), "ppo_beta0.1_seed2": policy(0.9, 6.0)})
+    rep2 = dict(sft=policy(0.5, 0.0), **{"dpo_beta0.1_seed1001": policy(0.8, 4.0),
+                                         "ppo_beta0.1_seed1001": policy(0.85, 5.0)})
+    report = dict(replicates=[dict(policies=rep1, best_of_n=bon(0.0, 1.0, 3.0)),
+                              dict(policies=rep2, best_of_n=bon(0.0, 1.0, 2.0))])
+    got = pipeline.gold_at_kl(report)
+    d = got["dpo"]["2.5"]  # rep 1: the snapshot at KL 2 then the final at 6; rep 2: from SFT (0) to 4
+    assert d["per_replicate"] == pytest.approx([0.7 + 0.2 * 0.5 / 4, 0.5 + 0.3 * 2.5 / 4])
+    assert d["mean"] == pytest.approx(sum(d["per_replicate"]) / 2)
+    assert d["spread"] == pytest.approx(abs(d["per_replicate"][0] - d["per_replicate"][1])) and d["n"] == 2
+    assert got["ppo"]["5.0"]["per_replicate"] == pytest.approx([0.85, 0.85])  # seeds 1 and 2 averaged: (5, 0.85)
+    assert got["dpo"]["5.0"]["per_replicate"] == [pytest.approx(0.85), None] and got["dpo"]["5.0"]["n"] == 1
+    assert got["dpo"]["10.0"] == dict(per_replicate=[None, None], n=0, mean=None, spread=None)
+    assert got["bon_proxy"]["2.5"]["per_replicate"] == [pytest.approx(0.5 + 0.01 * (1 + 1.5 / 2)), None]
+    assert pipeline.cell(got["dpo"]["10.0"], 2) == "-" and pipeline.cell(got["dpo"]["5.0"], 2) == "0.850 (1/2)"
+
+
+def test_gao_fits_recover_known_coefficients():
+    d = [0.5 * i for i in range(1, 12)]
+    rl = [x * (0.3 - 0.1 * math.log(x)) for x in d]
+    bo = [x * (0.4 - 0.05 * x) for x in d]
+    fit = pipeline.gao_fit(d, rl, "rl")
+    assert fit["a"] == pytest.approx(0.3) and fit["b"] == pytest.approx(0.1) and fit["rmse"] < 1e-9
+    fit = pipeline.gao_fit(d, bo, "bon")
+    assert fit["a"] == pytest.approx(0.4) and fit["b"] == pytest.approx(0.05)
+    assert pipeline.gao_fit([0.0, 1.0], [0.0, 0.2], "rl") is None  # one point off the origin: no fit
+
+
+def test_replicates_draw_other_samples_and_labels_and_one_replicate_repeats_exactly(tmp_path, one_thread):
+    """Replicate r's seed is the pipeline's plus 1000 (r - 1), and every seeded step downstream of the SFT model (its
+    samples and labels here; the reward model, the methods' --seed and the evaluation in stages()) takes it."""
+    from imdb import SFT_CPU_PATH, simulate_preferences
+    from train import RunConfig
+    assert [pipeline.replicate_seed(1337, r) for r in (1, 2, 3)] == [1337, 2337, 3337]
+    assert pipeline.run_name("dpo", 0.1, pipeline.replicate_seed(1, 2)) == "dpo_beta0.1_seed1001"
+    prompts = ["The movie", "I saw this film", "What a"]
+    made = {}
+    for name, r in (("a", 1), ("again", 1), ("b", 2)):
+        cfg = RunConfig(device="cpu", seed=1337)
+        simulate_preferences(SFT_CPU_PATH, prompts, cfg, 8, 1.0, str(tmp_path / f"{name}.jsonl"), k=3, labels="bt",
+                             seed=pipeline.replicate_seed(cfg.seed, r))
+        made[name] = (tmp_path / f"{name}.jsonl").read_bytes()
+    assert made["a"] == made["again"]  # the same replicate twice: the same bytes
+    assert made["a"] != made["b"]
+
+
+def test_method_names_and_snapshots(tmp_path):
+    assert [pipeline.method_of(n) for n in ("ppo_gt_beta0.05_seed1@10", "ppo_beta0.05_seed1", "pft_seed1",
+                                            "unlikelihood_alpha0.5_seed1001@2", "sft")] == \
+        ["ppo_gt", "ppo", "pft", "unlikelihood", "sft"]
+    assert pipeline.run_name("pft", None, 1) == "pft_seed1"
+    for f in ("ckpt.pt", "ckpt-20.pt", "ckpt-100.pt", "ckpt-x.pt", ".ckpt-5.pt.tmp1"):
+        (tmp_path / f).write_bytes(b"")
+    assert list(pipeline.snapshots(tmp_path)) == [20, 100]
+
+
+# -----------------------------------------------------------------------------
 # end to end
 
 MARGIN = 0.03  # gold reward above the SFT model's
@@ -161,7 +242,7 @@ def tiny(tmp_path_factory):
     then run to the end by the same command. Returns (folder, what the stopped runs returned)."""
     tmp = tmp_path_factory.mktemp("tiny")
     out, stops = tmp / "imdb", []
-    runs = out / "runs"
+    runs = out / "rep1" / "runs"
     # Ctrl-C to the whole process group, as a terminal sends it, once a method's run has started (its config.json
     # is written just before it takes signals)
     p = start_pipeline("--preset=tiny", f"--out_dir={out}")
@@ -191,7 +272,7 @@ def test_ctrl_c_stops_the_sub_runs_and_the_same_command_continues(tiny):
         assert alive == []  # no sub-run outlives the pipeline
     assert "Traceback" not in stops[0][1]
     # the sub-runs stopped by the first Ctrl-C saved a checkpoint and were resumed, not started again
-    logs = [(d / "log.txt").read_text() for d in (out / "runs").iterdir()]
+    logs = [(d / "log.txt").read_text() for d in (out / "rep1" / "runs").iterdir()]
     assert any("--resume" in log for log in logs), logs
 
 
@@ -202,34 +283,48 @@ def test_tiny_pipeline_raises_the_gold_reward(tiny):
         ppo    -0.003 / -0.014 / +0.206    rloo -0.001 / +0.066 / +0.264    mean of the five +0.062 / +0.090 / +0.220
     The methods that learn from the gold reward itself (PPO-GT) or from its labels (DPO) gain on every seed; those
     that optimise the proxy gain only as far as the tiny proxy is right (it ranks 46% / 57% / 59% of held-out pairs
-    right on those seeds), so for them only the mean over the five methods is asserted."""
+    right on those seeds), so for them only the mean over the five methods is asserted. Preferred-FT and
+    Unlikelihood (+0.022 and -0.024 with seed 1337) run at this size but are not asserted to learn."""
     out, _ = tiny
     report = read_json(out / "results.json")
-    res = report["policies"]
-    assert {name.split("_beta")[0] for name in res} == {"sft", *pipeline.METHODS}
+    (rep,) = report["replicates"]
+    res = rep["policies"]
+    methods = set(pipeline.PRESETS["tiny"]["methods"])
+    assert {pipeline.method_of(name) for name in res} == {"sft", *methods}
     assert res["sft"]["kl"] == 0.0
     sft = res["sft"]["gold"]
-    gain = {name.split("_beta")[0]: r["gold"] - sft for name, r in res.items() if name != "sft"}
+    final = {pipeline.method_of(name): r for name, r in res.items() if name != "sft" and "@" not in name}
+    gain = {m: r["gold"] - sft for m, r in final.items()}
     assert gain["ppo_gt"] > MARGIN and gain["dpo"] > MARGIN, gain
-    assert sum(gain.values()) / len(gain) > MARGIN, gain
+    five = [gain[m] for m in ("ppo", "ppo_gt", "dpo", "rloo", "grpo")]
+    assert sum(five) / len(five) > MARGIN, gain
     assert all(0 < r["kl"] < 30 for r in res.values() if r is not res["sft"]), res
-    assert [r["n"] for r in report["best_of_n"]["gold"]] == [1, 2, 4, 8, 16]  # N <= the pool of 16
+    # checkpoints along training were evaluated too: RL at step 6 of 12, DPO and unlikelihood at 16 of 32 (the tiny
+    # preset keeps none for Preferred-FT)
+    assert {n.partition("@")[2] for n in res if "@" in n} == {"6", "16"}
+    assert {pipeline.method_of(n) for n in res if "@" in n} == methods - {"pft"}
+    assert [r["n"] for r in rep["best_of_n"]["gold"]] == [1, 2, 4, 8, 16]  # N <= the pool of 16
+    assert set(report["gold_at_kl"]) == methods | {"bon_proxy", "bon_gold"}
+    assert all(set(v) == {"2.5", "5.0", "10.0"} for v in report["gold_at_kl"].values())
+    assert set(report["fits"]) == methods | {"bon_proxy"}
+    text = (out / "results.md").read_text()
+    assert "gold @ KL 2.5" in text and "| dpo |" in text
     for png in ("frontier.png", "overoptimisation.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    samples = (out / "samples" / "sft.jsonl").read_text().splitlines()
+    samples = (out / "rep1" / "samples" / "sft.jsonl").read_text().splitlines()
     assert len(samples) == 128 and {"prefix", "response", "gold", "proxy", "kl"} <= set(json.loads(samples[0]))
 
 
 def test_tiny_pipeline_reuses_what_it_made_and_never_mixes_runs(tiny):
     out, _ = tiny  # (this test changes the folder: it runs last)
-    res = read_json(out / "results.json")["policies"]
-    dpo_inputs = read_json(out / "runs" / "dpo_beta0.1_seed1" / "inputs.json")
+    res = read_json(out / "results.json")["replicates"][0]["policies"]
+    dpo_inputs = read_json(out / "rep1" / "runs" / "dpo_beta0.1_seed1" / "inputs.json")
     # again: every sub-run reused, the same numbers
     run_cli("pipeline", "--preset=tiny", f"--out_dir={out}", timeout=600)
-    assert read_json(out / "results.json")["policies"] == res
+    assert read_json(out / "results.json")["replicates"][0]["policies"] == res
 
     # prompts or preferences made by something else (here: their records edited) are refused, naming the file
-    for record, key, value in (("prompts.json", "seed", 99), ("preferences.json", "made_by", {})):
+    for record, key, value in (("prompts.json", "seed", 99), ("rep1/preferences.json", "made_by", {})):
         saved = (out / record).read_text()
         (out / record).write_text(json.dumps({**json.loads(saved), key: value}))
         p = run_cli("pipeline", "--preset=tiny", f"--out_dir={out}", check=False)
@@ -240,16 +335,27 @@ def test_tiny_pipeline_reuses_what_it_made_and_never_mixes_runs(tiny):
     # another seed into the same folder: refused in one line, nothing changed
     p = run_cli("pipeline", "--preset=tiny", f"--out_dir={out}", "--seed=7", "--methods=dpo", check=False)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "--overwrite" in p.stderr, p.stderr
-    assert read_json(out / "results.json")["policies"] == res
+    assert read_json(out / "results.json")["replicates"][0]["policies"] == res
     # with --overwrite: the stale prompts, preferences, reward model and DPO run are made again, with new numbers
-    # (and, while at it, the SFT model is trained in the run: --sft=train)
+    # (and, while at it, the SFT model is trained in the run: --sft=train), and a second replicate with its own
+    # samples, labels, reward model and DPO run
     run_cli("pipeline", "--preset=tiny", f"--out_dir={out}", "--seed=7", "--methods=dpo", "--sft=train", "--overwrite",
-            timeout=600)
-    new = read_json(out / "results.json")["policies"]
-    assert set(new) == {"sft", "dpo_beta0.1_seed1"} and (out / "sft" / "summary.json").exists()
+            "--replicates=2", timeout=600)
+    report = read_json(out / "results.json")
+    new, second = (rep["policies"] for rep in report["replicates"])
+    assert set(new) == {"sft", "dpo_beta0.1_seed1", "dpo_beta0.1_seed1@16"}
+    assert set(second) == {"sft", "dpo_beta0.1_seed1001", "dpo_beta0.1_seed1001@16"}
+    assert (out / "sft" / "summary.json").exists()
     assert new["sft"] != res["sft"] and new["dpo_beta0.1_seed1"] != res["dpo_beta0.1_seed1"]
-    assert read_json(out / "prompts.json")["seed"] == 7 and read_json(out / "reward" / "config.json")["seed"] == 7
-    assert read_json(out / "runs" / "dpo_beta0.1_seed1" / "inputs.json") != dpo_inputs
+    assert read_json(out / "prompts.json")["seed"] == 7 and read_json(out / "rep1" / "reward" / "config.json")["seed"] == 7
+    assert read_json(out / "rep1" / "runs" / "dpo_beta0.1_seed1" / "inputs.json") != dpo_inputs
+    # replicate 2: other seeds everywhere downstream of the SFT model, other pairs, other numbers
+    assert read_json(out / "rep2" / "reward" / "config.json")["seed"] == 1007
+    assert read_json(out / "rep2" / "runs" / "dpo_beta0.1_seed1001" / "config.json")["seed"] == 1001
+    assert (out / "rep1" / "preferences.jsonl").read_bytes() != (out / "rep2" / "preferences.jsonl").read_bytes()
+    assert second["sft"]["gold"] != new["sft"]["gold"]  # the SFT model is shared, its evaluation samples are not
+    assert second["dpo_beta0.1_seed1001"] != new["dpo_beta0.1_seed1"]
+    assert len(report["gold_at_kl"]["dpo"]["2.5"]["per_replicate"]) == 2
 
 
 def test_plot_stage_draws_a_png_and_names_a_missing_key(tmp_path):

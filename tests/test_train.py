@@ -257,7 +257,7 @@ def test_config_split_training_keys_only_in_training_stages():
     assert run_keys == {"out_dir", "device", "dtype", "seed", "overwrite", "chat_template"}
     train_keys = {f.name for f in dataclasses.fields(train.TrainConfig)} - run_keys
     assert train_keys == {"compile", "resume", "log_interval", "ckpt_interval", "ckpt_minutes", "grad_checkpoint",
-                          "tracker"}
+                          "tracker", "snapshot_interval"}
     assert train_keys <= {f.name for f in dataclasses.fields(train.SFTConfig)}
     assert not train_keys & {f.name for f in dataclasses.fields(train.SampleConfig)}
     with pytest.raises(train.ConfigError, match="unknown key --resume"):
