@@ -95,7 +95,7 @@ class OptimumConfig(RewardSpec, TrainConfig, OptimConfig):
     micro_batch_size: int = opt(64, "responses per forward/backward pass", min=1)
     num_epochs: int = opt(1, "passes over each rollout batch (ppo, rloo, grpo)", min=1)
     k: int = opt(4, "rloo, grpo: samples per prompt (group)", min=2)
-    n: int = opt(16, "bon: the largest N (N = 1, 2, 4, ... up to it are reported)", min=1)
+    n: int = opt(64, "bon: the largest N (N = 1, 2, 4, ... up to it are reported)", min=1)
     cliprange: float = opt(0.2, "PPO ratio clipping epsilon", min=0.0)
     kl_estimator: str = opt("", "k1 or k3 (default: k1 for ppo and rloo, in the reward; k3 for grpo, in the loss)")
     whiten_rewards: bool = opt(False, "ppo, rloo: whiten the rewards over the batch, mean kept (N+)")
@@ -105,7 +105,7 @@ class OptimumConfig(RewardSpec, TrainConfig, OptimConfig):
     cliprange_value: float = opt(0.2, "ppo: value clipping", min=0.0)
     gamma: float = opt(1.0, "ppo: GAE discount", min=0.0)
     lam: float = opt(0.95, "ppo: GAE lambda", min=0.0)
-    learning_rate: float = opt(1e-3, "peak learning rate", min=0.0)
+    learning_rate: float = opt(3e-4, "peak learning rate", min=0.0)
     warmup_iters: int = opt(0, "linear warm-up steps", min=0)
     max_iters: int = opt(100, "training steps", min=0)
     weight_decay: float = opt(0.0, "AdamW weight decay on matrices", min=0.0)
@@ -356,7 +356,7 @@ def best_of_n(cfg, run, target, ref, reward_fn, device, ctx):
             scores = reward_fn(s.prompts, s.responses).double().cpu()
         best = scores[ppo.select_best(scores, n)]
         m.update({"kl/bound": ppo.best_of_n_kl_bound(n), "sampled/reward": best.mean().item(),
-                  "sampled/reward_se": (best.std() / math.sqrt(best.numel())).item() if n > 0 else 0.0})
+                  "sampled/reward_se": (best.std() / math.sqrt(best.numel())).item()})
         run.log(n, **m)
         final = dict(m, step=n)
     return final
