@@ -146,8 +146,12 @@ def token_score(prompts, responses):
     score per token id, drawn once with seed 0; 0 for an empty response. Defined for every response."""
     if not _TOKEN_SCORES:
         _TOKEN_SCORES.append(torch.randn(N_REAL_TOKENS, generator=torch.Generator().manual_seed(0)))
-    s = _TOKEN_SCORES[0]
-    return torch.tensor([s[ids].mean().item() if (ids := encode(r)) else 0.0 for r in responses])
+    ids = [encode(r) for r in responses]
+    lengths = torch.tensor([len(x) for x in ids])
+    flat = torch.tensor([t for x in ids for t in x], dtype=torch.long)
+    sums = torch.zeros(len(ids)).index_add_(0, torch.arange(len(ids)).repeat_interleave(lengths),
+                                            _TOKEN_SCORES[0][flat])
+    return sums / lengths.clamp(min=1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -194,18 +198,20 @@ def best_of_n_probs(ref_p, r, n):
     return ref_p * (p_max / mass.clamp(min=1e-300))[group]
 
 
-def grpo_fixed_point(ref_p, r, beta, k, iters=50):
+def grpo_fixed_point(ref_p, r, beta, k, std=True, iters=30):
     """Where GRPO's expected update is zero (one token, an approximation): its advantage is about (1 - 1/k) (r - mean)
     / std_pi(r) and its k3 term's gradient is that of beta * KL(pi_ref || pi), so c r(y) + beta pi_ref(y) / pi(y) =
     lam on every token: pi(y) = beta pi_ref(y) / (lam - c r(y)), lam set by bisection so that pi sums to 1, c = (1 -
-    1/k) / std_pi(r) iterated to a fixed point. (V,) -> (V,)."""
-    p = ref_p
-    for _ in range(iters):
-        mean = (p * r).sum()
-        c = (1 - 1 / k) / ((p * (r - mean) ** 2).sum().sqrt() + 1e-12)
+    1/k) / std_pi(r) iterated to a fixed point. std=False: c = 1, the k3 term alone (a plain advantage r - mean).
+    (V,) -> (V,)."""
+    p, c = ref_p, torch.tensor(1.0, dtype=ref_p.dtype)
+    for _ in range(iters if std else 1):
+        if std:
+            mean = (p * r).sum()
+            c = (1 - 1 / k) / ((p * (r - mean) ** 2).sum().sqrt() + 1e-12)
         top = (c * r).max()
         lo, hi = top + 1e-12, top + beta + 1e-12  # at lam = top + beta the sum is at most 1
-        for _ in range(200):
+        for _ in range(60):
             lam = (lo + hi) / 2
             total = (beta * ref_p / (lam - c * r)).sum()
             lo, hi = (lam, hi) if total > 1 else (lo, lam)
@@ -266,8 +272,9 @@ class Target:
                 self.info["ipo_optimum_kl_to_rlhf_optimum"] = kl(self.target_logp.exp(), self.target_logp,
                                                                  star_logp).item()
             if cfg.method == "grpo":
-                p_g = grpo_fixed_point(self.ref_logp.exp(), self.r, cfg.beta, cfg.k)
-                self.info["grpo_fixed_point_kl"] = kl(p_g, p_g.log(), self.target_logp).item()
+                for name, std in (("grpo_fixed_point_kl", True), ("k3_fixed_point_kl", False)):
+                    p_g = grpo_fixed_point(self.ref_logp.exp(), self.r, cfg.beta, cfg.k, std)
+                    self.info[name] = kl(p_g, p_g.log(), self.target_logp).item()
         else:  # beta log Z from samples of pi_ref: log-mean-exp of r_t / beta
             g = torch.Generator(device=device).manual_seed(derived_seed(cfg.seed, 0, 3))
             s = sample_responses(ref, [cfg.prompt] * cfg.ref_samples, cfg.max_new_tokens, g, device, ctx,
