@@ -243,7 +243,8 @@ def exact_metrics(logp, ref_logp, target_logp, r, beta, log_z):
     gap = beta KL(pi || pi*), so that the two check each other."""
     p = logp.exp()
     reward, kl_ref = (p * r).sum(), kl(p, logp, ref_logp)
-    return {"kl_to_optimum": kl(p, logp, target_logp).item(), "objective_gap": (beta * log_z - reward + beta * kl_ref).item(),
+    return {"kl_to_optimum": kl(p, logp, target_logp).item(),
+            "objective_gap": (beta * log_z - reward + beta * kl_ref).item(),
             "tv_to_optimum": 0.5 * (p - target_logp.exp()).abs().sum().item(), "kl_to_ref": kl_ref.item(),
             "reward": reward.item(), "objective": (reward - beta * kl_ref).item()}
 
@@ -392,9 +393,9 @@ def optimum(cfg):
                             cfg.micro_batch_size)
     t0 = time.time()
     target = Target(cfg, ref, reward_fn, device, ctx)
-    print(f"optimum: {cfg.method}, beta {cfg.beta}, {'one-token (exact)' if target.exact else f'{cfg.max_new_tokens}-token (estimated)'}"
-          f" responses to {cfg.prompt!r}; " + ", ".join(f"{k} {v:.4g}" for k, v in target.info.items())
-          + f" ({time.time() - t0:.1f} s)")
+    kind = "one-token (exact)" if target.exact else f"{cfg.max_new_tokens}-token (estimated)"
+    info = ", ".join(f"{k} {v:.4g}" for k, v in target.info.items())
+    print(f"optimum: {cfg.method}, beta {cfg.beta}, {kind} responses to {cfg.prompt!r}; {info} ({time.time() - t0:.1f} s)")
     if cfg.method == "bon":
         final = best_of_n(cfg, run, target, ref, reward_fn, device, ctx)
         run.save(cfg.n, policy)
