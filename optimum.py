@@ -395,7 +395,8 @@ def optimum(cfg):
     target = Target(cfg, ref, reward_fn, device, ctx)
     kind = "one-token (exact)" if target.exact else f"{cfg.max_new_tokens}-token (estimated)"
     info = ", ".join(f"{k} {v:.4g}" for k, v in target.info.items())
-    print(f"optimum: {cfg.method}, beta {cfg.beta}, {kind} responses to {cfg.prompt!r}; {info} ({time.time() - t0:.1f} s)")
+    print(f"optimum: {cfg.method}, beta {cfg.beta}, {kind} responses to {cfg.prompt!r}; {info} "
+          f"({time.time() - t0:.1f} s)")
     if cfg.method == "bon":
         final = best_of_n(cfg, run, target, ref, reward_fn, device, ctx)
         run.save(cfg.n, policy)
