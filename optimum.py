@@ -77,14 +77,13 @@ import torch.nn as nn
 
 import dpo
 import ppo
-from data import EOS, decode, derived_seed, encode, encode_prompt
+from data import decode, derived_seed, encode, encode_prompt
 from model import N_REAL_TOKENS, response_logprobs
 from reward import RewardSpec, make_reward
 from train import (ConfigError, OptimConfig, Run, TrainConfig, check_finite, load_policy, make_optimizer, opt,
                    optimizer_step, sample_responses, setup_device)
 
 METHODS = ("ppo", "rloo", "grpo", "dpo", "ipo", "bon")
-ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 one-token task PPO, RLOO, GRPO and DPO end closer to the exact optimum pi* than they start, and PPO with the KL
 penalty's sign flipped (a monkeypatch of ppo.kl_estimate, the real function) ends far from it."""
 import io
-import json
 import os
 from contextlib import redirect_stdout
 
@@ -11,7 +10,7 @@ import torch
 
 import optimum
 import ppo
-from conftest import ROOT, read_json, read_metrics, run_cli
+from conftest import read_json, read_metrics, run_cli
 import train
 from train import parse_config
 
