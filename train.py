@@ -74,6 +74,7 @@ STAGES = {
     "rloo": ("ppo", "RLOOConfig", "train_rloo", "REINFORCE leave-one-out (k samples per prompt, no critic)"),
     "grpo": ("ppo", "GRPOConfig", "train_grpo", "GRPO (group-normalised advantages, k3 KL in the loss)"),
     "bon": ("ppo", "BoNConfig", "best_of_n", "best-of-N sampling; sft on its selected.jsonl is rejection-sampling fine-tuning"),
+    "optimum": ("optimum", "OptimumConfig", "optimum", "every method against the exact KL-regularised optimum (one prompt, known answer)"),
     "pipeline": ("pipeline", "PipelineConfig", "pipeline", "the IMDb controlled-sentiment benchmark, end to end"),
     "plot": ("pipeline", "PlotConfig", "plot", "plot a run folder's metrics.jsonl to PNG"),
     "export": ("hf", "ExportConfig", "export", "a checkpoint to a Hugging Face GPT-2 folder (transformers loads it)"),

@@ -1,0 +1,503 @@
+"""
+A benchmark with a known answer: PPO, RLOO, GRPO, DPO, IPO and best-of-N against the exact optimum of the
+KL-regularised objective they all aim at. Stage `optimum` of train.py:
+
+    python train.py optimum --method=ppo --beta=1          # or rloo, grpo, dpo, ipo, bon (--n=16)
+    python train.py optimum --method=rloo --beta=0.5 --reward=my_reward.py:score
+    python train.py optimum --method=ppo --max_new_tokens=4   # a few tokens: the optimum estimated, not exact
+    python optimum.py figure out/optimum-ppo-1 out/optimum-dpo-1 ... --out=assets/optimum.png
+
+The objective of every method here is  J(pi) = E_pi[r] - beta * KL(pi || pi_ref),  and its maximiser is known in
+closed form (e.g. Rafailov et al. 2023, eq. 4):
+
+    pi*(y) = pi_ref(y) exp(r(y) / beta) / Z,    J(pi*) = beta * log Z,    beta * log Z - J(pi) = beta * KL(pi || pi*)
+
+DPO, with pairs drawn from pi_ref and Bradley-Terry labels P(y1 > y2) = sigmoid(r(y1) - r(y2)), has the same
+population optimum. IPO (Azar et al. 2023, section 5) does not: with pairs from mu = pi_ref its loss is minimised by
+    pi_ipo(y) = pi_ref(y) exp(p(y > pi_ref) / tau) / Z,    p(y > pi_ref) = E_{y' ~ pi_ref} sigmoid(r(y) - r(y')),
+the KL-regularised optimum of the bounded reward "probability of beating a reference sample" (tau = --beta); the
+stage measures --method=ipo against pi_ipo and reports how far pi_ipo is from pi*. Best-of-N (one token) has the
+known distribution  pi_bon(y) = pi_ref(y) / pi_ref(tie(y)) * (F(r(y))^N - F(r(y)-)^N), F the reference CDF of r.
+
+The task: one prompt (--prompt), the project's GPT (--init_from, by default the committed assets/sft-imdb-cpu.pt,
+which is also the frozen reference), and a reward for every response: by default optimum.py:token_score, a fixed
+N(0, 1) score per token (seed 0) averaged over the response's tokens, or any --reward that the RL stages accept.
+- One-token responses (--max_new_tokens=1): pi_ref, pi* and pi_theta are exact vectors over GPT-2's 50,257 tokens
+  (one forward pass each, float64). Every --log_interval steps metrics.jsonl gets kl_to_optimum = KL(pi_theta ||
+  pi*), objective_gap = beta log Z - J(pi_theta), tv_to_optimum, kl_to_ref, reward (all exact).
+- A few tokens: J(pi_theta) estimated from --eval_samples samples (ppo.evaluate_policy) beside beta log Z estimated
+  from --ref_samples samples of pi_ref by log-mean-exp, each with its standard error (delta method), every
+  --eval_interval steps; kl_to_optimum is then objective_gap / beta, an estimate.
+
+The training steps are the project's own code, so a change to a line of PPO shows here: ppo.rollout, kl_estimate,
+advantages (GAE and the critic, rloo_advantages, grpo_advantages), update (clipped_policy_loss, GRPO's KL term),
+select_best; dpo.preference_loss on pairs sampled afresh from pi_ref every step; train.optimizer_step.
+
+What limits each method (one-token task, defaults, beta 1: KL(pi_ref || pi*) = 0.527 nats at the start; CPU runs
+of 2026-11-30, the README's "A benchmark with a known answer" has the table at two betas):
+- PPO and RLOO put the k1 KL in the reward; their expected gradient is the objective's, so pi* is their fixed
+  point. What is left after 100 steps (0.107 and 0.106 nats, TV 0.13; 0.40 and 0.47 at beta 0.5, from 2.06) is
+  optimisation over 50,257 logits of which a batch samples 64, with the learning rate decayed to 0 (cosine). With
+  --kl_estimator=k3 in the reward PPO is biased (its expected penalty gradient is that of KL(pi || pi_ref) -
+  KL(pi_ref || pi)): 2.10 nats from pi* after 100 steps, further than pi_ref itself.
+- GRPO (0.200 nats) has two biases. Its k3 term sits in the loss, outside the importance ratio, so its expected
+  gradient is that of beta * KL(pi_ref || pi), the reverse KL, which hardly penalises mass piled where pi_ref has
+  none; and dividing by the group's std makes beta relative to std(r). Where its expected update vanishes,
+  pi_G(y) = beta pi_ref(y) / (lam - c r(y)), c about (1 - 1/k) / std_pi(r) (grpo_fixed_point()): 2.96 nats from
+  pi* (`grpo_fixed_point_kl`), with 32% of its mass on the single best-scoring token (" Asylum", r = 4.56,
+  pi_ref 5e-7, pi* 3e-5); the k3 term alone, without the std (`k3_fixed_point_kl`), 7.6 nats. Sampling finds that
+  token only by luck, so 100 steps stay near pi* but stop improving at about 0.2 (0.83 at beta 0.5) while PPO and
+  RLOO go on. A k1 term in the loss (--kl_estimator=k1) has an expected gradient of zero, no regularisation at all:
+  1.97 nats from pi* after 100 steps, 3.7 from pi_ref.
+- DPO (0.162 nats; 0.86 at beta 0.5) learns only from pairs that pi_ref samples, and a pair moves the policy by
+  sigmoid(-beta h) of its margin: slower than the RL methods in steps, same fixed point.
+- IPO converges to its own optimum pi_ipo (0.008 nats from it after 100 steps), which is 0.36 nats from pi* at
+  tau = 1 (1.39 at 0.5) and only 0.017 from pi_ref: its reward p(y > pi_ref) lies in [0, 1], so the same tau
+  regularises far more than DPO's beta.
+- Best-of-N is one distribution per N: closest to pi* at N = 4 for beta 1 (0.102 nats, better than 100 steps of
+  any method) and N = 16 for beta 0.5 (0.20), further for every other N (1.29 at N = 64, beta 1). Its KL to
+  pi_ref (0.64 at N = 4) is exact; Beirami et al.'s log N - (N - 1)/N bounds it.
+
+Simplifications, on purpose:
+- One prompt, temperature --temperature in every log-prob (pi_ref, pi* are those of the tempered reference).
+- No no-EOS rule: every response, EOS or not, is scored by the reward as it is (an empty response is "").
+- The exact metrics need one-token responses; best-of-N is one-token only, and IPO's p(y > pi_ref) is estimated
+  from the --ref_samples reference samples when responses are longer.
+- DPO and IPO see fresh pairs every step (the population, not a fixed data set); no reference-log-prob cache.
+"""
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+import dpo
+import ppo
+from data import decode, derived_seed, encode, encode_prompt
+from model import N_REAL_TOKENS, response_logprobs
+from reward import RewardSpec, make_reward
+from train import (ConfigError, OptimConfig, Run, TrainConfig, check_finite, load_policy, make_optimizer, opt,
+                   optimizer_step, sample_responses, setup_device)
+
+METHODS = ("ppo", "rloo", "grpo", "dpo", "ipo", "bon")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# configuration
+
+@dataclass
+class OptimumConfig(RewardSpec, TrainConfig, OptimConfig):
+    out_dir: str = opt("out/optimum", "run folder")
+    method: str = opt("ppo", "ppo, rloo, grpo, dpo, ipo or bon")
+    beta: float = opt(1.0, "beta of E[r] - beta * KL(pi || pi_ref): the KL coefficient of ppo/rloo/grpo, DPO's "
+                           "beta, IPO's tau", above=0.0)
+    init_from: str = opt("assets/sft-imdb-cpu.pt", "policy checkpoint; a frozen copy is the reference pi_ref")
+    prompt: str = opt("This movie was", "the one prompt")
+    reward: str = opt("optimum.py:token_score", "reward: FILE.py:FUNCTION, a reward-model checkpoint, or several "
+                                                "(as ppo); default: a fixed N(0, 1) score per token (seed 0)")
+    max_new_tokens: int = opt(1, "tokens per response: 1 gives exact metrics, more estimated ones", min=1)
+    temperature: float = opt(1.0, "sampling temperature, in every log-prob too", min=0.01)
+    batch_size: int = opt(64, "responses per step (dpo, ipo: pairs per step)", min=1)
+    minibatch_size: int = opt(64, "responses per optimizer step (ppo, rloo, grpo)", min=1)
+    micro_batch_size: int = opt(64, "responses per forward/backward pass", min=1)
+    num_epochs: int = opt(1, "passes over each rollout batch (ppo, rloo, grpo)", min=1)
+    k: int = opt(4, "rloo, grpo: samples per prompt (group)", min=2)
+    n: int = opt(64, "bon: the largest N (N = 1, 2, 4, ... up to it are reported)", min=1)
+    cliprange: float = opt(0.2, "PPO ratio clipping epsilon", min=0.0)
+    kl_estimator: str = opt("", "k1 or k3 (default: k1 for ppo and rloo, in the reward; k3 for grpo, in the loss)")
+    whiten_rewards: bool = opt(False, "ppo, rloo: whiten the rewards over the batch, mean kept (N+)")
+    critic: str = opt("separate", "ppo: separate (on the reward model's or policy's trunk) or shared (value head)")
+    critic_init: str = opt("zero", "ppo: the value head's start, zero or reward (from a reward checkpoint)")
+    vf_coef: float = opt(0.1, "ppo: weight of the value loss", min=0.0)
+    cliprange_value: float = opt(0.2, "ppo: value clipping", min=0.0)
+    gamma: float = opt(1.0, "ppo: GAE discount", min=0.0)
+    lam: float = opt(0.95, "ppo: GAE lambda", min=0.0)
+    learning_rate: float = opt(3e-4, "peak learning rate", min=0.0)
+    warmup_iters: int = opt(0, "linear warm-up steps", min=0)
+    max_iters: int = opt(100, "training steps", min=0)
+    weight_decay: float = opt(0.0, "AdamW weight decay on matrices", min=0.0)
+    beta2: float = opt(0.999, "Adam beta2", min=0.0)
+    adam_eps: float = opt(1e-5, "Adam epsilon", min=0.0)
+    log_interval: int = opt(5, "steps between rows of metrics.jsonl (one token: exact metrics in each)", min=1)
+    eval_interval: int = opt(20, "a few tokens: steps between sampled estimates of J", min=1)
+    eval_samples: int = opt(512, "a few tokens: samples of pi_theta per estimate of J", min=2)
+    ref_samples: int = opt(4096, "a few tokens: samples of pi_ref for beta log Z (and IPO's p(y > pi_ref))", min=2)
+
+
+def check_config(cfg):
+    if cfg.method not in METHODS:
+        raise ConfigError(f"--method={cfg.method}: expected one of {', '.join(METHODS)}")
+    if cfg.method == "bon" and cfg.max_new_tokens != 1:
+        raise ConfigError("--method=bon: one-token responses only (--max_new_tokens=1): its exact distribution needs "
+                          "the whole vocabulary")
+    if cfg.method in ("rloo", "grpo") and cfg.batch_size % cfg.k:
+        raise ConfigError(f"--batch_size={cfg.batch_size} is not a multiple of --k={cfg.k}")
+    if cfg.minibatch_size > cfg.batch_size:
+        raise ConfigError(f"--minibatch_size={cfg.minibatch_size} exceeds --batch_size={cfg.batch_size}")
+    if cfg.method == "grpo" and cfg.whiten_rewards:
+        raise ConfigError("--whiten_rewards: GRPO normalises its rewards per group already")
+    if cfg.compile:
+        raise ConfigError("--compile: not supported by stage optimum")
+    cfg.kl_estimator = cfg.kl_estimator or ("k3" if cfg.method == "grpo" else "k1")
+    ppo.kl_estimate(torch.zeros(1), torch.zeros(1), cfg.kl_estimator)  # a bad name fails now
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the built-in reward
+
+_TOKEN_SCORES = []
+
+
+def token_score(prompts, responses):
+    """The default reward: the mean over the response's tokens (as data.encode tokenises its text) of a fixed N(0, 1)
+    score per token id, drawn once with seed 0; 0 for an empty response. Defined for every response."""
+    if not _TOKEN_SCORES:
+        _TOKEN_SCORES.append(torch.randn(N_REAL_TOKENS, generator=torch.Generator().manual_seed(0)))
+    ids = [encode(r) for r in responses]
+    lengths = torch.tensor([len(x) for x in ids])
+    flat = torch.tensor([t for x in ids for t in x], dtype=torch.long)
+    sums = torch.zeros(len(ids)).index_add_(0, torch.arange(len(ids)).repeat_interleave(lengths),
+                                            _TOKEN_SCORES[0][flat])
+    return sums / lengths.clamp(min=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the exact optimum (one-token responses) and its estimate (a few tokens): pure functions of tensors
+
+@torch.no_grad()
+def next_token_logprobs(model, prompt_ids, temperature=1.0):
+    """log pi(y | prompt) for every token y: (V,) float64, from one forward pass of the prompt."""
+    h = model.hidden(torch.tensor([prompt_ids], device=model.lm_head.weight.device))[:, -1]
+    return torch.log_softmax(model.logits(h).double()[0] / temperature, -1)
+
+
+def optimum_logprobs(ref_logp, r, beta):
+    """log pi*(y) = log pi_ref(y) + r(y) / beta - log Z, and log Z (eq. 4 of Rafailov et al. 2023). (V,) -> (V,), ()."""
+    a = ref_logp + r / beta
+    log_z = torch.logsumexp(a, 0)
+    return a - log_z, log_z
+
+
+def win_probability(r, ref_r, ref_weights, points=0, chunk=256):
+    """IPO's reward p(y > mu) = f(r(y)), f(v) = sum_j w_j sigmoid(v - r(y'_j)): r (V,), the reference's rewards ref_r
+    (M,) with weights ref_weights (M,) summing to 1 (pi_ref over the vocabulary, or 1/M for M samples). -> (V,).
+    points > 0: f exact at that many evenly spaced values and linear between them (V x V sigmoids take minutes on 2
+    cores); f is smooth, so the error is below max|sigmoid''| h^2 / 8 < 0.012 h^2 for grid step h."""
+    if points and r.numel() > points:
+        grid = torch.linspace(r.min().item(), r.max().item(), points, dtype=r.dtype)
+        f = win_probability(grid, ref_r, ref_weights)
+        x = (r - grid[0]) / (grid[1] - grid[0])
+        i = x.floor().long().clamp(0, points - 2)
+        t = x - i
+        return f[i] * (1 - t) + f[i + 1] * t
+    return torch.cat([torch.sigmoid(r[i:i + chunk, None] - ref_r[None]) @ ref_weights
+                      for i in range(0, r.numel(), chunk)])
+
+
+def best_of_n_probs(ref_p, r, n):
+    """The exact distribution of best-of-n from pi_ref (ppo.select_best: the first of tied maxima): the maximum is
+    the value v with probability F(v)^n - F(v-)^n, shared among the tokens of value v in proportion to pi_ref.
+    (V,) -> (V,)."""
+    values, group = torch.unique(r, return_inverse=True)  # sorted values, each token's value index
+    mass = torch.zeros_like(values, dtype=ref_p.dtype).scatter_add_(0, group, ref_p)  # pi_ref of each value
+    cdf = mass.cumsum(0).clamp(max=1.0)
+    p_max = cdf ** n - (cdf - mass).clamp(min=0.0) ** n  # P(max = v)
+    return ref_p * (p_max / mass.clamp(min=1e-300))[group]
+
+
+def grpo_fixed_point(ref_p, r, beta, k, std=True, iters=30):
+    """Where GRPO's expected update is zero (one token, an approximation): its advantage is about (1 - 1/k) (r - mean)
+    / std_pi(r) and its k3 term's gradient is that of beta * KL(pi_ref || pi), so c r(y) + beta pi_ref(y) / pi(y) =
+    lam on every token: pi(y) = beta pi_ref(y) / (lam - c r(y)), lam set by bisection so that pi sums to 1, c = (1 -
+    1/k) / std_pi(r) iterated to a fixed point. std=False: c = 1, the k3 term alone (a plain advantage r - mean).
+    (V,) -> (V,)."""
+    p, c = ref_p, torch.tensor(1.0, dtype=ref_p.dtype)
+    for _ in range(iters if std else 1):
+        if std:
+            mean = (p * r).sum()
+            c = (1 - 1 / k) / ((p * (r - mean) ** 2).sum().sqrt() + 1e-12)
+        top = (c * r).max()
+        lo, hi = top + 1e-12, top + beta + 1e-12  # at lam = top + beta the sum is at most 1
+        for _ in range(60):
+            lam = (lo + hi) / 2
+            total = (beta * ref_p / (lam - c * r)).sum()
+            lo, hi = (lam, hi) if total > 1 else (lo, lam)
+        p = beta * ref_p / (hi - c * r)
+        p = p / p.sum()
+    return p
+
+
+def kl(p, logp, logq):
+    """KL(p || q) = sum p (log p - log q), 0 log 0 = 0."""
+    return torch.where(p > 0, p * (logp - logq), 0.0).sum()
+
+
+def exact_metrics(logp, ref_logp, target_logp, r, beta, log_z):
+    """The one-token metrics of a policy logp (V,) against the target pi* (or pi_ipo) with reward r: the objective
+    gap is computed from its definition, beta log Z - (E[r] - beta KL(pi || pi_ref)), not from the identity
+    gap = beta KL(pi || pi*), so that the two check each other."""
+    p = logp.exp()
+    reward, kl_ref = (p * r).sum(), kl(p, logp, ref_logp)
+    return {"kl_to_optimum": kl(p, logp, target_logp).item(),
+            "objective_gap": (beta * log_z - reward + beta * kl_ref).item(),
+            "tv_to_optimum": 0.5 * (p - target_logp.exp()).abs().sum().item(), "kl_to_ref": kl_ref.item(),
+            "reward": reward.item(), "objective": (reward - beta * kl_ref).item()}
+
+
+def log_mean_exp(x):
+    """log mean exp(x) of samples x (M,) and its standard error by the delta method: std(w) / (mean(w) sqrt(M)),
+    w = exp(x - max x)."""
+    m = x.max()
+    w = (x - m).exp()
+    return (m + w.mean().log()).item(), (w.std() / (w.mean() * math.sqrt(x.numel()))).item()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# stage optimum
+
+class Target:
+    """What a method converges to, and the objective it is measured with: the reward r_t of the objective (r, or
+    IPO's p(y > pi_ref)), beta, and either exact vectors (one token) or the sampled estimate of beta log Z."""
+
+    def __init__(self, cfg, ref, reward_fn, device, ctx):
+        self.ref, self.beta, self.exact = ref, cfg.beta, cfg.max_new_tokens == 1
+        self.ipo = cfg.method == "ipo"
+        self.info = {}
+        if self.exact:
+            prompt_ids = encode_prompt(cfg.prompt)[-(ref.config.block_size - 1):]
+            self.prompt_ids = prompt_ids
+            self.ref_logp = next_token_logprobs(ref, prompt_ids, cfg.temperature)  # (V,)
+            texts = [decode([y]) for y in range(N_REAL_TOKENS)]  # what the reward sees of each one-token response
+            self.r = torch.cat([reward_fn([cfg.prompt] * len(texts[i:i + 4096]), texts[i:i + 4096]).double().cpu()
+                                for i in range(0, len(texts), 4096)])
+            self.r_target = win_probability(self.r, self.r, self.ref_logp.exp(), 2049) if self.ipo else self.r
+            self.target_logp, self.log_z = optimum_logprobs(self.ref_logp, self.r_target, cfg.beta)
+            self.info["optimum_value"] = (cfg.beta * self.log_z).item()
+            self.info["kl_ref_to_optimum"] = kl(self.ref_logp.exp(), self.ref_logp, self.target_logp).item()
+            self.info["optimum_kl_to_ref"] = kl(self.target_logp.exp(), self.target_logp, self.ref_logp).item()
+            if self.ipo:  # how far IPO's optimum is from the RLHF one
+                star_logp, _ = optimum_logprobs(self.ref_logp, self.r, cfg.beta)
+                self.info["ipo_optimum_kl_to_rlhf_optimum"] = kl(self.target_logp.exp(), self.target_logp,
+                                                                 star_logp).item()
+            if cfg.method == "grpo":
+                for name, std in (("grpo_fixed_point_kl", True), ("k3_fixed_point_kl", False)):
+                    p_g = grpo_fixed_point(self.ref_logp.exp(), self.r, cfg.beta, cfg.k, std)
+                    self.info[name] = kl(p_g, p_g.log(), self.target_logp).item()
+        else:  # beta log Z from samples of pi_ref: log-mean-exp of r_t / beta
+            g = torch.Generator(device=device).manual_seed(derived_seed(cfg.seed, 0, 3))
+            s = sample_responses(ref, [cfg.prompt] * cfg.ref_samples, cfg.max_new_tokens, g, device, ctx,
+                                 cfg.temperature, batch_size=cfg.micro_batch_size)
+            with ctx:
+                self.ref_r = reward_fn(s.prompts, s.responses).double().cpu()  # (M,)
+            lz, se = log_mean_exp(self.r_of(self.ref_r) / cfg.beta)
+            self.info.update(optimum_value=cfg.beta * lz, optimum_value_se=cfg.beta * se)
+
+    def r_of(self, r):
+        """The objective's reward of responses with reward r (M,): r itself, or IPO's estimated p(y > pi_ref)."""
+        if not self.ipo:
+            return r
+        return win_probability(r, self.ref_r, torch.full_like(self.ref_r, 1 / self.ref_r.numel()))
+
+    def metrics(self, policy, cfg, reward_fn, device, ctx, step):
+        if self.exact:
+            logp = next_token_logprobs(policy, self.prompt_ids, cfg.temperature)
+            return exact_metrics(logp, self.ref_logp, self.target_logp, self.r_target, self.beta, self.log_z)
+        ev = ppo.evaluate_policy(policy, self.ref, [cfg.prompt] * cfg.eval_samples, reward_fn, device, ctx,
+                                 cfg.max_new_tokens, cfg.micro_batch_size, cfg.temperature,
+                                 derived_seed(cfg.seed, step, 4))
+        r = self.r_of(torch.tensor([x["score"] for x in ev["samples"]], dtype=torch.float64))
+        kls = torch.tensor([x["kl"] for x in ev["samples"]], dtype=torch.float64)
+        j = r - self.beta * kls  # per-sample J: E[r] - beta KL with the k1 estimate of the KL
+        gap = self.info["optimum_value"] - j.mean().item()
+        return {"objective": j.mean().item(), "objective_se": (j.std() / math.sqrt(j.numel())).item(),
+                "objective_gap": gap, "kl_to_optimum": gap / self.beta, "kl_to_ref": kls.mean().item(),
+                "reward": r.mean().item()}
+
+
+def rl_step(cfg, policy, ref, critic, optimizer, reward_fn, step, device, ctx):
+    """One step of ppo, rloo or grpo on the one prompt: phases 1 and 3-5 of ppo.train_rl, with ppo's own functions
+    (no no-EOS rule: every response is scored as it is). Returns training metrics."""
+    g = torch.Generator(device=device).manual_seed(derived_seed(cfg.seed, step, ppo.SAMPLING))
+    # 1. rollout
+    b = ppo.rollout(policy, ref, [cfg.prompt] * cfg.batch_size, reward_fn, cfg.max_new_tokens, cfg.temperature, g,
+                    device, ctx, cfg.micro_batch_size)
+    check_finite(step, scores=b.scores.mean())
+    # 3. per-token KL to the reference
+    kl_t = torch.where(b.resp_mask.bool(), ppo.kl_estimate(b.logp, b.ref_logp, cfg.kl_estimator), 0.0)
+    # 4. advantages, 5. update
+    ppo.advantages(cfg.method, cfg, b, b.scores, kl_t, cfg.beta, critic, ctx)
+    stats = ppo.update(cfg, policy, critic, optimizer, b, step, ctx, cfg.beta if cfg.method == "grpo" else 0.0)
+    return {"objective/scores": b.scores.mean().item(), "objective/kl": (b.logp - b.ref_logp).sum(1).mean().item(),
+            **{key: sum(s[key] for s in stats) / len(stats) for key in stats[0]}}
+
+
+def preference_step(cfg, policy, ref, optimizer, reward_fn, step, device, ctx):
+    """One step of DPO or IPO on fresh pairs from pi_ref, labelled by Bradley-Terry draws on r."""
+    g = torch.Generator(device=device).manual_seed(derived_seed(cfg.seed, step, ppo.SAMPLING))
+    B = cfg.batch_size
+    s = sample_responses(ref, [cfg.prompt] * (2 * B), cfg.max_new_tokens, g, device, ctx, cfg.temperature)
+    with torch.no_grad(), ctx:
+        ref_logp = response_logprobs(ref, s.ids, s.mask, s.R, cfg.temperature).sum(1)  # (2B,)
+        r = reward_fn(s.prompts, s.responses).float()
+    first = torch.rand(B, generator=g, device=device) < torch.sigmoid(r[:B] - r[B:])  # P(y1 > y2), Bradley-Terry
+    i = torch.arange(B, device=device)
+    chosen, rejected = torch.where(first, i, i + B), torch.where(first, i + B, i)
+    with ctx:
+        logp = response_logprobs(policy, s.ids, s.mask, s.R, cfg.temperature).sum(1)  # (2B,) one forward pass
+        losses, cr, rr = dpo.preference_loss(logp[chosen], logp[rejected], ref_logp[chosen], ref_logp[rejected],
+                                             cfg.beta, ipo=cfg.method == "ipo")
+    loss = losses.mean()
+    check_finite(step, loss=loss.detach())
+    loss.backward()
+    optimizer_step(policy, optimizer, cfg, step)
+    return {"loss": loss.item(), "rewards/accuracies": (cr > rr).float().mean().item(),
+            "rewards/margins": (cr - rr).mean().item()}
+
+
+def best_of_n(cfg, run, target, ref, reward_fn, device, ctx):
+    """Best-of-N has no training: rows for N = 1, 2, 4, ..., cfg.n (the row's step is N) with the exact metrics of
+    its distribution, and a check of that distribution by sampling: the mean reward of ppo.select_best over
+    cfg.batch_size groups of N against the exact E[r]."""
+    ref_p, final = target.ref_logp.exp(), {}
+    ns = sorted({2 ** i for i in range(int(math.log2(cfg.n)) + 1)} | {cfg.n})
+    for n in ns:
+        p = best_of_n_probs(ref_p, target.r, n)
+        m = exact_metrics(p.clamp(min=1e-300).log(), target.ref_logp, target.target_logp, target.r, cfg.beta,
+                          target.log_z)
+        g = torch.Generator(device=device).manual_seed(derived_seed(cfg.seed, n, ppo.SAMPLING))
+        s = sample_responses(ref, [cfg.prompt] * (cfg.batch_size * n), 1, g, device, ctx, cfg.temperature,
+                             batch_size=max(cfg.micro_batch_size, n))
+        with ctx:
+            scores = reward_fn(s.prompts, s.responses).double().cpu()
+        best = scores[ppo.select_best(scores, n)]
+        m.update({"kl/bound": ppo.best_of_n_kl_bound(n), "sampled/reward": best.mean().item(),
+                  "sampled/reward_se": (best.std() / math.sqrt(best.numel())).item()})
+        run.log(n, **m)
+        final = dict(m, step=n)
+    return final
+
+
+def optimum(cfg):
+    check_config(cfg)
+    run = Run(cfg, "optimum")
+    device, ctx = setup_device(cfg)
+    policy, _ = load_policy(cfg.init_from, device)
+    ref, _ = load_policy(cfg.init_from, device)
+    ref.requires_grad_(False)
+    reward_fn = make_reward(cfg.reward, device, cfg.reward_weights, cfg.reward_combine, cfg.unsafe_prompts,
+                            cfg.micro_batch_size)
+    t0 = time.time()
+    target = Target(cfg, ref, reward_fn, device, ctx)
+    kind = "one-token (exact)" if target.exact else f"{cfg.max_new_tokens}-token (estimated)"
+    info = ", ".join(f"{k} {v:.4g}" for k, v in target.info.items())
+    print(f"optimum: {cfg.method}, beta {cfg.beta}, {kind} responses to {cfg.prompt!r}; {info} "
+          f"({time.time() - t0:.1f} s)")
+    if cfg.method == "bon":
+        final = best_of_n(cfg, run, target, ref, reward_fn, device, ctx)
+        run.save(cfg.n, policy)
+        run.summary(**final, **target.info)
+        print("done: " + ", ".join(f"{k} {final[k]:.4g}" for k in ("kl_to_optimum", "objective_gap", "tv_to_optimum")))
+        return 0
+    critic = ppo.make_critic(cfg, policy, device) if cfg.method == "ppo" else None
+    optimizer = make_optimizer(nn.ModuleDict(dict(policy=policy, **({"critic": critic} if critic else {}))), cfg,
+                               device)
+    start = run.restore(policy, optimizer)
+    if run.ckpt is not None and critic is not None:
+        critic.load_state_dict(run.ckpt["critic"])
+    done = start
+
+    def save():
+        run.save(done, policy, optimizer, critic=critic.state_dict() if critic is not None else None)
+
+    def evaluate(step, **train_metrics):
+        m = target.metrics(policy, cfg, reward_fn, device, ctx, step)
+        run.log(step, **m, **train_metrics)
+        return m
+
+    final = evaluate(0) if start == 0 else {}
+    for step in range(start, cfg.max_iters):
+        t1 = time.time()
+        if cfg.method in ("dpo", "ipo"):
+            m = preference_step(cfg, policy, ref, optimizer, reward_fn, step, device, ctx)
+        else:
+            m = rl_step(cfg, policy, ref, critic, optimizer, reward_fn, step, device, ctx)
+        done = step + 1
+        m["time/step_s"] = time.time() - t1
+        due = done % (cfg.log_interval if target.exact else cfg.eval_interval) == 0 or done == cfg.max_iters
+        if due:
+            final = evaluate(done, **m)
+            if sys.stderr.isatty():  # else Run.log printed the row
+                    print(f"step {done}: kl_to_optimum {final['kl_to_optimum']:.4f} objective_gap "
+                      f"{final['objective_gap']:.4f} kl_to_ref {final['kl_to_ref']:.4f}", flush=True)
+        if run.end_step(done, cfg.max_iters, save):
+            return 130
+    if start >= cfg.max_iters and run.ckpt is None:
+        save()
+    final = final or evaluate(done)  # resumed at the end: the final metrics again
+    run.summary(**final, step=cfg.max_iters, **target.info)
+    print(f"done: kl_to_optimum {final.get('kl_to_optimum', float('nan')):.4f}, objective_gap "
+          f"{final.get('objective_gap', float('nan')):.4f} (beta log Z {target.info['optimum_value']:.4f})")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# python optimum.py figure RUN ... --out=PNG: the README's figure and table from run folders of this stage
+
+def figure(run_dirs, out):
+    """KL(pi_theta || target) against steps, one panel per beta, one line per method (best-of-N: its best N, dotted);
+    prints a markdown table of the same runs."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = []
+    for d in run_dirs:
+        with open(os.path.join(d, "config.json")) as f:
+            cfg = json.load(f)
+        with open(os.path.join(d, "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        with open(os.path.join(d, "summary.json")) as f:
+            summary = json.load(f)
+        runs.append((cfg, rows, summary))
+    betas = sorted({c["beta"] for c, _, _ in runs}, reverse=True)
+    fig, axes = plt.subplots(1, len(betas), figsize=(5 * len(betas), 3.6), squeeze=False)
+    print("| method | beta | KL(pi_ref \\|\\| target) | KL to target, step 25 / 50 / 100 | objective gap | TV | "
+          "KL(pi \\|\\| pi_ref) (target's) | s/step |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for cfg, rows, summary in sorted(runs, key=lambda x: (-x[0]["beta"], METHODS.index(x[0]["method"]))):
+        ax, method = axes[0][betas.index(cfg["beta"])], cfg["method"]
+        label = method + (" (to pi_ipo)" if method == "ipo" else "")
+        if method == "bon":
+            best = min(rows, key=lambda r: r["kl_to_optimum"])
+            ax.axhline(best["kl_to_optimum"], ls=":", color="k", label=f"best-of-{best['step']} (the best N)")
+            ns, kls = ", ".join(str(r["step"]) for r in rows), " / ".join(f"{r['kl_to_optimum']:.3f}" for r in rows)
+            print(f"| best-of-N, N = {ns} | {cfg['beta']:g} | {summary['kl_ref_to_optimum']:.3f} | {kls} (by N) "
+                  f"| {best['objective_gap']:.3f} (N = {best['step']}) | {best['tv_to_optimum']:.3f} | "
+                  f"{best['kl_to_ref']:.3f} ({summary['optimum_kl_to_ref']:.3f}) | |")
+            continue
+        ax.plot([r["step"] for r in rows], [r["kl_to_optimum"] for r in rows], label=label)
+        at = {r["step"]: r["kl_to_optimum"] for r in rows}
+        times = [r["time/step_s"] for r in rows if "time/step_s" in r]
+        along = " / ".join(f"{at[s]:.3f}" if s in at else "-" for s in (25, 50, 100))
+        print(f"| {label} | {cfg['beta']:g} | {rows[0]['kl_to_optimum']:.3f} | {along} | "
+              f"{rows[-1]['objective_gap']:.3f} | {rows[-1]['tv_to_optimum']:.3f} | "
+              f"{rows[-1]['kl_to_ref']:.3f} ({summary['optimum_kl_to_ref']:.3f}) | "
+              f"{sum(times) / max(1, len(times)):.2f} |")
+    for ax, beta in zip(axes[0], betas):
+        ax.set(title=f"beta {beta:g}", xlabel="training step", ylabel="KL(pi_theta || pi*) (nats)", yscale="log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    if not args or args[0] != "figure" or not any(a.startswith("--out=") for a in args):
+        print("usage: python optimum.py figure RUN_DIR ... --out=FIGURE.png", file=sys.stderr)
+        sys.exit(2)
+    figure([a for a in args[1:] if not a.startswith("--out=")], next(a[6:] for a in args if a.startswith("--out=")))
