@@ -28,11 +28,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model import response_logprobs
 from data import batches_in_order, epoch_indices, load_pair_splits, pair_batch
+from dist import all_mean, micro_batches, world_note
+from model import response_logprobs
 from reward import PairsConfig, plan
-from train import (ConfigError, OptimConfig, Run, TrainConfig, all_mean, check_finite, frozen_dtype, load_policy,
-                   make_optimizer, micro_batches, opt, optimizer_step, setup_device, world_note)
+from train import (ConfigError, OptimConfig, Run, TrainConfig, check_finite, frozen_dtype, load_policy, make_optimizer,
+                   opt, optimizer_step, setup_device)
 
 
 def preference_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,

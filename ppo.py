@@ -58,11 +58,12 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from data import derived_seed, epoch_indices, load_prompts, write_jsonl
+from dist import all_sum, gather_objects, global_mean, is_main, my_share, rank_seed, world
 from model import ScalarHead, last_real_index, response_logprobs
 from reward import RewardModel, RewardSpec, load_reward_model, make_reward
-from train import (Clock, ConfigError, OptimConfig, Run, RunConfig, Samples, TrainConfig, all_sum, check_finite,
-                   disable_dropout, frozen_dtype, gather_objects, global_mean, is_main, load_policy, make_optimizer,
-                   my_share, opt, optimizer_step, rank_seed, sample_responses, setup_device, shorten, world)
+from train import (Clock, ConfigError, OptimConfig, Run, RunConfig, Samples, TrainConfig, check_finite, disable_dropout,
+                   frozen_dtype, load_policy, make_optimizer, opt, optimizer_step, sample_responses,
+                   setup_device, shorten)
 
 SAMPLING, SHUFFLE, EVAL = range(3)  # the random streams of a step: derived_seed(seed, step, stream)
 

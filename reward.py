@@ -18,7 +18,7 @@ Simplifications, on purpose:
 - Evaluation reads raw scores: the normalisation is fitted after training and does not change the accuracy.
 - The data order is a fresh permutation per epoch drawn from (seed, epoch), so a batch is a pure function of the
   step; the last batch of the run may be smaller (no pair is dropped). Under torchrun each process takes a
-  contiguous share of the step's pairs (train.micro_batches); every process evaluates the whole eval split and fits
+  contiguous share of the step's pairs (dist.micro_batches); every process evaluates the whole eval split and fits
   the same normalisation (redundant work, identical numbers, no gathering).
 """
 import importlib.util
@@ -35,10 +35,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import batches_in_order, epoch_indices, load_pair_splits, pair_batch
+from dist import all_mean, all_sum, micro_batches, world_note
 from model import GPT, GPTConfig, ScalarHead, last_real_index
-from train import (ConfigError, ModelConfig, block_size_for, OptimConfig, Run, RunConfig, TrainConfig, all_mean,
-                   all_sum, check_finite, disable_dropout, load_checkpoint, load_policy, make_optimizer, micro_batches,
-                   model_from_checkpoint, opt, optimizer_step, sample_responses, setup_device, shorten, world_note)
+from train import (ConfigError, ModelConfig, block_size_for, OptimConfig, Run, RunConfig, TrainConfig, check_finite,
+                   disable_dropout, load_checkpoint, load_policy, make_optimizer,
+                   model_from_checkpoint, opt, optimizer_step, sample_responses, setup_device,
+                   shorten)
 
 
 class RewardModel(nn.Module):

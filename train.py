@@ -17,28 +17,7 @@ folder of another stage or config needs --overwrite.
 
 Bad input (data files, keys, values, checkpoints) ends the run with one line `error: ...` and exit status 2.
 
-Several processes: `torchrun --nproc_per_node=N train.py STAGE ...` (python -m torch.distributed.run) runs sft,
-reward, dpo, ppo, rloo, grpo and bon unchanged, NCCL with one GPU per process on CUDA, gloo on the CPU. Without
-torchrun (WORLD_SIZE unset) nothing below happens: no process group, no collective, the same numbers as before.
-- --batch_size is the global batch. Each process takes a contiguous share of the step's items (my_share), in
-  micro-batches of --micro_batch_size (gradient accumulation); each loss is weighted by its share of the global
-  batch (items, or response tokens for SFT pairs and the RL losses), so the summed gradient is the global batch's
-  and the loss curve is the same for any number of processes and any micro-batch size (up to float rounding).
-- Gradients are summed across processes in the one optimizer step (optimizer_step -> all_reduce_grads: flat buckets
-  of 2^26 numbers, one all_reduce each, before the clipping), not by wrapping the models in DistributedDataParallel.
-  Why: our losses reach the weights through model.hidden and model.response_logprobs, and PPO's critic and policy
-  share one optimizer (and, with --critic=shared, one trunk); DDP's gradient hooks are armed by its wrapper's
-  forward(), which these calls bypass, and routing every stage through it would need a forward() per loss shape.
-  Summing in the step costs one exchange per optimizer step whatever the accumulation (DDP needs no_sync() for
-  that), but after the backward passes rather than overlapped with them, which is DDP's speed-up.
-- Every process starts from rank 0's weights (make_optimizer broadcasts them) and takes the same steps, so every
-  process holds the same weights; rank 0 alone writes the run folder (lock, config.json, metrics, summary,
-  checkpoints) and prints. Random streams are offset per rank (rank_seed); rank 0 draws what one process draws.
-  A stop request (SIGTERM to torchrun, which passes it on) is agreed by all processes at the end of a step, and
-  --resume works under torchrun with any number of processes.
-- The RL stages: each process samples its share of the step's prompts (all k samples of a prompt on one process,
-  so RLOO and GRPO groups are never split); whitening, the adaptive KL controller's KL and the logged metrics are
-  over all processes' samples; minibatches are per process, as many on each as the global batch has.
+Several processes (torchrun): see dist.py.
 """
 import ctypes
 import dataclasses
@@ -61,6 +40,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from dist import (all_reduce_grads, all_sum, any_rank, broadcast_from_rank0, from_rank0, init_distributed, is_main,
+                  micro_batches, rank, rank_seed, world, world_note)
 from model import GPT, GPTConfig, response_logprobs
 
 # stage -> (module, config class, function); a stage's module is imported only when that stage runs
@@ -281,185 +262,6 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# distributed: several processes started by torchrun (nothing here runs, and no process group exists, without it)
-
-_COMM_DEVICE = "cpu"  # where collectives' tensors live: the process's GPU with NCCL, the CPU with gloo
-
-
-def world():
-    """Processes of the run: torchrun's WORLD_SIZE, 1 without torchrun."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def rank():
-    return int(os.environ.get("RANK", "0"))
-
-
-def is_main():
-    """Rank 0 alone writes the run folder, holds its lock and prints."""
-    return rank() == 0
-
-
-class _NotATerminal:
-    """stderr of ranks > 0: what they write still shows (errors, warnings), but tqdm and Run.log see no terminal,
-    so one progress bar shows, rank 0's."""
-
-    def __init__(self, stream):
-        self.stream = stream
-
-    def isatty(self):
-        return False
-
-    def __getattr__(self, name):
-        return getattr(self.stream, name)
-
-
-def init_distributed(cfg):
-    """Join torchrun's process group (its environment: MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK):
-    NCCL with one GPU per process (cuda:LOCAL_RANK) when the run is on CUDA, gloo on the CPU. Ranks > 0 print
-    nothing to stdout."""
-    global _COMM_DEVICE
-    import torch.distributed as dist
-    if world() == 1 or dist.is_initialized():
-        return
-    device = getattr(cfg, "device", "cpu")
-    if re.fullmatch(r"cuda:\d+|mps", device):
-        raise ConfigError(f"--device={device}: under torchrun each process takes the GPU of its LOCAL_RANK; use "
-                          f"--device=cuda (or auto), or --device=cpu")
-    cuda = device != "cpu" and torch.cuda.is_available()
-    if cuda:
-        _COMM_DEVICE = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-        torch.cuda.set_device(_COMM_DEVICE)
-    dist.init_process_group("nccl" if cuda else "gloo")
-    if not is_main():
-        sys.stdout = open(os.devnull, "w")
-        sys.stderr = _NotATerminal(sys.stderr)
-
-
-def rank_seed(*keys):
-    """The seed of a random stream, offset per rank: derived_seed(*keys, rank) on ranks > 0; on rank 0, and in one
-    process, derived_seed(*keys) (one key: the key itself), so that rank 0 draws what a one-process run draws (the
-    weights of a model from scratch among them)."""
-    from data import derived_seed
-    if rank() > 0:
-        return derived_seed(*keys, rank())
-    return keys[0] if len(keys) == 1 else derived_seed(*keys)
-
-
-def my_share(items):
-    """This process's part of a global batch (a list or range): a contiguous slice, sizes differing by at most one.
-    The whole batch in one process."""
-    n, r, w = len(items), rank(), world()
-    return items[n * r // w:n * (r + 1) // w]
-
-
-def micro_batches(items, size):
-    """This process's share of a global batch cut into micro-batches of at most `size` items (0: one), for gradient
-    accumulation. A process whose share is empty gets none (and contributes no gradient)."""
-    mine = my_share(items)
-    size = size or max(1, len(mine))
-    return [mine[i:i + size] for i in range(0, len(mine), size)]
-
-
-def world_note(cfg):
-    """The printed split of a step's batch over processes and micro-batches ("" in one process without them)."""
-    per = -(-cfg.batch_size // world())
-    return ((f"; {world()} processes, up to {per} sequences each" if world() > 1 else "")
-            + (f"; micro-batches of {cfg.micro_batch_size}" if 0 < cfg.micro_batch_size < per else ""))
-
-
-def all_sum(x):
-    """A number or tensor summed over the processes (x itself in one process)."""
-    if world() == 1:
-        return x
-    import torch.distributed as dist
-    t = torch.as_tensor(x, dtype=x.dtype if isinstance(x, torch.Tensor) else torch.float64).to(_COMM_DEVICE,
-                                                                                                   copy=True)
-    dist.all_reduce(t)
-    return t.to(x.device) if isinstance(x, torch.Tensor) else t.item()
-
-
-def global_mean(x):
-    """The mean of tensor x's entries over every process's x, as a float."""
-    if world() == 1:
-        return x.float().mean().item()
-    s, n = all_sum(torch.stack([x.double().sum(), torch.tensor(float(x.numel()), device=x.device,
-                                                                dtype=torch.float64)])).tolist()
-    return s / max(n, 1)
-
-
-def all_mean(metrics, n):
-    """Means (a dict of floats) over each process's n items -> the means over all processes' items."""
-    if world() == 1:
-        return metrics
-    sums = all_sum(torch.tensor([v * n for v in metrics.values()] + [n], dtype=torch.float64)).tolist()
-    return {k: v / max(sums[-1], 1) for k, v in zip(metrics, sums)}
-
-
-def any_rank(flag):
-    """True on every process when it is true on any (a stop request: every process stops after the same step)."""
-    return flag if world() == 1 else all_sum(float(flag)) > 0
-
-
-def from_rank0(obj):
-    """Rank 0's value of a picklable object, on every process."""
-    if world() == 1:
-        return obj
-    import torch.distributed as dist
-    box = [obj]
-    dist.broadcast_object_list(box, src=0, device=torch.device(_COMM_DEVICE))
-    return box[0]
-
-
-def gather_objects(obj):
-    """[rank 0's obj, rank 1's, ...] (picklable objects), on every process; [obj] in one process."""
-    if world() == 1:
-        return [obj]
-    import torch.distributed as dist
-    out = [None] * world()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-@torch.no_grad()
-def broadcast_from_rank0(model):
-    import torch.distributed as dist
-    for t in list(model.parameters()) + list(model.buffers()):
-        dist.broadcast(t.data, src=0)
-
-
-@torch.no_grad()
-def all_reduce_grads(model, bucket_numel=2**26):
-    """Sum every trainable parameter's gradient over the processes, in flat buckets of up to 2^26 numbers (one
-    all_reduce each). A parameter that has no gradient on some process (its share of the batch was empty) counts
-    zero there; one that has none anywhere keeps none, as in one process. Each process's loss is its share of the
-    global batch's loss (weighted by its share of the batch's items or tokens), so the sum is the gradient of the
-    global batch: the same for any number of processes."""
-    import torch.distributed as dist
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-    params = [p for p in model.parameters() if p.requires_grad]
-    used = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
-    dist.all_reduce(used)
-    grads = []
-    for p, u in zip(params, used.tolist()):
-        if u and p.grad is None:
-            p.grad = torch.zeros_like(p)
-        if u:
-            grads.append(p.grad)
-    bucket, size = [], 0
-    for g in grads + [None]:
-        if bucket and (g is None or size + g.numel() > bucket_numel or g.dtype != bucket[0].dtype):
-            flat = _flatten_dense_tensors(bucket)
-            dist.all_reduce(flat)
-            for old, new in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
-                old.copy_(new)
-            bucket, size = [], 0
-        if g is not None:
-            bucket.append(g)
-            size += g.numel()
 
 
 # ----------------------------------------------------------------------------------------------------------------

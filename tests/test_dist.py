@@ -17,6 +17,7 @@ import time
 import pytest
 import torch
 
+import dist
 import train
 from conftest import ROOT, read_metrics
 from model import GPT, GPTConfig
@@ -88,14 +89,14 @@ def test_each_process_reads_its_own_share_without_overlap(monkeypatch, n, world)
     monkeypatch.setenv("WORLD_SIZE", str(world))
     for r in range(world):
         monkeypatch.setenv("RANK", str(r))
-        parts = train.micro_batches(items, 2)
+        parts = dist.micro_batches(items, 2)
         assert all(0 < len(p) <= 2 for p in parts)
         mine = [x for p in parts for x in p]
-        assert mine == train.my_share(items) and len(mine) in (n // world, -(-n // world))
+        assert mine == dist.my_share(items) and len(mine) in (n // world, -(-n // world))
         seen += mine
     assert seen == items  # every item once, in order: contiguous shares
     monkeypatch.setenv("RANK", "1")
-    assert train.rank_seed(7, 3) != train.rank_seed(7, 3, 0)  # ranks draw from streams of their own
+    assert dist.rank_seed(7, 3) != dist.rank_seed(7, 3, 0)  # ranks draw from streams of their own
 
 
 # ----------------------------------------------------------------------------------------------------------------
