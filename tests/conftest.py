@@ -81,3 +81,19 @@ def one_thread():
 @pytest.fixture
 def root():
     return ROOT
+
+
+@pytest.fixture
+def in_process(capsys):
+    """train.main(ARGS) in this process, for errors found before any training (much faster than a subprocess):
+    returns (exit status, stdout, stderr). Restores the signal handlers a Run installs."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def call(*args):
+        import train
+        code = train.main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+    yield call
+    for s, h in handlers.items():
+        signal.signal(s, h)

@@ -6,7 +6,6 @@ import io
 import json
 import math
 import os
-import signal
 import struct
 import sys
 import types
@@ -91,17 +90,6 @@ def gpt2_logits(t, ids):
     return ln(x, "transformer.ln_f") @ t["transformer.wte.weight"].T
 
 
-@pytest.fixture
-def in_process(capsys):
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def call(*args):
-        code = train.main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return code, out, err
-    yield call
-    for s, h in handlers.items():
-        signal.signal(s, h)
 
 
 def load_gpt(path):

@@ -207,19 +207,6 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(corpus, tmp_path, 
 # ----------------------------------------------------------------------------------------------------------------
 # the shared API of every stage: optimizer_step, Run.end_step, Run.log, RunConfig / TrainConfig
 
-@pytest.fixture
-def in_process(capsys):
-    """train.main(ARGS) in this process, for errors found before any training (much faster than a subprocess):
-    returns (exit status, stdout, stderr). Restores the signal handlers a Run installs."""
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def call(*args):
-        code = train.main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return code, out, err
-    yield call
-    for s, h in handlers.items():
-        signal.signal(s, h)
 
 
 def one_line_error(code, err):
