@@ -292,8 +292,10 @@ class Decoder:
         return self.gen
 
     def give_back(self, generator):
-        generator.set_state(self.gen.get_state()) if generator is not None else \
+        if generator is None:
             torch.cuda.set_rng_state(self.gen.get_state())
+        else:
+            generator.set_state(self.gen.get_state())
 
     def capture(self, step):
         """Record step() as a CUDA graph (after a warm-up on a side stream, as CUDA graphs need). The generator is
