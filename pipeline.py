@@ -8,8 +8,8 @@ frontier, Gao et al.'s fits, results.md and two figures. Everything after the SF
 with other seeds (rep1/, rep2/, ...), so the spread it reports is that of the whole pipeline. The task itself (data,
 gold reward, prompts, preference pairs) is in imdb.py; each training step is a sub-run of train.py.
 
-    python train.py                                  # the cpu preset (~6 min on 2 cores) into out/imdb
-    python train.py pipeline --preset=gpu --imdb_dir=../shared/data/imdb --out_dir=out/imdb-gpu   # under 10 min, H200
+    python train.py                                  # the cpu preset (~4.5 min on 2 cores) into out/imdb
+    python train.py pipeline --preset=gpu --imdb_dir=../shared/data/imdb --out_dir=out/imdb-gpu   # not yet run
     python train.py pipeline --preset=tiny --out_dir=/tmp/imdb    # the tests' size: a few minutes on 2 cores
     python train.py plot --run=out/imdb/rep1/runs/ppo_beta0.05_seed1   # any run folder's metrics.jsonl as a PNG
 
@@ -64,8 +64,9 @@ from train import (RESTART_KEYS, STAGES, ConfigError, Run, RunConfig, TrainingEr
 TEMPERATURE = 1.0
 
 # Everything the presets set; the sizes are meant to be edited here. The cpu preset is the main job (python
-# train.py, ~6 minutes on 2 cores, on the committed sample, from the committed SFT model: its `sft` keys apply only
-# with --sft=train); the gpu preset is the benchmark, the DPO paper's set-up (one H200, under 10 minutes, on the full
+# train.py, ~4.5 minutes on 2 cores, on the committed sample, from the committed SFT model: its `sft` keys apply only
+# with --sft=train); the gpu preset is the benchmark, the DPO paper's set-up (one H200, meant for under 10 minutes
+# (estimated, not yet run), on the full
 # data of --imdb_dir, SFT included); gpu-bt is the same with today's simulated labels (Bradley-Terry) as an ablation.
 # The tiny preset is for the tests: the committed SFT model and just enough steps that every method raises the gold
 # reward.
@@ -131,8 +132,8 @@ REPLICATE_STRIDE = 1000  # replicate r's seeds are the first's plus 1000 (r - 1)
 @dataclass
 class PipelineConfig(RunConfig):
     out_dir: str = opt("out/imdb", "run folder of the whole benchmark; each sub-run gets a folder inside it")
-    preset: str = opt("cpu", "cpu (the main job: ~6 min on 2 cores, committed sample), gpu (the DPO paper's set-up "
-                             "with 2 replicates, one H200, under 10 min), gpu-bt (gpu with simulated BT labels) or "
+    preset: str = opt("cpu", "cpu (the main job: ~4.5 min on 2 cores, committed sample), gpu (the DPO paper's set-up "
+                             "with 2 replicates, one H200, meant for under 10 min; not yet run), gpu-bt (gpu with simulated BT labels) or "
                              "tiny (a few minutes on 2 cores, for the tests)")
     imdb_dir: str = opt("", "folder with IMDb {train,test,unsup}.jsonl.gz (default: the preset's; cpu: the "
                             "committed sample)")
