@@ -65,9 +65,9 @@ TEMPERATURE = 1.0
 
 # Everything the presets set; the sizes are meant to be edited here. The cpu preset is the main job (python
 # train.py, ~4.5 minutes on 2 cores, on the committed sample, from the committed SFT model: its `sft` keys apply only
-# with --sft=train); the gpu preset is the benchmark, the DPO paper's set-up (one H200, meant for under 10 minutes
-# (estimated, not yet run), on the full
-# data of --imdb_dir, SFT included); gpu-bt is the same with today's simulated labels (Bradley-Terry) as an ablation.
+# with --sft=train); the gpu preset is the benchmark, the DPO paper's set-up (one H200, meant for under 10 minutes:
+# an estimate, not yet run; on the full data of --imdb_dir, SFT included); gpu-bt is the same with today's simulated
+# labels (Bradley-Terry) as an ablation.
 # The tiny preset is for the tests: the committed SFT model and just enough steps that every method raises the gold
 # reward.
 #   k: SFT samples per training prefix; every pair of them is a preference pair (k(k-1)/2 per prefix)
