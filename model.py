@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 N_REAL_TOKENS = 50257  # GPT-2's vocabulary; ids above are padding of the embedding table (and our PAD)
+DECODERS = 4  # decoding shapes (each a CUDA graph and a KV cache) a model keeps on a GPU
 
 
 @dataclass
@@ -248,14 +249,16 @@ class GPT(nn.Module):
         d.col += 1
 
     def _decoder(self, B, length, max_new_tokens, device, sampling, graph):
-        """The decoding buffers (and, on a GPU, the captured step) for this shape, made once and kept."""
+        """The decoding buffers (and, on a GPU, the captured step) for this shape, made once and kept: the last
+        DECODERS shapes on a GPU (a training run uses one or two: its rollout and evaluation batches), the last one
+        eagerly (its buffers are cheap to remake)."""
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else \
             self.lm_head.weight.dtype
         key = (B, length, max_new_tokens, str(device), dtype, sampling, graph)
         decoders = self.__dict__.setdefault("_decoders", {})
         if key not in decoders:
-            if not graph:
-                decoders.clear()  # eager buffers are cheap to remake; keep only the last
+            while len(decoders) >= (DECODERS if graph else 1):
+                decoders.pop(next(iter(decoders)))  # the oldest: its graph and KV cache are freed
             d = decoders[key] = Decoder(self.config, B, length, max_new_tokens, device, dtype, graph)
             if graph:
                 d.capture(lambda: self.decode_step(d, *sampling, d.gen))
