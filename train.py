@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from dist import (all_reduce_grads, all_sum, any_rank, broadcast_from_rank0, from_rank0, init_distributed, is_main,
-                  micro_batches, rank, rank_seed, world, world_note)
+                  micro_batches, rank, rank_seed, shutdown, world, world_note)
 from model import GPT, GPTConfig, response_logprobs
 
 # stage -> (module, config class, function); a stage's module is imported only when that stage runs
@@ -1000,7 +1000,9 @@ def main(argv):
                 raise ConfigError(f"stage {stage} runs in one process, not under torchrun (the pipeline hands its "
                                   f"sub-runs to GPUs with --gpus)")
             init_distributed(cfg)
-        return getattr(module, fn_name)(cfg) or 0
+        code = getattr(module, fn_name)(cfg) or 0
+        shutdown()  # under torchrun: every process leaves the process group together (nothing to do without it)
+        return code
     except (ConfigError, DataError) as e:
         if is_main():  # the same error on every process: one line
             print(f"error: {e}", file=sys.stderr)
