@@ -139,6 +139,17 @@ def test_dpo_two_processes_killed_and_resumed_give_the_loss_curve_of_one(tiny, t
     assert summary["step"] == 14
 
 
+def test_reward_two_processes_give_the_loss_curve_of_one(tiny, tmp_path):
+    args = ["reward", f"--data={tiny['pairs']}", f"--init_from={tiny['policy']}", "--batch_size=9", "--max_iters=6",
+            "--learning_rate=3e-3", "--warmup_iters=0", "--log_interval=1", "--eval_interval=1000", "--device=cpu"]
+    one_process(*args, "--micro_batch_size=4", f"--out_dir={tmp_path / 'one'}")
+    torchrun(*args, f"--out_dir={tmp_path / 'two'}")
+    one = curve(tmp_path / "one")
+    assert curve(tmp_path / "two") == pytest.approx(one, **TOL)
+    assert curve(tmp_path / "two", "grad_norm") == pytest.approx(curve(tmp_path / "one", "grad_norm"), **TOL)
+    assert one[-1] < one[0]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # ppo: each process samples its share; rank 0 alone writes
 
