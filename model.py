@@ -252,8 +252,7 @@ class GPT(nn.Module):
         """The decoding buffers (and, on a GPU, the captured step) for this shape, made once and kept: the last
         DECODERS shapes on a GPU (a training run uses one or two: its rollout and evaluation batches), the last one
         eagerly (its buffers are cheap to remake)."""
-        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else \
-            self.lm_head.weight.dtype
+        dtype = matmul_dtype(self, device.type)
         key = (B, length, max_new_tokens, str(device), dtype, sampling, graph)
         decoders = self.__dict__.setdefault("_decoders", {})
         if key not in decoders:
@@ -398,12 +397,17 @@ def response_logprobs(model, ids, mask, n_response, temperature=1.0, with_entrop
     return (logp * resp_mask, entropy * resp_mask) if with_entropy else logp * resp_mask
 
 
+def matmul_dtype(model, device_type):
+    """The dtype the model's matrix products run in on device_type: autocast's when it is on, else the weights'."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else \
+        model.lm_head.weight.dtype
+
+
 def token_logprobs(model, h, targets, temperature=1.0, with_entropy=True):
     """log p(targets) (...) and the entropy (...) of model's next-token distributions at hidden states h (..., C)."""
-    dev = h.device.type
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else model.lm_head.weight.dtype
     logp, entropy = TokenLogProbs.apply(h.reshape(-1, h.size(-1)), model.lm_head.weight[:N_REAL_TOKENS],
-                                        targets.reshape(-1), temperature, dtype, with_entropy)
+                                        targets.reshape(-1), temperature, matmul_dtype(model, h.device.type),
+                                        with_entropy)
     return logp.view(targets.shape), entropy.view(targets.shape)
 
 
@@ -416,7 +420,11 @@ class TokenLogProbs(torch.autograd.Function):
     one kernel.) Returns logp (N,) float32 and the entropy (N,) (zeros unless with_entropy; not differentiable).
     On a CPU the slices stay below glibc's 32 MB limit for heap blocks (train.keep_freed_memory): a larger block is
     mapped and unmapped at every use, and the kernel's zeroing of its pages cost as much time as the compute."""
-    ROWS = {"cuda": 1024}  # rows per slice: 1024 x 50,257 float32 = 206 MB on a GPU; CPU: 128 (26 MB, see below)
+    ROWS = {"cuda": 1024, "cpu": 128}  # rows per slice: 1024 x 50,257 float32 = 206 MB on a GPU, 26 MB on a CPU
+
+    @staticmethod
+    def rows(device_type):
+        return TokenLogProbs.ROWS.get(device_type, TokenLogProbs.ROWS["cpu"])
 
     @staticmethod
     def logits(h, w, temperature):  # (n, C), (V, C) in the product's dtype -> (n, V) float32 (float64 stays)
@@ -429,7 +437,7 @@ class TokenLogProbs(torch.autograd.Function):
         logp = torch.empty(h.size(0), device=h.device, dtype=acc)
         entropy = torch.zeros(h.size(0), device=h.device, dtype=acc)
         lse = torch.empty(h.size(0), device=h.device, dtype=acc)  # log of the softmax's denominator, per row
-        rows, w = TokenLogProbs.ROWS.get(h.device.type, 128), weight.to(dtype)
+        rows, w = TokenLogProbs.rows(h.device.type), weight.to(dtype)
         with torch.autocast(h.device.type, enabled=False):
             for i in range(0, h.size(0), rows):
                 z = TokenLogProbs.logits(h[i:i + rows], w, temperature)  # (n, V)
@@ -449,7 +457,7 @@ class TokenLogProbs(torch.autograd.Function):
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         acc = torch.promote_types(ctx.dtype, torch.float32)
         grad_w = torch.zeros(weight.shape, device=weight.device, dtype=acc) if ctx.needs_input_grad[1] else None
-        rows, w = TokenLogProbs.ROWS.get(h.device.type, 128), weight.to(ctx.dtype)
+        rows, w = TokenLogProbs.rows(h.device.type), weight.to(ctx.dtype)
         with torch.autocast(h.device.type, enabled=False):
             for i in range(0, h.size(0), rows):
                 hi, g = h[i:i + rows], grad_logp[i:i + rows, None]  # (n, C), (n, 1)
