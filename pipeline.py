@@ -56,8 +56,8 @@ from tqdm import tqdm
 from data import load_imdb, read_jsonl, write_jsonl
 from imdb import (ROOT, SFT_CPU_PATH, SFT_CPU_SHA256, SPLITS, check_sha256, file_sha256, gold_reward, imdb_files,
                   sft_samples, simulate_preferences, write_prompts)
-from train import (RESTART_KEYS, STAGES, ConfigError, Run, RunConfig, TrainingError, load_checkpoint, load_policy, opt,
-                   parse_config, read_json, setup_device, write_json)
+from train import (RESTART_KEYS, STAGES, ConfigError, Run, RunConfig, TrainingError, load_checkpoint, load_policy,
+                   model_from_checkpoint, opt, parse_config, read_json, setup_device, write_json)
 
 # the one sampling temperature of the benchmark: every policy trains and is evaluated at it, and the reward model is
 # normalised on SFT samples drawn at it (a reward normalised at 0.7 would be off-centre on samples at 1.0)
@@ -75,7 +75,8 @@ TEMPERATURE = 1.0
 #   replicates: everything after the SFT model (samples, labels, reward model, methods, evaluation) repeated with
 #     another seed; seeds: RL/DPO seeds inside each replicate
 #   methods: the KL strengths of each method (beta; alpha for unlikelihood; [None]: one run, for pft)
-#   rl / dpo / pft: keys of the sub-runs (snapshot_interval: keep weights every N steps, evaluated along training)
+#   rl / dpo / pft: keys of the sub-runs (snapshot_interval / snapshot_steps: keep weights every N steps / at these
+#     steps, evaluated along training)
 PRESETS = {
     "cpu": dict(
         imdb_dir="", sft=dict(n_layer=2, n_head=2, n_embd=64, block_size=64, batch_size=16, max_iters=250,
@@ -98,12 +99,13 @@ PRESETS = {
         reward=dict(batch_size=64),
         methods=dict(ppo=[0.1, 0.2], ppo_gt=[0.02], dpo=[0.1, 0.5], rloo=[0.1], grpo=[0.1], pft=[None],
                      unlikelihood=[0.5]),
+        # weights kept early and densely, where the KL moves fastest, so that each run traces the low-KL stretch
         rl=dict(batch_size=128, minibatch_size=32, micro_batch_size=64, max_iters=40, learning_rate=2e-5,
-                eval_interval=1000, snapshot_interval=20),
-        # one epoch over the pairs (max_iters 0: --epochs=1), as the paper; weights kept every 230 steps of 691
-        dpo=dict(batch_size=64, learning_rate=5e-5, eval_interval=1000, snapshot_interval=230),
+                eval_interval=1000, snapshot_steps="5,10,20"),
+        # one epoch over the pairs (max_iters 0: --epochs=1), as the paper; weights kept at 25 ... 400 of 691
+        dpo=dict(batch_size=64, learning_rate=5e-5, eval_interval=1000, snapshot_steps="25,50,100,200,400"),
         pft=dict(batch_size=64, max_iters=690, learning_rate=5e-5, warmup_iters=10, eval_interval=1000,
-                 snapshot_interval=230),
+                 snapshot_steps="50,200"),
         bon_prompts=128, bon_pool=128),
     "tiny": dict(
         imdb_dir="", sft=dict(n_layer=1, n_head=2, n_embd=32, block_size=48, batch_size=8, max_iters=10,
@@ -114,7 +116,7 @@ PRESETS = {
         methods=dict(ppo=[0.05], ppo_gt=[0.05], dpo=[0.1], rloo=[0.05], grpo=[0.04], unlikelihood=[0.5],
                      pft=[None]),
         rl=dict(batch_size=32, minibatch_size=16, micro_batch_size=32, max_iters=12, learning_rate=5e-4,
-                warmup_iters=0, whiten_rewards=True, eval_interval=1000, snapshot_interval=6),
+                warmup_iters=0, whiten_rewards=True, eval_interval=1000, snapshot_steps="3,6"),
         dpo=dict(batch_size=32, max_iters=32, learning_rate=5e-4, warmup_iters=0, snapshot_interval=16),
         pft=dict(batch_size=32, max_iters=16, learning_rate=5e-4, warmup_iters=0),
         bon_prompts=8, bon_pool=16),
@@ -294,32 +296,49 @@ class Scheduler:
             p.gpu = gpu
         self.running.append((p, out_dir))
 
-    def run_all(self, jobs, desc, max_jobs, overwrite, cpu=False):
-        """Run [(stage, out_dir, args)] at most max_jobs at a time, with a progress bar. Every job's folder is
-        checked before any starts; a failure stops the others (one SIGTERM each) and raises TrainingError. On the
-        CPU (cpu=True) the cores are shared out: each sub-run gets cores // max_jobs threads."""
+    def run_all(self, jobs, desc, max_jobs, overwrite, cpu=False, after=None, on_done=None):
+        """Run [(stage, out_dir, args)] at most max_jobs at a time, in order, with a progress bar. after: {out_dir:
+        [out_dirs of this list]} for a job that needs others' results (PPO needs its reward model): it starts once
+        they finish, and its folder is checked then (its input files exist only then); every other job's folder is
+        checked before any starts. on_done(out_dir) runs here, in the pipeline's process, as each job finishes or
+        is found done, while the others train. A failure stops the others (one SIGTERM each) and raises
+        TrainingError. On the CPU (cpu=True) the cores are shared out: each sub-run gets cores // max_jobs threads."""
         self.check()
         threads = max(1, (os.cpu_count() or 1) // max_jobs) if cpu else 0
-        plans = [(job, *sub_run_plan(*job, overwrite)) for job in jobs]
-        pending = [(job, plan, inputs) for job, plan, inputs in plans if plan != "done"]
-        failed = None
+        after = {d: [a for a in deps if a in {job[1] for job in jobs}] for d, deps in (after or {}).items()}
+        plans = {job[1]: sub_run_plan(*job, overwrite) for job in jobs if not after.get(job[1])}
+        queue, finished, callbacks, failed = list(jobs), set(), [], None
         try:
-            with tqdm(total=len(jobs), initial=len(jobs) - len(pending), desc=desc, dynamic_ncols=True) as bar:
-                while pending or self.running:
-                    while pending and len(self.running) < max_jobs and not self.signals and not failed:
-                        (stage, out_dir, args), plan, inputs = pending.pop(0)
-                        self.start(stage, out_dir, args, plan, inputs, threads)
+            with tqdm(total=len(jobs), desc=desc, dynamic_ncols=True) as bar:
+                while queue or self.running or callbacks:
+                    for job in [j for j in queue if all(d in finished for d in after.get(j[1], ()))]:
+                        if len(self.running) >= max_jobs or self.signals or failed:
+                            break
+                        queue.remove(job)
+                        plan, inputs = plans.get(job[1]) or sub_run_plan(*job, overwrite)
+                        if plan == "done":
+                            finished.add(job[1]), callbacks.append(job[1]), bar.update(1)
+                        else:
+                            self.start(*job, plan, inputs, threads)
                     for p, out_dir in list(self.running):
                         if p.poll() is None:
                             continue
                         self.running.remove((p, out_dir))
                         bar.update(1)
-                        if p.returncode != 0 and not self.signals and not failed:
+                        if p.returncode == 0:
+                            finished.add(out_dir), callbacks.append(out_dir)
+                        elif not self.signals and not failed:
                             failed = out_dir
                             for q, _ in self.running:
                                 self.terminate(q)
-                    if (self.signals or failed) and not self.running:
-                        break
+                    if self.signals or failed:
+                        if not self.running:
+                            break
+                    elif callbacks:
+                        done = callbacks.pop(0)
+                        if on_done:
+                            on_done(done)
+                        continue
                     time.sleep(0.1)
         finally:
             self.kill_all()  # anything still running here is an error's orphan: none may outlive the pipeline
@@ -364,31 +383,45 @@ def bon_curve(select, gold, proxy, ns):
     return out
 
 
-def evaluate_all(policies, ref_path, eval_prompts, proxy_path, cfg, max_new_tokens, out_dir, scheduler, seed):
-    """Every policy on the held-out prefixes at TEMPERATURE, sampled with `seed`: gold reward, proxy reward,
-    KL(pi || pi_ref) as the mean over samples of the sum over tokens of log pi - log pi_ref. Samples go to
-    out_dir/samples/NAME.jsonl. Stops between policies after a signal."""
-    from ppo import evaluate_policy
-    from reward import load_reward_model, score_texts
-    device, ctx = setup_device(cfg)
-    ref, _ = load_policy(ref_path, device)
-    proxy = load_reward_model(proxy_path, device)
-    gold = lambda p, r: torch.tensor(gold_reward(p, r))
-    os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
-    results = {}
-    for name, path in tqdm(policies.items(), desc="evaluate", dynamic_ncols=True):
-        scheduler.check()
-        policy = ref if path == ref_path else load_policy(path, device)[0]
-        with ctx:
-            ev = evaluate_policy(policy, ref, eval_prompts, gold, device, ctx, max_new_tokens, batch_size=256,
-                                 temperature=TEMPERATURE, seed=seed)
-            prox = score_texts(proxy, [s["prompt"] for s in ev["samples"]], [s["response"] for s in ev["samples"]],
-                               device)
+class Evaluator:
+    """Policies on the held-out prefixes at TEMPERATURE: gold reward, proxy reward, KL(pi || pi_ref) as the mean over
+    samples of the sum over tokens of log pi - log pi_ref. The reference is loaded once, each replicate's proxy once,
+    and every policy's weights go into one model (the decoding graphs captured for its tensors stay valid; a policy
+    of another shape gets a model of its own). Samples go to OUT_DIR/samples/NAME.jsonl."""
+
+    def __init__(self, ref_path, eval_prompts, cfg, max_new_tokens):
+        self.device, self.ctx = setup_device(cfg)
+        self.ref_path, self.prompts, self.max_new_tokens = ref_path, eval_prompts, max_new_tokens
+        self.ref = load_policy(ref_path, self.device)[0]
+        self.policy, self.proxies = None, {}
+
+    def load(self, path):
+        if path == self.ref_path:
+            return self.ref
+        ckpt = load_checkpoint(path, "policy")
+        if self.policy is None or dataclasses.asdict(self.policy.config) != ckpt["model_args"]:
+            self.policy = load_policy(path, self.device)[0]
+        else:
+            model_from_checkpoint(ckpt, path, self.policy)
+        return self.policy
+
+    def __call__(self, name, path, proxy_path, out_dir, seed):
+        from ppo import evaluate_policy
+        from reward import load_reward_model, score_texts
+        if proxy_path not in self.proxies:
+            self.proxies[proxy_path] = load_reward_model(proxy_path, self.device)
+        policy = self.load(path)
+        with self.ctx:
+            ev = evaluate_policy(policy, self.ref, self.prompts, lambda p, r: torch.tensor(gold_reward(p, r)),
+                                 self.device, self.ctx, self.max_new_tokens, batch_size=512, temperature=TEMPERATURE,
+                                 seed=seed)
+            prox = score_texts(self.proxies[proxy_path], [s["prompt"] for s in ev["samples"]],
+                               [s["response"] for s in ev["samples"]], self.device)
+        os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
         write_jsonl(os.path.join(out_dir, "samples", f"{name}.jsonl"),
                     [dict(prefix=s["prompt"], response=s["response"], gold=s["score"], proxy=pr, kl=s["kl"])
                      for s, pr in zip(ev["samples"], prox)])
-        results[name] = dict(gold=ev["score"], proxy=sum(prox) / len(prox), kl=ev["kl"], length=ev["length"])
-    return results
+        return dict(gold=ev["score"], proxy=sum(prox) / len(prox), kl=ev["kl"], length=ev["length"])
 
 
 def best_of_n(sft_path, proxy_path, prompts, pool, cfg, max_new_tokens, seed):
@@ -471,7 +504,7 @@ def method_of(name):
 
 
 def snapshots(run_dir):
-    """{step: path} of the ckpt-STEP.pt files a sub-run kept with --snapshot_interval."""
+    """{step: path} of the ckpt-STEP.pt files a sub-run kept (--snapshot_interval, --snapshot_steps)."""
     found = {}
     for f in os.listdir(run_dir):
         if f.startswith("ckpt-") and f.endswith(".pt") and f[5:-3].isdigit():
@@ -493,11 +526,11 @@ def stages(cfg, run, scheduler, preset, methods, files, sft):
         sft_dir = os.path.join(out, "sft")
         scheduler.run_all([("sft", sft_dir, [f"--data={files['train']},{files['unsup']}", f"--seed={cfg.seed}", *dev,
                                              *(f"--{k}={v}" for k, v in preset["sft"].items())])],
-                          "1/6 sft", 1, overwrite)
+                          "1/3 sft", 1, overwrite)
         sft_ckpt = os.path.join(sft_dir, "ckpt.pt")
     else:
         sft_ckpt = os.path.abspath(sft)
-        print(f"1/6 sft: starting from {sft}")
+        print(f"1/3 sft: starting from {sft}")
     block_size = load_checkpoint(sft_ckpt, "policy")["model_args"]["block_size"]  # a bad --sft fails here, in one line
     phase("sft")
 
@@ -539,22 +572,23 @@ def stages(cfg, run, scheduler, preset, methods, files, sft):
         reps.append(rep)
     phase("preferences")
 
-    # 4. the proxy reward model of each replicate, from the SFT trunk, trained on that replicate's pairs and
-    # normalised on SFT samples at the policies' temperature
-    scheduler.run_all([("reward", os.path.join(rep["dir"], "reward"),
-                        [f"--data={rep['prefs']}", f"--init_from={sft_ckpt}", f"--policy={sft_ckpt}",
-                         f"--max_new_tokens={preset['max_new_tokens']}", f"--temperature={TEMPERATURE}",
-                         f"--block_size={block_size}", f"--seed={rep['seed']}", *dev,
-                         *(f"--{k}={v}" for k, v in preset["reward"].items())]) for rep in reps],
-                      "2/6 reward model", min(jobs, len(reps)), overwrite, cpu=on_cpu and len(reps) > 1)
+    # 4-6. the proxy reward model of each replicate (from the SFT trunk, trained on that replicate's pairs and
+    # normalised on SFT samples at the policies' temperature), every method at every strength and seed of every
+    # replicate, and the evaluation on the held-out prefixes: the SFT model, every run's final policy and the weights
+    # it kept along training (NAME@STEP), and best-of-N from the SFT policy. One queue, several sub-runs at once: a
+    # method that needs no reward model (DPO, PPO on the gold reward, ...) starts beside the reward models, and each
+    # run is evaluated as it finishes, while the others train (on the CPU, whose cores the sub-runs already fill,
+    # after them). Continuations are cut at max_new_tokens by design (as in the DPO paper): no no-EOS rule for RL,
+    # no appended EOS for DPO.
+    todo, after, owner = [], {}, {}
     for rep in reps:
         rep["proxy"] = os.path.join(rep["dir"], "reward", "ckpt.pt")
-        rep["accuracy"] = read_json(os.path.join(rep["dir"], "reward", "summary.json")).get("eval/accuracy")
-    phase("reward")
-
-    # 5. every method at every strength and seed of every replicate, several sub-runs at once. Continuations are cut
-    # at max_new_tokens by design (as in the DPO paper): no no-EOS rule for RL, no appended EOS for DPO
-    todo = []
+        todo.append(("reward", os.path.dirname(rep["proxy"]),
+                     [f"--data={rep['prefs']}", f"--init_from={sft_ckpt}", f"--policy={sft_ckpt}",
+                      f"--max_new_tokens={preset['max_new_tokens']}", f"--temperature={TEMPERATURE}",
+                      f"--block_size={block_size}", f"--seed={rep['seed']}", *dev,
+                      *(f"--{k}={v}" for k, v in preset["reward"].items())]))
+        owner[todo[-1][1]] = (rep, None)
     for rep in reps:
         rl = [f"--init_from={sft_ckpt}", f"--prompts={paths[0]}", "--no_eos_rule=keep", f"--temperature={TEMPERATURE}",
               f"--max_new_tokens={preset['max_new_tokens']}", *dev, *(f"--{k}={v}" for k, v in preset["rl"].items())]
@@ -569,7 +603,7 @@ def stages(cfg, run, scheduler, preset, methods, files, sft):
                     # block_size given, as stage sft writes the checkpoint's into config.json, which a re-run checks
                     pft=[f"--init_from={sft_ckpt}", f"--data={rep['chosen']}", f"--block_size={block_size}", *dev,
                          *(f"--{k}={v}" for k, v in preset["pft"].items())])
-        rep["runs"] = {}
+        rep["runs"], rep["policies"] = {}, {}
         for m in methods:
             stage, key = METHODS[m]
             for strength in preset["methods"][m]:
@@ -578,25 +612,32 @@ def stages(cfg, run, scheduler, preset, methods, files, sft):
                     name = run_name(m, strength, seed)
                     run_dir = os.path.join(rep["dir"], "runs", name)
                     todo.append((stage, run_dir, args[m] + ([f"--{key}={strength}"] if key else []) + [f"--seed={seed}"]))
-                    rep["runs"][name] = run_dir
-    scheduler.run_all(todo, "3/6 methods", jobs, overwrite, cpu=on_cpu)
-    phase("methods")
+                    rep["runs"][name], owner[run_dir] = run_dir, (rep, name)
+                    if f"--reward={rep['proxy']}" in args[m]:
+                        after[run_dir] = [os.path.dirname(rep["proxy"])]
+    evaluate = Evaluator(sft_ckpt, eval_prompts, cfg, preset["max_new_tokens"])
 
-    # 6. evaluation on the held-out prefixes: the SFT model, every run's final policy and the weights it kept along
-    # training (NAME@STEP); best-of-N from the SFT policy
-    for rep in reps:
-        policies = {"sft": sft_ckpt}
-        for name, run_dir in rep["runs"].items():
-            policies.update({f"{name}@{step}": path for step, path in snapshots(run_dir).items()})
-            policies[name] = os.path.join(run_dir, "ckpt.pt")
-        rep["policies"] = evaluate_all(policies, sft_ckpt, eval_prompts, rep["proxy"], cfg, preset["max_new_tokens"],
-                                       rep["dir"], scheduler, rep["seed"])
-    phase("evaluate")
-    for rep in reps:
+    def on_done(out_dir):
         scheduler.check()
-        rep["best_of_n"] = best_of_n(sft_ckpt, rep["proxy"], eval_prompts[:preset["bon_prompts"]], preset["bon_pool"],
-                                     cfg, preset["max_new_tokens"], rep["seed"])
-    phase("best_of_n")
+        rep, name = owner[out_dir]
+        if name is None:  # a reward model: the SFT policy and best-of-N, scored by it
+            rep["accuracy"] = read_json(os.path.join(out_dir, "summary.json")).get("eval/accuracy")
+            rep["policies"]["sft"] = evaluate("sft", sft_ckpt, rep["proxy"], rep["dir"], rep["seed"])
+            rep["best_of_n"] = best_of_n(sft_ckpt, rep["proxy"], eval_prompts[:preset["bon_prompts"]],
+                                         preset["bon_pool"], cfg, preset["max_new_tokens"], rep["seed"])
+            return
+        for label, path in [*((f"{name}@{step}", p) for step, p in snapshots(out_dir).items()),
+                            (name, os.path.join(out_dir, "ckpt.pt"))]:
+            rep["policies"][label] = evaluate(label, path, rep["proxy"], rep["dir"], rep["seed"])
+
+    scheduler.run_all(todo, "2/3 reward models, methods, evaluation", jobs, overwrite, cpu=on_cpu, after=after,
+                      on_done=None if on_cpu else on_done)
+    if on_cpu:
+        for out_dir in owner:
+            on_done(out_dir)
+    for rep in reps:
+        rep["policies"] = dict(sorted(rep["policies"].items(), key=lambda kv: (kv[0] != "sft", kv[0])))
+    phase("train_and_evaluate")
     report = dict(preset=cfg.preset, device=cfg.device, k=preset["k"], labels=preset["labels"],
                   max_new_tokens=preset["max_new_tokens"], timings_s=timings,
                   replicates=[dict(replicate=rep["replicate"], seed=rep["seed"], preference_agreement=rep["agreement"],

@@ -110,6 +110,8 @@ class TrainConfig(RunConfig):
                                "metrics.jsonl stays the record")
     snapshot_interval: int = opt(0, "also keep the weights alone as ckpt-STEP.pt every this many steps, to evaluate "
                                     "along training (0: off)", min=0)
+    snapshot_steps: str = opt("", "also keep them at these steps, comma-separated (5,10,20: early and dense, where "
+                                  "the KL moves fastest)")
 
 
 # keys that may change between a run and its --resume or re-run without making it another run (micro_batch_size
@@ -197,7 +199,26 @@ def parse_config(cls, argv):
         raise ConfigError(f"--dtype={cfg.dtype}: expected auto, float32, bfloat16 or float16")
     if getattr(cfg, "tracker", "none") not in TRACKERS:
         raise ConfigError(f"--tracker={cfg.tracker}: expected none, {' or '.join(TRACKERS[1:])}")
+    snapshot_steps(cfg)  # a bad list fails here, in one line
     return cfg
+
+
+def snapshot_steps(cfg):
+    """--snapshot_steps=5,10,20 -> {5, 10, 20}; a ConfigError names anything that is not a positive integer."""
+    steps = set()
+    for part in getattr(cfg, "snapshot_steps", "").split(","):
+        if part.strip():
+            if not part.strip().isdigit() or int(part) < 1:
+                raise ConfigError(f"--snapshot_steps={cfg.snapshot_steps}: {part.strip()!r} is not a positive step")
+            steps.add(int(part))
+    return steps
+
+
+def wants_snapshot(cfg, step):
+    """Whether step `step` keeps its weights as ckpt-STEP.pt: every --snapshot_interval steps and at each of
+    --snapshot_steps."""
+    every = getattr(cfg, "snapshot_interval", 0)
+    return bool(every and step % every == 0) or step in snapshot_steps(cfg)
 
 
 def config_help(stage, cls):
@@ -541,8 +562,7 @@ class Run:
         interval = getattr(self.cfg, "ckpt_interval", 0)
         minutes = getattr(self.cfg, "ckpt_minutes", 0)
         self.stop_requested = any_rank(self.stop_requested)  # every process stops after the same step
-        snapshot = getattr(self.cfg, "snapshot_interval", 0)
-        snapshot = snapshot and done % snapshot == 0 and done < total  # the last step's weights are ckpt.pt
+        snapshot = wants_snapshot(self.cfg, done) and done < total  # the last step's weights are ckpt.pt
         if ((interval and done % interval == 0) or done == total or self.stop_requested or snapshot
                 or (minutes and time.time() - self.last_save > 60 * minutes)):
             save()

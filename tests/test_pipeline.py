@@ -299,9 +299,9 @@ def test_tiny_pipeline_raises_the_gold_reward(tiny):
     five = [gain[m] for m in ("ppo", "ppo_gt", "dpo", "rloo", "grpo")]
     assert sum(five) / len(five) > MARGIN, gain
     assert all(0 < r["kl"] < 30 for r in res.values() if r is not res["sft"]), res
-    # checkpoints along training were evaluated too: RL at step 6 of 12, DPO and unlikelihood at 16 of 32 (the tiny
-    # preset keeps none for Preferred-FT)
-    assert {n.partition("@")[2] for n in res if "@" in n} == {"6", "16"}
+    # checkpoints along training were evaluated too: RL at steps 3 and 6 of 12, DPO and unlikelihood at 16 of 32
+    # (the tiny preset keeps none for Preferred-FT)
+    assert {n.partition("@")[2] for n in res if "@" in n} == {"3", "6", "16"}
     assert {pipeline.method_of(n) for n in res if "@" in n} == methods - {"pft"}
     assert [r["n"] for r in rep["best_of_n"]["gold"]] == [1, 2, 4, 8, 16]  # N <= the pool of 16
     assert set(report["gold_at_kl"]) == methods | {"bon_proxy", "bon_gold"}

@@ -244,11 +244,22 @@ def test_config_split_training_keys_only_in_training_stages():
     assert run_keys == {"out_dir", "device", "dtype", "seed", "overwrite", "chat_template"}
     train_keys = {f.name for f in dataclasses.fields(train.TrainConfig)} - run_keys
     assert train_keys == {"compile", "resume", "log_interval", "ckpt_interval", "ckpt_minutes", "grad_checkpoint",
-                          "tracker", "snapshot_interval"}
+                          "tracker", "snapshot_interval", "snapshot_steps"}
     assert train_keys <= {f.name for f in dataclasses.fields(train.SFTConfig)}
     assert not train_keys & {f.name for f in dataclasses.fields(train.SampleConfig)}
     with pytest.raises(train.ConfigError, match="unknown key --resume"):
         train.parse_config(train.SampleConfig, ["--resume"])
+
+
+def test_snapshots_every_interval_and_at_listed_steps():
+    cfg = train.parse_config(train.SFTConfig, ["--snapshot_interval=4", "--snapshot_steps=1,2,6"])
+    assert [s for s in range(1, 13) if train.wants_snapshot(cfg, s)] == [1, 2, 4, 6, 8, 12]
+    cfg = train.parse_config(train.SFTConfig, ["--snapshot_steps=3"])
+    assert [s for s in range(1, 13) if train.wants_snapshot(cfg, s)] == [3]
+    assert not any(train.wants_snapshot(train.SFTConfig(), s) for s in range(1, 13))  # off by default
+    for bad in ("5,x", "0", "-2"):
+        with pytest.raises(train.ConfigError, match=f"--snapshot_steps={bad}: "):
+            train.parse_config(train.SFTConfig, [f"--snapshot_steps={bad}"])
 
 
 def test_end_step_saves_on_interval_last_step_time_and_stop(tmp_path, capsys):
