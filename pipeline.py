@@ -34,7 +34,8 @@ Simplifications, on purpose:
 - Sub-runs on one machine share its cores (CPU) or its GPU; there is no multi-machine scheduling.
 - Replicates share the SFT model and the prefixes (train and held-out); everything sampled after the SFT model is
   theirs. The frontier of a method starts at the SFT model (KL 0), every run's step 0, and is piecewise linear
-  through its strengths and checkpoints (seeds averaged); gold@KL reads it off, '-' beyond its ends.
+  through those of its strengths and checkpoints (seeds averaged) that no other beats on both KL and gold, flat
+  after the last; gold@KL reads it off (best_at), '-' beyond the largest KL measured.
 - Preferred-FT is stage sft on each pair's chosen response (a prefix's best sample appears once per pair it wins,
   and gets an EOS at its end, as every SFT response does).
 """
@@ -296,18 +297,22 @@ class Scheduler:
             p.gpu = gpu
         self.running.append((p, out_dir))
 
-    def run_all(self, jobs, desc, max_jobs, overwrite, cpu=False, after=None, on_done=None):
+    def run_all(self, jobs, desc, max_jobs, overwrite, cpu=False, after=None, on_done=None, on_done_after=None):
         """Run [(stage, out_dir, args)] at most max_jobs at a time, in order, with a progress bar. after: {out_dir:
         [out_dirs of this list]} for a job that needs others' results (PPO needs its reward model): it starts once
         they finish, and its folder is checked then (its input files exist only then); every other job's folder is
         checked before any starts. on_done(out_dir) runs here, in the pipeline's process, as each job finishes or
-        is found done, while the others train. A failure stops the others (one SIGTERM each) and raises
-        TrainingError. On the CPU (cpu=True) the cores are shared out: each sub-run gets cores // max_jobs threads."""
+        is found done, while the others train; on_done_after: {out_dir: [out_dirs]} whose on_done must have run
+        first (a DPO run is evaluated with its replicate's reward model, which may still be training when it
+        ends). A failure stops the others (one SIGTERM each) and raises TrainingError. On the CPU (cpu=True) the
+        cores are shared out: each sub-run gets cores // max_jobs threads."""
         self.check()
         threads = max(1, (os.cpu_count() or 1) // max_jobs) if cpu else 0
-        after = {d: [a for a in deps if a in {job[1] for job in jobs}] for d, deps in (after or {}).items()}
+        names = {job[1] for job in jobs}
+        after, then = ({d: [a for a in deps if a in names] for d, deps in (m or {}).items()}
+                       for m in (after, on_done_after))
         plans = {job[1]: sub_run_plan(*job, overwrite) for job in jobs if not after.get(job[1])}
-        queue, finished, callbacks, failed = list(jobs), set(), [], None
+        queue, finished, callbacks, called, failed = list(jobs), set(), [], set(), None
         try:
             with tqdm(total=len(jobs), desc=desc, dynamic_ncols=True) as bar:
                 while queue or self.running or callbacks:
@@ -331,14 +336,17 @@ class Scheduler:
                             failed = out_dir
                             for q, _ in self.running:
                                 self.terminate(q)
+                    ready = [d for d in callbacks if all(a in called for a in then.get(d, ()))]
                     if self.signals or failed:
                         if not self.running:
                             break
-                    elif callbacks:
-                        done = callbacks.pop(0)
+                    elif ready:
+                        callbacks.remove(ready[0]), called.add(ready[0])
                         if on_done:
-                            on_done(done)
+                            on_done(ready[0])
                         continue
+                    elif callbacks and not queue and not self.running:
+                        raise ValueError(f"on_done_after waits on jobs that are not in the list: {callbacks}")
                     time.sleep(0.1)
         finally:
             self.kill_all()  # anything still running here is an error's orphan: none may outlive the pipeline
@@ -580,7 +588,7 @@ def stages(cfg, run, scheduler, preset, methods, files, sft):
     # run is evaluated as it finishes, while the others train (on the CPU, whose cores the sub-runs already fill,
     # after them). Continuations are cut at max_new_tokens by design (as in the DPO paper): no no-EOS rule for RL,
     # no appended EOS for DPO.
-    todo, after, owner = [], {}, {}
+    todo, after, then, owner = [], {}, {}, {}
     for rep in reps:
         rep["proxy"] = os.path.join(rep["dir"], "reward", "ckpt.pt")
         todo.append(("reward", os.path.dirname(rep["proxy"]),
@@ -613,8 +621,9 @@ def stages(cfg, run, scheduler, preset, methods, files, sft):
                     run_dir = os.path.join(rep["dir"], "runs", name)
                     todo.append((stage, run_dir, args[m] + ([f"--{key}={strength}"] if key else []) + [f"--seed={seed}"]))
                     rep["runs"][name], owner[run_dir] = run_dir, (rep, name)
+                    then[run_dir] = [os.path.dirname(rep["proxy"])]  # evaluated with it, so after it
                     if f"--reward={rep['proxy']}" in args[m]:
-                        after[run_dir] = [os.path.dirname(rep["proxy"])]
+                        after[run_dir] = then[run_dir]
     evaluate = Evaluator(sft_ckpt, eval_prompts, cfg, preset["max_new_tokens"])
 
     def on_done(out_dir):
@@ -631,7 +640,7 @@ def stages(cfg, run, scheduler, preset, methods, files, sft):
             rep["policies"][label] = evaluate(label, path, rep["proxy"], rep["dir"], rep["seed"])
 
     scheduler.run_all(todo, "2/3 reward models, methods, evaluation", jobs, overwrite, cpu=on_cpu, after=after,
-                      on_done=None if on_cpu else on_done)
+                      on_done=None if on_cpu else on_done, on_done_after=then)
     if on_cpu:
         for out_dir in owner:
             on_done(out_dir)
@@ -676,6 +685,23 @@ def interpolate(points, x):
     return pts[0][1]  # a single point, at x
 
 
+def best_at(points, x):
+    """The gold reward a method attains at KL x on its frontier, from points [(kl, gold)]: the piecewise-linear curve
+    through the points no other point beats (none has less or equal KL and more or equal gold), flat after the last
+    of them; None outside [smallest KL, largest KL]. Every value is attainable: mixing two policies per prompt (w, 1
+    - w) gets their gold mixed and a KL at most theirs mixed (KL is convex), so the chord between two points is
+    reached at or below its KL. A point another beats (an early checkpoint of a low-beta run, say) changes nothing,
+    so evaluating more checkpoints can only raise a method's summary, never lower it."""
+    by_kl = {}
+    for kl, v in points:
+        by_kl.setdefault(kl, []).append(v)
+    pts = sorted((kl, sum(vs) / len(vs)) for kl, vs in by_kl.items())
+    if not pts or not pts[0][0] <= x <= pts[-1][0]:
+        return None
+    front = [(kl, v) for kl, v in pts if not any(k <= kl and w >= v and (k, w) != (kl, v) for k, w in pts)]
+    return front[-1][1] if x >= front[-1][0] else interpolate(front, x)
+
+
 def frontier(policies, method):
     """A method's frontier in one replicate: (KL, gold) of each strength and checkpoint step, averaged over the RL
     seeds, with the SFT model as every run's step 0 (it is: each run starts from it)."""
@@ -689,8 +715,8 @@ def frontier(policies, method):
 
 
 def gold_at_kl(report):
-    """{method: {kl: {per_replicate, mean, spread, n}}} for kl in KL_POINTS: each replicate's frontier interpolated
-    at kl (None where it does not reach); mean and spread (max - min) over the replicates that reach it.
+    """{method: {kl: {per_replicate, mean, spread, n}}} for kl in KL_POINTS: each replicate's frontier read at kl
+    (best_at; None where it does not reach); mean and spread (max - min) over the replicates that reach it.
     Best-of-N (by proxy, by gold) uses its KL from the pool."""
     reps = report["replicates"]
     curves = {}
@@ -702,7 +728,7 @@ def gold_at_kl(report):
     for m, per_rep in curves.items():
         summary[m] = {}
         for x in KL_POINTS:
-            vals = [interpolate(pts, x) for pts in per_rep]
+            vals = [best_at(pts, x) for pts in per_rep]
             got = [v for v in vals if v is not None]
             summary[m][str(x)] = dict(per_replicate=vals, n=len(got), mean=sum(got) / len(got) if got else None,
                                       spread=max(got) - min(got) if got else None)
@@ -774,9 +800,10 @@ def write_report(report, out):
          f"{rep['preference_agreement']:.1%} of pairs; proxy reward model eval accuracy {rep['reward_accuracy']:.1%}"
          for rep in reps]
     lines += ["", f"Gold reward at fixed KL (nats per sequence; per token: divide by the response length, {T} tokens "
-              f"when a continuation runs to the end), interpolated along each method's frontier (its strengths and "
-              f"checkpoints, from the SFT model at KL 0); mean ± spread (max - min) over replicates; '-': the "
-              f"frontier does not reach that KL.", "",
+              f"when a continuation runs to the end), read off each method's frontier: piecewise linear from the "
+              f"SFT model (KL 0) through its strengths and checkpoints that no other beats on both KL and gold, "
+              f"flat after the last (each value is attainable by mixing two policies); mean ± spread (max - min) over "
+              f"replicates; '-': no run reaches that KL.", "",
               "| method | " + " | ".join(f"gold @ KL {x:g} ({x / T:.3f}/token)" for x in KL_POINTS) + " |",
               "|---|" + "---|" * len(KL_POINTS)]
     for m, row in report["gold_at_kl"].items():

@@ -135,6 +135,18 @@ def test_interpolation_is_exact_on_a_hand_made_frontier_and_none_outside():
     assert pipeline.interpolate([(0.0, 0.5), (4.0, 0.6), (4.0, 0.8)], 2.0) == pytest.approx(0.6)  # ties averaged
 
 
+def test_best_at_reads_the_frontier_of_unbeaten_points_flat_to_the_largest_kl():
+    pts = [(0.0, 0.5), (4.0, 0.7), (2.0, 0.8), (8.0, 0.85), (6.0, 0.9)]  # (4, 0.7) and (8, 0.85) are beaten
+    assert pipeline.best_at(pts, 1.0) == pytest.approx(0.65)
+    assert pipeline.best_at(pts, 3.0) == pytest.approx(0.8 + 0.1 * 1 / 4)  # the line through all would say 0.75
+    assert pipeline.best_at(pts, 7.0) == pytest.approx(0.9) and pipeline.best_at(pts, 8.0) == pytest.approx(0.9)
+    assert pipeline.best_at(pts, 8.5) is None and pipeline.best_at(pts, -0.5) is None
+    for extra in ((5.0, 0.6), (7.5, 0.1)):  # a beaten point added changes nothing
+        assert [pipeline.best_at(pts + [extra], x) for x in (1, 3, 5, 7)] == \
+            [pipeline.best_at(pts, x) for x in (1, 3, 5, 7)]
+    assert pipeline.best_at(pts + [(3.0, 0.95)], 3.0) == pytest.approx(0.95)  # one that beats others raises it
+
+
 def policy(gold, kl, proxy=0.0):
     return dict(gold=gold, kl=kl, proxy=proxy, length=20.0)
 
@@ -190,6 +202,36 @@ def test_replicates_draw_other_samples_and_labels_and_one_replicate_repeats_exac
         made[name] = (tmp_path / f"{name}.jsonl").read_bytes()
     assert made["a"] == made["again"]  # the same replicate twice: the same bytes
     assert made["a"] != made["b"]
+
+
+def test_queue_starts_dependents_after_and_evaluates_in_dependency_order(monkeypatch):
+    """The one queue of reward models and methods, with sub-runs that take a known number of ticks: PPO (in `after`)
+    starts only once its reward model finished; a DPO run that ends first is evaluated (on_done) only after the reward
+    model's on_done, since it is scored by that model; never more than max_jobs run at once."""
+    s, clock, events = pipeline.Scheduler(), [0], []
+    ticks = dict(reward=5, dpo=1, ppo=2)
+
+    class Fake:
+        def __init__(self, name):
+            self.end, self.returncode = clock[0] + ticks[name], None
+
+        def poll(self):
+            self.returncode = 0 if clock[0] >= self.end else None
+            return self.returncode
+
+    def start(stage, out_dir, args, plan, inputs, threads):
+        assert len(s.running) < 2
+        events.append(("start", out_dir, clock[0]))
+        s.running.append((Fake(out_dir), out_dir))
+
+    monkeypatch.setattr(s, "start", start)
+    monkeypatch.setattr(pipeline, "sub_run_plan", lambda *job: ("fresh", {}))
+    monkeypatch.setattr(pipeline.time, "sleep", lambda _: clock.__setitem__(0, clock[0] + 1))
+    s.run_all([(name, name, []) for name in ticks], "test", 2, False, after={"ppo": ["reward"]},
+              on_done=lambda d: events.append(("on_done", d, clock[0])),
+              on_done_after={"dpo": ["reward"], "ppo": ["reward"]})
+    assert events == [("start", "reward", 0), ("start", "dpo", 0), ("on_done", "reward", 5), ("start", "ppo", 5),
+                      ("on_done", "dpo", 5), ("on_done", "ppo", 7)]
 
 
 def test_method_names_and_snapshots(tmp_path):
