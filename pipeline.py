@@ -9,7 +9,7 @@ with other seeds (rep1/, rep2/, ...), so the spread it reports is that of the wh
 gold reward, prompts, preference pairs) is in imdb.py; each training step is a sub-run of train.py.
 
     python train.py                                  # the cpu preset (~4.5 min on 2 cores) into out/imdb
-    python train.py pipeline --preset=gpu --imdb_dir=../shared/data/imdb --out_dir=out/imdb-gpu   # not yet run
+    python train.py pipeline --preset=gpu --imdb_dir=../shared/data/imdb --out_dir=out/imdb-gpu   # 509 s, one H200
     python train.py pipeline --preset=tiny --out_dir=/tmp/imdb    # the tests' size: a few minutes on 2 cores
     python train.py plot --run=out/imdb/rep1/runs/ppo_beta0.05_seed1   # any run folder's metrics.jsonl as a PNG
 
@@ -35,7 +35,7 @@ Simplifications, on purpose:
 - Replicates share the SFT model and the prefixes (train and held-out); everything sampled after the SFT model is
   theirs. The frontier of a method starts at the SFT model (KL 0), every run's step 0, and is piecewise linear
   through those of its strengths and checkpoints (seeds averaged) that no other beats on both KL and gold, flat
-  after the last; gold@KL reads it off (best_at), '-' beyond the largest KL measured.
+  after the last; gold@KL reads it off (unbeaten, best_at), '-' beyond the largest KL measured.
 - Preferred-FT is stage sft on each pair's chosen response (a prefix's best sample appears once per pair it wins,
   and gets an EOS at its end, as every SFT response does).
 """
@@ -66,9 +66,9 @@ TEMPERATURE = 1.0
 
 # Everything the presets set; the sizes are meant to be edited here. The cpu preset is the main job (python
 # train.py, ~4.5 minutes on 2 cores, on the committed sample, from the committed SFT model: its `sft` keys apply only
-# with --sft=train); the gpu preset is the benchmark, the DPO paper's set-up (one H200, meant for under 10 minutes:
-# an estimate, not yet run; on the full data of --imdb_dir, SFT included); gpu-bt is the same with today's simulated
-# labels (Bradley-Terry) as an ablation.
+# with --sft=train); the gpu preset is the benchmark, the DPO paper's set-up (509 s on one H200, on the full data of
+# --imdb_dir, SFT included); gpu-bt is the same with today's simulated labels (Bradley-Terry) as an ablation (not
+# yet run on a GPU).
 # The tiny preset is for the tests: the committed SFT model and just enough steps that every method raises the gold
 # reward.
 #   k: SFT samples per training prefix; every pair of them is a preference pair (k(k-1)/2 per prefix)
@@ -136,8 +136,8 @@ REPLICATE_STRIDE = 1000  # replicate r's seeds are the first's plus 1000 (r - 1)
 class PipelineConfig(RunConfig):
     out_dir: str = opt("out/imdb", "run folder of the whole benchmark; each sub-run gets a folder inside it")
     preset: str = opt("cpu", "cpu (the main job: ~4.5 min on 2 cores, committed sample), gpu (the DPO paper's set-up "
-                             "with 2 replicates, one H200, meant for under 10 min; not yet run), gpu-bt (gpu with simulated BT labels) or "
-                             "tiny (a few minutes on 2 cores, for the tests)")
+                             "with 2 replicates: 509 s on one H200), gpu-bt (gpu with simulated BT labels) or tiny "
+                             "(a few minutes on 2 cores, for the tests)")
     imdb_dir: str = opt("", "folder with IMDb {train,test,unsup}.jsonl.gz (default: the preset's; cpu: the "
                             "committed sample)")
     jobs: int = opt(0, "sub-runs at once (0: the preset's; several share one GPU well)", min=0)
@@ -685,21 +685,27 @@ def interpolate(points, x):
     return pts[0][1]  # a single point, at x
 
 
-def best_at(points, x):
-    """The gold reward a method attains at KL x on its frontier, from points [(kl, gold)]: the piecewise-linear curve
-    through the points no other point beats (none has less or equal KL and more or equal gold), flat after the last
-    of them; None outside [smallest KL, largest KL]. Every value is attainable: mixing two policies per prompt (w, 1
-    - w) gets their gold mixed and a KL at most theirs mixed (KL is convex), so the chord between two points is
-    reached at or below its KL. A point another beats (an early checkpoint of a low-beta run, say) changes nothing,
-    so evaluating more checkpoints can only raise a method's summary, never lower it."""
+def unbeaten(points):
+    """A method's frontier from points [(kl, gold)] (points at one KL averaged): the points that no other beats (none
+    has less or equal KL and more or equal gold), sorted by KL, then flat to the largest KL of any point. Each point on
+    the piecewise-linear curve through them is attainable: mixing two policies per prompt (w, 1 - w) gets their gold
+    mixed and a KL at most theirs mixed (KL is convex), so the chord between two points is reached at or below its
+    KL. A beaten point (an early checkpoint of a low-beta run, say) changes nothing, so evaluating more checkpoints
+    can only raise a method's frontier, never lower it."""
     by_kl = {}
     for kl, v in points:
         by_kl.setdefault(kl, []).append(v)
     pts = sorted((kl, sum(vs) / len(vs)) for kl, vs in by_kl.items())
-    if not pts or not pts[0][0] <= x <= pts[-1][0]:
-        return None
     front = [(kl, v) for kl, v in pts if not any(k <= kl and w >= v and (k, w) != (kl, v) for k, w in pts)]
-    return front[-1][1] if x >= front[-1][0] else interpolate(front, x)
+    if pts and pts[-1][0] > front[-1][0]:
+        front.append((pts[-1][0], front[-1][1]))
+    return front
+
+
+def best_at(points, x):
+    """The gold reward at KL x on the frontier of `points` (unbeaten); None outside [smallest KL, largest KL]."""
+    front = unbeaten(points)
+    return interpolate(front, x) if front and front[0][0] <= x <= front[-1][0] else None
 
 
 def frontier(policies, method):
@@ -846,15 +852,16 @@ def write_report(report, out):
                 ax.plot(*zip(*final), "o", color=COLORS.get(m, "C5"), alpha=0.8, label=m if i == 0 else None)
                 if along:
                     ax.plot(*zip(*along), ".", color=COLORS.get(m, "C5"), alpha=0.6)
-                if key == "gold":
-                    ax.plot(*zip(*sorted(frontier(res, m))), "-", color=COLORS.get(m, "C5"), alpha=0.4, lw=1)
+                if key == "gold":  # the frontier gold@KL reads
+                    ax.plot(*zip(*unbeaten(frontier(res, m))), "-", color=COLORS.get(m, "C5"), alpha=0.4, lw=1)
             for sel, style in (("proxy", "--"), ("gold", ":")):
                 ax.plot([r["kl"] for r in rep["best_of_n"][sel]], [r[key] for r in rep["best_of_n"][sel]], style,
                         color="C7", label=f"best-of-N by {sel}" if i == 0 else None)
             ax.plot([0], [res["sft"][key]], "k*", label="SFT" if i == 0 else None)
         ax.set_xlabel("KL(π ‖ π_ref), nats per response")
         ax.set_ylabel(f"{key} reward" + (" (P(positive))" if key == "gold" else " (normalised)"))
-        ax.set_title(f"{key} reward vs KL, {R} replicate(s)\n(small dots: checkpoints along training)", fontsize=10)
+        ax.set_title(f"{key} reward vs KL, {R} replicate(s)\n(small dots: checkpoints along training"
+                     + ("; lines: each method's frontier of unbeaten points)" if key == "gold" else ")"), fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()

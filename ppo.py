@@ -380,10 +380,11 @@ def minibatches(batch_size, minibatch_size, generator, count=0):
     return perm.tensor_split(count) if count else perm.split(minibatch_size)
 
 
-def update(cfg, policy, critic, optimizer, b, step, ctx, kl_loss_coef=0.0):
+def update(cfg, policy, critic, optimizer, b, step, ctx, kl_loss_coef=0.0, clock=None):
     """Phase 5: cfg.num_epochs passes over rollout b in shuffled minibatches (N+: 4 epochs), one optimizer step
     each. critic (PPO) adds the value loss on b.returns; kl_loss_coef > 0 adds GRPO's KL term. Returns one dict of
-    statistics per minibatch, in order (the first is the ratio-is-1 check of N+)."""
+    statistics per minibatch, in order (the first is the ratio-is-1 check of N+). clock: under torchrun, the
+    gradient sums are charged to its phase grad_sum."""
     trainable = nn.ModuleDict(dict(policy=policy, **({"critic": critic} if critic is not None else {})))
     shuffle = torch.Generator().manual_seed(rank_seed(cfg.seed, step, SHUFFLE))
     count = math.ceil(cfg.batch_size / cfg.minibatch_size) if world() > 1 else 0
@@ -413,7 +414,7 @@ def update(cfg, policy, critic, optimizer, b, step, ctx, kl_loss_coef=0.0):
                 check_finite(step, loss=loss.detach())
                 loss.backward()
                 acc = {key: acc.get(key, 0) + v.float() for key, v in s.items()}  # sums stay on the device
-            optimizer_step(trainable, optimizer, cfg, step)
+            optimizer_step(trainable, optimizer, cfg, step, clock)
             sums.append(torch.stack(list(acc.values())).double())
             counts.append(n_tokens)
     means = (all_sum(torch.stack(sums)) / torch.stack(counts)[:, None]).tolist()  # one host sync per step
@@ -558,7 +559,7 @@ def train_rl(cfg, algo):
         non_score = advantages(algo, cfg, b, scores, kl, beta, critic, ctx)
         clock.lap("advantages")
         # 5. update
-        stats = update(cfg, policy, critic, optimizer, b, step, ctx, beta if algo == "grpo" else 0.0)
+        stats = update(cfg, policy, critic, optimizer, b, step, ctx, beta if algo == "grpo" else 0.0, clock)
         clock.lap("update")
         # 6. adaptive KL coefficient (on the k1 KL of the batch), log, checkpoint
         #    (every mean over all processes' samples: global_mean)

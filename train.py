@@ -726,16 +726,21 @@ def lr_at(step, cfg):
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def optimizer_step(model, optimizer, cfg, step):
+def optimizer_step(model, optimizer, cfg, step, clock=None):
     """The one optimizer step of every stage: set the scheduled learning rate, clip the gradient norm to
     cfg.grad_clip (0: off), check the norm is finite, step, zero the gradients. Returns (lr, grad_norm). Under
     torchrun the gradients are first summed over the processes (all_reduce_grads), so every process clips the same
-    norm and takes the same step."""
+    norm and takes the same step; a Clock given charges that sum to its phase "grad_sum" (the work before it to
+    "update")."""
     lr = lr_at(step, cfg)
     for group in optimizer.param_groups:
         group["lr"] = lr
     if world() > 1:
+        if clock:
+            clock.lap("update")
         all_reduce_grads(model)
+        if clock:
+            clock.lap("grad_sum")
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
     check_finite(step, grad_norm=norm)

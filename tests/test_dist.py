@@ -166,6 +166,8 @@ def test_ppo_two_processes_run_and_rank0_alone_writes(tiny, tmp_path):
     assert [r["step"] for r in rows if "objective/scores" in r] == [1, 2, 3]
     assert [r["step"] for r in rows if "eval/score" in r] == [0, 3]
     assert rows[-2]["episodes"] == 24  # both processes' samples count
+    steps = [r for r in rows if "objective/scores" in r]
+    assert all(r["time/grad_sum_s"] > 0 and r["time/update_s"] > 0 for r in steps)  # the sums timed on their own
     assert out.count("step 2: ") == 1 and out.count("done: ") == 1  # rank 0 alone prints
     assert len(open(out_dir / "samples.jsonl").readlines()) == 8  # rank 0's evaluation: eval_iters x batch_size
     ckpt = torch.load(out_dir / "ckpt.pt", weights_only=True)

@@ -137,6 +137,7 @@ def test_interpolation_is_exact_on_a_hand_made_frontier_and_none_outside():
 
 def test_best_at_reads_the_frontier_of_unbeaten_points_flat_to_the_largest_kl():
     pts = [(0.0, 0.5), (4.0, 0.7), (2.0, 0.8), (8.0, 0.85), (6.0, 0.9)]  # (4, 0.7) and (8, 0.85) are beaten
+    assert pipeline.unbeaten(pts) == [(0.0, 0.5), (2.0, 0.8), (6.0, 0.9), (8.0, 0.9)]  # flat to the largest KL
     assert pipeline.best_at(pts, 1.0) == pytest.approx(0.65)
     assert pipeline.best_at(pts, 3.0) == pytest.approx(0.8 + 0.1 * 1 / 4)  # the line through all would say 0.75
     assert pipeline.best_at(pts, 7.0) == pytest.approx(0.9) and pipeline.best_at(pts, 8.0) == pytest.approx(0.9)
