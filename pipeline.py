@@ -346,7 +346,7 @@ class Scheduler:
                             on_done(ready[0])
                         continue
                     elif callbacks and not queue and not self.running:
-                        raise ValueError(f"on_done_after waits on jobs that are not in the list: {callbacks}")
+                        raise ValueError(f"on_done_after goes round in a circle: {callbacks}")  # a bug, not input
                     time.sleep(0.1)
         finally:
             self.kill_all()  # anything still running here is an error's orphan: none may outlive the pipeline
