@@ -14,7 +14,8 @@ them), bf16, at the peers' exact settings (../shared/peers/README.md):
 - ppo: `train.py ppo` as a user runs it: batch 64, prompt 64, response 64 (no EOS stop), 4 epochs, 1 minibatch,
   policy + reference + reward model + critic all 124M; episodes/s from the median step after warm-up, peak memory,
   and the step's split into generate / log-probs / reward / advantages / update (the stage's time/* metrics);
-  --ppo_gpus=2 also runs it under torchrun on 2 GPUs, with the same global batch.
+  --ppo_gpus=2 also runs it under torchrun on 2 GPUs, with the same global batch (and with --ppo_weak at 128, 64 per
+  GPU); under torchrun the split also has grad_sum, the gradient sums.
 - dpo: `train.py dpo`: 32 pairs, prompt 64, responses 64, reference on the fly.
 Each row's peer is timed by ../shared/peers/run_all.sh in the same command, after ours; the table gives figure,
 peer figure and ratio, and bench.json holds everything. Timings are medians over steps after warm-up.
@@ -139,18 +140,20 @@ def stage(args, out_dir, nproc=1):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def bench_ppo(folder, out, steps=10, warmup=4, compile=False, nproc=1):
+def bench_ppo(folder, out, steps=10, warmup=4, compile=False, nproc=1, batch=64):
+    """PPO steps of `batch` episodes in one minibatch (4 optimizer steps); with nproc > 1 each process takes
+    batch / nproc of them, and under torchrun the split shows the gradient sums apart (grad_sum)."""
     rows = stage(["ppo", f"--init_from={folder}/policy.pt", f"--reward={folder}/reward.pt",
-                  f"--prompts={folder}/prompts.jsonl", "--batch_size=64", "--minibatch_size=64",
+                  f"--prompts={folder}/prompts.jsonl", f"--batch_size={batch}", f"--minibatch_size={batch}",
                   "--micro_batch_size=64", "--num_epochs=4", "--max_new_tokens=64", "--temperature=1.0",
                   "--no_eos_rule=keep", f"--max_iters={warmup + steps}", "--eval_interval=100000",
                   "--ckpt_interval=100000", f"--compile={compile}"],
-                 os.path.join(out, f"ppo-compile{int(compile)}-gpus{nproc}"), nproc)
+                 os.path.join(out, f"ppo-compile{int(compile)}-gpus{nproc}-batch{batch}"), nproc)
     rows = [r for r in rows if "time/step_s" in r][warmup:]
     dt = statistics.median(r["time/step_s"] for r in rows)
     split = {k[5:-2]: statistics.median(r[k] for r in rows) for k in rows[0] if k.startswith("time/") and
              k != "time/step_s"}
-    return dict(episodes_per_s=64 / dt, step_s=dt, split_s=split, peak_gib=rows[-1].get("memory/peak_gib"))
+    return dict(episodes_per_s=batch / dt, step_s=dt, split_s=split, peak_gib=rows[-1].get("memory/peak_gib"))
 
 
 def bench_dpo(folder, out, steps=12, warmup=4, compile=False):
@@ -215,6 +218,8 @@ def main(argv=None):
     p.add_argument("--rows", default="sample,train,ppo,dpo", help="which of sample,train,ppo,dpo to time")
     p.add_argument("--compile", default="off,on", help="PPO/DPO with --compile: off, on or off,on")
     p.add_argument("--ppo_gpus", type=int, default=1, help="also time the PPO row under torchrun on 2..N GPUs")
+    p.add_argument("--ppo_weak", action="store_true", help="with --ppo_gpus: also n GPUs at n x 64 episodes per "
+                                                           "step (weak scaling: each GPU keeps one GPU's 64)")
     p.add_argument("--peers", default=os.path.join(ROOT, "..", "shared", "peers", "run_all.sh"),
                    help="the peers' run_all.sh (copy the peers folder to the GPU machine), or none")
     p.add_argument("--out", default="out/bench", help="folder for bench.json, the inputs and the stages' runs")
@@ -248,6 +253,9 @@ def main(argv=None):
             measure(f"ppo_compile{int(c)}", bench_ppo, folder, a.out, compile=c)
             for n in range(2, a.ppo_gpus + 1):  # the same global batch of 64, split over n processes
                 measure(f"ppo_compile{int(c)}_gpus{n}", bench_ppo, folder, a.out, compile=c, nproc=n)
+                if a.ppo_weak:  # 64 per process: n x 64 episodes per step, each GPU doing one GPU's work
+                    measure(f"ppo_compile{int(c)}_gpus{n}_batch{64 * n}", bench_ppo, folder, a.out, compile=c,
+                            nproc=n, batch=64 * n)
         if "dpo" in rows:
             measure(f"dpo_compile{int(c)}", bench_dpo, folder, a.out, compile=c)
     if a.peers != "none":
