@@ -670,13 +670,18 @@ def stages(cfg, run, scheduler, preset, methods, files, sft):
 # -----------------------------------------------------------------------------
 # the summary: gold reward at fixed KL, and Gao et al.'s functional forms
 
-def interpolate(points, x):
-    """The value at x of the piecewise-linear curve through points [(kl, value)], sorted by KL (points at one KL
-    averaged); None outside [smallest KL, largest KL]."""
-    by_kl = {}
+def by_kl(points):
+    """[(kl, value)] -> the same sorted by KL, the values of points at one KL averaged."""
+    groups = {}
     for kl, v in points:
-        by_kl.setdefault(kl, []).append(v)
-    pts = sorted((kl, sum(vs) / len(vs)) for kl, vs in by_kl.items())
+        groups.setdefault(kl, []).append(v)
+    return sorted((kl, sum(vs) / len(vs)) for kl, vs in groups.items())
+
+
+def interpolate(points, x):
+    """The value at x of the piecewise-linear curve through points [(kl, value)] (by_kl); None outside [smallest
+    KL, largest KL]."""
+    pts = by_kl(points)
     if not pts or not pts[0][0] <= x <= pts[-1][0]:
         return None
     for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
@@ -692,10 +697,7 @@ def unbeaten(points):
     mixed and a KL at most theirs mixed (KL is convex), so the chord between two points is reached at or below its
     KL. A beaten point (an early checkpoint of a low-beta run, say) changes nothing, so evaluating more checkpoints
     can only raise a method's frontier, never lower it."""
-    by_kl = {}
-    for kl, v in points:
-        by_kl.setdefault(kl, []).append(v)
-    pts = sorted((kl, sum(vs) / len(vs)) for kl, vs in by_kl.items())
+    pts = by_kl(points)
     front = [(kl, v) for kl, v in pts if not any(k <= kl and w >= v and (k, w) != (kl, v) for k, w in pts)]
     if pts and pts[-1][0] > front[-1][0]:
         front.append((pts[-1][0], front[-1][1]))
@@ -704,8 +706,7 @@ def unbeaten(points):
 
 def best_at(points, x):
     """The gold reward at KL x on the frontier of `points` (unbeaten); None outside [smallest KL, largest KL]."""
-    front = unbeaten(points)
-    return interpolate(front, x) if front and front[0][0] <= x <= front[-1][0] else None
+    return interpolate(unbeaten(points), x)  # the frontier spans the points' KLs: None outside them
 
 
 def frontier(policies, method):
