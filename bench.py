@@ -15,7 +15,7 @@ them), bf16, at the peers' exact settings (../shared/peers/README.md):
   policy + reference + reward model + critic all 124M; episodes/s from the median step after warm-up, peak memory,
   and the step's split into generate / log-probs / reward / advantages / update (the stage's time/* metrics);
   --ppo_gpus=2 also runs it under torchrun on 2 GPUs, with the same global batch (and with --ppo_weak at 128, 64 per
-  GPU); under torchrun the split also has grad_sum, the gradient sums.
+  GPU, and one GPU at 128); under torchrun the split also has grad_sum, the gradient sums.
 - dpo: `train.py dpo`: 32 pairs, prompt 64, responses 64, reference on the fly.
 Each row's peer is timed by ../shared/peers/run_all.sh in the same command, after ours; the table gives figure,
 peer figure and ratio, and bench.json holds everything. Timings are medians over steps after warm-up.
@@ -251,6 +251,8 @@ def main(argv=None):
     for c in compiles:
         if "ppo" in rows:
             measure(f"ppo_compile{int(c)}", bench_ppo, folder, a.out, compile=c)
+            if a.ppo_weak and a.ppo_gpus > 1:  # one GPU at 128: what a larger batch alone gives
+                measure(f"ppo_compile{int(c)}_batch128", bench_ppo, folder, a.out, compile=c, batch=128)
             for n in range(2, a.ppo_gpus + 1):  # the same global batch of 64, split over n processes
                 measure(f"ppo_compile{int(c)}_gpus{n}", bench_ppo, folder, a.out, compile=c, nproc=n)
                 if a.ppo_weak:  # 64 per process: n x 64 episodes per step, each GPU doing one GPU's work

@@ -9,13 +9,13 @@ torchrun (WORLD_SIZE unset) nothing below happens: no process group, no collecti
   micro-batches of --micro_batch_size (gradient accumulation); each loss is weighted by its share of the global
   batch (items, or response tokens for SFT pairs and the RL losses), so the summed gradient is the global batch's
   and the loss curve is the same for any number of processes and any micro-batch size (up to float rounding).
-- Gradients are summed across processes in the one optimizer step (optimizer_step -> all_reduce_grads: flat buckets
-  of 2^26 numbers, one all_reduce each, before the clipping), not by wrapping the models in DistributedDataParallel.
-  Why: our losses reach the weights through model.hidden and model.response_logprobs, and PPO's critic and policy
-  share one optimizer (and, with --critic=shared, one trunk); DDP's gradient hooks are armed by its wrapper's
-  forward(), which these calls bypass, and routing every stage through it would need a forward() per loss shape.
-  Summing in the step costs one exchange per optimizer step whatever the accumulation (DDP needs no_sync() for
-  that), but after the backward passes rather than overlapped with them, which is DDP's speed-up.
+- Gradients are summed across processes by our own GradSum, made with the optimizer and finished by the one
+  optimizer step before the clipping, not by wrapping the models in DistributedDataParallel. Why: our losses reach
+  the weights through model.hidden and model.response_logprobs, and PPO's critic and policy share one optimizer
+  (and, with --critic=shared, one trunk); DDP's gradient hooks are armed by its wrapper's forward(), which these
+  calls bypass, and routing every stage through it would need a forward() per loss shape. GradSum does what DDP
+  does: buckets of gradients summed (all_reduce) as the backward pass of the step's last micro-batch completes them,
+  overlapped with the rest of that pass; one exchange per optimizer step whatever the accumulation.
 - Every process starts from rank 0's weights (make_optimizer broadcasts them) and takes the same steps, so every
   process holds the same weights; rank 0 alone writes the run folder (lock, config.json, metrics, summary,
   checkpoints) and prints. Random streams are offset per rank (rank_seed); rank 0 draws what one process draws.
@@ -103,12 +103,26 @@ def my_share(items):
     return items[n * r // w:n * (r + 1) // w]
 
 
-def micro_batches(items, size):
+def micro_batches(items, size, optimizer=None):
     """This process's share of a global batch cut into micro-batches of at most `size` items (0: one), for gradient
-    accumulation. A process whose share is empty gets none (and contributes no gradient)."""
+    accumulation. A process whose share is empty gets none (and contributes no gradient). With the optimizer given,
+    its gradient sum starts during the last micro-batch's backward pass (accumulate)."""
     mine = my_share(items)
     size = size or max(1, len(mine))
-    return [mine[i:i + size] for i in range(0, len(mine), size)]
+    parts = [mine[i:i + size] for i in range(0, len(mine), size)]
+    return accumulate(parts, optimizer, len(items) >= world()) if optimizer is not None else parts
+
+
+def accumulate(parts, optimizer, every_process=True):
+    """Yield the micro-batches of one optimizer step; under torchrun, before the last one, arm the optimizer's
+    GradSum, so that the gradient sum over the processes starts during that micro-batch's backward pass.
+    every_process: every process has a micro-batch in this step (a global fact, the same on each process: a process
+    with none runs no backward, so none may start a sum, and the step sums them all at the end instead)."""
+    parts = list(parts)
+    for i, part in enumerate(parts):
+        if i == len(parts) - 1 and every_process and getattr(optimizer, "grad_sum", None) is not None:
+            optimizer.grad_sum.arm()
+        yield part
 
 
 def world_note(cfg):
@@ -129,13 +143,19 @@ def all_sum(x):
     return t.to(x.device) if isinstance(x, torch.Tensor) else t.item()
 
 
+def global_means(**xs):
+    """The mean of each tensor's entries over every process's tensor of that name, as floats ({name: mean}): one
+    collective and one host sync for them all."""
+    if world() == 1:
+        return dict(zip(xs, torch.stack([x.float().mean() for x in xs.values()]).tolist()))
+    sums = all_sum(torch.stack([torch.stack([x.double().sum(), x.new_tensor(x.numel(), dtype=torch.float64)])
+                                for x in xs.values()])).tolist()
+    return {name: s / max(n, 1) for name, (s, n) in zip(xs, sums)}
+
+
 def global_mean(x):
     """The mean of tensor x's entries over every process's x, as a float."""
-    if world() == 1:
-        return x.float().mean().item()
-    s, n = all_sum(torch.stack([x.double().sum(), torch.tensor(float(x.numel()), device=x.device,
-                                                                dtype=torch.float64)])).tolist()
-    return s / max(n, 1)
+    return global_means(x=x)["x"]
 
 
 def all_mean(metrics, n):
@@ -176,6 +196,85 @@ def broadcast_from_rank0(model):
     import torch.distributed as dist
     for t in list(model.parameters()) + list(model.buffers()):
         dist.broadcast(t.data, src=0)
+
+
+class GradSum:
+    """The gradient sum over the processes, overlapped with the backward pass of each optimizer step's last
+    micro-batch (DistributedDataParallel's bucketing, on our own optimizer step; see the module's docstring).
+
+    The trainable parameters are cut into buckets of up to 2^23 numbers, in reverse order (the output end of a model
+    gets its gradients first). A hook on each parameter (register_post_accumulate_grad_hook) counts the gradients
+    that are complete; once a bucket's are, it is flattened and its all_reduce starts (async_op), while backward
+    goes on through the earlier layers. Buckets start strictly in order, so every process issues the same sequence
+    of collectives whatever the order its hooks fire in. optimizer_step then waits for them (finish).
+
+    Which parameters get a gradient is learnt from the first optimizer step, summed at its end as before
+    (all_reduce_grads, which agrees it over the processes); a later step whose loss reaches a parameter the first
+    did not is stopped with an error, as a gradient missing from the sum would train silently wrong. Hooks are armed
+    only for the last micro-batch of a step whose every process has one (accumulate): gradients of earlier
+    micro-batches are still partial, and a process without a micro-batch runs no backward."""
+
+    def __init__(self, model, bucket_numel=2**23):
+        params = [p for p in model.parameters() if p.requires_grad][::-1]
+        self.buckets, size = [], 0
+        for p in params:
+            if not self.buckets or size + p.numel() > bucket_numel or p.dtype != self.buckets[-1][0].dtype:
+                self.buckets.append([])
+                size = 0
+            self.buckets[-1].append(p)
+            size += p.numel()
+        self.index = {p: i for i, bucket in enumerate(self.buckets) for p in bucket}
+        self.expected, self.armed, self.works = None, False, []  # expected: per bucket, what the first step reached
+        for p in params:
+            p.register_post_accumulate_grad_hook(self._ready)
+
+    def arm(self):
+        """Start summing as this backward pass completes buckets (from the second optimizer step on)."""
+        if self.expected is not None:
+            self.armed, self.fired, self.works = True, [set() for _ in self.buckets], []
+
+    def _ready(self, p):
+        if not self.armed:
+            return
+        i = self.index[p]
+        if p not in self.expected[i]:
+            raise RuntimeError("a parameter got a gradient that the first optimizer step's loss did not give it; the "
+                               "overlapped gradient sum needs every step's loss to reach the same parameters")
+        self.fired[i].add(p)
+        while len(self.works) < len(self.buckets) and self.fired[len(self.works)] >= self.expected[len(self.works)]:
+            self._start(len(self.works))
+
+    def _start(self, i):
+        import torch.distributed as dist
+        from torch._utils import _flatten_dense_tensors
+        grads = [p.grad for p in self.buckets[i] if p in self.expected[i]]
+        flat = _flatten_dense_tensors(grads) if grads else None
+        self.works.append((grads, flat, dist.all_reduce(flat, async_op=True) if grads else None))
+
+    @torch.no_grad()
+    def finish(self, model):
+        """The sum of this step's gradients, on every process: wait for the buckets started during backward and
+        sum the others now. The first step (or one whose hooks were not armed) sums them all here."""
+        from torch._utils import _unflatten_dense_tensors
+        if not self.armed:
+            all_reduce_grads(model)
+            if self.expected is None:
+                self.expected = [{p for p in bucket if p.grad is not None} for bucket in self.buckets]
+            return
+        for bucket, expected in zip(self.buckets, self.expected):
+            if any(p.grad is not None and p not in expected for p in bucket):
+                raise RuntimeError("a parameter got a gradient that the first optimizer step's loss did not give it")
+            for p in expected:
+                if p.grad is None:  # reached by the first step's loss, not by this micro-batch's: counts zero
+                    p.grad = torch.zeros_like(p)
+        while len(self.works) < len(self.buckets):
+            self._start(len(self.works))
+        for grads, flat, work in self.works:
+            if work is not None:
+                work.wait()
+                for old, new in zip(grads, _unflatten_dense_tensors(flat, grads)):
+                    old.copy_(new)
+        self.armed, self.works = False, []
 
 
 @torch.no_grad()

@@ -222,7 +222,7 @@ def train(cfg):
         #     (this process's share of them, in micro-batches: gradient accumulation over sums / B)
         idx = epoch_indices(len(train_rows), step, cfg.batch_size, cfg.seed, total)
         parts = []
-        for part in micro_batches(idx, cfg.micro_batch_size):
+        for part in micro_batches(idx, cfg.micro_batch_size, optimizer):
             ref_lp = ref_logps("train", train_rows, part)  # (2, b)
             # 3b. policy log-probs, chosen and rejected in one forward pass
             logps, inputs = forward(train_rows, part)  # (2, b)

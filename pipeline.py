@@ -624,6 +624,10 @@ def stages(cfg, run, scheduler, preset, methods, files, sft):
                     then[run_dir] = [os.path.dirname(rep["proxy"])]  # evaluated with it, so after it
                     if f"--reward={rep['proxy']}" in args[m]:
                         after[run_dir] = then[run_dir]
+    # the longest runs start first (the DPO-like ones: ~690 optimizer steps each in the gpu preset), after the
+    # reward models the RL runs wait for: a queue ordered replicate by replicate ended, on 2 GPUs, with two of them
+    # still running alone
+    todo[len(reps):] = sorted(todo[len(reps):], key=lambda job: job[0] not in ("dpo", "sft"))
     evaluate = Evaluator(sft_ckpt, eval_prompts, cfg, preset["max_new_tokens"])
 
     def on_done(out_dir):

@@ -58,7 +58,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from data import derived_seed, epoch_indices, load_prompts, write_jsonl
-from dist import all_sum, gather_objects, global_mean, is_main, my_share, rank_seed, world
+from dist import accumulate, all_sum, gather_objects, global_mean, global_means, is_main, my_share, rank_seed, world
 from model import ScalarHead, last_real_index, response_logprobs
 from reward import RewardModel, RewardSpec, load_reward_model, make_reward
 from train import (Clock, ConfigError, OptimConfig, Run, RunConfig, Samples, TrainConfig, check_finite, disable_dropout,
@@ -395,7 +395,9 @@ def update(cfg, policy, critic, optimizer, b, step, ctx, kl_loss_coef=0.0, clock
         epoch_tokens = all_sum(torch.stack([b.resp_mask[mb].sum() for mb in mbs])).clamp(min=1)
         for mb, n_tokens in zip(mbs, epoch_tokens):
             acc = {}
-            for micro in mb.split(cfg.micro_batch_size):
+            # every process has a micro-batch in every minibatch (check_rl_config), so the gradient sum starts
+            # during the last one's backward
+            for micro in accumulate(mb.split(cfg.micro_batch_size), optimizer):
                 ids, mask, m = b.ids[micro], b.mask[micro], b.resp_mask[micro]
                 with ctx:
                     logp, entropy = response_logprobs(policy, ids, mask, b.R, cfg.temperature, with_entropy=True)
@@ -562,21 +564,24 @@ def train_rl(cfg, algo):
         stats = update(cfg, policy, critic, optimizer, b, step, ctx, beta if algo == "grpo" else 0.0, clock)
         clock.lap("update")
         # 6. adaptive KL coefficient (on the k1 KL of the batch), log, checkpoint
-        #    (every mean over all processes' samples: global_mean)
-        kl_ctl.update(global_mean(kl_seq), cfg.batch_size)
+        #    (every mean over all processes' samples, in one exchange: global_means)
+        means = global_means(scores=b.scores, kl=kl_seq, entropy=b.entropy.sum(1), non_score=non_score,
+                             rlhf=scores + non_score, length=b.resp_mask.sum(1), no_eos=b.no_eos.float())
+        kl_ctl.update(means["kl"], cfg.batch_size)
         done = step + 1
         ratios = torch.tensor([s["val/ratio"] for s in stats])
-        metrics = {"objective/scores": global_mean(b.scores),  # the reward's own, before the rule and whitening
-                   "objective/kl": global_mean(kl_seq), "objective/entropy": global_mean(b.entropy.sum(1)),
-                   "objective/non_score_reward": global_mean(non_score),
-                   "objective/rlhf_reward": global_mean(scores + non_score), "objective/kl_coef": beta,
+        metrics = {"objective/scores": means["scores"],  # the reward's own, before the rule and whitening
+                   "objective/kl": means["kl"], "objective/entropy": means["entropy"],
+                   "objective/non_score_reward": means["non_score"],
+                   "objective/rlhf_reward": means["rlhf"], "objective/kl_coef": beta,
                    **{key: sum(s[key] for s in stats) / len(stats) for key in stats[0]},
                    "val/ratio_var": ratios.var(correction=0).item(),
-                   "val/num_eos_missing": int(all_sum(b.no_eos.sum())),
-                   "response_length": global_mean(b.resp_mask.sum(1)), "lr": optimizer.param_groups[0]["lr"],
+                   "val/num_eos_missing": round(means["no_eos"] * cfg.batch_size),
+                   "response_length": means["length"], "lr": optimizer.param_groups[0]["lr"],
                    "episodes": done * cfg.batch_size}
         if critic is not None:  # how well the values at rollout time predicted the returns
             metrics["val/explained_variance"] = explained_variance(b.old_values, b.returns, b.resp_mask).item()
+        clock.lap("metrics")
         if done % cfg.log_interval == 0 or done == cfg.max_iters:
             run.log(done, **metrics, **{"time/step_s": time.time() - t0},
                     **{f"time/{phase}_s": v for phase, v in clock.laps.items()})

@@ -378,7 +378,7 @@ def train(cfg):
         # (this process's share of them, in micro-batches: gradient accumulation, each loss weighted by its share)
         idx = epoch_indices(len(train_rows), step, cfg.batch_size, cfg.seed, total)
         loss, scores = 0.0, []
-        for part in micro_batches(idx, cfg.micro_batch_size):
+        for part in micro_batches(idx, cfg.micro_batch_size, optimizer):
             ids, mask, _ = pair_batch(train_rows, part, device)
             with ctx:
                 r_chosen, r_rejected = model(ids, mask).float().view(2, -1)  # (b,) each

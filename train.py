@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from dist import (all_reduce_grads, all_sum, any_rank, broadcast_from_rank0, from_rank0, init_distributed, is_main,
+from dist import (GradSum, all_sum, any_rank, broadcast_from_rank0, from_rank0, init_distributed, is_main,
                   micro_batches, rank, rank_seed, shutdown, world, world_note)
 from model import GPT, GPTConfig, response_logprobs
 
@@ -714,8 +714,10 @@ def make_optimizer(model, cfg, device):
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
-                             fused=str(device).startswith("cuda"))
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+                                  fused=str(device).startswith("cuda"))
+    optimizer.grad_sum = GradSum(model) if world() > 1 else None  # the gradient sum over processes (dist.py)
+    return optimizer
 
 
 def lr_at(step, cfg):
@@ -729,16 +731,16 @@ def lr_at(step, cfg):
 def optimizer_step(model, optimizer, cfg, step, clock=None):
     """The one optimizer step of every stage: set the scheduled learning rate, clip the gradient norm to
     cfg.grad_clip (0: off), check the norm is finite, step, zero the gradients. Returns (lr, grad_norm). Under
-    torchrun the gradients are first summed over the processes (all_reduce_grads), so every process clips the same
-    norm and takes the same step; a Clock given charges that sum to its phase "grad_sum" (the work before it to
-    "update")."""
+    torchrun the gradients are first summed over the processes (GradSum: started during the last micro-batch's
+    backward, finished here), so every process clips the same norm and takes the same step; a Clock given charges
+    the wait for that sum to its phase "grad_sum" (the work before it to "update")."""
     lr = lr_at(step, cfg)
     for group in optimizer.param_groups:
         group["lr"] = lr
     if world() > 1:
         if clock:
             clock.lap("update")
-        all_reduce_grads(model)
+        optimizer.grad_sum.finish(model)
         if clock:
             clock.lap("grad_sum")
     params = [p for p in model.parameters() if p.grad is not None]
@@ -817,7 +819,7 @@ def sft(cfg):
 
         def train_batches(step):  # this process's micro-batches of the step's windows, each with its share
             x, y = train_stream.batch(step)
-            for rows in micro_batches(range(cfg.batch_size), cfg.micro_batch_size):
+            for rows in micro_batches(range(cfg.batch_size), cfg.micro_batch_size, optimizer):
                 yield (x[rows.start:rows.stop].to(device), y[rows.start:rows.stop].to(device)), len(rows) / len(x)
         print(f"corpus: {len(train_data):,} training tokens, {len(eval_data):,} held out")
     else:
@@ -829,7 +831,7 @@ def sft(cfg):
         def train_batches(step):  # each micro-batch's share is its share of the batch's response tokens
             idx = epoch_indices(len(train_data), step, cfg.batch_size, cfg.seed)
             n_tokens = sum(len(train_data[i][1]) for i in idx)
-            for part in micro_batches(idx, cfg.micro_batch_size):
+            for part in micro_batches(idx, cfg.micro_batch_size, optimizer):
                 yield example_batch(train_data, part, device), sum(len(train_data[i][1]) for i in part) / n_tokens
         print(f"pairs: {len(train_data):,} training examples, {len(eval_data):,} held out")
     # 2. model

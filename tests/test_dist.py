@@ -151,6 +151,48 @@ def test_reward_two_processes_give_the_loss_curve_of_one(tiny, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# the overlapped gradient sum against the plain one
+
+def _grad_sum_process(rank, store):
+    import torch.distributed as tdist
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2")
+    tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    torch.manual_seed(0)  # the same weights on both processes; each its own data
+    model = torch.nn.ModuleDict(dict(gpt=GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8)),
+                                     unused=torch.nn.Linear(3, 3)))  # reached by no loss below but the last
+    data = [torch.randint(0, 100, (3, 8), generator=torch.Generator().manual_seed(10 * r + i)) for r in range(2)
+            for i in range(2)]  # process r's two micro-batches: data[2r], data[2r + 1]
+    loss = lambda x: model["gpt"](x[:, :-1], x[:, 1:])[1]
+    expected = [torch.autograd.grad(sum(loss(x) for x in data), p, allow_unused=True)[0]
+                for p in model.parameters()]  # both processes' micro-batches in one process
+    opt = type("Optimizer", (), {})()
+    opt.grad_sum = gs = dist.GradSum(model, bucket_numel=500)  # many buckets
+    assert len(gs.buckets) > 5
+    for step in range(3):  # the first sums at the end (and learns what the loss reaches); the others overlap
+        for x in dist.accumulate(data[2 * rank:2 * rank + 2], opt):
+            loss(x).backward()
+        assert len(gs.works) == (len(gs.buckets) if step else 0)  # every bucket started during the last backward
+        gs.finish(model)
+        for p, e in zip(model.parameters(), expected):
+            assert (p.grad is None) if e is None else torch.allclose(p.grad, e, rtol=1e-5, atol=1e-6)
+            p.grad = None
+    for x in dist.accumulate(data[2 * rank:2 * rank + 1], opt):  # a loss that reaches a parameter the first did not
+        try:
+            (loss(x) + model["unused"].weight.sum()).backward()
+            raise AssertionError("no error")
+        except RuntimeError as e:
+            assert "the first optimizer step" in str(e)
+    tdist.destroy_process_group()
+
+
+def test_overlapped_gradient_sum_is_the_sum_of_every_process_micro_batch(tmp_path):
+    """GradSum on 2 gloo processes with two micro-batches each: the gradients after finish() are those of all four
+    micro-batches' loss in one process, with the sum started during the last backward (after the first step) and a
+    parameter no loss reaches left without a gradient; a later loss that reaches it is an error, not a wrong sum."""
+    torch.multiprocessing.spawn(_grad_sum_process, args=(str(tmp_path / "store"),), nprocs=2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # ppo: each process samples its share; rank 0 alone writes
 
 def test_ppo_two_processes_run_and_rank0_alone_writes(tiny, tmp_path):

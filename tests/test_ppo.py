@@ -442,7 +442,8 @@ def test_ppo_raises_the_score_with_the_kl_bounded(ppo_run):
                  "val/num_eos_missing", "objective/kl_coef"]:
         assert all(name in r for r in rows), name
     # one process: each step's time split into its phases, and no gradient sum to time
-    phases = {"time/generate_s", "time/logprobs_s", "time/reward_s", "time/advantages_s", "time/update_s"}
+    phases = {"time/generate_s", "time/logprobs_s", "time/reward_s", "time/advantages_s", "time/update_s",
+              "time/metrics_s"}
     assert all(phases <= set(r) and "time/grad_sum_s" not in r for r in rows)
     assert_learned(read_metrics(ppo_run))  # the evaluation rows too
     assert rows[0]["objective/kl"] < rows[-1]["objective/kl"]
