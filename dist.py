@@ -224,6 +224,7 @@ class GradSum:
             self.buckets[-1].append(p)
             size += p.numel()
         self.index = {p: i for i, bucket in enumerate(self.buckets) for p in bucket}
+        self.names = {p: name for name, p in model.named_parameters()}
         self.expected, self.armed, self.works = None, False, []  # expected: per bucket, what the first step reached
         for p in params:
             p.register_post_accumulate_grad_hook(self._ready)
@@ -238,11 +239,15 @@ class GradSum:
             return
         i = self.index[p]
         if p not in self.expected[i]:
-            raise RuntimeError("a parameter got a gradient that the first optimizer step's loss did not give it; the "
-                               "overlapped gradient sum needs every step's loss to reach the same parameters")
+            self._unexpected(p)
         self.fired[i].add(p)
         while len(self.works) < len(self.buckets) and self.fired[len(self.works)] >= self.expected[len(self.works)]:
             self._start(len(self.works))
+
+    def _unexpected(self, p):
+        from train import TrainingError
+        raise TrainingError(f"parameter {self.names[p]} got a gradient that the first optimizer step's loss did not "
+                            f"give it; under torchrun every step's loss must reach the same parameters (GradSum)")
 
     def _start(self, i):
         import torch.distributed as dist
@@ -262,8 +267,9 @@ class GradSum:
                 self.expected = [{p for p in bucket if p.grad is not None} for bucket in self.buckets]
             return
         for bucket, expected in zip(self.buckets, self.expected):
-            if any(p.grad is not None and p not in expected for p in bucket):
-                raise RuntimeError("a parameter got a gradient that the first optimizer step's loss did not give it")
+            for p in bucket:
+                if p.grad is not None and p not in expected:
+                    self._unexpected(p)
             for p in expected:
                 if p.grad is None:  # reached by the first step's loss, not by this micro-batch's: counts zero
                     p.grad = torch.zeros_like(p)

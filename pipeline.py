@@ -40,6 +40,7 @@ Simplifications, on purpose:
   and gets an EOS at its end, as every SFT response does).
 """
 import dataclasses
+import hashlib
 import importlib
 import json
 import math
@@ -57,8 +58,8 @@ from tqdm import tqdm
 from data import load_imdb, read_jsonl, write_jsonl
 from imdb import (ROOT, SFT_CPU_PATH, SFT_CPU_SHA256, SPLITS, check_sha256, file_sha256, gold_reward, imdb_files,
                   sft_samples, simulate_preferences, write_prompts)
-from train import (RESTART_KEYS, STAGES, ConfigError, Run, RunConfig, TrainingError, load_checkpoint, load_policy,
-                   model_from_checkpoint, opt, parse_config, read_json, setup_device, write_json)
+from train import (RESTART_KEYS, STAGES, ConfigError, Run, RunConfig, TrainingError, disable_dropout, load_checkpoint,
+                   load_policy, model_from_checkpoint, opt, parse_config, read_json, setup_device, write_json)
 
 # the one sampling temperature of the benchmark: every policy trains and is evaluated at it, and the reward model is
 # normalised on SFT samples drawn at it (a reward normalised at 0.7 would be off-centre on samples at 1.0)
@@ -395,20 +396,22 @@ class Evaluator:
     """Policies on the held-out prefixes at TEMPERATURE: gold reward, proxy reward, KL(pi || pi_ref) as the mean over
     samples of the sum over tokens of log pi - log pi_ref. The reference is loaded once, each replicate's proxy once,
     and every policy's weights go into one model (the decoding graphs captured for its tensors stay valid; a policy
-    of another shape gets a model of its own). Samples go to OUT_DIR/samples/NAME.jsonl."""
+    of another shape gets a model of its own). Samples go to OUT_DIR/samples/NAME.jsonl, and the result with what
+    made it (the policy's, proxy's and reference's files, the prefixes, seed and lengths) to NAME.json: a re-run of
+    the pipeline (after a stop, or to redraw the report) reuses every evaluation whose inputs are unchanged."""
 
     def __init__(self, ref_path, eval_prompts, cfg, max_new_tokens):
         self.device, self.ctx = setup_device(cfg)
         self.ref_path, self.prompts, self.max_new_tokens = ref_path, eval_prompts, max_new_tokens
-        self.ref = load_policy(ref_path, self.device)[0]
-        self.policy, self.proxies = None, {}
+        self.prompts_sha = hashlib.sha256(json.dumps(eval_prompts).encode()).hexdigest()
+        self.ref, self.policy, self.proxies = None, None, {}
 
     def load(self, path):
         if path == self.ref_path:
             return self.ref
         ckpt = load_checkpoint(path, "policy")
         if self.policy is None or dataclasses.asdict(self.policy.config) != ckpt["model_args"]:
-            self.policy = load_policy(path, self.device)[0]
+            self.policy = disable_dropout(model_from_checkpoint(ckpt, path)).to(self.device).eval()
         else:
             model_from_checkpoint(ckpt, path, self.policy)
         return self.policy
@@ -416,6 +419,15 @@ class Evaluator:
     def __call__(self, name, path, proxy_path, out_dir, seed):
         from ppo import evaluate_policy
         from reward import load_reward_model, score_texts
+        record = os.path.join(out_dir, "samples", f"{name}.json")
+        made_by = dict(policy=fingerprint(path), proxy=fingerprint(proxy_path), ref=fingerprint(self.ref_path),
+                       prompts=self.prompts_sha, seed=seed, max_new_tokens=self.max_new_tokens,
+                       temperature=TEMPERATURE)
+        stored = read_json(record) if os.path.exists(record) else None
+        if stored and stored["made_by"] == made_by:
+            return stored["result"]
+        if self.ref is None:
+            self.ref = load_policy(self.ref_path, self.device)[0]
         if proxy_path not in self.proxies:
             self.proxies[proxy_path] = load_reward_model(proxy_path, self.device)
         policy = self.load(path)
@@ -429,7 +441,9 @@ class Evaluator:
         write_jsonl(os.path.join(out_dir, "samples", f"{name}.jsonl"),
                     [dict(prefix=s["prompt"], response=s["response"], gold=s["score"], proxy=pr, kl=s["kl"])
                      for s, pr in zip(ev["samples"], prox)])
-        return dict(gold=ev["score"], proxy=sum(prox) / len(prox), kl=ev["kl"], length=ev["length"])
+        result = dict(gold=ev["score"], proxy=sum(prox) / len(prox), kl=ev["kl"], length=ev["length"])
+        write_json(record, dict(made_by=made_by, result=result))  # after the samples: a stop between re-evaluates
+        return result
 
 
 def best_of_n(sft_path, proxy_path, prompts, pool, cfg, max_new_tokens, seed):

@@ -362,9 +362,11 @@ def test_tiny_pipeline_reuses_what_it_made_and_never_mixes_runs(tiny):
     out, _ = tiny  # (this test changes the folder: it runs last)
     res = read_json(out / "results.json")["replicates"][0]["policies"]
     dpo_inputs = read_json(out / "rep1" / "runs" / "dpo_beta0.1_seed1" / "inputs.json")
-    # again: every sub-run reused, the same numbers
+    # again: every sub-run and every evaluation reused (no samples drawn again), the same numbers
+    written = {f: f.stat().st_mtime_ns for f in (out / "rep1" / "samples").iterdir()}
     run_cli("pipeline", "--preset=tiny", f"--out_dir={out}", timeout=600)
     assert read_json(out / "results.json")["replicates"][0]["policies"] == res
+    assert {f: f.stat().st_mtime_ns for f in (out / "rep1" / "samples").iterdir()} == written
 
     # prompts or preferences made by something else (here: their records edited) are refused, naming the file
     for record, key, value in (("prompts.json", "seed", 99), ("rep1/preferences.json", "made_by", {})):
