@@ -496,7 +496,7 @@ def train_rl(cfg, algo):
     ref, _ = load_policy(cfg.ref or cfg.init_from, device, frozen_dtype(cfg), cfg.compile)
     ref.requires_grad_(False)
     reward_fn = make_reward(cfg.reward, device, cfg.reward_weights, cfg.reward_combine, cfg.unsafe_prompts,
-                            cfg.micro_batch_size)
+                            cfg.micro_batch_size, frozen_dtype(cfg))
     prompts = load_prompts(cfg.prompts, cfg.max_prompts or None)
     eval_prompts = load_prompts(cfg.eval_prompts, cfg.eval_iters * cfg.batch_size) if cfg.eval_prompts else []
     critic = make_critic(cfg, policy, device) if algo == "ppo" else None
@@ -654,7 +654,7 @@ def best_of_n(cfg):
     device, ctx = setup_device(cfg)
     policy, _ = load_policy(cfg.init_from, device)
     reward_fn = make_reward(cfg.reward, device, cfg.reward_weights, cfg.reward_combine, cfg.unsafe_prompts,
-                            cfg.batch_size)
+                            cfg.batch_size, frozen_dtype(cfg))
     all_prompts = load_prompts(cfg.prompts, cfg.max_prompts or None)
     prompts = my_share(all_prompts)  # under torchrun each process samples its share; rank 0 gathers and writes
     # N samples per prompt, scored; keep each prompt's best (Llama 2's rejection sampling keeps the same)

@@ -223,15 +223,16 @@ def call_user_reward(fn, spec, prompts, responses):
     return values
 
 
-def reward_component(spec, device, batch_size):
-    """One reward, checked: its scores as a float32 tensor (B,) on device."""
+def reward_component(spec, device, batch_size, dtype=None):
+    """One reward, checked: its scores as a float32 tensor (B,) on device. dtype: a reward model's weights'
+    (load_reward_model)."""
     if spec.endswith(".py"):
         raise ConfigError(f"--reward={spec}: name the function too, as FILE.py:FUNCTION")
     if ".py:" in spec:
         fn = load_function(spec)
         get = lambda prompts, responses: call_user_reward(fn, spec, prompts, responses)
     else:
-        model = load_reward_model(spec, device)
+        model = load_reward_model(spec, device, dtype)
         get = lambda prompts, responses: torch.tensor(score_texts(model, prompts, responses, device, batch_size))
 
     def scores(prompts, responses):
@@ -252,18 +253,19 @@ def llama2_reward(helpful, safety, unsafe, threshold=0.15):
     return torch.where(unsafe | (torch.sigmoid(safety) < threshold), safety, helpful)
 
 
-def make_reward(spec, device, weights="", combine="sum", unsafe_prompts="", batch_size=64):
+def make_reward(spec, device, weights="", combine="sum", unsafe_prompts="", batch_size=64, dtype=None):
     """The reward of every RL stage: fn(prompts, responses) -> float32 tensor (B,) on device.
 
     spec: a reward checkpoint (scored by score_texts: normalised, read at the last real token), FILE.py:FUNCTION
     (a user's function returning one float per response), or several of these, comma-separated, combined as the
     weighted sum with `weights` ("1,0.5"), or with combine="llama2" (helpfulness first, safety second; a prompt is
-    flagged unsafe when it is in the `unsafe_prompts` file)."""
+    flagged unsafe when it is in the `unsafe_prompts` file). dtype: the reward models' weights (train.frozen_dtype:
+    bfloat16 when the run computes in it, half the memory)."""
     from data import load_prompts
     specs = [s.strip() for s in spec.split(",") if s.strip()]
     if not specs:
         raise ConfigError("--reward is required: a reward checkpoint, FILE.py:FUNCTION, or several, comma-separated")
-    parts = [reward_component(s, device, batch_size) for s in specs]
+    parts = [reward_component(s, device, batch_size, dtype) for s in specs]
     if combine == "llama2":
         if len(parts) != 2 or weights:
             raise ConfigError("--reward_combine=llama2 takes two rewards (helpfulness, safety) and no --reward_weights")

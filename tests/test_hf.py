@@ -405,6 +405,11 @@ def test_frozen_models_load_in_bfloat16_and_keep_their_scores_close(tmp_path):
     ids, mask = right_padded(6)
     with torch.no_grad():
         assert (half.score(ids, mask) - rm.score(ids, mask)).abs().max() < 0.1
+    from reward import make_reward  # the RL stages' reward, with frozen_dtype(cfg): the same model in bf16
+    prompts, responses = ["A film", "The plot"], [" was good", " dragged on and on"]
+    full, low = (make_reward(str(tmp_path / "rm.pt"), "cpu", dtype=d)(prompts, responses)
+                 for d in (None, torch.bfloat16))
+    assert full.dtype == low.dtype == torch.float32 and 0 < (full - low).abs().max() < 0.1
     assert train.frozen_dtype(train.parse_config(train.SampleConfig, ["--dtype=bfloat16"])) == torch.bfloat16
     assert train.frozen_dtype(train.parse_config(train.SampleConfig, ["--dtype=float32"])) is None
 
