@@ -203,16 +203,22 @@ class GradSum:
     micro-batch (DistributedDataParallel's bucketing, on our own optimizer step; see the module's docstring).
 
     The trainable parameters are cut into buckets of up to 2^23 numbers, in reverse order (the output end of a model
-    gets its gradients first); 2^25 made the 2-GPU PPO benchmark 10% slower (README). A hook on each parameter (register_post_accumulate_grad_hook) counts the gradients
-    that are complete; once a bucket's are, it is flattened and its all_reduce starts (async_op), while backward
-    goes on through the earlier layers. Buckets start strictly in order, so every process issues the same sequence
-    of collectives whatever the order its hooks fire in. optimizer_step then waits for them (finish).
+    gets its gradients first); 2^25 made the 2-GPU PPO benchmark 10% slower (README). A hook on each parameter
+    (register_post_accumulate_grad_hook) counts the gradients that are complete; once a bucket's are, it is flattened
+    and its all_reduce starts (async_op), while backward goes on through the earlier layers. Buckets start strictly
+    in order, so every process issues the same sequence of collectives whatever the order its hooks fire in.
+    optimizer_step then waits for them (finish).
 
     Which parameters get a gradient is learnt from the first optimizer step, summed at its end as before
     (all_reduce_grads, which agrees it over the processes); a later step whose loss reaches a parameter the first
     did not is stopped with an error, as a gradient missing from the sum would train silently wrong. Hooks are armed
     only for the last micro-batch of a step whose every process has one (accumulate): gradients of earlier
-    micro-batches are still partial, and a process without a micro-batch runs no backward."""
+    micro-batches are still partial, and a process without a micro-batch runs no backward.
+
+    Between the last micro-batch's backward and optimizer_step no other collective may run (a loss check or a
+    metric summed over processes goes after the step): by then one process may have started more buckets than
+    another, and a collective in between would be paired with a bucket's. The buckets' flat copies are held until
+    the step, one gradient's worth of memory more (DDP's buckets hold as much)."""
 
     def __init__(self, model, bucket_numel=2**23):
         params = [p for p in model.parameters() if p.requires_grad][::-1]

@@ -402,6 +402,7 @@ class Evaluator:
 
     def __init__(self, ref_path, eval_prompts, cfg, max_new_tokens):
         self.device, self.ctx = setup_device(cfg)
+        self.dtype, self.batch_size = cfg.dtype, 512  # the batch size sets the order of the random draws
         self.ref_path, self.prompts, self.max_new_tokens = ref_path, eval_prompts, max_new_tokens
         self.prompts_sha = hashlib.sha256(json.dumps(eval_prompts).encode()).hexdigest()
         self.ref, self.policy, self.proxies = None, None, {}
@@ -420,11 +421,12 @@ class Evaluator:
         from ppo import evaluate_policy
         from reward import load_reward_model, score_texts
         record = os.path.join(out_dir, "samples", f"{name}.json")
+        samples = os.path.join(out_dir, "samples", f"{name}.jsonl")
         made_by = dict(policy=fingerprint(path), proxy=fingerprint(proxy_path), ref=fingerprint(self.ref_path),
                        prompts=self.prompts_sha, seed=seed, max_new_tokens=self.max_new_tokens,
-                       temperature=TEMPERATURE)
+                       temperature=TEMPERATURE, device=str(self.device), dtype=self.dtype, batch_size=self.batch_size)
         stored = read_json(record) if os.path.exists(record) else None
-        if stored and stored["made_by"] == made_by:
+        if stored and os.path.exists(samples) and stored["made_by"] == dict(made_by, samples=fingerprint(samples)):
             return stored["result"]
         if self.ref is None:
             self.ref = load_policy(self.ref_path, self.device)[0]
@@ -433,16 +435,16 @@ class Evaluator:
         policy = self.load(path)
         with self.ctx:
             ev = evaluate_policy(policy, self.ref, self.prompts, lambda p, r: torch.tensor(gold_reward(p, r)),
-                                 self.device, self.ctx, self.max_new_tokens, batch_size=512, temperature=TEMPERATURE,
+                                 self.device, self.ctx, self.max_new_tokens, self.batch_size, TEMPERATURE,
                                  seed=seed)
             prox = score_texts(self.proxies[proxy_path], [s["prompt"] for s in ev["samples"]],
                                [s["response"] for s in ev["samples"]], self.device)
         os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
-        write_jsonl(os.path.join(out_dir, "samples", f"{name}.jsonl"),
-                    [dict(prefix=s["prompt"], response=s["response"], gold=s["score"], proxy=pr, kl=s["kl"])
-                     for s, pr in zip(ev["samples"], prox)])
+        write_jsonl(samples, [dict(prefix=s["prompt"], response=s["response"], gold=s["score"], proxy=pr, kl=s["kl"])
+                              for s, pr in zip(ev["samples"], prox)])
         result = dict(gold=ev["score"], proxy=sum(prox) / len(prox), kl=ev["kl"], length=ev["length"])
-        write_json(record, dict(made_by=made_by, result=result))  # after the samples: a stop between re-evaluates
+        # after the samples, with their fingerprint: a stop between, or samples changed since, re-evaluates
+        write_json(record, dict(made_by=dict(made_by, samples=fingerprint(samples)), result=result))
         return result
 
 
