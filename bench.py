@@ -25,12 +25,21 @@ import dataclasses
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
 import time
 
 import torch
+
+from checkpoint import load_policy, save_checkpoint
+from config import OptimConfig
+from data import encode, write_jsonl
+from model import GPT, GPTConfig
+from reward import RewardModel
+from runtime import make_optimizer, optimizer_step
+from sft import sft_loss
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PEAK_FLOPS = 790e12  # bf16 dense matrix product, measured on one H100 and one H200 (the speed issue)
@@ -49,7 +58,6 @@ def peak_gib():
 
 def text_of(n, rng):
     """A string of exactly n GPT-2 tokens (single-token words, each with its leading space)."""
-    from data import encode
     s = "".join(rng.choice(WORDS) for _ in range(n))
     assert len(encode(s)) == n
     return s
@@ -57,11 +65,6 @@ def text_of(n, rng):
 
 def write_inputs(folder, seed=0):
     """Random GPT-2-small policy and reward checkpoints in this project's format, 64-token prompts, pairs."""
-    import random
-    from data import write_jsonl
-    from model import GPT, GPTConfig
-    from reward import RewardModel
-    from train import save_checkpoint
     os.makedirs(folder, exist_ok=True)
     cfg = GPTConfig(**GPT2_SMALL)
     for kind, model in (("policy", GPT(cfg)), ("reward", RewardModel(cfg))):
@@ -77,7 +80,6 @@ def write_inputs(folder, seed=0):
 
 @torch.no_grad()
 def bench_sample(folder, batch, new=128, prompt=64, calls=5, warmup=2):
-    from train import load_policy
     model = load_policy(os.path.join(folder, "policy.pt"), "cuda")[0].to(torch.bfloat16)
     ids = torch.randint(0, 50257, (batch, prompt), device="cuda")
     mask = torch.ones_like(ids)
@@ -105,8 +107,6 @@ def bench_sample(folder, batch, new=128, prompt=64, calls=5, warmup=2):
 
 
 def bench_train(batch=16, seq=1024, steps=10, warmup=4, compile=True):
-    from model import GPT, GPTConfig
-    from train import OptimConfig, make_optimizer, optimizer_step, sft_loss
     torch.cuda.reset_peak_memory_stats()
     model = GPT(GPTConfig(**GPT2_SMALL)).cuda().train()
     fwd = torch.compile(model) if compile else model  # as the sft stage does

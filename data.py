@@ -34,7 +34,7 @@ Simplifications, on purpose:
 - Loaders return plain Python lists: preference and prompt sets are small. Only a pretraining-style corpus
   is kept as one flat uint16 token array (TokenStream), sampled nanoGPT-style in random windows.
 - Multi-turn data trains on the final assistant turn only; earlier turns are prompt.
-- Too-long examples are truncated, never dropped (tokenize_example says how, and reports it).
+- Too-long examples are truncated, never dropped (tokenize_pair says how; the loaders report how many).
 """
 
 import functools
@@ -45,6 +45,7 @@ import os
 import re
 import sys
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,8 +56,6 @@ from tqdm import tqdm
 
 EOS = 50256           # <|endoftext|>: ends every response and separates documents
 PAD = 50257           # padding only: an id GPT-2 never produces, so padding can't be mistaken for an EOS
-VOCAB_SIZE = 50304    # embedding rows: 50257 padded up to a multiple of 64, as in nanoGPT
-N_REAL_TOKENS = 50257  # ids >= this (PAD and the padding rows) are never sampled
 
 BPE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "r50k_base.tiktoken")
 BPE_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
@@ -166,12 +165,46 @@ def _kind(value):
             dict: "an object"}.get(type(value), "null")
 
 
+@contextmanager
+def atomic_write(path, mode="w", durable=False):
+    """The one way this project writes a file: into a temporary file beside it, renamed over it at the end, so a
+    kill at any moment leaves the old file or the new one, never half of one; a failure removes the temporary file.
+    durable: fsync the file and the folder too, so that the rename survives a power cut (checkpoints)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+        if durable:
+            fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_jsonl(path, rows):
-    """The one JSON-lines writer: one object per line, written to a temporary file and renamed into place, so a
-    kill never leaves half a file."""
-    with open(path + ".tmp", "w") as f:
+    """JSON lines, one object per line, written atomically."""
+    with atomic_write(path) as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
-    os.replace(path + ".tmp", path)
+
+
+def write_json(path, obj):
+    """One JSON object, indented, written atomically."""
+    with atomic_write(path) as f:
+        json.dump(obj, f, indent=1, default=str)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
 
 
 def _field(path, n, obj, key, kind=str):
@@ -394,10 +427,35 @@ def _pair(path, n, fmt, obj):
     return Pair(chosen[:cut], chosen[cut:], rejected[cut:])
 
 
-def load_preferences(path, limit=None):
-    """Preference pairs from any of the four formats in the module docstring -> list[Pair]."""
-    pairs = (_pair(path, n, fmt, obj) for n, fmt, obj in _records(path, PAIR_FORMATS))
-    return list(itertools.islice(pairs, limit))
+def files(paths):
+    """'a.jsonl,b.jsonl.gz' -> ['a.jsonl', 'b.jsonl.gz']: every loader takes several files, comma-separated."""
+    return [p.strip() for p in str(paths).split(",") if p.strip()]
+
+
+def load_preferences(paths, limit=None):
+    """Preference pairs from any of the four formats in the module docstring -> list[Pair] (at most `limit` per file).
+    Pairs that cannot teach anything are kept, but counted in a warning per file: chosen equal to rejected (no
+    preference), and an empty prompt."""
+    pairs = []
+    for path in files(paths):
+        mine = list(itertools.islice((_pair(path, n, fmt, obj) for n, fmt, obj in _records(path, PAIR_FORMATS)), limit))
+        same, empty = sum(p.chosen == p.rejected for p in mine), sum(not p.prompt.strip() for p in mine)
+        if same or empty:
+            print(f"warning: {path}: " + "; ".join(f"{what} in {n:,} of {len(mine):,} pairs" for what, n in (
+                ("the chosen and rejected responses are the same (no preference to learn)", same),
+                ("the prompt is empty", empty)) if n), file=sys.stderr)
+        pairs += mine
+    return pairs
+
+
+def looks_like_preferences(paths):
+    """Whether the first record of the first file is a preference pair (of the formats an SFT file may hold)."""
+    path = files(paths)[0]
+    if _is_text_file(path):
+        return False
+    for n, obj in read_jsonl(path):
+        return _format(path, n, set(obj), SFT_FORMATS) in PAIR_FORMATS
+    return False
 
 
 def _prompts(path):
@@ -425,9 +483,10 @@ def _prompts(path):
         yield prompt
 
 
-def load_prompts(path, limit=None):
-    """Prompts for sampling -> list[str], from a .txt file (one per non-blank line) or JSON lines."""
-    return list(itertools.islice(_prompts(path), limit))
+def load_prompts(paths, limit=None):
+    """Prompts for sampling -> list[str] (at most `limit` in all), from .txt files (one per non-blank line), JSON
+    lines, or standard input (-)."""
+    return list(itertools.islice((p for path in files(paths) for p in _prompts(path)), limit))
 
 
 def _imdb_row(path, n, obj):
@@ -465,9 +524,10 @@ def _examples(path):
             yield Example("", _imdb_row(path, n, obj)["text"])
 
 
-def load_sft(path, limit=None):
-    """Supervised examples -> list[Example], from the SFT formats in the module docstring."""
-    return list(itertools.islice(_examples(path), limit))
+def load_sft(paths, limit=None):
+    """Supervised examples -> list[Example] (at most `limit` per file), from the SFT formats in the module
+    docstring."""
+    return [ex for path in files(paths) for ex in itertools.islice(_examples(path), limit)]
 
 
 # -----------------------------------------------------------------------------
@@ -494,12 +554,6 @@ def tokenize_pair(prompt, responses, block_size, append_eos=True):
         keep = max(block_size - longest, min(len(p), block_size // 2))  # prompt tokens kept
         p, rs = p[len(p) - keep:], [r[:block_size - keep] for r in rs]
     return p, rs, truncated
-
-
-def tokenize_example(prompt, response, block_size):
-    """prompt + response + EOS -> (ids, loss_mask, truncated): the loss mask is 1 on the response and its EOS."""
-    p, (r,), truncated = tokenize_pair(prompt, [response], block_size)
-    return p + r, [0] * len(p) + [1] * len(r), truncated
 
 
 def layout_batch(prompts, responses):
@@ -591,7 +645,7 @@ def epoch_indices(n, step, batch_size, seed, total=None):
 
 def load_sft_data(paths, limit, block_size):
     """Returns ('corpus', token array) when every record is plain text, else ('pairs', [(prompt_ids, resp_ids)])."""
-    examples = [ex for p in paths.split(",") if p for ex in load_sft(p, limit=limit or None)]
+    examples = load_sft(paths, limit=limit or None)
     if all(ex.prompt == "" for ex in examples):
         return "corpus", encode_corpus([ex.response for ex in examples], desc="tokenizing")
     rows = [tokenize_pair(ex.prompt, [ex.response], block_size) for ex in examples]

@@ -1,6 +1,6 @@
 """
 The torchrun plumbing of every training stage: which process this is, each process's share of a batch, sums and
-means across processes, and the gradient sum of the one optimizer step (train.optimizer_step).
+means across processes, and the gradient sum of the one optimizer step (runtime.optimizer_step).
 
 Several processes: `torchrun --nproc_per_node=N train.py STAGE ...` (python -m torch.distributed.run) runs sft,
 reward, dpo, ppo, rloo, grpo and bon unchanged, NCCL with one GPU per process on CUDA, gloo on the CPU. Without
@@ -30,6 +30,11 @@ import re
 import sys
 
 import torch
+import torch.distributed as tdist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from config import ConfigError, TrainingError
+from data import derived_seed
 
 
 _COMM_DEVICE = "cpu"  # where collectives' tensors live: the process's GPU with NCCL, the CPU with gloo
@@ -68,19 +73,17 @@ def init_distributed(cfg):
     NCCL with one GPU per process (cuda:LOCAL_RANK) when the run is on CUDA, gloo on the CPU. Ranks > 0 print
     nothing to stdout."""
     global _COMM_DEVICE
-    import torch.distributed as dist
-    if world() == 1 or dist.is_initialized():
+    if world() == 1 or tdist.is_initialized():
         return
     device = getattr(cfg, "device", "cpu")
     if re.fullmatch(r"cuda:\d+|mps", device):
-        from train import ConfigError
         raise ConfigError(f"--device={device}: under torchrun each process takes the GPU of its LOCAL_RANK; use "
                           f"--device=cuda (or auto), or --device=cpu")
     cuda = device != "cpu" and torch.cuda.is_available()
     if cuda:
         _COMM_DEVICE = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
         torch.cuda.set_device(_COMM_DEVICE)
-    dist.init_process_group("nccl" if cuda else "gloo")
+    tdist.init_process_group("nccl" if cuda else "gloo")
     if not is_main():
         sys.stdout = open(os.devnull, "w")
         sys.stderr = _NotATerminal(sys.stderr)
@@ -90,7 +93,6 @@ def rank_seed(*keys):
     """The seed of a random stream, offset per rank: derived_seed(*keys, rank) on ranks > 0; on rank 0, and in one
     process, derived_seed(*keys) (one key: the key itself), so that rank 0 draws what a one-process run draws (the
     weights of a model from scratch among them)."""
-    from data import derived_seed
     if rank() > 0:
         return derived_seed(*keys, rank())
     return keys[0] if len(keys) == 1 else derived_seed(*keys)
@@ -136,10 +138,9 @@ def all_sum(x):
     """A number or tensor summed over the processes (x itself in one process)."""
     if world() == 1:
         return x
-    import torch.distributed as dist
     t = torch.as_tensor(x, dtype=x.dtype if isinstance(x, torch.Tensor) else torch.float64).to(_COMM_DEVICE,
                                                                                                    copy=True)
-    dist.all_reduce(t)
+    tdist.all_reduce(t)
     return t.to(x.device) if isinstance(x, torch.Tensor) else t.item()
 
 
@@ -175,9 +176,8 @@ def from_rank0(obj):
     """Rank 0's value of a picklable object, on every process."""
     if world() == 1:
         return obj
-    import torch.distributed as dist
     box = [obj]
-    dist.broadcast_object_list(box, src=0, device=torch.device(_COMM_DEVICE))
+    tdist.broadcast_object_list(box, src=0, device=torch.device(_COMM_DEVICE))
     return box[0]
 
 
@@ -185,17 +185,15 @@ def gather_objects(obj):
     """[rank 0's obj, rank 1's, ...] (picklable objects), on every process; [obj] in one process."""
     if world() == 1:
         return [obj]
-    import torch.distributed as dist
     out = [None] * world()
-    dist.all_gather_object(out, obj)
+    tdist.all_gather_object(out, obj)
     return out
 
 
 @torch.no_grad()
 def broadcast_from_rank0(model):
-    import torch.distributed as dist
     for t in list(model.parameters()) + list(model.buffers()):
-        dist.broadcast(t.data, src=0)
+        tdist.broadcast(t.data, src=0)
 
 
 class GradSum:
@@ -251,22 +249,18 @@ class GradSum:
             self._start(len(self.works))
 
     def _unexpected(self, p):
-        from train import TrainingError
         raise TrainingError(f"parameter {self.names[p]} got a gradient that the first optimizer step's loss did not "
                             f"give it; under torchrun every step's loss must reach the same parameters (GradSum)")
 
     def _start(self, i):
-        import torch.distributed as dist
-        from torch._utils import _flatten_dense_tensors
         grads = [p.grad for p in self.buckets[i] if p in self.expected[i]]
         flat = _flatten_dense_tensors(grads) if grads else None
-        self.works.append((grads, flat, dist.all_reduce(flat, async_op=True) if grads else None))
+        self.works.append((grads, flat, tdist.all_reduce(flat, async_op=True) if grads else None))
 
     @torch.no_grad()
     def finish(self, model):
         """The sum of this step's gradients, on every process: wait for the buckets started during backward and
         sum the others now. The first step (or one whose hooks were not armed) sums them all here."""
-        from torch._utils import _unflatten_dense_tensors
         if not self.armed:
             all_reduce_grads(model)
             if self.expected is None:
@@ -296,11 +290,9 @@ def all_reduce_grads(model, bucket_numel=2**26):
     zero there; one that has none anywhere keeps none, as in one process. Each process's loss is its share of the
     global batch's loss (weighted by its share of the batch's items or tokens), so the sum is the gradient of the
     global batch: the same for any number of processes."""
-    import torch.distributed as dist
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
     params = [p for p in model.parameters() if p.requires_grad]
     used = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
-    dist.all_reduce(used)
+    tdist.all_reduce(used)
     grads = []
     for p, u in zip(params, used.tolist()):
         if u and p.grad is None:
@@ -311,7 +303,7 @@ def all_reduce_grads(model, bucket_numel=2**26):
     for g in grads + [None]:
         if bucket and (g is None or size + g.numel() > bucket_numel or g.dtype != bucket[0].dtype):
             flat = _flatten_dense_tensors(bucket)
-            dist.all_reduce(flat)
+            tdist.all_reduce(flat)
             for old, new in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
                 old.copy_(new)
             bucket, size = [], 0
@@ -324,7 +316,6 @@ def shutdown():
     """Leave the process group once every process has finished the run: a barrier, then destroy it. Without this the
     communication threads can still be alive while the interpreter exits, and the process then aborts (SIGABRT,
     "terminate called without an active exception": seen once in the tests, after a run that had succeeded)."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.barrier()
+        tdist.destroy_process_group()

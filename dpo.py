@@ -22,18 +22,18 @@ Simplifications, on purpose:
 - AdamW as every other stage (the reference code uses RMSprop) with the shared warm-up + cosine schedule.
 - The data order and the held-out split are the reward model's (reward.py): a batch is a pure function of the step.
 """
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from checkpoint import frozen_dtype, load_policy
+from config import ConfigError, OptimConfig, TrainConfig, opt
 from data import batches_in_order, epoch_indices, load_pair_splits, pair_batch
 from dist import all_mean, micro_batches, world_note
 from model import response_logprobs
 from reward import PairsConfig, plan
-from train import (ConfigError, OptimConfig, Run, TrainConfig, check_finite, frozen_dtype, load_policy, make_optimizer,
-                   opt, optimizer_step, setup_device)
+from runtime import Run, check_finite, make_optimizer, optimizer_step, plural, setup_device
 
 
 def preference_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
@@ -105,7 +105,8 @@ def reference_logps(ref, rows, batch_size, device, ctx):
 
 
 def dpo_metrics(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps):
-    """Notes #26, named as in the DPO reference code."""
+    """The implicit rewards beta * (logp - logp_ref) of chosen and rejected, how often chosen's is the larger, their
+    margin, and the sequence log-probs: named as in the DPO reference code."""
     return {"loss": losses.mean().item(), "rewards/chosen": chosen_rewards.mean().item(),
             "rewards/rejected": rejected_rewards.mean().item(),
             "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
@@ -121,9 +122,10 @@ class DPOConfig(PairsConfig, TrainConfig, OptimConfig):
     ref: str = opt("", "reference policy checkpoint (default: --init_from)")
     ref_cache: bool = opt(True, "compute reference log-probs once per dataset before training (false: per batch)")
     loss: str = opt("dpo", "dpo, cdpo (conservative DPO, with --label_smoothing), ipo, or unlikelihood (the DPO paper's "
-                           "baseline: likelihood of chosen, unlikelihood of rejected tokens; no reference, no beta)")
+                           "baseline: likelihood of chosen, unlikelihood of rejected tokens; no reference, no beta)",
+                    choices=("dpo", "cdpo", "ipo", "unlikelihood"))
     alpha: float = opt(1.0, "unlikelihood only: weight of the unlikelihood term on the rejected tokens", min=0.0)
-    beta: float = opt(0.1, "beta: strength of the KL constraint to the reference (0.1 in the paper)", min=0.0)
+    beta: float = opt(0.1, "beta: strength of the KL constraint to the reference (0.1 in the paper)", above=0.0)
     label_smoothing: float = opt(0.0, "cdpo only: probability eps that a preference label is flipped, in (0, 0.5)",
                                  min=0.0)
     reference_free: bool = opt(False, "no reference model: h = logp_chosen - logp_rejected")
@@ -138,16 +140,12 @@ class DPOConfig(PairsConfig, TrainConfig, OptimConfig):
 def check_config(cfg):
     if not cfg.data:
         raise ConfigError("--data: a preference file is required")
-    if cfg.loss not in ("dpo", "cdpo", "ipo", "unlikelihood"):
-        raise ConfigError(f"--loss={cfg.loss}: expected dpo, cdpo, ipo or unlikelihood")
     if cfg.loss == "unlikelihood" and (cfg.ref or cfg.reference_free):
         raise ConfigError("--loss=unlikelihood uses no reference model: drop --ref / --reference_free")
     if cfg.loss == "cdpo" and not 0 < cfg.label_smoothing < 0.5:
         raise ConfigError(f"--loss=cdpo needs --label_smoothing in (0, 0.5), got {cfg.label_smoothing}")
     if cfg.loss != "cdpo" and cfg.label_smoothing:
         raise ConfigError(f"--label_smoothing is used by --loss=cdpo only (got --loss={cfg.loss})")
-    if cfg.beta <= 0:
-        raise ConfigError(f"--beta={cfg.beta}: must be > 0")
     if cfg.reference_free and cfg.ref:
         raise ConfigError("--reference_free uses no reference model: drop --ref")
 
@@ -168,7 +166,7 @@ def train(cfg):
     start = run.restore(policy, optimizer)
     print(f"policy: {policy.num_params() / 1e6:.2f}M parameters; loss {cfg.loss}, "
           f"{f'alpha {cfg.alpha}' if ul else f'beta {cfg.beta}'}; "
-          f"{cfg.batch_size} pairs per step; {cfg.max_iters} steps ({total / len(train_rows):.2f} epochs) on "
+          f"{cfg.batch_size} pairs per step; {plural(cfg.max_iters, 'step')} ({total / len(train_rows):.2f} epochs) on "
           f"{device} ({cfg.dtype}){world_note(cfg)}")
     # 2. reference log-probs: once per dataset, or per batch in ref_logps()
     cache = {}
@@ -212,12 +210,9 @@ def train(cfg):
         return {k: sum(m[k] * n for m, n in zip(metrics, sizes)) / sum(sizes) for k in metrics[0]}
 
     # 3. train
-    from tqdm import tqdm
     policy.train()
-    t0, last, metrics = time.time(), start, {}
-    bar = tqdm(range(start, cfg.max_iters), desc=cfg.loss, initial=start, total=cfg.max_iters, dynamic_ncols=True,
-               disable=None)
-    for step in bar:
+    metrics = {}
+    for step in run.steps(start, cfg.loss):
         # 3a. batch: B pairs as 2B sequences, and the reference's log-probs of them
         #     (this process's share of them, in micro-batches: gradient accumulation over sums / B)
         idx = epoch_indices(len(train_rows), step, cfg.batch_size, cfg.seed, total)
@@ -235,18 +230,13 @@ def train(cfg):
         lr, norm = optimizer_step(policy, optimizer, cfg, step)
         # 3d. log, evaluate, checkpoint
         done = step + 1
-        if done % cfg.log_interval == 0 or done == cfg.max_iters:
+        if run.log_due(done):
             mine = [torch.cat(t) for t in zip(*parts)] if parts else [torch.zeros(0, device=device)] * 5
-            metrics = dict(all_mean(dpo_metrics(*mine), mine[0].numel()),
-                           lr=lr, grad_norm=norm, ms_per_step=1000 * (time.time() - t0) / (done - last))
-            if done % cfg.eval_interval == 0 or done == cfg.max_iters:
+            metrics = dict(all_mean(dpo_metrics(*mine), mine[0].numel()), lr=lr, grad_norm=norm)
+            if run.eval_due(done):
                 metrics.update({f"eval/{k}": v for k, v in evaluate().items()})
             run.log(done, **metrics)
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", margin=f"{metrics['rewards/margins']:.3f}",
-                            **({"eval_acc": f"{metrics['eval/rewards/accuracies']:.3f}"}
-                               if "eval/rewards/accuracies" in metrics else {}))
-            t0, last = time.time(), done
-        if run.end_step(done, cfg.max_iters, lambda: run.save(done, policy, optimizer)):
+        if run.end_step(done, lambda: run.save(done, policy, optimizer)):
             return 130
 
     # 4. final evaluation: the last step's, unless the run resumed after it

@@ -60,8 +60,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from checkpoint import load_checkpoint, load_policy, save_checkpoint
+from config import ConfigError
 from data import DataError, decode, encode, load_imdb, write_jsonl
-from train import ConfigError, load_checkpoint, load_policy, save_checkpoint, setup_device
+from model import sample_responses
+from runtime import setup_device
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SPLITS = ("train", "test", "unsup")
@@ -324,7 +327,6 @@ def write_prompts(rows, path, n, seed):
 def sft_samples(sft_path, prompts, k, cfg, max_new_tokens, seed, temperature, desc):
     """k samples of the SFT policy per prompt, in batches of 512 -> (prompts repeated k times each, responses), the
     k samples of a prompt next to each other. cfg gives the device and dtype."""
-    from train import sample_responses
     device, ctx = setup_device(cfg)
     policy, _ = load_policy(sft_path, device)
     g = torch.Generator(device=device).manual_seed(seed)

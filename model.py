@@ -1,7 +1,7 @@
 """
 The tiny GPT that every stage trains: GPT-2's architecture, padding-aware, with a preallocated KV cache for
-batched sampling, the one helper that turns logits into per-token log-probs, and a scalar head for reward models
-and critics.
+batched sampling, the one sampling helper of every stage (sample_responses: prompt strings in, responses out), the
+one helper that turns logits into per-token log-probs, and a scalar head for reward models and critics.
 
 Layout used everywhere in this project: a batch of prompt + response sequences is stored as
     [ left-padded prompt | right-padded response ]        ids (B, P + R), mask (B, P + R), 1 = real token
@@ -23,6 +23,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
+
+from config import ConfigError
+from data import EOS, PAD, decode, encode_prompt, layout_batch, pad_batch
 
 N_REAL_TOKENS = 50257  # GPT-2's vocabulary; ids above are padding of the embedding table (and our PAD)
 DECODERS = 4  # decoding shapes (each a CUDA graph and a KV cache) a model keeps on a GPU
@@ -202,7 +206,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompt, prompt_mask, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
-                 eos_id=50256, pad_id=50257, generator=None, cuda_graph=True):
+                 eos_id=EOS, pad_id=PAD, generator=None, cuda_graph=True):
         """Sample continuations of left-padded prompts (B, P) with mask (B, P).
 
         Returns (tokens, mask), both (B, max_new_tokens): the sampled ids, and 1 on every sampled token up to and
@@ -367,11 +371,49 @@ def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     return torch.searchsorted(cdf, u, right=True).squeeze(1)
 
 
-def response_mask(tokens, eos_id=50256, pad_id=50257):
+def response_mask(tokens, eos_id=EOS, pad_id=PAD):
     """1 on every token up to and including the first EOS, 0 after it (and on padding)."""
     is_eos = (tokens == eos_id).long()
     after_eos = (is_eos.cumsum(1) - is_eos) > 0  # strictly after the first EOS
     return ((~after_eos) & (tokens != pad_id)).long()
+
+
+@dataclass
+class Samples:
+    """Sampled responses, as text and in the project's batch layout."""
+    prompts: list  # B prompt strings
+    responses: list  # B response strings (decoded, without EOS)
+    ids: torch.Tensor  # (B, P + R) [left-padded prompt | right-padded response], on the device
+    mask: torch.Tensor  # (B, P + R) 1 on real tokens
+    R: int  # response columns
+    resp_mask: torch.Tensor  # (B, R) float, 1 on response tokens up to and including EOS
+    no_eos: torch.Tensor  # (B,) bool: cut at max_new_tokens before emitting EOS
+
+
+@torch.no_grad()
+def sample_responses(policy, prompts, max_new_tokens, generator, device, ctx=nullcontext(), temperature=1.0, top_k=0,
+                     top_p=1.0, batch_size=0, desc=None):
+    """The one sampling helper of every stage: one response per prompt string, to a fixed maximum length, everything
+    after the first EOS padding (the batch layout above). A too-long prompt keeps its end. batch_size > 0 samples in
+    chunks of that many rows (with a progress bar named desc); the result is one Samples either way."""
+    room = policy.config.block_size - max_new_tokens
+    if room < 1:
+        raise ConfigError(f"--max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
+                          f"block_size={policy.config.block_size} (use --max_new_tokens={policy.config.block_size // 2}"
+                          f" or less)")
+    prompt_ids = [encode_prompt(p)[-room:] for p in prompts]
+    size = batch_size or max(1, len(prompts))
+    responses = []
+    for i in tqdm(range(0, len(prompts), size), desc=desc, disable=None if desc else True, leave=False):
+        ids, mask = pad_batch(prompt_ids[i:i + size], side="left")
+        with ctx:
+            tokens, tmask = policy.generate(ids.to(device), mask.to(device), max_new_tokens, temperature, top_k,
+                                            top_p, generator=generator)
+        responses += [t[:n] for t, n in zip(tokens.tolist(), tmask.sum(1).tolist())]  # up to and including EOS
+    ids, mask, R = layout_batch(prompt_ids, responses)
+    ids, mask = ids.to(device), mask.to(device)
+    return Samples(list(prompts), [decode(r) for r in responses], ids, mask, R, mask[:, -R:].float(),
+                   torch.tensor([len(r) == 0 or r[-1] != EOS for r in responses], device=device))
 
 
 def response_logprobs(model, ids, mask, n_response, temperature=1.0, with_entropy=False):

@@ -31,7 +31,7 @@ N(0, 1) score per token (seed 0) averaged over the response's tokens, or any --r
 
 The training steps are the project's own code, so a change to a line of PPO shows here: ppo.rollout, kl_estimate,
 advantages (GAE and the critic, rloo_advantages, grpo_advantages), update (clipped_policy_loss, GRPO's KL term),
-select_best; dpo.preference_loss on pairs sampled afresh from pi_ref every step; train.optimizer_step.
+select_best; dpo.preference_loss on pairs sampled afresh from pi_ref every step; runtime.optimizer_step.
 
 What limits each method (one-token task, defaults, beta 1: KL(pi_ref || pi*) = 0.527 nats at the start; CPU runs
 of 2026-11-30, the README's "A benchmark with a known answer" has the table at two betas):
@@ -77,11 +77,13 @@ import torch.nn as nn
 
 import dpo
 import ppo
+from checkpoint import load_policy
+from config import ConfigError, OptimConfig, TrainConfig, opt
 from data import decode, derived_seed, encode, encode_prompt
-from model import N_REAL_TOKENS, response_logprobs
-from reward import RewardSpec, make_reward
-from train import (ConfigError, OptimConfig, Run, TrainConfig, check_finite, load_policy, make_optimizer, opt,
-                   optimizer_step, sample_responses, setup_device)
+from model import N_REAL_TOKENS, response_logprobs, sample_responses
+from reward import RewardSpec, make_critic, make_reward
+from runtime import Run, check_finite, make_optimizer, optimizer_step, plural, setup_device
+from sft import best_of_n_kl_bound, best_of_n_probs, select_best
 
 METHODS = ("ppo", "rloo", "grpo", "dpo", "ipo", "bon")
 
@@ -92,7 +94,7 @@ METHODS = ("ppo", "rloo", "grpo", "dpo", "ipo", "bon")
 @dataclass
 class OptimumConfig(RewardSpec, TrainConfig, OptimConfig):
     out_dir: str = opt("out/optimum", "run folder")
-    method: str = opt("ppo", "ppo, rloo, grpo, dpo, ipo or bon")
+    method: str = opt("ppo", "ppo, rloo, grpo, dpo, ipo or bon", choices=METHODS)
     beta: float = opt(1.0, "beta of E[r] - beta * KL(pi || pi_ref): the KL coefficient of ppo/rloo/grpo, DPO's "
                            "beta, IPO's tau", above=0.0)
     init_from: str = opt("assets/sft-imdb-cpu.pt", "policy checkpoint; a frozen copy is the reference pi_ref")
@@ -110,8 +112,10 @@ class OptimumConfig(RewardSpec, TrainConfig, OptimConfig):
     cliprange: float = opt(0.2, "PPO ratio clipping epsilon", min=0.0)
     kl_estimator: str = opt("", "k1 or k3 (default: k1 for ppo and rloo, in the reward; k3 for grpo, in the loss)")
     whiten_rewards: bool = opt(False, "ppo, rloo: whiten the rewards over the batch, mean kept (N+)")
-    critic: str = opt("separate", "ppo: separate (on the reward model's or policy's trunk) or shared (value head)")
-    critic_init: str = opt("zero", "ppo: the value head's start, zero or reward (from a reward checkpoint)")
+    critic: str = opt("separate", "ppo: separate (on the reward model's or policy's trunk) or shared (value head)",
+                      choices=("separate", "shared"))
+    critic_init: str = opt("zero", "ppo: the value head's start, zero or reward (from a reward checkpoint)",
+                           choices=("zero", "reward"))
     vf_coef: float = opt(0.1, "ppo: weight of the value loss", min=0.0)
     cliprange_value: float = opt(0.2, "ppo: value clipping", min=0.0)
     gamma: float = opt(1.0, "ppo: GAE discount", min=0.0)
@@ -129,8 +133,6 @@ class OptimumConfig(RewardSpec, TrainConfig, OptimConfig):
 
 
 def check_config(cfg):
-    if cfg.method not in METHODS:
-        raise ConfigError(f"--method={cfg.method}: expected one of {', '.join(METHODS)}")
     if cfg.method == "bon" and cfg.max_new_tokens != 1:
         raise ConfigError("--method=bon: one-token responses only (--max_new_tokens=1): its exact distribution needs "
                           "the whole vocabulary")
@@ -143,7 +145,8 @@ def check_config(cfg):
     if cfg.compile:
         raise ConfigError("--compile: not supported by stage optimum")
     cfg.kl_estimator = cfg.kl_estimator or ("k3" if cfg.method == "grpo" else "k1")
-    ppo.kl_estimate(torch.zeros(1), torch.zeros(1), cfg.kl_estimator)  # a bad name fails now
+    if cfg.kl_estimator not in ("k1", "k3"):
+        raise ConfigError(f"--kl_estimator={cfg.kl_estimator}: expected k1 or k3")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -196,17 +199,6 @@ def win_probability(r, ref_r, ref_weights, points=0, chunk=256):
         return f[i] * (1 - t) + f[i + 1] * t
     return torch.cat([torch.sigmoid(r[i:i + chunk, None] - ref_r[None]) @ ref_weights
                       for i in range(0, r.numel(), chunk)])
-
-
-def best_of_n_probs(ref_p, r, n):
-    """The exact distribution of best-of-n from pi_ref (ppo.select_best: the first of tied maxima): the maximum is
-    the value v with probability F(v)^n - F(v-)^n, shared among the tokens of value v in proportion to pi_ref.
-    (V,) -> (V,)."""
-    values, group = torch.unique(r, return_inverse=True)  # sorted values, each token's value index
-    mass = torch.zeros_like(values, dtype=ref_p.dtype).scatter_add_(0, group, ref_p)  # pi_ref of each value
-    cdf = mass.cumsum(0).clamp(max=1.0)
-    p_max = cdf ** n - (cdf - mass).clamp(min=0.0) ** n  # P(max = v)
-    return ref_p * (p_max / mass.clamp(min=1e-300))[group]
 
 
 def grpo_fixed_point(ref_p, r, beta, k, std=True, iters=30):
@@ -358,14 +350,14 @@ def preference_step(cfg, policy, ref, optimizer, reward_fn, step, device, ctx):
             "rewards/margins": (cr - rr).mean().item()}
 
 
-def best_of_n(cfg, run, target, ref, reward_fn, device, ctx):
+def best_of_n_rows(cfg, run, target, ref, reward_fn, device, ctx):
     """Best-of-N has no training: rows for N = 1, 2, 4, ..., cfg.n (the row's step is N) with the exact metrics of
     its distribution, and a check of that distribution by sampling: the mean reward of ppo.select_best over
     cfg.batch_size groups of N against the exact E[r]."""
     ref_p, final = target.ref_logp.exp(), {}
     ns = sorted({2 ** i for i in range(int(math.log2(cfg.n)) + 1)} | {cfg.n})
     for n in ns:
-        p = best_of_n_probs(ref_p, target.r, n)
+        p = best_of_n_probs(target.r, n, ref_p)
         m = exact_metrics(p.clamp(min=1e-300).log(), target.ref_logp, target.target_logp, target.r, cfg.beta,
                           target.log_z)
         g = torch.Generator(device=device).manual_seed(derived_seed(cfg.seed, n, ppo.SAMPLING))
@@ -373,8 +365,8 @@ def best_of_n(cfg, run, target, ref, reward_fn, device, ctx):
                              batch_size=max(cfg.micro_batch_size, n))
         with ctx:
             scores = reward_fn(s.prompts, s.responses).double().cpu()
-        best = scores[ppo.select_best(scores, n)]
-        m.update({"kl/bound": ppo.best_of_n_kl_bound(n), "sampled/reward": best.mean().item(),
+        best = scores[select_best(scores, n)]
+        m.update({"kl/bound": best_of_n_kl_bound(n), "sampled/reward": best.mean().item(),
                   "sampled/reward_se": (best.std() / math.sqrt(best.numel())).item()})
         run.log(n, **m)
         final = dict(m, step=n)
@@ -397,12 +389,12 @@ def optimum(cfg):
     print(f"optimum: {cfg.method}, beta {cfg.beta}, {kind} responses to {cfg.prompt!r}; {info} "
           f"({time.time() - t0:.1f} s)")
     if cfg.method == "bon":
-        final = best_of_n(cfg, run, target, ref, reward_fn, device, ctx)
+        final = best_of_n_rows(cfg, run, target, ref, reward_fn, device, ctx)
         run.save(cfg.n, policy)
         run.summary(**final, **target.info)
         print("done: " + ", ".join(f"{k} {final[k]:.4g}" for k in ("kl_to_optimum", "objective_gap", "tv_to_optimum")))
         return 0
-    critic = ppo.make_critic(cfg, policy, device) if cfg.method == "ppo" else None
+    critic = make_critic(cfg, policy, device) if cfg.method == "ppo" else None
     optimizer = make_optimizer(nn.ModuleDict(dict(policy=policy, **({"critic": critic} if critic else {}))), cfg,
                                device)
     start = run.restore(policy, optimizer)
@@ -433,7 +425,7 @@ def optimum(cfg):
             if sys.stderr.isatty():  # else Run.log printed the row
                     print(f"step {done}: kl_to_optimum {final['kl_to_optimum']:.4f} objective_gap "
                       f"{final['objective_gap']:.4f} kl_to_ref {final['kl_to_ref']:.4f}", flush=True)
-        if run.end_step(done, cfg.max_iters, save):
+        if run.end_step(done, save):
             return 130
     if start >= cfg.max_iters and run.ckpt is None:
         save()

@@ -1,17 +1,17 @@
 """
 Reinforcement learning from a reward: PPO (Schulman et al. 2017) with GAE, a critic and a KL penalty against a frozen
-reference policy; the critic-free RLOO (Ahmadian et al. 2024) and GRPO (Shao et al. 2024); and best-of-N sampling.
-Four stages of train.py:
+reference policy, and the critic-free RLOO (Ahmadian et al. 2024) and GRPO (Shao et al. 2024). Three stages of
+train.py (best-of-N is sft.py's):
 
     python train.py ppo  --init_from=out/sft/ckpt.pt --reward=out/reward/ckpt.pt --prompts=prompts.jsonl
     python train.py rloo --init_from=out/sft/ckpt.pt --reward=my_reward.py:score --prompts=prompts.txt --k=4
     python train.py grpo --init_from=out/sft/ckpt.pt --reward=my_reward.py:score --prompts=prompts.txt --k=8
-    python train.py bon  --init_from=out/sft/ckpt.pt --reward=out/reward/ckpt.pt --prompts=prompts.txt --n=16
-    python train.py sft  --init_from=out/sft/ckpt.pt --data=out/bon/selected.jsonl   # rejection-sampling fine-tuning
+
+To read it: train_rl() at the bottom is the loop; the phases it calls are above it, in order.
 
 PPO, RLOO and GRPO are one loop (train_rl) in numbered phases; the details follow OpenAI's lm-human-preferences and
 "The N+ implementation details of RLHF with PPO" (Huang et al. 2024), called N+ below:
-  1. rollout: sample at temperature T (train.sample_responses); log-probs of the policy and of the frozen reference
+  1. rollout: sample at temperature T (model.sample_responses); log-probs of the policy and of the frozen reference
      at the same T (N+: the temperature divides the logits of every log-prob); the reward scores the texts
   2. the no-EOS rule: a response cut at --max_new_tokens gets the score --no_eos_score (N+, after OpenAI)
   3. per-token KL against the reference, k1 or k3 (Schulman 2020, "Approximating KL divergence")
@@ -20,18 +20,16 @@ PPO, RLOO and GRPO are one loop (train_rl) in numbered phases; the details follo
   5. update (update()): epochs of shuffled minibatches (gradient accumulation over micro-batches) of the clipped
      policy loss, + the clipped value loss (PPO), + beta * KL in the loss (GRPO)
   6. adaptive KL coefficient (Ziegler et al. 2019), log, checkpoint
-The rewards (a reward-model checkpoint, FILE.py:FUNCTION, weighted sums, Llama 2's rule) live in reward.py.
-evaluate_policy() is the evaluation the pipeline reuses: mean reward and KL(policy || reference) of one sample per
-prompt at temperature 1.
+The rewards (a reward-model checkpoint, FILE.py:FUNCTION, weighted sums, Llama 2's rule) and PPO's critic live in
+reward.py. evaluate_policy() is the evaluation the pipeline reuses: mean reward and KL(policy || reference) of one
+sample per prompt at temperature 1.
 
 Simplifications, on purpose:
 - The reward reads text: responses are decoded and the reward re-tokenises them (reward.score_texts), so a reward
   model and a Python function plug in the same way. The round trip can change the tokenisation of odd strings.
 - The whole rollout batch is sampled in one generate() call; forward passes without gradient run in micro-batches.
 - One optimizer (and one gradient-norm clip) over policy and critic together, as N+'s PolicyAndValueWrapper. The
-  learning rate follows train.lr_at (warm-up, cosine to --min_lr) per rollout step.
-- The critic starts from the reward model's trunk with a zero value head (--critic_init=zero): its first values are
-  0, close to the returns of a normalised reward, where the reward head, trained at the last token only, is not.
+  learning rate follows runtime.lr_at (warm-up, cosine to --min_lr) per rollout step.
 - Reward whitening (--whiten_rewards, off by default as in N+ and TRL) whitens the per-token rewards, score and KL
   terms together, over the batch's response tokens and adds their mean back (N+'s shift_mean=False), so beta keeps
   its meaning relative to the score. RLOO whitens its sequence rewards alike; GRPO normalises per group already and
@@ -40,16 +38,12 @@ Simplifications, on purpose:
 - RLOO and GRPO reuse PPO's clipped surrogate; with --num_epochs=1 and --minibatch_size=--batch_size the ratio is 1
   and they are plain REINFORCE with their baselines. Their losses, like PPO's, average over the real response tokens
   of a minibatch (not per sequence first, as DeepSeekMath's GRPO).
-- Under torchrun (train.py) each process samples its share of a step's prompts from its own random stream and
-  cuts its own rows into minibatches (as many as one process would): an N-process run sees other samples and
-  shuffles than a one-process run, so the two agree in distribution, not number for number. Rank 0 alone evaluates.
-- Best-of-N draws its N samples independently (no deduplication); a tie keeps the first. Rejection-sampling
-  fine-tuning (Llama 2) is `bon` followed by `sft` on its selected.jsonl, not a loop of its own.
+- Under torchrun each process samples its share of a step's prompts from its own random stream and cuts its own rows
+  into minibatches (as many as one process would): an N-process run sees other samples and shuffles than a
+  one-process run, so the two agree in distribution, not number for number. Rank 0 alone evaluates.
 """
 import math
-import os
 import sys
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -57,13 +51,13 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from checkpoint import frozen_dtype, load_policy
+from config import ConfigError, OptimConfig, TrainConfig, opt
 from data import derived_seed, epoch_indices, load_prompts, write_jsonl
-from dist import accumulate, all_sum, gather_objects, global_mean, global_means, is_main, my_share, rank_seed, world
-from model import ScalarHead, last_real_index, response_logprobs
-from reward import RewardModel, RewardSpec, load_reward_model, make_reward
-from train import (Clock, ConfigError, OptimConfig, Run, RunConfig, Samples, TrainConfig, check_finite, disable_dropout,
-                   frozen_dtype, load_policy, make_optimizer, opt, optimizer_step, sample_responses,
-                   setup_device, shorten)
+from dist import accumulate, all_sum, global_mean, global_means, is_main, my_share, rank_seed, world
+from model import Samples, last_real_index, response_logprobs, sample_responses
+from reward import RewardModel, RewardSpec, make_critic, make_reward
+from runtime import Clock, Run, check_finite, make_optimizer, optimizer_step, plural, setup_device, shorten
 
 SAMPLING, SHUFFLE, EVAL = range(3)  # the random streams of a step: derived_seed(seed, step, stream)
 
@@ -88,12 +82,13 @@ class RLConfig(RewardSpec, TrainConfig, OptimConfig):
     num_epochs: int = opt(4, "passes over each rollout batch (N+: 4)", min=1)
     cliprange: float = opt(0.2, "PPO ratio clipping epsilon", min=0.0)
     kl_coef: float = opt(0.05, "beta: KL penalty coefficient (its start when --kl_target > 0)", min=0.0)
-    kl_estimator: str = opt("k1", "per-token KL estimator: k1 (log-ratio) or k3 ((r - 1) - log r, >= 0)")
+    kl_estimator: str = opt("k1", "per-token KL estimator: k1 (log-ratio) or k3 ((r - 1) - log r, >= 0)",
+                            choices=("k1", "k3"))
     kl_target: float = opt(0.0, "adaptive KL coefficient (Ziegler et al. 2019): target KL in nats per sequence "
                                 "(0: fixed beta)", min=0.0)
     kl_horizon: int = opt(10000, "adaptive KL coefficient: horizon in episodes", min=1)
     no_eos_rule: str = opt("replace", "responses without EOS: replace (their score becomes --no_eos_score, as "
-                                      "OpenAI) or keep (fixed-length continuations)")
+                                      "OpenAI) or keep (fixed-length continuations)", choices=("replace", "keep"))
     no_eos_score: float = opt(-1.0, "score of a response that did not end in EOS (with --no_eos_rule=replace)")
     whiten_rewards: bool = opt(False, "scale the rewards (score and KL terms) by their std over the batch, mean kept "
                                       "(N+); not with grpo")
@@ -112,9 +107,11 @@ class RLConfig(RewardSpec, TrainConfig, OptimConfig):
 class PPOConfig(RLConfig):
     out_dir: str = opt("out/ppo", "run folder")
     critic: str = opt("separate", "separate: a value model on the reward model's trunk (the policy's when the reward "
-                                  "is a function), N+/TRL; shared: a value head on the policy's trunk, OpenAI")
+                                  "is a function), N+/TRL; shared: a value head on the policy's trunk, OpenAI",
+                      choices=("separate", "shared"))
     critic_init: str = opt("zero", "the value head's start: zero (first values 0) or reward (the reward model's own "
-                                   "normalised head; separate critic from a reward checkpoint only)")
+                                   "normalised head; separate critic from a reward checkpoint only)",
+                           choices=("zero", "reward"))
     vf_coef: float = opt(0.1, "weight of the value loss (N+)", min=0.0)
     cliprange_value: float = opt(0.2, "value clipping around the rollout's values", min=0.0)
     gamma: float = opt(1.0, "GAE discount", min=0.0)
@@ -132,7 +129,7 @@ class GRPOConfig(RLConfig):
     out_dir: str = opt("out/grpo", "run folder")
     k: int = opt(4, "samples per prompt (the group)", min=2)
     kl_coef: float = opt(0.04, "beta of the KL term in the loss (DeepSeekMath; 0: none)", min=0.0)
-    kl_estimator: str = opt("k3", "estimator of the KL term in the loss: k3 (DeepSeekMath) or k1")
+    kl_estimator: str = opt("k3", "estimator of the KL term in the loss: k3 (DeepSeekMath) or k1", choices=("k1", "k3"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -159,7 +156,7 @@ def in_chunks(fn, ids, mask, size):
 def rollout(policy, ref, prompts, reward_fn, max_new_tokens, temperature, generator, device, ctx, micro_batch_size,
             clock=None):
     """Phase 1: sample, log-probs of policy and reference at the sampling temperature, and the reward's score of
-    prompt + response. clock (train.Clock): times the three parts."""
+    prompt + response. clock (runtime.Clock): times the three parts."""
     clock = clock or Clock()
     b = Rollout(**vars(sample_responses(policy, prompts, max_new_tokens, generator, device, ctx, temperature)))
     clock.lap("generate")
@@ -203,8 +200,6 @@ def apply_no_eos_rule(scores, no_eos, rule="replace", no_eos_score=-1.0):
     reward's, which teaches the policy to finish. rule "keep" leaves every score as it is."""
     if rule == "keep":
         return scores
-    if rule != "replace":
-        raise ConfigError(f"--no_eos_rule={rule}: expected replace or keep")
     return torch.where(no_eos, torch.full_like(scores, no_eos_score), scores)
 
 
@@ -213,11 +208,7 @@ def kl_estimate(logp, ref_logp, estimator="k1"):
     logr = logp - ref_logp. k1 = logr: unbiased, negative on some tokens. k3 = (exp(-logr) - 1) + logr: unbiased,
     never negative, lower variance. (B, T) -> (B, T)."""
     logr = logp - ref_logp
-    if estimator == "k1":
-        return logr
-    if estimator == "k3":
-        return torch.expm1(-logr) + logr
-    raise ConfigError(f"--kl_estimator={estimator}: expected k1 or k3")
+    return logr if estimator == "k1" else torch.expm1(-logr) + logr
 
 
 def per_token_rewards(scores, kl, mask, kl_coef):
@@ -426,48 +417,6 @@ def update(cfg, policy, critic, optimizer, b, step, ctx, kl_loss_coef=0.0, clock
 # ----------------------------------------------------------------------------------------------------------------
 # stages ppo, rloo, grpo: one loop
 
-class ValueHead(nn.Module):
-    """OpenAI's critic: a scalar head on the policy's own trunk. Only the head is this module's (and its checkpoint
-    entry); the trunk is trained as the policy."""
-
-    def __init__(self, policy):
-        super().__init__()
-        self.head = ScalarHead(policy.config.n_embd)
-        nn.init.zeros_(self.head.proj.weight)
-        self.trunk = [policy]  # a list: not registered as a submodule
-
-    def values(self, ids, mask):
-        return self.head(self.trunk[0].hidden(ids, mask))
-
-
-def make_critic(cfg, policy, device):
-    """PPO's value model: critic.values(ids, mask) -> (B, T), a module trained beside the policy, dropout off and in
-    eval mode as every model of the RL stages (N+).
-
-    separate (N+/TRL): a RewardModel on the trunk of the reward-model checkpoint (the first, with several), or on
-    the policy's trunk when the reward is a Python function. Its head starts at zero (critic_init=zero) or, from a
-    reward checkpoint, as the reward model's normalised head (critic_init=reward). shared (OpenAI): ValueHead."""
-    if cfg.critic not in ("separate", "shared"):
-        raise ConfigError(f"--critic={cfg.critic}: expected separate or shared")
-    if cfg.critic_init not in ("zero", "reward"):
-        raise ConfigError(f"--critic_init={cfg.critic_init}: expected zero or reward")
-    first = [s.strip() for s in cfg.reward.split(",") if s.strip()][0]
-    from_rm = cfg.critic == "separate" and ".py:" not in first
-    if cfg.critic_init == "reward" and not from_rm:
-        raise ConfigError("--critic_init=reward needs --critic=separate and a reward-model checkpoint as the reward")
-    if cfg.critic == "shared":
-        return ValueHead(policy).to(device).eval()
-    if from_rm:
-        critic = load_reward_model(first, device)
-    else:
-        critic = RewardModel(policy.config).to(device)
-        critic.gpt.load_state_dict(policy.state_dict())
-    if cfg.critic_init == "zero":
-        nn.init.zeros_(critic.head.proj.weight), nn.init.zeros_(critic.head.proj.bias)
-        critic.gain.fill_(1.0), critic.bias.fill_(0.0)
-    return disable_dropout(critic).eval()
-
-
 def check_rl_config(cfg, algo):
     k = getattr(cfg, "k", 1)
     if not cfg.prompts:
@@ -481,8 +430,6 @@ def check_rl_config(cfg, algo):
                           f"(x k) and one response per minibatch; raise --batch_size or --minibatch_size")
     if algo == "grpo" and cfg.whiten_rewards:
         raise ConfigError("--whiten_rewards: GRPO normalises its rewards per group already")
-    kl_estimate(torch.zeros(1), torch.zeros(1), cfg.kl_estimator)  # a bad name fails now, not after sampling
-    apply_no_eos_rule(torch.zeros(1), torch.zeros(1, dtype=torch.bool), cfg.no_eos_rule)
     return k
 
 
@@ -512,32 +459,29 @@ def train_rl(cfg, algo):
         kl_ctl.load_state_dict(run.ckpt["kl_ctl"])
         metrics = run.ckpt["metrics"]
     n_prompts, n_mb = cfg.batch_size // k, math.ceil(cfg.batch_size / cfg.minibatch_size)
-    print(f"{algo}: {cfg.max_iters} steps of {cfg.batch_size} responses ({n_prompts} prompts x {k}), "
+    print(f"{algo}: {plural(cfg.max_iters, 'step')} of {cfg.batch_size} responses ({n_prompts} prompts x {k}), "
           f"{cfg.num_epochs} epochs x {n_mb} minibatches of {cfg.minibatch_size} = {cfg.num_epochs * n_mb} optimizer "
-          f"steps per step, micro-batches of {min(cfg.micro_batch_size, cfg.minibatch_size)}; {len(prompts):,} "
-          f"prompts; policy {policy.num_params() / 1e6:.2f}M parameters on {device} ({cfg.dtype})"
-          + (f"; {world()} processes, each sampling its share of the prompts" if world() > 1 else ""))
+          f"steps per step, micro-batches of {min(cfg.micro_batch_size, cfg.minibatch_size)}; "
+          f"{plural(len(prompts), 'prompt')}; policy {policy.num_params() / 1e6:.2f}M parameters on {device} "
+          f"({cfg.dtype})" + (f"; {world()} processes, each sampling its share of the prompts" if world() > 1 else ""))
 
     def save():
         run.save(done, policy, optimizer, critic=critic.state_dict() if critic is not None else None,
                  kl_ctl=kl_ctl.state_dict(), metrics=metrics)
 
-    def evaluate(step):
+    def evaluate():
         result = evaluate_policy(policy, ref, eval_prompts, reward_fn, device, ctx, cfg.max_new_tokens,
                                  cfg.batch_size, 1.0, derived_seed(cfg.seed, 0, EVAL))
-        run.log(step, **{f"eval/{key}": v for key, v in result.items() if key != "samples"})
         shown = result["samples"][:8]
-        run.log_samples(step, [x["prompt"] for x in shown], [x["response"] for x in shown], [x["score"] for x in shown])
+        run.log_samples(done, [x["prompt"] for x in shown], [x["response"] for x in shown], [x["score"] for x in shown])
         return result
 
     final_eval, warned, done = None, False, start
     eval_prompts = eval_prompts if is_main() else []  # under torchrun rank 0 alone evaluates, prints and writes
     if eval_prompts and start == 0:
-        evaluate(0)
-    bar = tqdm(range(start, cfg.max_iters), desc=algo, initial=start, total=cfg.max_iters, dynamic_ncols=True,
-               disable=None)
-    for step in bar:
-        t0, clock = time.time(), Clock(device)
+        run.log(0, **{f"eval/{key}": v for key, v in evaluate().items() if key != "samples"})
+    for step in run.steps(start):
+        clock = Clock(device)
         # 1. rollout: k samples of each of the step's prompts, log-probs of policy and reference, scores
         #    (under torchrun: this process's share of the prompts, all k samples of each, from its own stream)
         batch_prompts = [prompts[i] for i in my_share(epoch_indices(len(prompts), step, n_prompts, cfg.seed))
@@ -563,8 +507,8 @@ def train_rl(cfg, algo):
         # 5. update
         stats = update(cfg, policy, critic, optimizer, b, step, ctx, beta if algo == "grpo" else 0.0, clock)
         clock.lap("update")
-        # 6. adaptive KL coefficient (on the k1 KL of the batch), log, checkpoint
-        #    (every mean over all processes' samples, in one exchange: global_means)
+        # 6. adaptive KL coefficient (on the k1 KL of the batch); every mean over all processes' samples, in one
+        #    exchange (global_means)
         means = global_means(scores=b.scores, kl=kl_seq, entropy=b.entropy.sum(1), non_score=non_score,
                              rlhf=scores + non_score, length=b.resp_mask.sum(1), no_eos=b.no_eos.float())
         kl_ctl.update(means["kl"], cfg.batch_size)
@@ -582,109 +526,27 @@ def train_rl(cfg, algo):
         if critic is not None:  # how well the values at rollout time predicted the returns
             metrics["val/explained_variance"] = explained_variance(b.old_values, b.returns, b.resp_mask).item()
         clock.lap("metrics")
-        if done % cfg.log_interval == 0 or done == cfg.max_iters:
-            run.log(done, **metrics, **{"time/step_s": time.time() - t0},
-                    **{f"time/{phase}_s": v for phase, v in clock.laps.items()})
-            bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
-        if (done % cfg.eval_interval == 0 or done == cfg.max_iters) and is_main():
-            for p, r, s in list(zip(b.prompts, b.responses, b.scores.tolist()))[:2]:
-                tqdm.write(f"[step {done}] score {s:+.3f} | {shorten(p)!r} -> {shorten(r)!r}")
-            if eval_prompts:
-                final_eval = evaluate(done)
-        if run.end_step(done, cfg.max_iters, save):
+        # 7. log, evaluate, checkpoint
+        if run.log_due(done):
+            evaluating = run.eval_due(done) and is_main()
+            if evaluating:
+                for p, r, s in list(zip(b.prompts, b.responses, b.scores.tolist()))[:2]:
+                    tqdm.write(f"[step {done}] score {s:+.3f} | {shorten(p)!r} -> {shorten(r)!r}")
+                final_eval = evaluate() if eval_prompts else None
+            run.log(done, **metrics, **{f"time/{phase}_s": v for phase, v in clock.laps.items()},
+                    **{"time/step_s": sum(clock.laps.values())},
+                    **({f"eval/{key}": v for key, v in final_eval.items() if key != "samples"}
+                       if evaluating and final_eval else {}))
+        if run.end_step(done, save):
             return 130
     if start >= cfg.max_iters and run.ckpt is None:  # --max_iters=0: the start policy as this stage's checkpoint
         save()
     final = dict(metrics, step=cfg.max_iters)
     if eval_prompts:  # the last step's evaluation (or, resumed after it, the same one again)
-        final_eval = final_eval or evaluate_policy(policy, ref, eval_prompts, reward_fn, device, ctx,
-                                                   cfg.max_new_tokens, cfg.batch_size, 1.0,
-                                                   derived_seed(cfg.seed, 0, EVAL))
+        final_eval = final_eval or evaluate()
         final.update({f"eval/{key}": v for key, v in final_eval.items() if key != "samples"})
-        write_jsonl(os.path.join(run.dir, "samples.jsonl"), final_eval["samples"])
+        write_jsonl(run.path("samples.jsonl"), final_eval["samples"])
     run.summary(**final)
     print(f"done: objective/scores {final.get('objective/scores', float('nan')):.4f}, objective/kl "
           f"{final.get('objective/kl', float('nan')):.4f}; checkpoint {run.ckpt_path}")
-    return 0
-
-
-def train_ppo(cfg):
-    return train_rl(cfg, "ppo")
-
-
-def train_rloo(cfg):
-    return train_rl(cfg, "rloo")
-
-
-def train_grpo(cfg):
-    return train_rl(cfg, "grpo")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# stage bon: best-of-N (and, followed by sft on what it keeps, rejection-sampling fine-tuning)
-
-@dataclass
-class BoNConfig(RewardSpec, RunConfig):
-    out_dir: str = opt("out/bon", "run folder: selected.jsonl ({prompt, response}, for sft), samples.jsonl, summary")
-    init_from: str = opt("out/sft/ckpt.pt", "policy checkpoint to sample from")
-    prompts: str = opt("", "prompts: .txt lines or JSONL in any data.load_prompts format (required)")
-    max_prompts: int = opt(0, "read at most this many prompts (0: all)", min=0)
-    n: int = opt(8, "samples per prompt; the best one is kept", min=1)
-    max_new_tokens: int = opt(48, "tokens sampled per response", min=1)
-    temperature: float = opt(1.0, "sampling temperature", min=0.01)
-    batch_size: int = opt(64, "responses per generate() call", min=1)
-
-
-def select_best(scores, n):
-    """Index of each prompt's best sample: scores (P * N,), N consecutive samples per prompt -> (P,) (first on a tie)."""
-    r = scores.view(-1, n)
-    return r.argmax(1) + torch.arange(r.size(0), device=scores.device) * n
-
-
-def best_of_n_kl_bound(n):
-    """KL(best-of-N || policy) <= log N - (N - 1) / N, with equality when no two samples can tie (Beirami et al.
-    2024, arXiv 2401.01879): an upper bound, not a measurement."""
-    return math.log(n) - (n - 1) / n
-
-
-def best_of_n(cfg):
-    if not cfg.prompts:
-        raise ConfigError("--prompts is required: a file of prompts")
-    run = Run(cfg, "bon")
-    device, ctx = setup_device(cfg)
-    policy, _ = load_policy(cfg.init_from, device)
-    reward_fn = make_reward(cfg.reward, device, cfg.reward_weights, cfg.reward_combine, cfg.unsafe_prompts,
-                            cfg.batch_size, frozen_dtype(cfg))
-    all_prompts = load_prompts(cfg.prompts, cfg.max_prompts or None)
-    prompts = my_share(all_prompts)  # under torchrun each process samples its share; rank 0 gathers and writes
-    # N samples per prompt, scored; keep each prompt's best (Llama 2's rejection sampling keeps the same)
-    g = torch.Generator(device=device).manual_seed(rank_seed(cfg.seed, 0, SAMPLING))
-    per_call = max(1, cfg.batch_size // cfg.n)
-    selected, samples, all_scores = [], [], []
-    for i in tqdm(range(0, len(prompts), per_call), desc=f"best-of-{cfg.n}", disable=None, leave=False):
-        s = sample_responses(policy, [p for p in prompts[i:i + per_call] for _ in range(cfg.n)], cfg.max_new_tokens,
-                             g, device, ctx, cfg.temperature)
-        with ctx:
-            scores = reward_fn(s.prompts, s.responses).float()
-        best = set(select_best(scores, cfg.n).tolist())
-        selected += [dict(prompt=s.prompts[j], response=s.responses[j]) for j in sorted(best)]
-        samples += [dict(prompt=p, response=r, score=x, selected=j in best)
-                    for j, (p, r, x) in enumerate(zip(s.prompts, s.responses, scores.tolist()))]
-        all_scores.append(scores)
-    if world() > 1:
-        parts = gather_objects((selected, samples, torch.cat(all_scores).cpu()))
-        selected, samples = [x for p in parts for x in p[0]], [x for p in parts for x in p[1]]
-        all_scores, prompts = [p[2] for p in parts], all_prompts
-    if is_main():
-        write_jsonl(os.path.join(run.dir, "selected.jsonl"), selected)
-        write_jsonl(os.path.join(run.dir, "samples.jsonl"), samples)
-    all_scores = torch.cat(all_scores)
-    best_scores = [x["score"] for x in samples if x["selected"]]
-    summary = {"score/best": sum(best_scores) / len(best_scores), "score/all": all_scores.mean().item(),
-               "kl/bound": best_of_n_kl_bound(cfg.n), "n": cfg.n, "prompts": len(prompts)}
-    print(f"best-of-{cfg.n} on {len(prompts)} prompts: mean score of the best {summary['score/best']:.4f}, of all "
-          f"{summary['score/all']:.4f}; KL(best-of-N || policy) <= {summary['kl/bound']:.4f} nats; fine-tune on the "
-          f"kept responses with: python train.py sft --init_from={cfg.init_from} "
-          f"--data={os.path.join(run.dir, 'selected.jsonl')}")
-    run.summary(**summary)
     return 0

@@ -24,23 +24,20 @@ Simplifications, on purpose:
 import importlib.util
 import inspect
 import math
-import os
-import time
 import traceback
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import batches_in_order, epoch_indices, load_pair_splits, pair_batch
+from checkpoint import block_size_for, disable_dropout, load_checkpoint, load_policy, model_from_checkpoint
+from config import ConfigError, ModelConfig, OptimConfig, RunConfig, TrainConfig, opt
+from data import (Example, batches_in_order, epoch_indices, layout_batch, load_pair_splits, load_preferences, load_prompts,
+                  load_sft, looks_like_preferences, pair_batch, tokenize_pair, write_jsonl)
 from dist import all_mean, all_sum, micro_batches, world_note
-from model import GPT, GPTConfig, ScalarHead, last_real_index
-from train import (ConfigError, ModelConfig, block_size_for, OptimConfig, Run, RunConfig, TrainConfig, check_finite,
-                   disable_dropout, load_checkpoint, load_policy, make_optimizer,
-                   model_from_checkpoint, opt, optimizer_step, sample_responses, setup_device,
-                   shorten)
+from model import GPT, GPTConfig, ScalarHead, last_real_index, sample_responses
+from runtime import Run, check_finite, make_optimizer, optimizer_step, plural, setup_device, shorten
 
 
 class RewardModel(nn.Module):
@@ -74,8 +71,9 @@ class RewardModel(nn.Module):
 
 
 def load_reward_model(path, device, dtype=None):
-    """A RewardModel from a `reward` checkpoint (or a GPT2ForSequenceClassification folder: hf.py), in eval mode with
-    dropout off. dtype (train.frozen_dtype) stores trunk and head in that type; gain and bias stay float32."""
+    """A RewardModel from a `reward` checkpoint (or a GPT2ForSequenceClassification folder: checkpoint.py), in eval
+    mode with dropout off. dtype (checkpoint.frozen_dtype) stores trunk and head in that type; gain and bias stay
+    float32."""
     ckpt = load_checkpoint(path, "reward")
     model = model_from_checkpoint(ckpt, path, RewardModel(GPTConfig(**ckpt["model_args"])))
     model = disable_dropout(model).to(device).eval()
@@ -109,7 +107,6 @@ def pair_metrics(r_chosen, r_rejected, loss):
 def score_texts(model, prompts, responses, device, batch_size=64):
     """Normalised scores of prompt + response texts -> list[float], tokenized as everywhere (tokenize_pair:
     EOS-first prompt, response + EOS, truncated to the model's block_size) in the shared layout."""
-    from data import layout_batch, tokenize_pair
     scores = []
     for i in range(0, len(prompts), batch_size):
         rows = [tokenize_pair(p, [r], model.config.block_size)[:2]
@@ -259,9 +256,8 @@ def make_reward(spec, device, weights="", combine="sum", unsafe_prompts="", batc
     spec: a reward checkpoint (scored by score_texts: normalised, read at the last real token), FILE.py:FUNCTION
     (a user's function returning one float per response), or several of these, comma-separated, combined as the
     weighted sum with `weights` ("1,0.5"), or with combine="llama2" (helpfulness first, safety second; a prompt is
-    flagged unsafe when it is in the `unsafe_prompts` file). dtype: the reward models' weights (train.frozen_dtype:
-    bfloat16 when the run computes in it, half the memory)."""
-    from data import load_prompts
+    flagged unsafe when it is in the `unsafe_prompts` file). dtype: the reward models' weights
+    (checkpoint.frozen_dtype: bfloat16 when the run computes in it, half the memory)."""
     specs = [s.strip() for s in spec.split(",") if s.strip()]
     if not specs:
         raise ConfigError("--reward is required: a reward checkpoint, FILE.py:FUNCTION, or several, comma-separated")
@@ -289,6 +285,49 @@ def make_reward(spec, device, weights="", combine="sum", unsafe_prompts="", batc
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# PPO's critic: the same class, read at every position. It starts from the reward model's trunk with a zero value head
+# (critic_init=zero): its first values are 0, close to the returns of a normalised reward, where the reward head,
+# trained at the last token only, is not.
+
+class ValueHead(nn.Module):
+    """OpenAI's critic: a scalar head on the policy's own trunk. Only the head is this module's (and its checkpoint
+    entry); the trunk is trained as the policy."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.head = ScalarHead(policy.config.n_embd)
+        nn.init.zeros_(self.head.proj.weight)
+        self.trunk = [policy]  # a list: not registered as a submodule
+
+    def values(self, ids, mask):
+        return self.head(self.trunk[0].hidden(ids, mask))
+
+
+def make_critic(cfg, policy, device):
+    """PPO's value model: critic.values(ids, mask) -> (B, T), a module trained beside the policy, dropout off and in
+    eval mode as every model of the RL stages (N+).
+
+    separate (N+/TRL): a RewardModel on the trunk of the reward-model checkpoint (the first, with several), or on
+    the policy's trunk when the reward is a Python function. Its head starts at zero (critic_init=zero) or, from a
+    reward checkpoint, as the reward model's normalised head (critic_init=reward). shared (OpenAI): ValueHead."""
+    first = [s.strip() for s in cfg.reward.split(",") if s.strip()][0]
+    from_rm = cfg.critic == "separate" and ".py:" not in first
+    if cfg.critic_init == "reward" and not from_rm:
+        raise ConfigError("--critic_init=reward needs --critic=separate and a reward-model checkpoint as the reward")
+    if cfg.critic == "shared":
+        return ValueHead(policy).to(device).eval()
+    if from_rm:
+        critic = load_reward_model(first, device)
+    else:
+        critic = RewardModel(policy.config).to(device)
+        critic.gpt.load_state_dict(policy.state_dict())
+    if cfg.critic_init == "zero":
+        nn.init.zeros_(critic.head.proj.weight), nn.init.zeros_(critic.head.proj.bias)
+        critic.gain.fill_(1.0), critic.bias.fill_(0.0)
+    return disable_dropout(critic).eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # stage reward
 
 @dataclass
@@ -310,7 +349,7 @@ class RewardConfig(PairsConfig, TrainConfig, ModelConfig, OptimConfig):
 
 def init_model(cfg):
     """A RewardModel with its trunk from --init_from (a policy checkpoint) or from scratch, dropout off; sets
-    cfg.block_size (0: the checkpoint's, or 256 from scratch; train.block_size_for)."""
+    cfg.block_size (0: the checkpoint's, or 256 from scratch; checkpoint.block_size_for)."""
     if cfg.init_from == "scratch":
         cfg.block_size = block_size_for(cfg)
         return disable_dropout(RewardModel(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
@@ -337,7 +376,8 @@ def evaluate(model, rows, cfg, device, ctx):
 
 
 def fit_normalisation(model, cfg, train_pairs, device, ctx):
-    """Notes #8: samples of --policy on the training prompts, or else the data's chosen and rejected responses."""
+    """Gain and bias from samples of --policy on the training prompts (OpenAI's lm-human-preferences), or else from
+    the data's chosen and rejected responses."""
     if cfg.policy:
         policy, _ = load_policy(cfg.policy, device)
         prompts = list(dict.fromkeys(p.prompt for p in train_pairs))[:cfg.norm_samples]
@@ -367,15 +407,13 @@ def train(cfg):
     if cfg.compile:
         model.gpt.compile_hidden()
     print(f"model: {model.gpt.num_params() / 1e6:.2f}M parameters; {cfg.batch_size} pairs per step; "
-          f"{cfg.max_iters} steps ({total / len(train_rows):.2f} epochs) on {device} ({cfg.dtype}){world_note(cfg)}")
+          f"{plural(cfg.max_iters, 'step')} ({total / len(train_rows):.2f} epochs) on {device} ({cfg.dtype})"
+          f"{world_note(cfg)}")
 
     # 2. train
-    from tqdm import tqdm
     model.train()
-    t0, last, metrics = time.time(), start, {}
-    bar = tqdm(range(start, cfg.max_iters), desc="reward", initial=start, total=cfg.max_iters, dynamic_ncols=True,
-               disable=None)
-    for step in bar:
+    metrics = {}
+    for step in run.steps(start):
         # 2a. batch: B pairs as 2B sequences, scored at their last real tokens in one forward pass
         # (this process's share of them, in micro-batches: gradient accumulation, each loss weighted by its share)
         idx = epoch_indices(len(train_rows), step, cfg.batch_size, cfg.seed, total)
@@ -393,17 +431,13 @@ def train(cfg):
         lr, norm = optimizer_step(model, optimizer, cfg, step)
         # 2c. log, evaluate, checkpoint (the last one after the normalisation)
         done = step + 1
-        if done % cfg.log_interval == 0 or done == cfg.max_iters:
+        if run.log_due(done):
             metrics = dict(all_mean(pair_metrics(r_chosen, r_rejected, 0.0), r_chosen.numel()),
-                           loss=float(all_sum(loss)), lr=lr, grad_norm=norm,
-                           ms_per_step=1000 * (time.time() - t0) / (done - last))
-            if done % cfg.eval_interval == 0 or done == cfg.max_iters:
+                           loss=float(all_sum(loss)), lr=lr, grad_norm=norm)
+            if run.eval_due(done):
                 metrics.update({f"eval/{k}": v for k, v in evaluate(model, eval_rows, cfg, device, ctx).items()})
             run.log(done, **metrics)
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.2f}",
-                            **({"eval_acc": f"{metrics['eval/accuracy']:.3f}"} if "eval/accuracy" in metrics else {}))
-            t0, last = time.time(), done
-        if run.end_step(done, cfg.max_iters, lambda: run.save(done, model, optimizer, kind="reward")):
+        if run.end_step(done, lambda: run.save(done, model, optimizer, kind="reward")):
             return 130
 
     # 3. final evaluation (the last step's, unless the run resumed after it), normalisation, checkpoint
@@ -423,28 +457,43 @@ def train(cfg):
 
 @dataclass
 class ScoreConfig(RunConfig):
-    out_dir: str = opt("out/score", "run folder: scores.jsonl and summary.json")
+    out_dir: str = opt("out/score", "run folder: scores.jsonl and summary.json (a new scoring replaces them)")
     ckpt: str = opt("out/reward/ckpt.pt", "reward-model checkpoint")
-    data: str = opt("", "JSONL of {prompt, response} (or any SFT format of data.py) to score")
+    data: str = opt("", "JSONL to score, comma-separated files: {prompt, response} (or any SFT format of data.py), or "
+                        "preference pairs, whose chosen and rejected responses are both scored")
     prompt: str = opt("", "one prompt, scored with --response (when no --data)")
     response: str = opt("", "one response to --prompt")
     batch_size: int = opt(64, "sequences per forward pass", min=1)
 
 
 def score(cfg):
-    from data import load_sft, write_jsonl
     if cfg.data and (cfg.prompt or cfg.response):
         raise ConfigError("give either --data or --prompt/--response, not both")
     if not (cfg.data or cfg.prompt or cfg.response):
         raise ConfigError("nothing to score: give --data=FILE or --prompt=... --response=...")
-    run = Run(cfg, "score")
+    run = Run(cfg, "score", replaces_output=True)
     device, ctx = setup_device(cfg)
     model = load_reward_model(cfg.ckpt, device)
-    examples = load_sft(cfg.data) if cfg.data else [SimpleNamespace(prompt=cfg.prompt, response=cfg.response)]
+    if cfg.data and looks_like_preferences(cfg.data):  # pairs: both responses, and how often chosen wins
+        pairs = load_preferences(cfg.data)
+        with ctx:
+            both = score_texts(model, [p.prompt for p in pairs] * 2, [p.chosen for p in pairs] +
+                               [p.rejected for p in pairs], device, cfg.batch_size)
+        chosen, rejected = both[:len(pairs)], both[len(pairs):]
+        write_jsonl(run.path("scores.jsonl"), [dict(prompt=p.prompt, chosen=p.chosen, rejected=p.rejected,
+                                                    score_chosen=c, score_rejected=r)
+                                               for p, c, r in zip(pairs, chosen, rejected)])
+        accuracy = sum(c > r for c, r in zip(chosen, rejected)) / len(pairs)
+        t = torch.tensor(both)
+        summary = run.summary(pairs=len(pairs), accuracy=accuracy, mean=t.mean().item(), std=t.std(correction=0).item())
+        print(f"{plural(len(pairs), 'pair')} scored, chosen and rejected: the chosen response scores higher in "
+              f"{accuracy:.1%}; mean {summary['mean']:+.4f}, std {summary['std']:.4f}; {run.dir}/scores.jsonl")
+        return 0
+    examples = load_sft(cfg.data) if cfg.data else [Example(cfg.prompt, cfg.response)]
     prompts, responses = [ex.prompt for ex in examples], [ex.response for ex in examples]
     with ctx:
         scores = score_texts(model, prompts, responses, device, cfg.batch_size)
-    write_jsonl(os.path.join(run.dir, "scores.jsonl"),
+    write_jsonl(run.path("scores.jsonl"),
                 [dict(prompt=p, response=r, score=s) for p, r, s in zip(prompts, responses, scores)])
     for p, r, s in list(zip(prompts, responses, scores))[:10]:
         print(f"{s:+.4f}  {shorten(p + r)!r}")

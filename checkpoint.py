@@ -1,20 +1,23 @@
 """
-Hugging Face GPT-2 folders in and out: a local folder (config.json plus model.safetensors or pytorch_model.bin,
-as `save_pretrained` writes it or a download made elsewhere) becomes a checkpoint of this project, and a checkpoint
-becomes such a folder. Every option that takes a policy checkpoint (--init_from, --ref, sample --ckpt, the
-pipeline's --sft) and every reward-model option (--reward, score --ckpt) also takes a folder: train.load_checkpoint
-hands folders to load_folder() below.
+Checkpoints in and out: this project's own format, and Hugging Face GPT-2 folders both ways.
+
+Our checkpoint is one dict of tensors and plain values (kind, stage, step, model, model_args, optimizer, config, rng
+and a stage's own state), written atomically (save_checkpoint) and read with torch.load(weights_only=True), so no
+pickled code ever runs (safe_torch_load). Every option that takes a policy checkpoint (--init_from, --ref,
+sample --ckpt, the pipeline's --sft) or a reward model (--reward, score --ckpt) also takes a local Hugging Face
+GPT-2 folder (config.json plus model.safetensors or its shards, or pytorch_model.bin), converted by load_folder; stage
+`export` writes one back:
 
     python train.py ppo --init_from=/data/gpt2 --prompts=p.jsonl --reward=...   # start from a GPT-2 folder
     python train.py export --ckpt=out/ppo/ckpt.pt --out=gpt2-ppo                 # -> GPT2LMHeadModel.from_pretrained
     python train.py export --ckpt=out/reward/ckpt.pt --out=gpt2-rm               # -> GPT2ForSequenceClassification
 
-The tiny GPT of model.py is GPT-2's architecture with GPT-2's parameter names: pre-LayerNorm blocks (eps 1e-5,
-biases), GELU with the tanh approximation (transformers' "gelu_new"), attention scaled by 1/sqrt(head size),
-learned positions (n_positions is our block_size), wte tied to lm_head. What differs is only storage: GPT-2's
-Conv1D keeps its weight as (in, out), nn.Linear as (out, in), so the four matrices of a block are transposed; and
-our embedding table has 50304 rows (50257 padded to a multiple of 64, row 50257 being our PAD), GPT-2's 50257.
-Everything else in a config, or in a weights file, that this GPT cannot compute is refused in one line.
+The GPT of model.py is GPT-2's architecture with GPT-2's parameter names: pre-LayerNorm blocks (eps 1e-5, biases),
+GELU with the tanh approximation (transformers' "gelu_new"), attention scaled by 1/sqrt(head size), learned
+positions (n_positions is our block_size), wte tied to lm_head. What differs is only storage: GPT-2's Conv1D keeps
+its weight as (in, out), nn.Linear as (out, in), so the four matrices of a block are transposed; and our embedding
+table has 50304 rows (50257 padded to a multiple of 64, row 50257 being our PAD), GPT-2's 50257. Everything else in
+a config, or in a weights file, that this GPT cannot compute is refused in one line.
 
 Simplifications, on purpose:
 - The safetensors format is read and written here, not with the `safetensors` package, deliberately: the project
@@ -30,14 +33,157 @@ Simplifications, on purpose:
 import json
 import math
 import os
+import re
+import signal
 import struct
 import sys
+import threading
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-from model import N_REAL_TOKENS
-from train import ConfigError, load_checkpoint, opt, safe_torch_load
+from config import ConfigError, TrainingError, opt
+from data import atomic_write
+from model import GPT, GPTConfig, N_REAL_TOKENS
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# our format: one dict of tensors and plain values, written atomically, read with weights_only=True
+
+def save_checkpoint(path, ckpt):
+    """Write to a temporary file in the same folder, fsync, then rename over the old one (data.atomic_write): a kill
+    at any moment leaves either the old or the new checkpoint, never a torn one. Ctrl-C / SIGTERM arriving during the
+    write are held until it ends; a failed write (a full disk) removes its temporary file and is one line, the old
+    checkpoint left as it was."""
+    try:
+        with signals_held(), atomic_write(path, "wb", durable=True) as f:
+            torch.save(ckpt, f)
+    except OSError as e:
+        raise TrainingError(f"{path}: writing the checkpoint failed ({e.strerror or e}); the previous checkpoint "
+                            f"is left as it was") from None
+
+
+@contextmanager
+def signals_held():
+    """Hold SIGINT and SIGTERM until the block ends, then deliver them to the handlers that were in place. (Swapping
+    the Python handlers, not blocking the signals, because another thread would take a blocked signal and Python
+    would still run its handler in this one.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    old = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum))
+           for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        for sig in pending:
+            signal.raise_signal(sig)
+
+
+def safe_torch_load(path):
+    """torch.load(weights_only=True) with one-line errors: no pickled code runs, and a file that would need it is
+    refused by name. A file that torch.save did not write at all (a data file, say) is told so, not suspected."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):  # torch.save's zip archive, or its old pickle
+        raise ConfigError(f"{path}: not a PyTorch checkpoint (torch.save writes a zip archive; this file starts with "
+                          f"{magic!r})")
+    try:
+        with warnings.catch_warnings():  # torch warns before refusing; the one-line error below says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for arbitrary objects, RuntimeError for a torn or foreign file
+        if "Weights only load failed" in str(e):  # PyTorch's text is long and ends mid-sentence when cut
+            name = re.search(r"GLOBAL ([\w.]+)", str(e))
+            raise ConfigError(f"{path}: refused: it holds Python objects other than tensors and plain values"
+                              f"{f' ({name[1]})' if name else ''}, which could run code when unpickled "
+                              f"(checkpoints are loaded with torch.load(weights_only=True))") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{path}: not a loadable checkpoint of this project ({first[:160]})") from None
+
+
+def load_checkpoint(path, kind=None):
+    """Load a checkpoint safely (weights_only: no pickled code runs); check it is of the expected kind. A folder is
+    a Hugging Face GPT-2 folder (config.json + model.safetensors or pytorch_model.bin): load_folder converts it."""
+    if os.path.isdir(path):
+        ckpt = load_folder(path)
+    elif not os.path.isfile(path):
+        raise ConfigError(f"{path}: no such checkpoint file")
+    else:
+        ckpt = safe_torch_load(path)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "kind" not in ckpt:
+        raise ConfigError(f"{path}: not a checkpoint of this project (no 'model'/'kind' entries)")
+    if kind is not None and ckpt["kind"] not in ((kind,) if isinstance(kind, str) else kind):
+        wanted = kind if isinstance(kind, str) else " or ".join(kind)
+        raise ConfigError(f"{path}: a {ckpt['kind']} checkpoint, but a {wanted} checkpoint is needed here")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, path, module=None):
+    """Build the GPT stored in ckpt (or load its weights into `module`), with a one-line error on a mismatch or on
+    non-finite weights (which would otherwise surface far away, as NaN probabilities in sampling)."""
+    for name, t in ckpt["model"].items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+            raise ConfigError(f"{path}: the weight {name} holds NaN or infinite values (a diverged run?)")
+    module = module or GPT(GPTConfig(**ckpt["model_args"]))
+    try:
+        module.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        msg = " ".join(str(e).split())
+        raise ConfigError(f"{path}: checkpoint does not fit the model ({msg[:200]})") from None
+    return module
+
+
+def load_policy(path, device, dtype=None, compile=False):
+    """A GPT language model (from sft, dpo, ppo, ..., or a GPT-2 folder), in eval mode with dropout off. dtype
+    (frozen_dtype(cfg) for a model that is never trained: a reference policy) stores the weights in that type;
+    compile: GPT.compile_hidden."""
+    ckpt = load_checkpoint(path, "policy")
+    model = model_from_checkpoint(ckpt, path)
+    disable_dropout(model)
+    if compile:
+        model.compile_hidden()
+    return model.to(device, dtype).eval(), ckpt
+
+
+def frozen_dtype(cfg):
+    """bfloat16 weights for models that are never trained (reference policy, reward model) when the run computes in
+    bfloat16 anyway (autocast casts every matmul input to it): half their memory, which is what lets GPT-2-medium and
+    larger fit beside the policy, its optimizer and critic on one GPU. None (keep float32) otherwise."""
+    return torch.bfloat16 if cfg.dtype == "bfloat16" else None
+
+
+def disable_dropout(model):
+    """RLHF runs with dropout off in every model, or the first PPO ratio is not 1 (Huang et al. 2024, The N+
+    implementation details of RLHF with PPO: "disable dropout")."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    if hasattr(model, "transformer"):
+        for block in model.transformer.h:
+            block.attn.dropout = 0.0
+    return model
+
+
+def block_size_for(cfg, ckpt_block_size=None):
+    """The training block_size: --block_size, or (when 0) the checkpoint's, or 256 from scratch. A checkpoint's
+    position table fixes its longest sequence, so a larger --block_size than the checkpoint's is an error."""
+    if ckpt_block_size is None:
+        size = cfg.block_size or 256
+    elif cfg.block_size > ckpt_block_size:
+        raise ConfigError(f"--block_size={cfg.block_size} exceeds the checkpoint's block_size={ckpt_block_size} "
+                          f"(leave --block_size out to use the checkpoint's)")
+    else:
+        size = cfg.block_size or ckpt_block_size
+    if size < 2:
+        raise ConfigError(f"--block_size={size}: must be >= 2")
+    return size
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # safetensors, read and written here (see the docstring)
@@ -98,13 +244,11 @@ def write_safetensors(path, tensors, metadata=None):
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    with atomic_write(path, "wb") as f:
         f.write(struct.pack("<Q", len(text)))
         f.write(text)
         for blob in blobs:
             f.write(blob)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -251,7 +395,7 @@ def read_weights(folder):
 
 def load_folder(folder):
     """A Hugging Face GPT-2 folder -> a checkpoint dict of this project (kind 'policy', or 'reward' for a
-    GPT2ForSequenceClassification with num_labels 1), ready for train.model_from_checkpoint. Refuses, in one line
+    GPT2ForSequenceClassification with num_labels 1), ready for model_from_checkpoint. Refuses, in one line
     naming the file: another architecture, a config this GPT cannot compute, a missing, unexpected, misshapen or
     non-float tensor, an lm_head not tied to wte."""
     cfg_path = os.path.join(folder, "config.json")
@@ -313,13 +457,18 @@ def load_folder(folder):
 # ----------------------------------------------------------------------------------------------------------------
 # stage export
 
+EXPORTED = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")  # its files
+
+
 @dataclass
 class ExportConfig:
     ckpt: str = opt("out/sft/ckpt.pt", "policy or reward-model checkpoint (or a GPT-2 folder) to export")
-    out: str = opt("", "the folder to write: config.json and model.safetensors (or pytorch_model.bin)")
-    format: str = opt("safetensors", "safetensors or bin (pytorch_model.bin)")
-    dtype: str = opt("float32", "float32, bfloat16 or float16 weights in the folder")
-    overwrite: bool = opt(False, "replace the files of a folder that is not empty")
+    out: str = opt("", "the folder to write: config.json and model.safetensors (or pytorch_model.bin); a folder "
+                       "that an export wrote is replaced")
+    format: str = opt("safetensors", "safetensors or bin (pytorch_model.bin)", choices=("safetensors", "bin"))
+    dtype: str = opt("float32", "float32, bfloat16 or float16 weights in the folder",
+                     choices=("float32", "bfloat16", "float16"))
+    overwrite: bool = opt(False, "replace the model files of a folder that also holds other files")
 
 
 def export_state(ckpt, dtype=torch.float32):
@@ -344,28 +493,33 @@ def export_state(ckpt, dtype=torch.float32):
 
 
 def export(cfg):
+    """Stage export: the checkpoint as a folder that transformers' from_pretrained loads. It only reads the
+    checkpoint, so running it again replaces a folder it wrote; a folder with other files needs --overwrite, and
+    the folder of the checkpoint it reads is never written into."""
     if not cfg.out.strip():
         raise ConfigError("--out is empty: name the folder to write")
-    if cfg.format not in ("safetensors", "bin"):
-        raise ConfigError(f"--format={cfg.format}: expected safetensors or bin")
-    if cfg.dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"--dtype={cfg.dtype}: expected float32, bfloat16 or float16")
     ckpt = load_checkpoint(cfg.ckpt, ("policy", "reward"))
-    if os.path.isdir(cfg.out) and os.listdir(cfg.out) and not cfg.overwrite:
-        raise ConfigError(f"--out={cfg.out} is not empty; add --overwrite to replace its files")
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise ConfigError(f"--out={cfg.out} is a file, not a folder")
+    if os.path.isdir(cfg.ckpt) and os.path.samefile(cfg.ckpt, cfg.out):
+        raise ConfigError(f"--out={cfg.out} is the folder --ckpt reads; choose another --out")
+    others = sorted(set(os.listdir(cfg.out)) - set(EXPORTED)) if os.path.isdir(cfg.out) else []
+    if others and not cfg.overwrite:
+        raise ConfigError(f"--out={cfg.out} holds files an export does not write ({others[0]}"
+                          f"{f' and {len(others) - 1} more' if len(others) > 1 else ''}); add --overwrite to replace "
+                          f"its model files, or choose another --out")
     config, tensors = export_state(ckpt, getattr(torch, cfg.dtype))
     config["torch_dtype"] = cfg.dtype
     os.makedirs(cfg.out, exist_ok=True)
-    for stale in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
-        if os.path.exists(os.path.join(cfg.out, stale)):  # --overwrite: no old weights file may shadow the new one
+    for stale in EXPORTED[1:]:  # no old weights file may shadow the new one
+        if os.path.exists(os.path.join(cfg.out, stale)):
             os.remove(os.path.join(cfg.out, stale))
     if cfg.format == "safetensors":
         write_safetensors(os.path.join(cfg.out, "model.safetensors"), tensors, {"format": "pt"})
     else:
-        torch.save(tensors, os.path.join(cfg.out, "pytorch_model.bin"))
-    with open(os.path.join(cfg.out, "config.json"), "w") as f:
+        with atomic_write(os.path.join(cfg.out, "pytorch_model.bin"), "wb") as f:
+            torch.save(tensors, f)
+    with atomic_write(os.path.join(cfg.out, "config.json")) as f:
         json.dump(config, f, indent=2)
     what = config["architectures"][0]
     print(f"exported {cfg.ckpt} ({ckpt['kind']}, {ckpt['model_args']['n_layer']} layers x "

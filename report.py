@@ -1,0 +1,324 @@
+"""
+The IMDb benchmark's report: gold reward at fixed KL along each method's frontier, Gao et al.'s over-optimisation
+fits, results.md and two figures, all functions of the per-policy numbers that pipeline.py measures (so a report can
+be redrawn from results.json alone); and stage `plot`, any run folder's metrics.jsonl as a PNG.
+
+    python train.py plot --run=out/imdb/rep1/runs/ppo_beta0.05_seed1      # metrics.png beside its metrics.jsonl
+
+Policy names are RUN or RUN@STEP, RUN = METHOD_beta{b}_seed{s} (alpha for unlikelihood; METHOD_seed{s} for a method
+without a strength): method_of reads the method back.
+"""
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from config import ConfigError, opt
+from data import read_jsonl
+from sft import best_of_n_kl_bound, best_of_n_probs
+
+KL_POINTS = (2.5, 5.0, 10.0)  # the gold@KL summary: nats per sequence
+
+
+def method_of(name):
+    """'ppo_gt_beta0.05_seed1@20' -> 'ppo_gt'; 'pft_seed1' -> 'pft'; 'sft' -> 'sft'."""
+    return re.sub(r"(_(beta|alpha)[^_@]*)?_seed\d+(@\d+)?$", "", name)
+
+
+def bon_curve(select, gold, proxy, ns):
+    """Best-of-N from a pool of M samples per prompt, for each N in ns, as exact expectations over the pool
+    (sft.best_of_n_probs: n draws with replacement, ties shared). select, gold, proxy: (P, M). Returns per N: the
+    expected gold and proxy rewards; kl, the KL of the best-of-N selection from the pool's uniform distribution,
+    sum_j p_j log(M p_j) averaged over prompts (0 when every sample scores the same); and kl_bound, log N - (N-1)/N,
+    which bounds the KL of best-of-N from any reference distribution (Beirami et al. 2024, arXiv:2401.01879) and is
+    what a pool of distinct scores approaches as M grows."""
+    M = select.size(1)
+    out = []
+    for n in ns:
+        p = best_of_n_probs(select, n)  # (P, M)
+        kl = (p * torch.log(M * p).clamp(min=-1e9)).sum(1).mean()  # p > 0 for every sample, so no 0 log 0
+        out.append(dict(n=n, gold=float((gold.double() * p).sum(1).mean()),
+                        proxy=float((proxy.double() * p).sum(1).mean()), kl=float(kl), kl_bound=best_of_n_kl_bound(n)))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# gold reward at fixed KL, and Gao et al.'s functional forms
+
+def by_kl(points):
+    """[(kl, value)] -> the same sorted by KL, the values of points at one KL averaged."""
+    groups = {}
+    for kl, v in points:
+        groups.setdefault(kl, []).append(v)
+    return sorted((kl, sum(vs) / len(vs)) for kl, vs in groups.items())
+
+
+def interpolate(points, x):
+    """The value at x of the piecewise-linear curve through points [(kl, value)] (by_kl); None outside [smallest
+    KL, largest KL]."""
+    pts = by_kl(points)
+    if not pts or not pts[0][0] <= x <= pts[-1][0]:
+        return None
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return pts[0][1]  # a single point, at x
+
+
+def unbeaten(points):
+    """A method's frontier from points [(kl, gold)] (points at one KL averaged): the points that no other beats (none
+    has less or equal KL and more or equal gold), sorted by KL, then flat to the largest KL of any point. Each point on
+    the piecewise-linear curve through them is attainable: mixing two policies per prompt (w, 1 - w) gets their gold
+    mixed and a KL at most theirs mixed (KL is convex), so the chord between two points is reached at or below its
+    KL. A beaten point (an early checkpoint of a low-beta run, say) changes nothing, so evaluating more checkpoints
+    can only raise a method's frontier, never lower it."""
+    pts = by_kl(points)
+    front = [(kl, v) for kl, v in pts if not any(k <= kl and w >= v and (k, w) != (kl, v) for k, w in pts)]
+    if pts and pts[-1][0] > front[-1][0]:
+        front.append((pts[-1][0], front[-1][1]))
+    return front
+
+
+def best_at(points, x):
+    """The gold reward at KL x on the frontier of `points` (unbeaten); None outside [smallest KL, largest KL]."""
+    return interpolate(unbeaten(points), x)  # the frontier spans the points' KLs: None outside them
+
+
+def frontier(policies, method):
+    """A method's frontier in one replicate: (KL, gold) of each strength and checkpoint step, averaged over the RL
+    seeds, with the SFT model as every run's step 0 (it is: each run starts from it)."""
+    groups = {}
+    for name, r in policies.items():
+        if method_of(name) == method:
+            run, _, step = name.partition("@")
+            groups.setdefault((run.rsplit("_seed", 1)[0], step), []).append((r["kl"], r["gold"]))
+    sft = policies["sft"]
+    return [(0.0, sft["gold"])] + [tuple(sum(c) / len(pts) for c in zip(*pts)) for pts in groups.values()]
+
+
+def gold_at_kl(report):
+    """{method: {kl: {per_replicate, mean, spread, n}}} for kl in KL_POINTS: each replicate's frontier read at kl
+    (best_at; None where it does not reach); mean and spread (max - min) over the replicates that reach it.
+    Best-of-N (by proxy, by gold) uses its KL from the pool."""
+    reps = report["replicates"]
+    curves = {}
+    for m in sorted({method_of(n) for rep in reps for n in rep["policies"]} - {"sft"}):
+        curves[m] = [frontier(rep["policies"], m) for rep in reps]
+    for sel in ("proxy", "gold"):
+        curves[f"bon_{sel}"] = [[(b["kl"], b["gold"]) for b in rep["best_of_n"][sel]] for rep in reps]
+    summary = {}
+    for m, per_rep in curves.items():
+        summary[m] = {}
+        for x in KL_POINTS:
+            vals = [best_at(pts, x) for pts in per_rep]
+            got = [v for v in vals if v is not None]
+            summary[m][str(x)] = dict(per_replicate=vals, n=len(got), mean=sum(got) / len(got) if got else None,
+                                      spread=max(got) - min(got) if got else None)
+    return summary
+
+
+GAO_FORMS = dict(bon=lambda d: [d, -d * d], rl=lambda d: [d, -d * math.log(d) if d > 0 else 0.0])
+
+
+def gao_fit(d, y, form):
+    """Least squares of Gao et al. 2022's forms (arXiv 2210.10760, Eq. 1-2) through the origin: R(d) = d (a - b d)
+    for best-of-N, R(d) = d (a - b log d) for RL, d = sqrt(KL). Returns dict(a, b, rmse), or None with fewer than
+    2 points off the origin."""
+    if sum(v > 0 for v in d) < 2:
+        return None
+    X, Y = np.array([GAO_FORMS[form](v) for v in d]), np.array(y)
+    (a, b), *_ = np.linalg.lstsq(X, Y, rcond=None)
+    return dict(a=float(a), b=float(b), rmse=float(np.sqrt(np.mean((X @ np.array([a, b]) - Y) ** 2))), form=form)
+
+
+def gao_fits(report):
+    """{method: {gold, proxy: fit}}: each method's points of every replicate, rewards minus that replicate's SFT
+    model's, against d = sqrt(KL). Best-of-N (by proxy) gets the best-of-N form, the rest the RL form."""
+    points = {}
+    for rep in report["replicates"]:
+        sft = rep["policies"]["sft"]
+        for name, r in rep["policies"].items():
+            if name != "sft":
+                points.setdefault(method_of(name), []).append((r["kl"], r["gold"] - sft["gold"],
+                                                               r["proxy"] - sft["proxy"]))
+        for b in rep["best_of_n"]["proxy"]:
+            points.setdefault("bon_proxy", []).append((b["kl"], b["gold"] - sft["gold"], b["proxy"] - sft["proxy"]))
+    fits = {}
+    for m, pts in points.items():
+        d = [math.sqrt(max(kl, 0.0)) for kl, _, _ in pts]
+        form = "bon" if m.startswith("bon") else "rl"
+        fits[m] = {key: gao_fit(d, [p[i] for p in pts], form) for i, key in ((1, "gold"), (2, "proxy"))}
+    return fits
+
+
+# -----------------------------------------------------------------------------
+# the report, and stage `plot` for any run folder
+
+COLORS = dict(ppo="C0", ppo_gt="C1", dpo="C2", rloo="C3", grpo="C4", ipo="C5", pft="C6", unlikelihood="C8",
+              bon_proxy="C7", bon_gold="C9", sft="k")
+
+
+def cell(entry, replicates):
+    """'0.912 ± 0.008' (mean ± spread, max - min over replicates), '0.912' for one replicate, a count where only
+    some replicates reach the KL, '-' where none does."""
+    if entry["mean"] is None:
+        return "-"
+    text = f"{entry['mean']:.3f}" + (f" ± {entry['spread']:.3f}" if entry["n"] > 1 else "")
+    return text + (f" ({entry['n']}/{replicates})" if entry["n"] < replicates else "")
+
+
+def write_report(report, out):
+    """results.md (gold@KL, a row per policy, best-of-N, the fits), frontier.png (gold reward against KL, every
+    checkpoint), overoptimisation.png (gold and proxy reward against sqrt(KL), with Gao et al.'s fits)."""
+    plt = pyplot()
+    reps, R, T = report["replicates"], len(report["replicates"]), report["max_new_tokens"]
+    lines = [f"IMDb controlled sentiment, preset {report['preset']} on {report['device']}: {report['k']} SFT samples "
+             f"per prefix and every pair of them ({report['k'] * (report['k'] - 1) // 2} per prefix), "
+             f"{report['labels']} labels; {R} replicate{'s' * (R != 1)}."] + \
+        [f"- replicate {rep['replicate']} (seed {rep['seed']}): labels agree with the gold reward on "
+         f"{rep['preference_agreement']:.1%} of pairs; proxy reward model eval accuracy {rep['reward_accuracy']:.1%}"
+         for rep in reps]
+    lines += ["", f"Gold reward at fixed KL (nats per sequence; per token: divide by the response length, {T} tokens "
+              f"when a continuation runs to the end), read off each method's frontier: piecewise linear from the "
+              f"SFT model (KL 0) through its strengths and checkpoints that no other beats on both KL and gold, "
+              f"flat after the last (each value is attainable by mixing two policies); mean ± spread (max - min) over "
+              f"replicates; '-': no run reaches that KL.", "",
+              "| method | " + " | ".join(f"gold @ KL {x:g} ({x / T:.3f}/token)" for x in KL_POINTS) + " |",
+              "|---|" + "---|" * len(KL_POINTS)]
+    for m, row in report["gold_at_kl"].items():
+        lines.append(f"| {m} | " + " | ".join(cell(row[str(x)], R) for x in KL_POINTS) + " |")
+    lines += ["", "| replicate | policy | gold reward | proxy reward | KL(pi‖ref) nats | KL per token | "
+              "response tokens |", "|---|---|---|---|---|---|---|"]
+    for rep in reps:
+        for name, r in sorted(rep["policies"].items(), key=lambda kv: (method_of(kv[0]), kv[0])):
+            lines.append(f"| {rep['replicate']} | {name} | {r['gold']:.3f} | {r['proxy']:+.3f} | {r['kl']:.2f} | "
+                         f"{r['kl'] / max(r['length'], 1):.3f} | {r['length']:.1f} |")
+    lines += ["", "Best-of-N from a pool of SFT samples per prompt. KL: of the best-of-N selection from the pool, "
+              "computed from the scores (ties share their probability); bound: log N - (N-1)/N (Beirami et al. 2024).",
+              "", "| replicate | best-of-N | N | gold reward | proxy reward | KL from the pool | bound |",
+              "|---|---|---|---|---|---|---|"]
+    for rep in reps:
+        for sel in ("proxy", "gold"):
+            for r in rep["best_of_n"][sel]:
+                lines.append(f"| {rep['replicate']} | by {sel} | {r['n']} | {r['gold']:.3f} | {r['proxy']:+.3f} | "
+                             f"{r['kl']:.3f} | {r['kl_bound']:.3f} |")
+    lines += ["", "Gao et al. 2022's forms, fitted to reward minus the SFT model's against d = sqrt(KL): "
+              "best-of-N d (a - b d), the others d (a - b log d).", "",
+              "| method | gold a | gold b | gold rmse | proxy a | proxy b | proxy rmse |", "|---|---|---|---|---|---|---|"]
+    for m, fit in report["fits"].items():
+        lines.append(f"| {m} | " + " | ".join("- | - | -" if fit[k] is None else
+                                              f"{fit[k]['a']:.4f} | {fit[k]['b']:.4f} | {fit[k]['rmse']:.4f}"
+                                              for k in ("gold", "proxy")) + " |")
+    lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in report["timings_s"].items())]
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+    # gold reward against KL: every checkpoint (final policies large, earlier ones small), each replicate's frontier
+    # as a line, best-of-N dashed
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key in zip(axes, ("gold", "proxy")):
+        for i, rep in enumerate(reps):
+            res = rep["policies"]
+            for m in sorted({method_of(n) for n in res} - {"sft"}):
+                final = [(r["kl"], r[key]) for n, r in res.items() if method_of(n) == m and "@" not in n]
+                along = [(r["kl"], r[key]) for n, r in res.items() if method_of(n) == m and "@" in n]
+                ax.plot(*zip(*final), "o", color=COLORS.get(m, "C5"), alpha=0.8, label=m if i == 0 else None)
+                if along:
+                    ax.plot(*zip(*along), ".", color=COLORS.get(m, "C5"), alpha=0.6)
+                if key == "gold":  # the frontier gold@KL reads
+                    ax.plot(*zip(*unbeaten(frontier(res, m))), "-", color=COLORS.get(m, "C5"), alpha=0.4, lw=1)
+            for sel, style in (("proxy", "--"), ("gold", ":")):
+                ax.plot([r["kl"] for r in rep["best_of_n"][sel]], [r[key] for r in rep["best_of_n"][sel]], style,
+                        color="C7", label=f"best-of-N by {sel}" if i == 0 else None)
+            ax.plot([0], [res["sft"][key]], "k*", label="SFT" if i == 0 else None)
+        ax.set_xlabel("KL(π ‖ π_ref), nats per response")
+        ax.set_ylabel(f"{key} reward" + (" (P(positive))" if key == "gold" else " (normalised)"))
+        ax.set_title(f"{key} reward vs KL, {R} replicate{'s' * (R != 1)}\n(small dots: checkpoints along training"
+                     + ("; lines: each method's frontier of unbeaten points)" if key == "gold" else ")"), fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "frontier.png"), dpi=120)
+    plt.close(fig)
+
+    # over-optimisation (Gao et al.): reward gained over the SFT model against d = sqrt(KL), points and fits
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key in zip(axes, ("gold", "proxy")):
+        labelled = set()
+        for rep in reps:
+            sft = rep["policies"]["sft"]
+            for name, r in rep["policies"].items():
+                if name != "sft":
+                    m = method_of(name)
+                    ax.plot(math.sqrt(max(r["kl"], 0)), r[key] - sft[key], ".", color=COLORS.get(m, "C5"), alpha=0.5,
+                            label=None if m in labelled else m)
+                    labelled.add(m)
+            b = rep["best_of_n"]["proxy"]
+            ax.plot([math.sqrt(max(x["kl"], 0)) for x in b], [x[key] - sft[key] for x in b], "x", color="C7",
+                    alpha=0.6, label=None if "bon" in labelled else "best-of-N by proxy")
+            labelled.add("bon")
+        for m, fit in report["fits"].items():
+            if fit[key] is None:
+                continue
+            reach = max(math.sqrt(max(r["kl"], 0)) for rep in reps for n, r in rep["policies"].items()
+                        if method_of(n) == m) if m != "bon_proxy" else \
+                max(math.sqrt(max(x["kl"], 0)) for rep in reps for x in rep["best_of_n"]["proxy"])
+            ds = [reach * j / 50 for j in range(1, 51)]
+            ax.plot(ds, [fit[key]["a"] * x0 + fit[key]["b"] * x1 for x0, x1 in map(GAO_FORMS[fit[key]["form"]], ds)],
+                    "-", color=COLORS.get(m, "C5"), label=f"{m} fit")
+        ax.set_xlabel("d = sqrt(KL), sqrt(nats)")
+        ax.set_ylabel(f"{key} reward minus the SFT model's")
+        ax.set_title(f"{key} reward as KL grows, with Gao et al.'s fits")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "overoptimisation.png"), dpi=120)
+    plt.close(fig)
+
+
+def pyplot():
+    """matplotlib's pyplot, drawing to files only (Agg). Imported here, when a figure is drawn: it takes a second or
+    two to import, which no training run should pay."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+@dataclass
+class PlotConfig:
+    run: str = opt("out/imdb/rep1/reward", "run folder whose metrics.jsonl to plot (default: the default run's reward "
+                                           "model)")
+    keys: str = opt("", "comma-separated metrics to plot (default: every numeric one)")
+    out: str = opt("", "PNG to write (default: RUN/metrics.png)")
+
+
+def plot(cfg):
+    plt = pyplot()
+    path = os.path.join(cfg.run, "metrics.jsonl")
+    rows = [obj for _, obj in read_jsonl(path)]
+    keys = cfg.keys.split(",") if cfg.keys else sorted({k for r in rows for k, v in r.items()
+                                                        if k != "step" and isinstance(v, (int, float))})
+    missing = [k for k in keys if not any(k in r for r in rows)]
+    if missing:
+        raise ConfigError(f"--keys: {', '.join(missing)} not in {path}")
+    cols = min(3, len(keys))
+    rows_of_axes = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(rows_of_axes, cols, figsize=(5 * cols, 3.2 * rows_of_axes), squeeze=False)
+    for ax, k in zip(axes.flat, keys):
+        pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))]
+        ax.plot(*zip(*pts), ".-")
+        ax.set_title(k)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    out = cfg.out or os.path.join(cfg.run, "metrics.png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    print(f"wrote {out}")
+    return 0
