@@ -501,7 +501,7 @@ def export(cfg):
     ckpt = load_checkpoint(cfg.ckpt, ("policy", "reward"))
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise ConfigError(f"--out={cfg.out} is a file, not a folder")
-    if os.path.isdir(cfg.ckpt) and os.path.samefile(cfg.ckpt, cfg.out):
+    if os.path.isdir(cfg.ckpt) and os.path.isdir(cfg.out) and os.path.samefile(cfg.ckpt, cfg.out):
         raise ConfigError(f"--out={cfg.out} is the folder --ckpt reads; choose another --out")
     others = sorted(set(os.listdir(cfg.out)) - set(EXPORTED)) if os.path.isdir(cfg.out) else []
     if others and not cfg.overwrite:

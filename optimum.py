@@ -82,7 +82,7 @@ from config import ConfigError, OptimConfig, TrainConfig, opt
 from data import decode, derived_seed, encode, encode_prompt
 from model import N_REAL_TOKENS, response_logprobs, sample_responses
 from reward import RewardSpec, make_critic, make_reward
-from runtime import Run, check_finite, make_optimizer, optimizer_step, plural, setup_device
+from runtime import Run, check_finite, make_optimizer, optimizer_step, setup_device
 from sft import best_of_n_kl_bound, best_of_n_probs, select_best
 
 METHODS = ("ppo", "rloo", "grpo", "dpo", "ipo", "bon")

@@ -285,6 +285,11 @@ class Queue:
         if self.signals:
             raise Stopped
 
+    def pick_gpu(self):
+        """The GPU (a CUDA_VISIBLE_DEVICES entry) of --gpus that runs the fewest sub-runs now; None without --gpus."""
+        busy = lambda g: sum(p.gpu == g for p in self.procs.values())
+        return min(self.gpus, key=busy) if self.gpus else None
+
     def run(self, stage, out_dir, args, plan, inputs, threads):
         """In a pool thread: `python train.py STAGE ARGS` in its own session, writing out_dir/log.txt, on the GPU of
         --gpus that runs the fewest sub-runs. Returns its exit status."""
@@ -297,7 +302,7 @@ class Queue:
         with open(os.path.join(out_dir, "log.txt"), "a") as log, self.lock:
             log.write(" ".join(cmd) + "\n")
             log.flush()
-            gpu = min(self.gpus, key=lambda g: sum(p.gpu == g for p in self.procs.values())) if self.gpus else None
+            gpu = self.pick_gpu()
             env = dict(os.environ, TQDM_DISABLE="1", **({"OMP_NUM_THREADS": str(threads)} if threads else {}),
                        **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}))
             p = self.procs[out_dir] = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,

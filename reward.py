@@ -24,6 +24,7 @@ Simplifications, on purpose:
 import importlib.util
 import inspect
 import math
+import os
 import traceback
 from dataclasses import dataclass
 

@@ -298,8 +298,7 @@ class Run:
         ckpt-STEP.pt at the snapshot steps. Returns True when a stop was requested: the stage then returns 130."""
         cfg, total = self.cfg, self.cfg.max_iters
         self.stop_requested = any_rank(self.stop_requested)  # every process stops after the same step
-        every = getattr(cfg, "snapshot_interval", 0)
-        snapshot = (bool(every and done % every == 0) or done in snapshot_steps(cfg)) and done < total
+        snapshot = wants_snapshot(cfg, done) and done < total  # the last step's weights are ckpt.pt
         if (done % cfg.ckpt_interval == 0 or done == total or self.stop_requested or snapshot
                 or (cfg.ckpt_minutes and time.time() - self.last_save > 60 * cfg.ckpt_minutes)):
             save()
@@ -344,6 +343,13 @@ class Run:
         if is_main():
             write_json(self.path("summary.json"), metrics)
         return metrics
+
+
+def wants_snapshot(cfg, step):
+    """Whether step `step` keeps its weights as ckpt-STEP.pt: every --snapshot_interval steps and at each of
+    --snapshot_steps."""
+    every = getattr(cfg, "snapshot_interval", 0)
+    return bool(every and step % every == 0) or step in snapshot_steps(cfg)
 
 
 class Tracker:

@@ -11,6 +11,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+from model import GPTConfig, N_REAL_TOKENS  # noqa: E402
 from data import EOS, PAD, DataError, Example, Pair  # noqa: E402
 
 ASSETS = os.path.join(os.path.dirname(data.__file__), "assets")
@@ -32,8 +33,9 @@ def write(tmp_path, name, content):
 def test_tokenizer_known_ids_and_constants():
     assert data.encode("Hello world") == [15496, 995]
     assert (EOS, PAD) == (50256, 50257) and EOS != PAD
-    assert data.get_tokenizer().n_vocab == data.N_REAL_TOKENS == 50257
-    assert data.VOCAB_SIZE == 50304 and data.VOCAB_SIZE % 64 == 0 and data.VOCAB_SIZE > PAD
+    assert data.get_tokenizer().n_vocab == N_REAL_TOKENS == 50257
+    vocab = GPTConfig().vocab_size
+    assert vocab == 50304 and vocab % 64 == 0 and vocab > PAD
     assert data.get_tokenizer() is data.get_tokenizer()  # cached
     # a special token written in the data is text, not an EOS
     assert EOS not in data.encode("a<|endoftext|>b")
@@ -79,8 +81,8 @@ def test_preferences_hh_dialogues_gzipped(tmp_path):
     assert pairs == [Pair(HH_PROMPT, " It is 4.", " Five."), Pair(HH_PROMPT, " Umm.\n\nAssistant: 4", " 22"),
                      Pair(HH_PROMPT, "", " x")]
     # the layout's promise: tokenising prompt and response apart gives the tokens of the whole dialogue
-    ids, mask, truncated = data.tokenize_example(pairs[0].prompt, pairs[0].chosen, 1024)
-    assert ids == [EOS] + data.encode(rows[0]["chosen"]) + [EOS] and not truncated
+    p, (r,), truncated = data.tokenize_pair(pairs[0].prompt, [pairs[0].chosen], 1024)
+    assert p + r == [EOS] + data.encode(rows[0]["chosen"]) + [EOS] and not truncated
 
 
 def test_preferences_message_lists_match_hh_layout(tmp_path):
@@ -304,18 +306,16 @@ def test_missing_file_and_directory(tmp_path):
 # -----------------------------------------------------------------------------
 # tokenising and batching
 
-def test_tokenize_example_masks_and_truncation():
+def test_tokenize_pair_truncation():
     p, r = [EOS] + data.encode(" one two three four five six"), data.encode(" seven eight")  # EOS is the BOS
-    ids, mask, truncated = data.tokenize_example(" one two three four five six", " seven eight", 100)
-    assert ids == p + r + [EOS] and mask == [0] * 7 + [1] * 3 and not truncated
+    one = lambda prompt, response, block: data.tokenize_pair(prompt, [response], block)
+    assert one(" one two three four five six", " seven eight", 100) == (p, [r + [EOS]], False)
     # too long: the prompt loses its start first...
-    ids, mask, truncated = data.tokenize_example(" one two three four five six", " seven eight", 7)
-    assert ids == p[-4:] + r + [EOS] and mask == [0] * 4 + [1] * 3 and truncated
+    assert one(" one two three four five six", " seven eight", 7) == (p[-4:], [r + [EOS]], True)
     # ...down to half the block; then the response loses its end (and its EOS)
-    ids, mask, truncated = data.tokenize_example(" one two three four five six", " seven eight", 4)
-    assert ids == p[-2:] + r and mask == [0, 0, 1, 1] and truncated
-    # an empty prompt is the BOS alone: loss on everything after it, EOS included
-    assert data.tokenize_example("", " hi", 8) == ([EOS] + data.encode(" hi") + [EOS], [0, 1, 1], False)
+    assert one(" one two three four five six", " seven eight", 4) == (p[-2:], [r], True)
+    # an empty prompt is the BOS alone; the response ends in EOS
+    assert one("", " hi", 8) == ([EOS], [data.encode(" hi") + [EOS]], False)
 
 
 def test_tokenize_pair_truncates_all_responses_alike():

@@ -18,6 +18,10 @@ import pytest
 import torch
 
 import dist
+import checkpoint
+import config
+import runtime
+import pipeline
 import train
 from conftest import ROOT, read_metrics
 from model import GPT, GPTConfig
@@ -65,9 +69,9 @@ def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("dist")
     torch.manual_seed(0)
     m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32))
-    train.save_checkpoint(str(d / "policy.pt"), dict(kind="policy", stage="sft", step=0, model=m.state_dict(),
+    checkpoint.save_checkpoint(str(d / "policy.pt"), dict(kind="policy", stage="sft", step=0, model=m.state_dict(),
                                                      optimizer=None, model_args=dataclasses.asdict(m.config),
-                                                     config={}, rng=train.rng_state()))
+                                                     config={}, rng=runtime.rng_state()))
     rng = random.Random(0)
     with open(d / "sft.jsonl", "w") as f:  # responses of different lengths: the per-token weighting matters
         for _ in range(200):
@@ -180,7 +184,7 @@ def _grad_sum_process(rank, store):
         try:
             (loss(x) + model["unused"].weight.sum()).backward()
             raise AssertionError("no error")
-        except train.TrainingError as e:  # one line naming the parameter
+        except config.TrainingError as e:  # one line naming the parameter
             assert str(e).startswith("parameter unused.weight got a gradient")
     tdist.destroy_process_group()
 
@@ -207,7 +211,7 @@ def test_ppo_two_processes_run_and_rank0_alone_writes(tiny, tmp_path):
     rows = read_metrics(out_dir)  # the evaluation at step 0, then one row per step (and the last evaluation)
     assert [r["step"] for r in rows if "objective/scores" in r] == [1, 2, 3]
     assert [r["step"] for r in rows if "eval/score" in r] == [0, 3]
-    assert rows[-2]["episodes"] == 24  # both processes' samples count
+    assert rows[-1]["episodes"] == 24  # both processes' samples count
     steps = [r for r in rows if "objective/scores" in r]
     assert all(r["time/grad_sum_s"] > 0 and r["time/update_s"] > 0 for r in steps)  # the sums timed on their own
     assert out.count("step 2: ") == 1 and out.count("done: ") == 1  # rank 0 alone prints
@@ -227,20 +231,19 @@ def test_one_process_stages_refuse_torchrun_in_one_line(monkeypatch, capsys):
 
 
 def test_pipeline_gpus_go_to_the_least_busy(monkeypatch):
-    import pipeline
-    s = pipeline.Scheduler()
+    s = pipeline.Queue()
     assert s.pick_gpu() is None  # without --gpus the sub-runs keep the environment's GPUs
     s.gpus = ["0", "1"]
-    busy = lambda gpu: (type("P", (), dict(gpu=gpu))(), "out")
+    busy = lambda gpu: type("P", (), dict(gpu=gpu))()
     assert s.pick_gpu() == "0"
-    s.running = [busy("0")]
+    s.procs = dict(a=busy("0"))
     assert s.pick_gpu() == "1"
-    s.running += [busy("1"), busy("1")]
+    s.procs.update(b=busy("1"), c=busy("1"))
     assert s.pick_gpu() == "0"
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     cfg = pipeline.PipelineConfig(gpus="1,0", device="auto")
     assert pipeline.check_gpus(cfg) == ["1", "0"]
-    with pytest.raises(train.ConfigError, match="not a GPU"):
+    with pytest.raises(config.ConfigError, match="not a GPU"):
         pipeline.check_gpus(pipeline.PipelineConfig(gpus="0,2"))
-    with pytest.raises(train.ConfigError, match="--device=auto or cuda"):
+    with pytest.raises(config.ConfigError, match="--device=auto or cuda"):
         pipeline.check_gpus(pipeline.PipelineConfig(gpus="0", device="cpu"))

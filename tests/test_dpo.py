@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoint
+import config
 import data as data_lib
 import dpo
-import train
 from conftest import kill_and_resume, read_json, read_metrics, run_cli
 from data import EOS
 from test_reward import KILL_SEED, same_numbers, write_policy, write_synthetic
@@ -71,7 +72,7 @@ def test_unlikelihood_closed_form_gradient_signs_and_alpha_zero_is_sft():
     losses.sum().backward()
     assert (pc.grad[mc > 0] < 0).all() and (pr.grad[mr > 0] > 0).all()  # descent: chosen up, rejected down
     assert (pc.grad[mc == 0] == 0).all() and (pr.grad[mr == 0] == 0).all()  # nothing off the responses
-    # alpha 0: the SFT loss on the chosen responses (train.sft_loss's per-token mean, pair by pair)
+    # alpha 0: the SFT loss on the chosen responses (sft.sft_loss's per-token mean, pair by pair)
     sft = dpo.unlikelihood_loss(pc.detach(), pr.detach(), mc, mr, 0.0)
     assert sft.tolist() == pytest.approx([3.5 / 3, 3.2 / 2])
     # a rejected token the policy is sure of (p = 1) gives a large but finite loss
@@ -131,8 +132,8 @@ def test_reference_cache_equals_on_the_fly_logps(tiny):
                                          (["--beta=0"], "--beta=0"), (["--reference_free", "--ref=x.pt"], "--ref"),
                                          (["--loss=unlikelihood", "--ref=x.pt"], "unlikelihood uses no reference")])
 def test_bad_configs_name_the_key(args, match):
-    with pytest.raises(train.ConfigError, match=match):
-        dpo.check_config(train.parse_config(dpo.DPOConfig, ["--data=pairs.jsonl", *args]))
+    with pytest.raises(config.ConfigError, match=match):
+        dpo.check_config(config.parse_config(dpo.DPOConfig, ["--data=pairs.jsonl", *args]))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -194,8 +195,8 @@ def test_unlikelihood_stage_learns_and_keeps_snapshots(trained, tmp_path):
     assert sorted(f.name for f in out.glob("ckpt-*.pt")) == ["ckpt-2.pt", "ckpt-4.pt"]  # step 6 is ckpt.pt
     snap = torch.load(out / "ckpt-4.pt", weights_only=True)
     assert snap["step"] == 4 and "optimizer" not in snap and "rng" not in snap
-    policy, _ = train.load_policy(str(out / "ckpt-4.pt"), "cpu")
-    final, _ = train.load_policy(str(out / "ckpt.pt"), "cpu")
+    policy, _ = checkpoint.load_policy(str(out / "ckpt-4.pt"), "cpu")
+    final, _ = checkpoint.load_policy(str(out / "ckpt.pt"), "cpu")
     assert any((a != b).any() for a, b in zip(policy.state_dict().values(), final.state_dict().values()))
 
 

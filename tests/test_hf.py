@@ -14,8 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import hf
-import train
+import checkpoint
+import config
+import runtime
+import sft
 from model import GPT, GPTConfig
 
 C, L, H, P = 32, 2, 2, 64  # the hand-written folder's GPT-2: width, layers, heads, positions
@@ -93,7 +95,7 @@ def gpt2_logits(t, ids):
 
 
 def load_gpt(path):
-    return train.model_from_checkpoint(train.load_checkpoint(path, "policy"), path).eval()
+    return checkpoint.model_from_checkpoint(checkpoint.load_checkpoint(path, "policy"), path).eval()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -133,7 +135,7 @@ def test_a_folder_samples_and_exports_back_to_identical_tensors(tmp_path, in_pro
     assert len(rows) == 2 and all(r["tokens"] >= 1 for r in rows)
     code, out, err = in_process("export", f"--ckpt={folder}", f"--out={tmp_path}/back")
     assert code == 0, err
-    back = hf.read_safetensors(tmp_path / "back" / "model.safetensors")
+    back = checkpoint.read_safetensors(tmp_path / "back" / "model.safetensors")
     assert set(back) == set(t)  # lm_head is tied, so it is left out, as save_pretrained does
     assert all(torch.equal(back[k], t[k]) for k in t)
     config = json.load(open(tmp_path / "back" / "config.json"))
@@ -152,12 +154,15 @@ def test_a_policy_exports_and_loads_back_with_the_same_logits(tmp_path, in_proce
         ids = torch.randint(0, 50257, (2, 48))
         with torch.no_grad():
             assert (back(ids)[0] - model(ids)[0]).abs().max() < 1e-5
-    code, _, err = in_process("export", f"--ckpt={tmp_path}/ckpt.pt", f"--out={tmp_path}/safetensors")
-    assert code == 2 and "not empty" in err and "--overwrite" in err
-    code, _, err = in_process("export", f"--ckpt={tmp_path}/ckpt.pt", f"--out={tmp_path}/safetensors", "--overwrite",
+    (tmp_path / "mine").mkdir()  # a folder of the user's: its files are not replaced without --overwrite
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    code, _, err = in_process("export", f"--ckpt={tmp_path}/ckpt.pt", f"--out={tmp_path}/mine")
+    assert code == 2 and "holds files an export does not write (notes.txt)" in err and "--overwrite" in err
+    # a folder an export wrote is replaced by the next export
+    code, _, err = in_process("export", f"--ckpt={tmp_path}/ckpt.pt", f"--out={tmp_path}/safetensors",
                               "--dtype=bfloat16")
     assert code == 0, err
-    assert all(v.dtype == torch.bfloat16 for v in hf.read_safetensors(tmp_path / "safetensors" /
+    assert all(v.dtype == torch.bfloat16 for v in checkpoint.read_safetensors(tmp_path / "safetensors" /
                                                                       "model.safetensors").values())
 
 
@@ -203,7 +208,7 @@ def test_a_reward_model_can_start_from_a_folder(tmp_path):
     import reward
     t = gpt2_tensors()
     folder = write_folder(tmp_path / "gpt2", t)
-    cfg = train.parse_config(reward.RewardConfig, [f"--init_from={folder}"])
+    cfg = config.parse_config(reward.RewardConfig, [f"--init_from={folder}"])
     model = reward.init_model(cfg)
     assert cfg.block_size == P
     ids = torch.randint(0, 50257, (2, 9))
@@ -300,11 +305,11 @@ def test_our_safetensors_round_trip_every_dtype_and_shape(tmp_path):
     tensors = {"f32": torch.randn(3, 4), "bf16": torch.randn(5).bfloat16(), "f16": torch.randn(2, 2).half(),
                "i64": torch.arange(7), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3),
                "bool": torch.tensor([True, False]), "strided": torch.randn(4, 6).T}
-    hf.write_safetensors(str(tmp_path / "x.safetensors"), tensors, {"format": "pt"})
+    checkpoint.write_safetensors(str(tmp_path / "x.safetensors"), tensors, {"format": "pt"})
     raw = open(tmp_path / "x.safetensors", "rb").read()
     n = struct.unpack("<Q", raw[:8])[0]
     assert n % 8 == 0 and json.loads(raw[8:8 + n])["__metadata__"] == {"format": "pt"}
-    back = hf.read_safetensors(str(tmp_path / "x.safetensors"))
+    back = checkpoint.read_safetensors(str(tmp_path / "x.safetensors"))
     assert set(back) == set(tensors)
     for k, v in tensors.items():
         assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
@@ -314,11 +319,11 @@ def test_our_safetensors_files_agree_with_the_safetensors_package(tmp_path):
     st = pytest.importorskip("safetensors.torch")
     tensors = {"a": torch.randn(3, 4), "b": torch.randn(5).bfloat16(), "c": torch.arange(6).view(2, 3),
                "d": torch.tensor(1.5).half()}
-    hf.write_safetensors(str(tmp_path / "ours.safetensors"), tensors, {"format": "pt"})
+    checkpoint.write_safetensors(str(tmp_path / "ours.safetensors"), tensors, {"format": "pt"})
     theirs = st.load_file(str(tmp_path / "ours.safetensors"))
     assert set(theirs) == set(tensors) and all(torch.equal(theirs[k], tensors[k]) for k in tensors)
     st.save_file(tensors, str(tmp_path / "theirs.safetensors"), metadata={"format": "pt"})
-    ours = hf.read_safetensors(str(tmp_path / "theirs.safetensors"))
+    ours = checkpoint.read_safetensors(str(tmp_path / "theirs.safetensors"))
     assert set(ours) == set(tensors) and all(torch.equal(ours[k], tensors[k]) for k in tensors)
 
 
@@ -393,7 +398,7 @@ def test_an_exported_policy_and_reward_model_load_in_transformers(tmp_path, in_p
 def test_frozen_models_load_in_bfloat16_and_keep_their_scores_close(tmp_path):
     from reward import load_reward_model
     folder = write_folder(tmp_path / "gpt2")
-    policy, _ = train.load_policy(folder, "cpu", torch.bfloat16)
+    policy, _ = checkpoint.load_policy(folder, "cpu", torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in policy.parameters())
     tokens, mask = policy.generate(torch.tensor([[50256, 464]]), torch.ones(1, 2, dtype=torch.long), 5,
                                    temperature=0.0)
@@ -410,8 +415,8 @@ def test_frozen_models_load_in_bfloat16_and_keep_their_scores_close(tmp_path):
     full, low = (make_reward(str(tmp_path / "rm.pt"), "cpu", dtype=d)(prompts, responses)
                  for d in (None, torch.bfloat16))
     assert full.dtype == low.dtype == torch.float32 and 0 < (full - low).abs().max() < 0.1
-    assert train.frozen_dtype(train.parse_config(train.SampleConfig, ["--dtype=bfloat16"])) == torch.bfloat16
-    assert train.frozen_dtype(train.parse_config(train.SampleConfig, ["--dtype=float32"])) is None
+    assert checkpoint.frozen_dtype(config.parse_config(sft.SampleConfig, ["--dtype=bfloat16"])) == torch.bfloat16
+    assert checkpoint.frozen_dtype(config.parse_config(sft.SampleConfig, ["--dtype=float32"])) is None
 
 
 def test_grad_checkpoint_recomputes_blocks_and_gives_the_same_gradients():
@@ -419,8 +424,8 @@ def test_grad_checkpoint_recomputes_blocks_and_gives_the_same_gradients():
     for on in (False, True):
         torch.manual_seed(0)
         model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, dropout=0.1)).train()
-        cfg = train.parse_config(train.SFTConfig, ["--grad_checkpoint"] if on else [])
-        train.make_optimizer(model, cfg, "cpu")  # switches it on in the model it trains
+        cfg = config.parse_config(sft.SFTConfig, ["--grad_checkpoint"] if on else [])
+        runtime.make_optimizer(model, cfg, "cpu")  # switches it on in the model it trains
         n = [0]
         for block in model.transformer.h:
             block.register_forward_pre_hook(lambda *_: n.__setitem__(0, n[0] + 1))
@@ -474,8 +479,8 @@ def test_wandb_gets_the_rows_of_metrics_jsonl_and_sample_tables(tmp_path, in_pro
     for (step, sent), row in zip(fake.logged, rows):
         assert sent == {k: v for k, v in row.items() if k != "step"}
     assert "eval/loss" in fake.logged[1][1] and fake.inits[0]["config"]["stage"] == "sft"
-    run = train.Run(train.parse_config(train.SampleConfig, [f"--out_dir={tmp_path}/s"]), "sample")
-    run.tracker = train.Tracker("wandb", run.dir, dict(stage="sample"))
+    run = runtime.Run(config.parse_config(sft.SampleConfig, [f"--out_dir={tmp_path}/s"]), "sample")
+    run.tracker = runtime.Tracker("wandb", run.dir, dict(stage="sample"))
     run.log_samples(7, ["a prompt"], ["a response"], [0.5])
     assert fake.logged[-1] == (7, {"samples": ("table", ["prompt", "response", "score"],
                                                [["a prompt", "a response", 0.5]])})
@@ -504,7 +509,7 @@ def test_tensorboard_gets_the_rows_of_metrics_jsonl(tmp_path, in_process, monkey
     assert code == 0, err
     expected = [(r["step"], k, v) for r in metrics_rows(tmp_path / "run") for k, v in r.items() if k != "step"]
     assert scalars == expected
-    tracker = train.Tracker("tensorboard", str(tmp_path), dict(stage="x"))
+    tracker = runtime.Tracker("tensorboard", str(tmp_path), dict(stage="x"))
     tracker.text(3, "samples", ["prompt", "response"], [["a|b", "c\nd"]])
     assert texts == [(3, "samples", "|prompt|response|\n|---|---|\n|a\\|b|c<br>d|")]
 

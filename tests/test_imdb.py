@@ -23,7 +23,8 @@ import imdb  # noqa: E402
 from conftest import ROOT  # noqa: E402
 from data import DataError, encode_corpus, load_imdb  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from train import ConfigError, load_policy, save_checkpoint  # noqa: E402
+from checkpoint import load_policy, save_checkpoint  # noqa: E402
+from config import ConfigError  # noqa: E402
 
 ASSETS = os.path.join(os.path.dirname(imdb.__file__), "assets")
 TRAIN_SAMPLE = os.path.join(ASSETS, "imdb-train-sample.jsonl.gz")
@@ -201,7 +202,7 @@ def test_every_pair_of_k_samples_and_gold_labels_pick_the_higher_score(k):
 
 
 def test_simulate_preferences_writes_pairs_and_preferred_ft_data(tmp_path, one_thread):
-    from train import RunConfig
+    from config import RunConfig
     cfg = RunConfig(device="cpu", seed=5)
     prompts = ["The movie", "I saw this film", "What a"]
     prefs, chosen = str(tmp_path / "prefs.jsonl"), str(tmp_path / "chosen.jsonl")

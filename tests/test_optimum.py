@@ -8,11 +8,12 @@ from contextlib import redirect_stdout
 import pytest
 import torch
 
+import sft
 import optimum
 import ppo
 from conftest import read_json, read_metrics, run_cli
 import train
-from train import parse_config
+from config import parse_config
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -47,19 +48,19 @@ def test_win_probability_against_a_double_loop():
 
 
 def test_best_of_n_distribution_matches_select_best_with_ties():
-    """The exact distribution against 200,000 draws of n samples through ppo.select_best; tokens 1 and 3 tie."""
+    """The exact distribution against 200,000 draws of n samples through sft.select_best; tokens 1 and 3 tie."""
     ref_p = torch.tensor([0.1, 0.3, 0.2, 0.25, 0.15], dtype=torch.float64)
     r = torch.tensor([0.5, 1.0, -1.0, 1.0, 0.0], dtype=torch.float64)
     n, draws = 3, 200_000
-    exact = optimum.best_of_n_probs(ref_p, r, n)
+    exact = sft.best_of_n_probs(r, n, ref_p)
     assert exact.sum().item() == pytest.approx(1.0)
     g = torch.Generator().manual_seed(2)
     ys = torch.multinomial(ref_p, draws * n, replacement=True, generator=g)
-    best = ys[ppo.select_best(r[ys], n)]
+    best = ys[sft.select_best(r[ys], n)]
     freq = torch.bincount(best, minlength=5).double() / draws
     assert torch.allclose(freq, exact, atol=0.005)
     assert exact[1] / exact[3] == pytest.approx(0.3 / 0.25)  # tied tokens share in proportion to pi_ref
-    assert torch.allclose(optimum.best_of_n_probs(ref_p, r, 1), ref_p)
+    assert torch.allclose(sft.best_of_n_probs(r, 1, ref_p), ref_p)
 
 
 def test_grpo_fixed_point_is_stationary():

@@ -1,16 +1,16 @@
-"""Tests of pipeline.py: best-of-N's probabilities and KL against a brute-force enumeration, the rule that reuses a
+"""Tests of pipeline.py and report.py: best-of-N's probabilities and KL against a brute-force enumeration, the rule that reuses a
 sub-run or refuses it, the gold@KL interpolation and Gao et al.'s fits on hand-made numbers, the replicates' seeds,
 and the tiny pipeline end to end as a user runs it: it learns (every method raises the gold reward), checkpoints
 along training are evaluated, a Ctrl-C stops it cleanly and a re-run finishes it, another seed in the same folder is
 refused, and --overwrite re-makes what is stale, with a second replicate that differs from the first."""
 import dataclasses
-import importlib
 import itertools
 import json
 import math
 import os
 import signal
 import subprocess
+import threading
 import sys
 import time
 
@@ -18,9 +18,11 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import report  # noqa: E402
+import sft  # noqa: E402
 import pipeline  # noqa: E402
 from conftest import ROOT, read_json, run_cli  # noqa: E402
-from train import ConfigError  # noqa: E402
+from config import ConfigError, TrainingError, parse_config  # noqa: E402
 
 
 # -----------------------------------------------------------------------------
@@ -48,7 +50,7 @@ def pool_kl(M, n):
                                     [0.0, 2.0, 2.0, 2.0, -1.0]])
 def test_bon_probs_match_brute_force_with_and_without_ties(scores):
     for n in (1, 2, 3):
-        got = pipeline.bon_probs(torch.tensor([scores]), n)[0].tolist()
+        got = sft.best_of_n_probs(torch.tensor([scores]), n)[0].tolist()
         assert got == pytest.approx(brute_force_bon(scores, n), abs=1e-12)
 
 
@@ -60,7 +62,7 @@ def test_bon_kl_is_measured_from_the_scores():
     tied = distinct.clone()
     tied[:, :6] = tied[:, :6].max(1, keepdim=True).values  # ties inside each prompt's pool
     gold = torch.rand(5, M, generator=g)
-    for r_d, r_e, r_t in zip(*(pipeline.bon_curve(s, gold, s, ns) for s in (distinct, equal, tied))):
+    for r_d, r_e, r_t in zip(*(report.bon_curve(s, gold, s, ns) for s in (distinct, equal, tied))):
         n = r_d["n"]
         assert r_e["kl"] == pytest.approx(0.0, abs=1e-12)  # every sample scores the same: best-of-N is the pool
         assert r_e["gold"] == pytest.approx(gold.double().mean().item())
@@ -77,7 +79,7 @@ def test_bon_kl_never_exceeds_the_bound_on_random_tied_pools():
     g = torch.Generator().manual_seed(1)
     for M in (2, 3, 5, 8, 32):
         scores = torch.randint(0, 4, (20, M), generator=g).float()  # many ties
-        for r in pipeline.bon_curve(scores, scores, scores, [1, 2, 4, 8, 16, 64]):
+        for r in report.bon_curve(scores, scores, scores, [1, 2, 4, 8, 16, 64]):
             assert 0.0 <= r["kl"] + 1e-12 and r["kl"] <= r["kl_bound"] + 1e-9
 
 
@@ -88,8 +90,7 @@ def fake_sub_run(out_dir, stage, args, summary=True, ckpt=False):
     """A finished (or killed) sub-run's folder as train.py leaves it, and the inputs.json the pipeline writes."""
     plan, inputs = pipeline.sub_run_plan(stage, str(out_dir), args, overwrite=False)
     assert plan == "fresh"
-    module, cls_name = pipeline.STAGES[stage][:2]
-    cfg = pipeline.parse_config(getattr(importlib.import_module(module), cls_name), [*args, f"--out_dir={out_dir}"])
+    cfg = parse_config(pipeline.SUB_RUN_CONFIGS[stage], [*args, f"--out_dir={out_dir}"])
     os.makedirs(out_dir, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(dict(stage=stage, **dataclasses.asdict(cfg)), default=str))
     (out_dir / "inputs.json").write_text(json.dumps(inputs))
@@ -127,25 +128,25 @@ def test_sub_run_reused_only_with_the_same_config_and_inputs(tmp_path):
 
 def test_interpolation_is_exact_on_a_hand_made_frontier_and_none_outside():
     pts = [(0.0, 0.5), (4.0, 0.7), (2.0, 0.6), (10.0, 0.9)]  # any order
-    assert pipeline.interpolate(pts, 2.5) == pytest.approx(0.6 + 0.1 * 0.5 / 2)
-    assert pipeline.interpolate(pts, 5.0) == pytest.approx(0.7 + 0.2 * 1 / 6)
-    assert pipeline.interpolate(pts, 10.0) == pytest.approx(0.9) and pipeline.interpolate(pts, 0.0) == 0.5
-    assert pipeline.interpolate(pts, 10.5) is None and pipeline.interpolate(pts, -0.1) is None
-    assert pipeline.interpolate([(3.0, 0.8)], 3.0) == 0.8 and pipeline.interpolate([], 1.0) is None
-    assert pipeline.interpolate([(0.0, 0.5), (4.0, 0.6), (4.0, 0.8)], 2.0) == pytest.approx(0.6)  # ties averaged
+    assert report.interpolate(pts, 2.5) == pytest.approx(0.6 + 0.1 * 0.5 / 2)
+    assert report.interpolate(pts, 5.0) == pytest.approx(0.7 + 0.2 * 1 / 6)
+    assert report.interpolate(pts, 10.0) == pytest.approx(0.9) and report.interpolate(pts, 0.0) == 0.5
+    assert report.interpolate(pts, 10.5) is None and report.interpolate(pts, -0.1) is None
+    assert report.interpolate([(3.0, 0.8)], 3.0) == 0.8 and report.interpolate([], 1.0) is None
+    assert report.interpolate([(0.0, 0.5), (4.0, 0.6), (4.0, 0.8)], 2.0) == pytest.approx(0.6)  # ties averaged
 
 
 def test_best_at_reads_the_frontier_of_unbeaten_points_flat_to_the_largest_kl():
     pts = [(0.0, 0.5), (4.0, 0.7), (2.0, 0.8), (8.0, 0.85), (6.0, 0.9)]  # (4, 0.7) and (8, 0.85) are beaten
-    assert pipeline.unbeaten(pts) == [(0.0, 0.5), (2.0, 0.8), (6.0, 0.9), (8.0, 0.9)]  # flat to the largest KL
-    assert pipeline.best_at(pts, 1.0) == pytest.approx(0.65)
-    assert pipeline.best_at(pts, 3.0) == pytest.approx(0.8 + 0.1 * 1 / 4)  # the line through all would say 0.75
-    assert pipeline.best_at(pts, 7.0) == pytest.approx(0.9) and pipeline.best_at(pts, 8.0) == pytest.approx(0.9)
-    assert pipeline.best_at(pts, 8.5) is None and pipeline.best_at(pts, -0.5) is None
+    assert report.unbeaten(pts) == [(0.0, 0.5), (2.0, 0.8), (6.0, 0.9), (8.0, 0.9)]  # flat to the largest KL
+    assert report.best_at(pts, 1.0) == pytest.approx(0.65)
+    assert report.best_at(pts, 3.0) == pytest.approx(0.8 + 0.1 * 1 / 4)  # the line through all would say 0.75
+    assert report.best_at(pts, 7.0) == pytest.approx(0.9) and report.best_at(pts, 8.0) == pytest.approx(0.9)
+    assert report.best_at(pts, 8.5) is None and report.best_at(pts, -0.5) is None
     for extra in ((5.0, 0.6), (7.5, 0.1)):  # a beaten point added changes nothing
-        assert [pipeline.best_at(pts + [extra], x) for x in (1, 3, 5, 7)] == \
-            [pipeline.best_at(pts, x) for x in (1, 3, 5, 7)]
-    assert pipeline.best_at(pts + [(3.0, 0.95)], 3.0) == pytest.approx(0.95)  # one that beats others raises it
+        assert [report.best_at(pts + [extra], x) for x in (1, 3, 5, 7)] == \
+            [report.best_at(pts, x) for x in (1, 3, 5, 7)]
+    assert report.best_at(pts + [(3.0, 0.95)], 3.0) == pytest.approx(0.95)  # one that beats others raises it
 
 
 def policy(gold, kl, proxy=0.0):
@@ -162,9 +163,9 @@ def test_gold_at_kl_uses_every_checkpoint_averages_seeds_and_reports_the_spread_
                                          "ppo_beta0.1_seed1": policy(0.8, 4.0), "ppo_beta0.1_seed2": policy(0.9, 6.0)})
     rep2 = dict(sft=policy(0.5, 0.0), **{"dpo_beta0.1_seed1001": policy(0.8, 4.0),
                                          "ppo_beta0.1_seed1001": policy(0.85, 5.0)})
-    report = dict(replicates=[dict(policies=rep1, best_of_n=bon(0.0, 1.0, 3.0)),
-                              dict(policies=rep2, best_of_n=bon(0.0, 1.0, 2.0))])
-    got = pipeline.gold_at_kl(report)
+    results = dict(replicates=[dict(policies=rep1, best_of_n=bon(0.0, 1.0, 3.0)),
+                               dict(policies=rep2, best_of_n=bon(0.0, 1.0, 2.0))])
+    got = report.gold_at_kl(results)
     d = got["dpo"]["2.5"]  # rep 1: the snapshot at KL 2 then the final at 6; rep 2: from SFT (0) to 4
     assert d["per_replicate"] == pytest.approx([0.7 + 0.2 * 0.5 / 4, 0.5 + 0.3 * 2.5 / 4])
     assert d["mean"] == pytest.approx(sum(d["per_replicate"]) / 2)
@@ -173,25 +174,25 @@ def test_gold_at_kl_uses_every_checkpoint_averages_seeds_and_reports_the_spread_
     assert got["dpo"]["5.0"]["per_replicate"] == [pytest.approx(0.85), None] and got["dpo"]["5.0"]["n"] == 1
     assert got["dpo"]["10.0"] == dict(per_replicate=[None, None], n=0, mean=None, spread=None)
     assert got["bon_proxy"]["2.5"]["per_replicate"] == [pytest.approx(0.5 + 0.01 * (1 + 1.5 / 2)), None]
-    assert pipeline.cell(got["dpo"]["10.0"], 2) == "-" and pipeline.cell(got["dpo"]["5.0"], 2) == "0.850 (1/2)"
+    assert report.cell(got["dpo"]["10.0"], 2) == "-" and report.cell(got["dpo"]["5.0"], 2) == "0.850 (1/2)"
 
 
 def test_gao_fits_recover_known_coefficients():
     d = [0.5 * i for i in range(1, 12)]
     rl = [x * (0.3 - 0.1 * math.log(x)) for x in d]
     bo = [x * (0.4 - 0.05 * x) for x in d]
-    fit = pipeline.gao_fit(d, rl, "rl")
+    fit = report.gao_fit(d, rl, "rl")
     assert fit["a"] == pytest.approx(0.3) and fit["b"] == pytest.approx(0.1) and fit["rmse"] < 1e-9
-    fit = pipeline.gao_fit(d, bo, "bon")
+    fit = report.gao_fit(d, bo, "bon")
     assert fit["a"] == pytest.approx(0.4) and fit["b"] == pytest.approx(0.05)
-    assert pipeline.gao_fit([0.0, 1.0], [0.0, 0.2], "rl") is None  # one point off the origin: no fit
+    assert report.gao_fit([0.0, 1.0], [0.0, 0.2], "rl") is None  # one point off the origin: no fit
 
 
 def test_replicates_draw_other_samples_and_labels_and_one_replicate_repeats_exactly(tmp_path, one_thread):
     """Replicate r's seed is the pipeline's plus 1000 (r - 1), and every seeded step downstream of the SFT model (its
     samples and labels here; the reward model, the methods' --seed and the evaluation in stages()) takes it."""
     from imdb import SFT_CPU_PATH, simulate_preferences
-    from train import RunConfig
+    from config import RunConfig
     assert [pipeline.replicate_seed(1337, r) for r in (1, 2, 3)] == [1337, 2337, 3337]
     assert pipeline.run_name("dpo", 0.1, pipeline.replicate_seed(1, 2)) == "dpo_beta0.1_seed1001"
     prompts = ["The movie", "I saw this film", "What a"]
@@ -206,37 +207,55 @@ def test_replicates_draw_other_samples_and_labels_and_one_replicate_repeats_exac
 
 
 def test_queue_starts_dependents_after_and_evaluates_in_dependency_order(monkeypatch):
-    """The one queue of reward models and methods, with sub-runs that take a known number of ticks: PPO (in `after`)
-    starts only once its reward model finished; a DPO run that ends first is evaluated (on_done) only after the reward
-    model's on_done, since it is scored by that model; never more than max_jobs run at once."""
-    s, clock, events = pipeline.Scheduler(), [0], []
-    ticks = dict(reward=5, dpo=1, ppo=2)
+    """The one queue of reward models and methods, with sub-runs that take known times: PPO (in `after`) starts only
+    once its reward model finished; a DPO run that ends first is evaluated (on_done) only after the reward model's
+    on_done, since it is scored by that model; never more than max_jobs run at once."""
+    q, events, lock, running = pipeline.Queue(), [], threading.Lock(), [0, 0]  # running now, most at once
+    seconds = dict(reward=0.6, dpo=0.05, ppo=0.2)
 
-    class Fake:
-        def __init__(self, name):
-            self.end, self.returncode = clock[0] + ticks[name], None
+    def run(stage, out_dir, args, plan, inputs, threads):
+        with lock:
+            events.append(("start", out_dir))
+            running[0] += 1
+            running[1] = max(running)
+        time.sleep(seconds[out_dir])
+        with lock:
+            running[0] -= 1
+        return 0
 
-        def poll(self):
-            self.returncode = 0 if clock[0] >= self.end else None
-            return self.returncode
-
-    def start(stage, out_dir, args, plan, inputs, threads):
-        assert len(s.running) < 2
-        events.append(("start", out_dir, clock[0]))
-        s.running.append((Fake(out_dir), out_dir))
-
-    monkeypatch.setattr(s, "start", start)
+    monkeypatch.setattr(q, "run", run)
     monkeypatch.setattr(pipeline, "sub_run_plan", lambda *job: ("fresh", {}))
-    monkeypatch.setattr(pipeline.time, "sleep", lambda _: clock.__setitem__(0, clock[0] + 1))
-    s.run_all([(name, name, []) for name in ticks], "test", 2, False, after={"ppo": ["reward"]},
-              on_done=lambda d: events.append(("on_done", d, clock[0])),
-              on_done_after={"dpo": ["reward"], "ppo": ["reward"]})
-    assert events == [("start", "reward", 0), ("start", "dpo", 0), ("on_done", "reward", 5), ("start", "ppo", 5),
-                      ("on_done", "dpo", 5), ("on_done", "ppo", 7)]
+    q.run_all([(name, name, []) for name in seconds], "test", 2, False, after={"ppo": ["reward"]},
+              on_done=lambda d: events.append(("on_done", d)), on_done_after={"dpo": ["reward"], "ppo": ["reward"]})
+    assert events == [("start", "reward"), ("start", "dpo"), ("start", "ppo"), ("on_done", "reward"),
+                      ("on_done", "dpo"), ("on_done", "ppo")] or \
+        events == [("start", "reward"), ("start", "dpo"), ("on_done", "reward"), ("start", "ppo"),
+                   ("on_done", "dpo"), ("on_done", "ppo")]  # the reward model's evaluation begun before ppo started
+    assert running[1] == 2
+
+
+def test_a_failed_sub_run_stops_the_others_and_is_one_line(tmp_path, monkeypatch):
+    """A sub-run that exits 1 ends the queue: the others get one SIGTERM each, nothing new starts, and the error
+    names the folder and the last line of its log."""
+    q = pipeline.Queue()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "log.txt").write_text("step 1\nerror: --data: bad.jsonl:3: bad JSON\n")
+    started = []
+
+    def run(stage, out_dir, args, plan, inputs, threads):
+        started.append(out_dir)
+        return 1 if out_dir.endswith("bad") else 0
+
+    monkeypatch.setattr(q, "run", run)
+    monkeypatch.setattr(pipeline, "sub_run_plan", lambda *job: ("fresh", {}))
+    jobs = [("dpo", str(tmp_path / "bad"), []), ("dpo", str(tmp_path / "next"), [])]
+    with pytest.raises(TrainingError, match=r"bad: sub-run failed \(error: --data: bad.jsonl:3: bad JSON\)"):
+        q.run_all(jobs, "test", 1, False)
+    assert started == [str(tmp_path / "bad")]
 
 
 def test_method_names_and_snapshots(tmp_path):
-    assert [pipeline.method_of(n) for n in ("ppo_gt_beta0.05_seed1@10", "ppo_beta0.05_seed1", "pft_seed1",
+    assert [report.method_of(n) for n in ("ppo_gt_beta0.05_seed1@10", "ppo_beta0.05_seed1", "pft_seed1",
                                             "unlikelihood_alpha0.5_seed1001@2", "sft")] == \
         ["ppo_gt", "ppo", "pft", "unlikelihood", "sft"]
     assert pipeline.run_name("pft", None, 1) == "pft_seed1"
@@ -329,14 +348,14 @@ def test_tiny_pipeline_raises_the_gold_reward(tiny):
     right on those seeds), so for them only the mean over the five methods is asserted. Preferred-FT and
     Unlikelihood (+0.022 and -0.024 with seed 1337) run at this size but are not asserted to learn."""
     out, _ = tiny
-    report = read_json(out / "results.json")
-    (rep,) = report["replicates"]
+    results = read_json(out / "results.json")
+    (rep,) = results["replicates"]
     res = rep["policies"]
     methods = set(pipeline.PRESETS["tiny"]["methods"])
-    assert {pipeline.method_of(name) for name in res} == {"sft", *methods}
+    assert {report.method_of(name) for name in res} == {"sft", *methods}
     assert res["sft"]["kl"] == 0.0
     sft = res["sft"]["gold"]
-    final = {pipeline.method_of(name): r for name, r in res.items() if name != "sft" and "@" not in name}
+    final = {report.method_of(name): r for name, r in res.items() if name != "sft" and "@" not in name}
     gain = {m: r["gold"] - sft for m, r in final.items()}
     assert gain["ppo_gt"] > MARGIN and gain["dpo"] > MARGIN, gain
     five = [gain[m] for m in ("ppo", "ppo_gt", "dpo", "rloo", "grpo")]
@@ -345,11 +364,11 @@ def test_tiny_pipeline_raises_the_gold_reward(tiny):
     # checkpoints along training were evaluated too: RL at steps 3 and 6 of 12, DPO and unlikelihood at 16 of 32
     # (the tiny preset keeps none for Preferred-FT)
     assert {n.partition("@")[2] for n in res if "@" in n} == {"3", "6", "16"}
-    assert {pipeline.method_of(n) for n in res if "@" in n} == methods - {"pft"}
+    assert {report.method_of(n) for n in res if "@" in n} == methods - {"pft"}
     assert [r["n"] for r in rep["best_of_n"]["gold"]] == [1, 2, 4, 8, 16]  # N <= the pool of 16
-    assert set(report["gold_at_kl"]) == methods | {"bon_proxy", "bon_gold"}
-    assert all(set(v) == {"2.5", "5.0", "10.0"} for v in report["gold_at_kl"].values())
-    assert set(report["fits"]) == methods | {"bon_proxy"}
+    assert set(results["gold_at_kl"]) == methods | {"bon_proxy", "bon_gold"}
+    assert all(set(v) == {"2.5", "5.0", "10.0"} for v in results["gold_at_kl"].values())
+    assert set(results["fits"]) == methods | {"bon_proxy"}
     text = (out / "results.md").read_text()
     assert "gold @ KL 2.5" in text and "| dpo |" in text
     for png in ("frontier.png", "overoptimisation.png"):

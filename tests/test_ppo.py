@@ -13,10 +13,14 @@ from contextlib import nullcontext
 import pytest
 import torch
 
+import checkpoint
+import config
+import model
+import runtime
+import sft
 import data
 import ppo
 import reward
-import train
 from conftest import kill_and_resume, read_json, read_metrics, run_cli
 from model import response_mask
 
@@ -53,7 +57,7 @@ def in_process(fn, cfg):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A tiny SFT policy (train.sft on 300 prompt/response pairs like 'the cat' -> ' is good.', 'good' one adjective in
+    """A tiny SFT policy (sft.sft on 300 prompt/response pairs like 'the cat' -> ' is good.', 'good' one adjective in
     eight), the prompts, and the reward function in a file, shared by the module."""
     d = tmp_path_factory.mktemp("tiny")
     rng = random.Random(0)
@@ -67,11 +71,11 @@ def tiny(tmp_path_factory):
     (d / "eval_prompts.txt").write_text("\n".join(SUBJECTS * 8) + "\n")
     (d / "reward_fn.py").write_text("import re\n\n\n" + inspect.getsource(share_of_good) + "\n\n"
                                     + inspect.getsource(constant_two))
-    cfg = train.SFTConfig(out_dir=str(d / "sft"), data=str(d / "sft.jsonl"), n_layer=2, n_head=2, n_embd=32,
+    cfg = sft.SFTConfig(out_dir=str(d / "sft"), data=str(d / "sft.jsonl"), n_layer=2, n_head=2, n_embd=32,
                           block_size=32, batch_size=16, max_iters=50, learning_rate=2e-2, warmup_iters=5,
                           eval_interval=1000, eval_iters=1, log_interval=50, device="cpu")
-    assert in_process(train.sft, cfg) == 0
-    policy, _ = train.load_policy(str(d / "sft" / "ckpt.pt"), "cpu")
+    assert in_process(sft.sft, cfg) == 0
+    policy, _ = checkpoint.load_policy(str(d / "sft" / "ckpt.pt"), "cpu")
     return dict(dir=d, ckpt=str(d / "sft" / "ckpt.pt"), prompts=str(d / "prompts.txt"), policy=policy,
                 eval_prompts=str(d / "eval_prompts.txt"),
                 reward=f"{d / 'reward_fn.py'}:share_of_good")
@@ -128,8 +132,8 @@ def test_kl_estimators_k1_k3_match_the_exact_kl_of_categoricals():
         x = torch.multinomial(p, 200_000, replacement=True, generator=g)  # and sampled from the policy, as in PPO
         for est in ("k1", "k3"):
             assert abs(ppo.kl_estimate(logp[x], logq[x], est).mean() - exact) < 0.02
-    with pytest.raises(train.ConfigError, match="kl_estimator"):
-        ppo.kl_estimate(logp, logq, "k2")
+    with pytest.raises(config.ConfigError, match="--kl_estimator=k2: expected k1 or k3"):
+        config.parse_config(ppo.PPOConfig, ["--kl_estimator=k2"])
 
 
 def test_adaptive_kl_controller_moves_beta_towards_the_target():
@@ -161,13 +165,13 @@ def test_best_of_n_kl_matches_log_n_minus_n_minus_1_over_n():
     reward_of = torch.randperm(M, generator=g).double()  # distinct rewards, in an order unrelated to q
     for n in (1, 2, 4, 16):
         x = torch.multinomial(q, P * n, replacement=True, generator=g)  # (P * N,) N consecutive samples per prompt
-        best = x[ppo.select_best(reward_of[x], n)]  # (P,)
+        best = x[sft.select_best(reward_of[x], n)]  # (P,)
         p_hat = torch.bincount(best, minlength=M).double() / P
         nz = p_hat > 0
         measured = (p_hat[nz] * (p_hat[nz] / q[nz]).log()).sum().item()
-        assert measured == pytest.approx(ppo.best_of_n_kl_bound(n), abs=0.015)
-    assert ppo.best_of_n_kl_bound(1) == 0.0
-    assert ppo.select_best(torch.tensor([1.0, 3.0, 3.0, 0.0, 5.0, 5.0]), 3).tolist() == [1, 4]  # first on a tie
+        assert measured == pytest.approx(sft.best_of_n_kl_bound(n), abs=0.015)
+    assert sft.best_of_n_kl_bound(1) == 0.0
+    assert sft.select_best(torch.tensor([1.0, 3.0, 3.0, 0.0, 5.0, 5.0]), 3).tolist() == [1, 4]  # first on a tie
 
 
 def test_rloo_and_grpo_advantages():
@@ -194,15 +198,15 @@ def test_no_eos_flag_and_rule_on_hand_made_responses(tiny, monkeypatch):
     policy, E, P = tiny["policy"], data.EOS, data.PAD
     tokens = torch.tensor([[E, P, P, P], [11, 12, E, P], [11, 12, 13, 14]])
     monkeypatch.setattr(policy, "generate", lambda ids, mask, n, *a, **k: (tokens, response_mask(tokens)))
-    s = train.sample_responses(policy, ["a", "b", "c"], 4, None, "cpu")
+    s = model.sample_responses(policy, ["a", "b", "c"], 4, None, "cpu")
     assert s.no_eos.tolist() == [False, False, True]
     assert s.resp_mask.tolist() == [[1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
     assert s.ids[:, -s.R:].tolist() == [[E, P, P, P], [11, 12, E, P], [11, 12, 13, 14]]
     scores = torch.tensor([0.5, 0.7, 0.9])
     assert ppo.apply_no_eos_rule(scores, s.no_eos, "replace", -1.0).tolist() == pytest.approx([0.5, 0.7, -1.0])
     assert torch.equal(ppo.apply_no_eos_rule(scores, s.no_eos, "keep"), scores)
-    with pytest.raises(train.ConfigError, match="no_eos_rule"):
-        ppo.apply_no_eos_rule(scores, s.no_eos, "drop")
+    with pytest.raises(config.ConfigError, match="--no_eos_rule=drop: expected replace or keep"):
+        config.parse_config(ppo.PPOConfig, ["--no_eos_rule=drop"])
 
 
 def test_nothing_after_eos_contributes_to_any_loss(tiny):
@@ -253,12 +257,12 @@ def test_minibatches_cover_every_sample_when_the_batch_does_not_divide():
 def test_ratio_is_exactly_1_on_the_first_minibatch(tiny, algo):
     """The first minibatch of the first epoch sees the rollout's own policy: ratio 1, approxkl 0, clipfrac 0 (N+),
     though its rows are shuffled into micro-batches unlike the rollout's. Later minibatches have moved."""
-    policy, _ = train.load_policy(tiny["ckpt"], "cpu")  # a copy: this test trains it
+    policy, _ = checkpoint.load_policy(tiny["ckpt"], "cpu")  # a copy: this test trains it
     cfg = ppo.PPOConfig(reward=tiny["reward"], critic=algo.split("-")[-1] if "ppo" in algo else "separate",
                         batch_size=12, minibatch_size=5, micro_batch_size=3, num_epochs=1, learning_rate=1e-2,
                         max_iters=10)
-    critic = ppo.make_critic(cfg, policy, "cpu") if "ppo" in algo else None
-    optimizer = train.make_optimizer(torch.nn.ModuleDict(dict(policy=policy, **({"critic": critic} if critic else {}))),
+    critic = reward.make_critic(cfg, policy, "cpu") if "ppo" in algo else None
+    optimizer = runtime.make_optimizer(torch.nn.ModuleDict(dict(policy=policy, **({"critic": critic} if critic else {}))),
                                      cfg, "cpu")
     g = torch.Generator().manual_seed(1)
     b = ppo.rollout(policy, tiny["policy"], SUBJECTS[:6] * 2, reward.make_reward(tiny["reward"], "cpu"), 6,
@@ -314,7 +318,7 @@ def test_rewards_function_weighted_sum_llama2_and_checkpoint(tiny, tmp_path):
     model = reward.RewardModel(tiny["policy"].config)
     model.gpt.load_state_dict(tiny["policy"].state_dict())
     path = str(tmp_path / "rm.pt")
-    train.save_checkpoint(path, dict(kind="reward", stage="reward", step=0, model=model.state_dict(),
+    checkpoint.save_checkpoint(path, dict(kind="reward", stage="reward", step=0, model=model.state_dict(),
                                      model_args=dict(vars(model.config)), optimizer=None, config={}, rng=None))
     torch.testing.assert_close(reward.make_reward(path, "cpu")(prompts, responses),
                                torch.tensor(reward.score_texts(model.eval(), prompts, responses, "cpu")))
@@ -323,7 +327,7 @@ def test_rewards_function_weighted_sum_llama2_and_checkpoint(tiny, tmp_path):
                             (str(fn_file), {}, "name the function too"),
                             (tiny["reward"], dict(weights="1,2"), "2 weights for 1"),
                             (tiny["reward"], dict(combine="llama2"), "two rewards"), ("", {}, "required")]:
-        with pytest.raises(train.ConfigError, match=match):
+        with pytest.raises(config.ConfigError, match=match):
             reward.make_reward(spec, "cpu", **kw)
 
 
@@ -338,7 +342,7 @@ def test_rewards_function_weighted_sum_llama2_and_checkpoint(tiny, tmp_path):
 ])
 def test_a_broken_user_reward_is_one_line_naming_its_file_and_line(tmp_path, body, match):
     (tmp_path / "bad.py").write_text(body)
-    with pytest.raises(train.ConfigError, match=match) as e:
+    with pytest.raises(config.ConfigError, match=match) as e:
         reward.make_reward(f"{tmp_path}/bad.py:f", "cpu")(["a", "b", "c"], ["x", "y", "z"])
     assert "\n" not in str(e.value)
 
@@ -346,14 +350,14 @@ def test_a_broken_user_reward_is_one_line_naming_its_file_and_line(tmp_path, bod
 def test_critic_starts_at_zero_in_eval_mode_without_dropout(tiny, tmp_path):
     """The critic's first values: 0 with the default zero head (close to the returns of a normalised reward), or the
     reward model's own normalised scores with --critic_init=reward; no dropout, even from a policy trained with it."""
-    ckpt = train.load_checkpoint(tiny["ckpt"], "policy")
+    ckpt = checkpoint.load_checkpoint(tiny["ckpt"], "policy")
     dropped = dict(ckpt, model_args=dict(ckpt["model_args"], dropout=0.3))
     path = str(tmp_path / "dropout-policy.pt")
-    train.save_checkpoint(path, dropped)
-    policy, _ = train.load_policy(path, "cpu")
+    checkpoint.save_checkpoint(path, dropped)
+    policy, _ = checkpoint.load_policy(path, "cpu")
     ids, mask = torch.randint(0, 1000, (4, 10)), torch.ones(4, 10, dtype=torch.long)
     for critic_kind in ("separate", "shared"):
-        critic = ppo.make_critic(ppo.PPOConfig(reward=tiny["reward"], critic=critic_kind), policy, "cpu")
+        critic = reward.make_critic(ppo.PPOConfig(reward=tiny["reward"], critic=critic_kind), policy, "cpu")
         assert not critic.training and all(m.p == 0 for m in critic.modules() if isinstance(m, torch.nn.Dropout))
         with torch.no_grad():
             v1, v2 = critic.values(ids, mask), critic.values(ids, mask)
@@ -363,26 +367,26 @@ def test_critic_starts_at_zero_in_eval_mode_without_dropout(tiny, tmp_path):
     rm.gpt.load_state_dict(policy.state_dict())
     rm.gain.fill_(2.0), rm.bias.fill_(-0.5)
     rm_path = str(tmp_path / "rm.pt")
-    train.save_checkpoint(rm_path, dict(kind="reward", stage="reward", step=0, model=rm.state_dict(),
+    checkpoint.save_checkpoint(rm_path, dict(kind="reward", stage="reward", step=0, model=rm.state_dict(),
                                         model_args=dict(vars(rm.config)), optimizer=None, config={}, rng=None))
-    critic = ppo.make_critic(ppo.PPOConfig(reward=rm_path, critic_init="reward"), policy, "cpu")
+    critic = reward.make_critic(ppo.PPOConfig(reward=rm_path, critic_init="reward"), policy, "cpu")
     rm = reward.load_reward_model(rm_path, "cpu")
     with torch.no_grad():
         torch.testing.assert_close(critic.values(ids, mask)[:, -1], rm.score(ids, mask))
         assert critic.values(ids, mask).std() > 0
-    critic = ppo.make_critic(ppo.PPOConfig(reward=rm_path), policy, "cpu")
+    critic = reward.make_critic(ppo.PPOConfig(reward=rm_path), policy, "cpu")
     assert torch.equal(critic.gpt.transformer.wte.weight, rm.gpt.transformer.wte.weight)
     with torch.no_grad():
         assert critic.values(ids, mask).abs().max() == 0
-    with pytest.raises(train.ConfigError, match="critic_init=reward needs"):
-        ppo.make_critic(ppo.PPOConfig(reward=tiny["reward"], critic_init="reward"), policy, "cpu")
+    with pytest.raises(config.ConfigError, match="critic_init=reward needs"):
+        reward.make_critic(ppo.PPOConfig(reward=tiny["reward"], critic_init="reward"), policy, "cpu")
 
 
 def test_evaluate_policy_kl_matches_a_full_forward_pass(tiny):
     """evaluate_policy's KL against a slow reference: each sample alone, unpadded, through both models' full forward
     pass, log-softmax, and the sampled tokens' log-probs summed up to and including EOS. The reference differs from
     the policy (a perturbed copy)."""
-    policy, ref = tiny["policy"], train.load_policy(tiny["ckpt"], "cpu")[0]
+    policy, ref = tiny["policy"], checkpoint.load_policy(tiny["ckpt"], "cpu")[0]
     torch.manual_seed(0)
     with torch.no_grad():
         for p in ref.parameters():
@@ -452,7 +456,7 @@ def test_ppo_raises_the_score_with_the_kl_bounded(ppo_run):
     assert summary["eval/score"] == evals[1]["eval/score"]
     samples = [json.loads(line) for line in open(ppo_run / "samples.jsonl")]
     assert len(samples) == 64 and sum(s["score"] for s in samples) / 64 == pytest.approx(evals[1]["eval/score"])
-    policy, _ = train.load_policy(str(ppo_run / "ckpt.pt"), "cpu")  # the same checkpoint format as every stage
+    policy, _ = checkpoint.load_policy(str(ppo_run / "ckpt.pt"), "cpu")  # the same checkpoint format as every stage
     assert policy.config.n_embd == 32
 
 
@@ -461,15 +465,15 @@ def test_ppo_kill_and_resume_gives_the_same_run(tiny, ppo_run):
     args = [a for a in rl_args(tiny, out, 8) if not a.startswith("--out_dir")]
     assert kill_and_resume(["ppo", *args], str(out), kills=2) >= 1
     assert read_json(out / "summary.json") == read_json(ppo_run / "summary.json")
-    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/") and k != "ms_per_step"} for r in rows]
     assert strip(read_metrics(out)) == strip(read_metrics(ppo_run))
 
 
 @pytest.mark.parametrize("algo", ["rloo", "grpo"])
 def test_rloo_and_grpo_raise_the_score_with_the_kl_bounded(tiny, algo):
     out = tiny["dir"] / algo
-    cfg = train.parse_config(ppo.RLOOConfig if algo == "rloo" else ppo.GRPOConfig, rl_args(tiny, out) + ["--k=4"])
-    assert in_process(ppo.train_rloo if algo == "rloo" else ppo.train_grpo, cfg) == 0
+    cfg = config.parse_config(ppo.RLOOConfig if algo == "rloo" else ppo.GRPOConfig, rl_args(tiny, out) + ["--k=4"])
+    assert in_process(lambda cfg: ppo.train_rl(cfg, algo), cfg) == 0
     rows = read_metrics(out)
     assert "val/explained_variance" not in rows[0]  # no critic
     assert_learned(rows)
@@ -481,7 +485,7 @@ def test_best_of_n_reward_rises_with_n_and_rejection_sampling_finetunes(tiny):
     summaries = {}
     for n in (1, 8):
         out = tiny["dir"] / f"bon{n}"
-        assert in_process(ppo.best_of_n, ppo.BoNConfig(out_dir=str(out), n=n, **common)) == 0
+        assert in_process(sft.bon, sft.BoNConfig(out_dir=str(out), n=n, **common)) == 0
         summaries[n] = read_json(out / "summary.json")
         selected = [json.loads(line) for line in open(out / "selected.jsonl")]
         samples = [json.loads(line) for line in open(out / "samples.jsonl")]
@@ -496,11 +500,11 @@ def test_best_of_n_reward_rises_with_n_and_rejection_sampling_finetunes(tiny):
     assert summaries[8]["score/best"] > summaries[1]["score/best"] + 0.2
     assert summaries[8]["kl/bound"] == pytest.approx(math.log(8) - 7 / 8)
     # rejection-sampling fine-tuning: sft on the kept responses; the tuned policy says 'good' more often
-    cfg = train.parse_config(train.SFTConfig, [f"--init_from={tiny['ckpt']}", f"--data={tiny['dir'] / 'bon8' / 'selected.jsonl'}",
+    cfg = config.parse_config(sft.SFTConfig, [f"--init_from={tiny['ckpt']}", f"--data={tiny['dir'] / 'bon8' / 'selected.jsonl'}",
                                                f"--out_dir={tiny['dir'] / 'rs-ft'}", "--batch_size=16", "--max_iters=30",
                                                "--learning_rate=3e-3", "--warmup_iters=0", "--device=cpu"])
-    assert in_process(train.sft, cfg) == 0
-    tuned, _ = train.load_policy(str(tiny["dir"] / "rs-ft" / "ckpt.pt"), "cpu")
+    assert in_process(sft.sft, cfg) == 0
+    tuned, _ = checkpoint.load_policy(str(tiny["dir"] / "rs-ft" / "ckpt.pt"), "cpu")
     reward_fn = reward.make_reward(tiny["reward"], "cpu")
     before = ppo.evaluate_policy(tiny["policy"], tiny["policy"], SUBJECTS * 8, reward_fn, "cpu", max_new_tokens=6)
     after = ppo.evaluate_policy(tuned, tiny["policy"], SUBJECTS * 8, reward_fn, "cpu", max_new_tokens=6)

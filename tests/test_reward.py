@@ -9,9 +9,11 @@ import random
 import pytest
 import torch
 
+import checkpoint
+import config
+import runtime
 import data
 import reward
-import train
 from conftest import TINY_MODEL, kill_and_resume, read_json, read_metrics, run_cli
 from data import EOS, PAD, layout_batch
 from model import GPT, GPTConfig
@@ -40,8 +42,8 @@ def write_policy(path, seed=0):
     """A tiny random-init policy checkpoint, as stage sft would write it."""
     torch.manual_seed(seed)
     m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64))
-    train.save_checkpoint(str(path), dict(kind="policy", stage="sft", step=0, model=m.state_dict(), optimizer=None,
-                                          model_args=dataclasses.asdict(m.config), config={}, rng=train.rng_state()))
+    checkpoint.save_checkpoint(str(path), dict(kind="policy", stage="sft", step=0, model=m.state_dict(), optimizer=None,
+                                          model_args=dataclasses.asdict(m.config), config={}, rng=runtime.rng_state()))
     return str(path), m
 
 
@@ -114,14 +116,14 @@ def test_normalise_gives_mean_0_std_1_and_score_texts_matches_score():
 
 def test_trunk_from_policy_checkpoint_and_head_init(tmp_path):
     path, policy = write_policy(tmp_path / "policy.pt")
-    cfg = train.parse_config(reward.RewardConfig, [f"--init_from={path}", "--block_size=64"])
+    cfg = config.parse_config(reward.RewardConfig, [f"--init_from={path}", "--block_size=64"])
     model = reward.init_model(cfg)
     for k, v in policy.state_dict().items():
         assert torch.equal(model.gpt.state_dict()[k], v), k
     assert model.head.proj.bias.item() == 0.0
     assert model.head.proj.weight.std().item() == pytest.approx(1 / math.sqrt(33), rel=0.3)  # notes #6
-    too_long = train.parse_config(reward.RewardConfig, [f"--init_from={path}", "--block_size=128"])
-    with pytest.raises(train.ConfigError, match="block_size=128"):
+    too_long = config.parse_config(reward.RewardConfig, [f"--init_from={path}", "--block_size=128"])
+    with pytest.raises(config.ConfigError, match="block_size=128"):
         reward.init_model(too_long)
 
 

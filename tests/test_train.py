@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +13,11 @@ import time
 import pytest
 import torch
 
+import checkpoint
+import config
+import data
+import runtime
+import sft
 import train
 from conftest import ROOT, TINY_MODEL, kill_and_resume, read_json, read_metrics, run_cli
 
@@ -112,7 +118,7 @@ def test_kill_and_resume_sft_gives_the_same_result(corpus, tmp_path):
     a, b = read_json(tmp_path / "straight/summary.json"), read_json(tmp_path / "killed/summary.json")
     assert a == b  # bit for bit: every metric, dropout and data order included
     ma, mb = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "killed")
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "ms_per_step"} for r in rows]
     assert strip(ma) == strip(mb)  # the log continued with no duplicate and no missing row
 
 
@@ -136,7 +142,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(corpus, tmp_path):
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    train.save_checkpoint(path, dict(kind="policy", model={"w": torch.ones(3)}))
+    checkpoint.save_checkpoint(path, dict(kind="policy", model={"w": torch.ones(3)}))
 
     def torn_save(obj, f):  # a kill in the middle of writing: half a file, then death
         f.write(b"PK\x03\x04 half a checkpoint")
@@ -144,8 +150,8 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", torn_save)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(path, dict(kind="policy", model={"w": torch.zeros(3)}))
-    assert torch.equal(train.load_checkpoint(path)["model"]["w"], torch.ones(3))  # the old one, intact
+        checkpoint.save_checkpoint(path, dict(kind="policy", model={"w": torch.zeros(3)}))
+    assert torch.equal(checkpoint.load_checkpoint(path)["model"]["w"], torch.ones(3))  # the old one, intact
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # and no half-written temporary file left beside it
 
 
@@ -169,7 +175,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
 
 def test_a_reward_checkpoint_where_a_policy_is_needed_is_refused(tmp_path):
     path = str(tmp_path / "rm.pt")
-    train.save_checkpoint(path, dict(kind="reward", model={}, model_args={}))
+    checkpoint.save_checkpoint(path, dict(kind="reward", model={}, model_args={}))
     p = run_cli("sample", f"--ckpt={path}", f"--out_dir={tmp_path}/o", check=False)
     assert p.returncode == 2 and "a reward checkpoint, but a policy checkpoint is needed" in p.stderr
 
@@ -179,7 +185,7 @@ def test_a_checkpoint_of_another_shape_is_refused(sft_run, tmp_path):
     ckpt["model_args"]["n_embd"] = 64
     ckpt["model_args"]["n_head"] = 2
     path = str(tmp_path / "other.pt")
-    train.save_checkpoint(path, ckpt)
+    checkpoint.save_checkpoint(path, ckpt)
     p = run_cli("sample", f"--ckpt={path}", f"--out_dir={tmp_path}/o", check=False)
     assert p.returncode == 2 and "does not fit the model" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
@@ -187,7 +193,7 @@ def test_a_checkpoint_of_another_shape_is_refused(sft_run, tmp_path):
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(corpus, tmp_path, monkeypatch, capsys):
     out = tmp_path / "o"
-    real = train.sft_loss
+    real = sft.sft_loss
     calls = {"n": 0}
 
     def poisoned(model, batch):
@@ -200,7 +206,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(corpus, tmp_path, 
                        "--eval_interval=100", f"--out_dir={out}"])
     err = capsys.readouterr().err
     assert code == 1 and "step 12: loss is nan" in err
-    ckpt = train.load_checkpoint(str(out / "ckpt.pt"))
+    ckpt = checkpoint.load_checkpoint(str(out / "ckpt.pt"))
     assert ckpt["step"] == 10 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
@@ -214,14 +220,14 @@ def one_line_error(code, err):
 
 
 def test_optimizer_step_schedules_clips_and_steps():
-    cfg = train.parse_config(train.SFTConfig, ["--learning_rate=0.1", "--warmup_iters=4", "--grad_clip=1.0"])
+    cfg = config.parse_config(sft.SFTConfig, ["--learning_rate=0.1", "--warmup_iters=4", "--grad_clip=1.0"])
     model = torch.nn.Linear(3, 2)
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.SGD([dict(params=[model.weight]), dict(params=[model.bias])], lr=123.0)
     for p in model.parameters():
         p.grad = torch.full_like(p, 2.0)  # norm sqrt(8 * 4) = 5.66, clipped to 1
-    lr, norm = train.optimizer_step(model, opt, cfg, step=1)
-    assert lr == train.lr_at(1, cfg) == pytest.approx(0.1 * 2 / 5)
+    lr, norm = runtime.optimizer_step(model, opt, cfg, step=1)
+    assert lr == runtime.lr_at(1, cfg) == pytest.approx(0.1 * 2 / 5)
     assert all(g["lr"] == lr for g in opt.param_groups)
     assert norm == pytest.approx(8 ** 0.5 * 2)  # the norm before clipping, as logged
     step = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())])
@@ -231,68 +237,70 @@ def test_optimizer_step_schedules_clips_and_steps():
     for p in model.parameters():
         p.grad = torch.full_like(p, 2.0)
     before = [p.detach().clone() for p in model.parameters()]
-    lr, _ = train.optimizer_step(model, opt, cfg, step=1)
+    lr, _ = runtime.optimizer_step(model, opt, cfg, step=1)
     step = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())])
     assert step.norm().item() == pytest.approx(lr * 8 ** 0.5 * 2, rel=1e-5)
     model.weight.grad = torch.full_like(model.weight, float("nan"))
-    with pytest.raises(train.TrainingError, match="step 7: grad_norm is nan"):
-        train.optimizer_step(model, opt, cfg, step=7)
+    with pytest.raises(config.TrainingError, match="step 7: grad_norm is nan"):
+        runtime.optimizer_step(model, opt, cfg, step=7)
 
 
 def test_config_split_training_keys_only_in_training_stages():
-    run_keys = {f.name for f in dataclasses.fields(train.RunConfig)}
+    run_keys = {f.name for f in dataclasses.fields(config.RunConfig)}
     assert run_keys == {"out_dir", "device", "dtype", "seed", "overwrite", "chat_template"}
-    train_keys = {f.name for f in dataclasses.fields(train.TrainConfig)} - run_keys
+    train_keys = {f.name for f in dataclasses.fields(config.TrainConfig)} - run_keys
     assert train_keys == {"compile", "resume", "log_interval", "ckpt_interval", "ckpt_minutes", "grad_checkpoint",
                           "tracker", "snapshot_interval", "snapshot_steps"}
-    assert train_keys <= {f.name for f in dataclasses.fields(train.SFTConfig)}
-    assert not train_keys & {f.name for f in dataclasses.fields(train.SampleConfig)}
-    with pytest.raises(train.ConfigError, match="unknown key --resume"):
-        train.parse_config(train.SampleConfig, ["--resume"])
+    assert train_keys <= {f.name for f in dataclasses.fields(sft.SFTConfig)}
+    assert not train_keys & {f.name for f in dataclasses.fields(sft.SampleConfig)}
+    with pytest.raises(config.ConfigError, match="unknown key --resume"):
+        config.parse_config(sft.SampleConfig, ["--resume"])
 
 
 def test_snapshots_every_interval_and_at_listed_steps():
-    cfg = train.parse_config(train.SFTConfig, ["--snapshot_interval=4", "--snapshot_steps=1,2,6"])
-    assert [s for s in range(1, 13) if train.wants_snapshot(cfg, s)] == [1, 2, 4, 6, 8, 12]
-    cfg = train.parse_config(train.SFTConfig, ["--snapshot_steps=3"])
-    assert [s for s in range(1, 13) if train.wants_snapshot(cfg, s)] == [3]
-    assert not any(train.wants_snapshot(train.SFTConfig(), s) for s in range(1, 13))  # off by default
+    cfg = config.parse_config(sft.SFTConfig, ["--snapshot_interval=4", "--snapshot_steps=1,2,6"])
+    assert [s for s in range(1, 13) if runtime.wants_snapshot(cfg, s)] == [1, 2, 4, 6, 8, 12]
+    cfg = config.parse_config(sft.SFTConfig, ["--snapshot_steps=3"])
+    assert [s for s in range(1, 13) if runtime.wants_snapshot(cfg, s)] == [3]
+    assert not any(runtime.wants_snapshot(sft.SFTConfig(), s) for s in range(1, 13))  # off by default
     for bad in ("5,x", "0", "-2"):
-        with pytest.raises(train.ConfigError, match=f"--snapshot_steps={bad}: "):
-            train.parse_config(train.SFTConfig, [f"--snapshot_steps={bad}"])
+        with pytest.raises(config.ConfigError, match=f"--snapshot_steps={bad}: "):
+            config.parse_config(sft.SFTConfig, [f"--snapshot_steps={bad}"])
 
 
 def test_end_step_saves_on_interval_last_step_time_and_stop(tmp_path, capsys):
-    cfg = train.parse_config(train.SFTConfig, [f"--out_dir={tmp_path}", "--ckpt_interval=3", "--ckpt_minutes=1"])
-    run = train.Run(cfg, "sft")
+    cfg = config.parse_config(sft.SFTConfig, [f"--out_dir={tmp_path}", "--ckpt_interval=3", "--ckpt_minutes=1",
+                                              "--max_iters=8"])
+    run = runtime.Run(cfg, "sft")
     saved = []
     for done in range(1, 9):
-        assert run.end_step(done, 8, lambda: saved.append(done)) is False
+        assert run.end_step(done, lambda: saved.append(done)) is False
     assert saved == [3, 6, 8]
+    cfg.max_iters = 100
     run.last_save -= 61  # a minute since the last save: save now, whatever the interval says
-    run.end_step(10, 100, lambda: saved.append(10))
+    run.end_step(10, lambda: saved.append(10))
     assert saved[-1] == 10
-    run.end_step(11, 100, lambda: saved.append(11))
+    run.end_step(11, lambda: saved.append(11))
     assert saved[-1] == 10  # and not again right after
     run.stop_requested = True
-    assert run.end_step(12, 100, lambda: saved.append(12)) is True
+    assert run.end_step(12, lambda: saved.append(12)) is True
     assert saved[-1] == 12
-    assert f"stopped at step 12; continue with --resume --out_dir={tmp_path}" in capsys.readouterr().err
-    # a stage without the training keys (RunConfig only) saves at the end or on a stop only
-    run = train.Run(train.SampleConfig(out_dir=str(tmp_path / "s")), "sample")
-    saved.clear()
-    for done in range(1, 5):
-        run.end_step(done, 4, lambda: saved.append(done))
-    assert saved == [4]
+    assert f"stopped at step 12; continue with: python train.py sft --resume --out_dir={tmp_path}" in \
+        capsys.readouterr().err
 
 
-def test_log_prints_a_line_when_stderr_is_not_a_terminal(tmp_path, capsys):
-    run = train.Run(train.SFTConfig(out_dir=str(tmp_path)), "sft")
-    run.log(5, loss=3.14159265, lr=torch.tensor(6e-4), grad_norm=float("nan"), tokens_per_s=12345.678)
+def test_log_prints_a_line_when_stderr_is_not_a_terminal_and_always_for_held_out_metrics(tmp_path, capsys):
+    run = runtime.Run(sft.SFTConfig(out_dir=str(tmp_path)), "sft")
+    run.log(5, loss=3.14159265, lr=torch.tensor(6e-4), grad_norm=float("nan"))
     out = capsys.readouterr().out  # captured: stderr is not a terminal here
-    assert out.strip() == "step 5: loss 3.142 lr 0.0006 grad_norm None tokens_per_s 1.235e+04"
-    assert read_metrics(tmp_path) == [dict(step=5, loss=3.14159265, lr=pytest.approx(6e-4), grad_norm=None,
-                                           tokens_per_s=12345.678)]
+    assert out.startswith("step 5: loss 3.142 lr 0.0006 grad_norm None ms_per_step ")
+    rows = read_metrics(tmp_path)
+    assert rows[0].pop("ms_per_step") > 0
+    assert rows == [dict(step=5, loss=3.14159265, lr=pytest.approx(6e-4), grad_norm=None)]
+    # held-out metrics are printed on the evaluation step's line, however many metrics come before them
+    run.log(10, **{f"m{i}": float(i) for i in range(8)}, **{"eval/accuracy": 0.75})
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("step 10: m0 0 m1 1") and line.endswith("eval/accuracy 0.75") and "m7" not in line
 
 
 def test_sft_prints_progress_when_output_is_redirected(sft_cli):
@@ -313,28 +321,66 @@ def test_a_busy_run_folder_is_refused(tmp_path):
     assert not (tmp_path / "config.json").exists()
 
 
-def test_a_folder_of_another_stage_or_config_needs_overwrite(tmp_path, in_process):
+def test_a_folder_of_another_stage_or_config_needs_overwrite(tmp_path):
     out = str(tmp_path / "o")
-    ckpt = "--ckpt=assets/sft-imdb-cpu.pt"
-    args = ["sample", ckpt, "--max_new_tokens=2", "--num_samples=1", f"--out_dir={out}"]
     os.makedirs(out)
-    train.write_json(os.path.join(out, "config.json"), dict(stage="reward", out_dir=out))
-    train.save_checkpoint(os.path.join(out, "ckpt.pt"), dict(kind="reward", model={}))
-    code, _, err = in_process(*args)
-    assert one_line_error(code, err) and f"--out_dir={out} holds a reward run; add --overwrite" in err
+    data.write_json(os.path.join(out, "config.json"), dict(stage="reward", out_dir=out))
+    checkpoint.save_checkpoint(os.path.join(out, "ckpt.pt"), dict(kind="reward", model={}))
+    checkpoint.save_checkpoint(os.path.join(out, "ckpt-5.pt"), dict(kind="reward", model={}))
+    cfg = sft.SFTConfig(out_dir=out)
+    with pytest.raises(config.ConfigError, match=f"--out_dir={out} holds a reward run; add --overwrite"):
+        runtime.Run(cfg, "sft")
     assert read_json(os.path.join(out, "config.json"))["stage"] == "reward"  # untouched
-    assert in_process(*args, "--overwrite")[0] == 0
-    assert read_json(os.path.join(out, "config.json"))["stage"] == "sample"
-    assert not os.path.exists(os.path.join(out, "ckpt.pt"))  # nothing of the other run is left to resume
-    assert in_process(*args)[0] == 0  # the same stage and config runs again
-    code, _, err = in_process(*args[:-1], "--seed=7", args[-1])
-    assert one_line_error(code, err) and "holds a run with another config (--seed)" in err
+    run = runtime.Run(dataclasses.replace(cfg, overwrite=True), "sft")
+    assert read_json(os.path.join(out, "config.json"))["stage"] == "reward"  # nothing written before the first row
+    run.log(1, loss=1.0)
+    assert read_json(os.path.join(out, "config.json"))["stage"] == "sft"
+    assert sorted(os.listdir(out)) == [".lock", "config.json", "metrics.jsonl"]  # nothing of the other run is left
+    runtime.Run(cfg, "sft")  # the same stage and config runs again
+    with pytest.raises(config.ConfigError, match=r"holds a run with another config \(--seed\)"):
+        runtime.Run(dataclasses.replace(cfg, seed=7), "sft")
     # keys that only say how a run is logged, checkpointed or restarted make no other run
-    cfg = train.SFTConfig(out_dir=str(tmp_path / "sft"))
-    train.Run(cfg, "sft")
-    train.Run(dataclasses.replace(cfg, log_interval=3, ckpt_interval=7, ckpt_minutes=0.5), "sft")
-    with pytest.raises(train.ConfigError, match=r"another config \(--max_iters\)"):
-        train.Run(dataclasses.replace(cfg, max_iters=3), "sft")
+    runtime.Run(dataclasses.replace(cfg, log_interval=3, ckpt_interval=7, ckpt_minutes=0.5), "sft")
+    with pytest.raises(config.ConfigError, match=r"another config \(--max_iters\)"):
+        runtime.Run(dataclasses.replace(cfg, max_iters=3), "sft")
+
+
+def test_sampling_and_scoring_again_with_other_arguments_replace_their_output(tmp_path, in_process):
+    out = tmp_path / "sample"
+    for prompt in ("The movie", "I hated"):
+        code, stdout, err = in_process("sample", "--ckpt=assets/sft-imdb-cpu.pt", f"--prompt={prompt}",
+                                       "--max_new_tokens=3", "--num_samples=1", f"--out_dir={out}")
+        assert code == 0, err
+        rows = [json.loads(line) for line in open(out / "samples.jsonl")]
+        assert [r["prompt"] for r in rows] == [prompt]
+
+
+def test_a_run_that_failed_before_its_first_step_leaves_nothing_that_refuses_the_corrected_run(tmp_path, corpus,
+                                                                                            in_process):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": \n')
+    out = tmp_path / "run"
+    code, _, err = in_process("sft", f"--data={bad}", *SFT_FAST, "--max_iters=1", f"--out_dir={out}")
+    assert one_line_error(code, err) and f"{bad}:2: bad JSON" in err
+    assert not (out / "config.json").exists()
+    code, _, err = in_process("sft", f"--data={corpus}", *SFT_FAST, "--max_iters=1", f"--out_dir={out}")
+    assert code == 0, err
+
+
+def test_no_run_writes_into_the_folder_of_a_checkpoint_it_reads(tmp_path, in_process):
+    """The rejection-sampling command as it used to be written (sft from out/sft/ckpt.pt into out/sft) is refused,
+    with or without --overwrite, and the model it reads is left as it was."""
+    src = tmp_path / "sft"
+    os.makedirs(src)
+    shutil.copy("assets/sft-imdb-cpu.pt", src / "ckpt.pt")
+    before = (src / "ckpt.pt").read_bytes()
+    selected = tmp_path / "selected.jsonl"
+    selected.write_text(json.dumps({"prompt": "a", "response": " film"}) + "\n")
+    for extra in ([], ["--overwrite"]):
+        code, _, err = in_process("sft", f"--init_from={src}/ckpt.pt", f"--data={selected}", f"--out_dir={src}",
+                                  *extra)
+        assert one_line_error(code, err) and f"--init_from={src}/ckpt.pt lies inside --out_dir={src}" in err
+    assert (src / "ckpt.pt").read_bytes() == before
 
 
 def test_unwritable_or_empty_out_dir_is_one_line(tmp_path, in_process, monkeypatch):
@@ -347,8 +393,9 @@ def test_unwritable_or_empty_out_dir_is_one_line(tmp_path, in_process, monkeypat
     def read_only(path, obj):  # tests run as root, where chmod does not stop writes: fake the read-only folder
         raise PermissionError(13, "Permission denied", path)
 
-    monkeypatch.setattr(train, "write_json", read_only)
-    code, _, err = in_process("sample", f"--out_dir={tmp_path}/ro")
+    monkeypatch.setattr(runtime, "write_json", read_only)
+    code, _, err = in_process("sample", "--ckpt=assets/sft-imdb-cpu.pt", "--max_new_tokens=2", "--num_samples=1",
+                              f"--out_dir={tmp_path}/ro")
     assert one_line_error(code, err) and f"--out_dir={tmp_path}/ro: cannot write the run folder (Permission " \
                                           f"denied)" in err
 
@@ -358,20 +405,20 @@ def test_unwritable_or_empty_out_dir_is_one_line(tmp_path, in_process, monkeypat
 
 def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_the_old_one(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    train.save_checkpoint(path, dict(kind="policy", model={"w": torch.ones(3)}))
+    checkpoint.save_checkpoint(path, dict(kind="policy", model={"w": torch.ones(3)}))
 
     def full_disk(obj, f):
         f.write(b"PK\x03\x04 part of a checkpoint")
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(train.TrainingError) as e:
-        train.save_checkpoint(path, dict(kind="policy", model={"w": torch.zeros(3)}))
+    with pytest.raises(config.TrainingError) as e:
+        checkpoint.save_checkpoint(path, dict(kind="policy", model={"w": torch.zeros(3)}))
     assert str(e.value) == f"{path}: writing the checkpoint failed (No space left on device); the previous " \
                            f"checkpoint is left as it was"
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # no orphaned temporary file
     monkeypatch.undo()
-    assert torch.equal(train.load_checkpoint(path)["model"]["w"], torch.ones(3))
+    assert torch.equal(checkpoint.load_checkpoint(path)["model"]["w"], torch.ones(3))
 
 
 def test_a_signal_during_a_checkpoint_write_waits_for_the_write(tmp_path, monkeypatch):
@@ -391,12 +438,12 @@ def test_a_signal_during_a_checkpoint_write_waits_for_the_write(tmp_path, monkey
     try:
         monkeypatch.setattr(torch, "save", slow_save)
         with pytest.raises(KeyboardInterrupt):  # delivered, but only once the checkpoint is whole
-            train.save_checkpoint(path, dict(kind="policy", model={"w": torch.ones(3)}))
+            checkpoint.save_checkpoint(path, dict(kind="policy", model={"w": torch.ones(3)}))
     finally:
         signal.signal(signal.SIGTERM, old)
     monkeypatch.undo()
     assert os.listdir(tmp_path) == ["ckpt.pt"]
-    assert torch.equal(train.load_checkpoint(path)["model"]["w"], torch.ones(3))
+    assert torch.equal(checkpoint.load_checkpoint(path)["model"]["w"], torch.ones(3))
     assert signal.getsignal(signal.SIGTERM) is old  # the handlers are back
 
 
@@ -404,9 +451,9 @@ def test_a_policy_with_non_finite_weights_is_refused(tmp_path, in_process):
     ckpt = torch.load("assets/sft-imdb-cpu.pt", weights_only=True)
     ckpt["model"]["transformer.h.1.mlp.c_fc.weight"][3, 5] = float("nan")
     path = str(tmp_path / "nan.pt")
-    train.save_checkpoint(path, ckpt)
-    with pytest.raises(train.ConfigError, match=r"the weight transformer\.h\.1\.mlp\.c_fc\.weight holds NaN"):
-        train.load_policy(path, "cpu")
+    checkpoint.save_checkpoint(path, ckpt)
+    with pytest.raises(config.ConfigError, match=r"the weight transformer\.h\.1\.mlp\.c_fc\.weight holds NaN"):
+        checkpoint.load_policy(path, "cpu")
     code, _, err = in_process("sample", f"--ckpt={path}", f"--out_dir={tmp_path}/o")
     assert one_line_error(code, err) and path in err
 
