@@ -201,7 +201,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(corpus, tmp_path, 
         loss = real(model, batch)
         return loss * float("nan") if calls["n"] == 13 else loss  # the 13th training step goes bad
 
-    monkeypatch.setattr(train, "sft_loss", poisoned)
+    monkeypatch.setattr(sft, "sft_loss", poisoned)
     code = train.main(["sft", f"--data={corpus}", *SFT_FAST, "--max_iters=30", "--ckpt_interval=10",
                        "--eval_interval=100", f"--out_dir={out}"])
     err = capsys.readouterr().err
