@@ -1,16 +1,17 @@
 """
-Data for every stage: the GPT-2 tokenizer, loaders for preference pairs, prompts, SFT examples and IMDb
-reviews, and the tokenising, padding and batching that SFT, reward modelling, DPO and PPO share. Not a script:
-train.py and the stage files import it. Bad input of any kind raises DataError with a one-line message,
-"{path}:{line}: {what}", which train.py prints before exiting with status 2: never a traceback.
+Data for every stage: the GPT-2 tokenizer, loaders for preference pairs, prompts, SFT examples and IMDb reviews
+(every loader takes several files, comma-separated), the tokenising every stage shares (the padding and layout of
+a batch are model.py's), the held-out
+rule, the index stream and the seed idiom, and the one atomic file writer. Bad input of any kind raises DataError
+with a one-line message, "{path}:{line}: {what}", which train.py prints before exiting with status 2: never a
+traceback. `python data.py split FILE --out=PREFIX` cuts a file into PREFIX-train.jsonl and PREFIX-eval.jsonl.
 
-Files are JSON lines (.jsonl, .json, either gzipped as .gz), streamed; blank lines are skipped. A record's
-format is told by its keys: the largest accepted key set that the record contains ({prompt, chosen, rejected,
-score} is the {prompt, chosen, rejected} format, not {chosen, rejected}). Other keys, such as the extra columns
-of UltraFeedback and most hub datasets, are ignored, and one line on stderr per file says which and in how many
-records. A record that contains no accepted key set is an error that names what the nearest one lacks, so a
-typo like "chosen_" is caught ("missing ['chosen']"); so is one that contains two of the same size ({prompt,
-text} as a prompt). All records of a file have the same format.
+Files are JSON lines (.jsonl, .json, either gzipped as .gz), streamed; blank lines are skipped. A record's format is
+told by its keys: the largest accepted key set that the record contains ({prompt, chosen, rejected, score} is the
+{prompt, chosen, rejected} format, not {chosen, rejected}). Other keys (UltraFeedback's score columns, say) are
+ignored, and one line on stderr per file says which and in how many records. A record that contains no accepted key
+set is an error that names what the nearest one lacks, so a typo like "chosen_" is caught ("missing ['chosen']");
+so is one that contains two of the same size ({prompt, text} as a prompt). All records of a file share a format.
 
   preferences  {prompt, chosen, rejected}                  strings; chosen/rejected are the responses only
                                                            (message lists, as UltraFeedback binarized: read as
@@ -23,20 +24,20 @@ text} as a prompt). All records of a file have the same format.
                or a .txt file (one whole document)
   imdb         {id, rating, label, text}   aclImdb: rating 1-10 (0 unlabelled), label 0 neg, 1 pos, -1 unlabelled
 
-Chat layout. There are no chat tokens: a conversation is plain text. By default (--chat_template=hh) it is
-written as Anthropic's HH data is, "\\n\\nHuman: hi\\n\\nAssistant: hello". render_chat() renders the
-messages before a reply and ends with "\\n\\nAssistant:"; the reply is " " + content. So prompt + response is the
-HH dialogue itself, and since GPT-2's pre-tokenizer splits before " word", prompt and response tokenised apart give
-the tokens of the whole. --chat_template=chatml writes ChatML's markers as text; a JSON file of one's own names
-the five strings of CHAT_TEMPLATES below. Prompts can come from standard input: --prompts=- (one per line).
+Chat layout. There are no chat tokens: a conversation is plain text. By default (--chat_template=hh) it is written
+as Anthropic's HH data is, "\\n\\nHuman: hi\\n\\nAssistant: hello": render_chat() renders the messages before a reply and
+ends with "\\n\\nAssistant:"; the reply is " " + content. So prompt + response is the HH dialogue itself, and since
+GPT-2's pre-tokenizer splits before " word", prompt and response tokenised apart give the tokens of the whole.
+--chat_template=chatml writes ChatML's markers as text; a JSON file of one's own names the five strings of
+CHAT_TEMPLATES below. Prompts can come from standard input: --prompts=- (one per line).
 
-Simplifications, on purpose:
-- Loaders return plain Python lists: preference and prompt sets are small. Only a pretraining-style corpus
-  is kept as one flat uint16 token array (TokenStream), sampled nanoGPT-style in random windows.
-- Multi-turn data trains on the final assistant turn only; earlier turns are prompt.
-- Too-long examples are truncated, never dropped (tokenize_pair says how; the loaders report how many).
+Simplifications, on purpose: loaders return plain Python lists (preference and prompt sets are small); multi-turn
+data trains on the final assistant turn only; too-long examples are truncated, never dropped (tokenize_pair says
+how; the loaders report how many). Pairs that teach nothing (chosen equal to rejected, an empty prompt) are kept
+and counted in a warning.
 """
 
+import argparse
 import functools
 import gzip
 import itertools
@@ -52,7 +53,6 @@ import numpy as np
 import torch
 from tiktoken import Encoding
 from tiktoken.load import load_tiktoken_bpe
-from tqdm import tqdm
 
 EOS = 50256           # <|endoftext|>: ends every response and separates documents
 PAD = 50257           # padding only: an id GPT-2 never produces, so padding can't be mistaken for an EOS
@@ -72,12 +72,9 @@ class DataError(Exception):
 # -----------------------------------------------------------------------------
 # tokenizer
 
-@functools.lru_cache(maxsize=1)
-def _default_tokenizer():
-    return _build_tokenizer(BPE_PATH)
-
-
-def _build_tokenizer(path):
+@functools.lru_cache(maxsize=None)
+def get_tokenizer(path=BPE_PATH):
+    """The GPT-2 tiktoken Encoding, built offline from the vocabulary file in assets/ (cached)."""
     try:
         # the hash check makes a corrupted or wrong vocabulary fail loudly instead of training on garbage
         # (tiktoken also keeps a verified copy in its cache folder, $TIKTOKEN_CACHE_DIR or the temp dir)
@@ -88,13 +85,7 @@ def _build_tokenizer(path):
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
     except ValueError:
         raise DataError(f"{path}: not the GPT-2 BPE file (sha256 is not {BPE_SHA256[:16]}...)") from None
-    return Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                    special_tokens={"<|endoftext|>": EOS})
-
-
-def get_tokenizer(path=BPE_PATH):
-    """The GPT-2 tiktoken Encoding, built offline from the vocabulary file in assets/ (cached)."""
-    return _default_tokenizer() if path == BPE_PATH else _build_tokenizer(path)
+    return Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": EOS})
 
 
 def encode(text):
@@ -451,11 +442,8 @@ def load_preferences(paths, limit=None):
 def looks_like_preferences(paths):
     """Whether the first record of the first file is a preference pair (of the formats an SFT file may hold)."""
     path = files(paths)[0]
-    if _is_text_file(path):
-        return False
-    for n, obj in read_jsonl(path):
-        return _format(path, n, set(obj), SFT_FORMATS) in PAIR_FORMATS
-    return False
+    first = (_format(path, n, set(obj), SFT_FORMATS) for n, obj in ([] if _is_text_file(path) else read_jsonl(path)))
+    return next(first, None) in PAIR_FORMATS
 
 
 def _prompts(path):
@@ -556,64 +544,6 @@ def tokenize_pair(prompt, responses, block_size, append_eos=True):
     return p, rs, truncated
 
 
-def layout_batch(prompts, responses):
-    """The project's batch layout, [left-padded prompt | right-padded response]: lists of prompt ids and of
-    response ids -> (ids, mask, R), ids and mask (B, P + R), R the longest response. Every response starts at
-    column P, so its log-probs are one slice (model.response_logprobs)."""
-    p_ids, p_mask = pad_batch(prompts, side="left")
-    r_ids, r_mask = pad_batch(responses, side="right")
-    return torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1), r_ids.size(1)
-
-
-def pad_batch(seqs, side="right", pad_id=PAD):
-    """Lists of ids -> (ids, mask), both LongTensor (B, T) with T the longest; mask is 1 on real tokens.
-
-    side="right" for training, "left" for generation prompts (so every row's next token is at the end).
-    The one padding routine: pad a loss mask alike with pad_batch(loss_masks, side, pad_id=0)[0].
-    """
-    if side not in ("left", "right"):
-        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
-    T = max((len(s) for s in seqs), default=0)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        cols = slice(T - len(s), T) if side == "left" else slice(0, len(s))
-        ids[i, cols] = torch.as_tensor(s, dtype=torch.long)
-        mask[i, cols] = 1
-    return ids, mask
-
-
-def encode_corpus(texts, desc="tokenizing", chunk_size=1024):
-    """Documents -> one flat np.uint16 array of their tokens, each document followed by EOS."""
-    texts, enc, parts = list(texts), get_tokenizer(), []
-    with tqdm(total=len(texts), desc=desc, unit="doc", disable=None) as bar:  # none in logs, nor on ranks > 0
-        for i in range(0, len(texts), chunk_size):
-            chunk = enc.encode_ordinary_batch(texts[i:i + chunk_size])  # tiktoken's own threads
-            parts.append(np.array([t for ids in chunk for t in ids + [EOS]], dtype=np.uint16))
-            bar.update(len(chunk))
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
-
-
-class TokenStream:
-    """A token array served as nanoGPT-style batches of random windows: x = tokens[i : i+T], y shifted by one.
-
-    The offsets of batch(step) come from a generator seeded by (seed, step) alone, so a batch is a pure
-    function of the step: resuming at step k needs no data-loader state, and no epochs are counted.
-    """
-
-    def __init__(self, tokens, block_size, batch_size, seed=0):
-        if len(tokens) <= block_size:
-            raise ValueError(f"{len(tokens)} tokens cannot fill a window of block_size + 1 = {block_size + 1}")
-        self.tokens, self.block_size, self.batch_size, self.seed = tokens, block_size, batch_size, seed
-
-    def batch(self, step):
-        # SeedSequence mixes (seed, step) into one seed; seed * K + step would let two runs share batches
-        g = torch.Generator().manual_seed(derived_seed(self.seed, step))
-        ix = torch.randint(len(self.tokens) - self.block_size, (self.batch_size,), generator=g).numpy()
-        windows = torch.from_numpy(self.tokens[ix[:, None] + np.arange(self.block_size + 1)].astype(np.int64))
-        return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()  # x, y: (B, T) each
-
-
 # -----------------------------------------------------------------------------
 # datasets as batches: the held-out rule, the index stream, and the batches of SFT, reward modelling and DPO
 
@@ -643,68 +573,6 @@ def epoch_indices(n, step, batch_size, seed, total=None):
     return [int(perms[d // n][d % n]) for d in draws]
 
 
-def load_sft_data(paths, limit, block_size):
-    """Returns ('corpus', token array) when every record is plain text, else ('pairs', [(prompt_ids, resp_ids)])."""
-    examples = load_sft(paths, limit=limit or None)
-    if all(ex.prompt == "" for ex in examples):
-        return "corpus", encode_corpus([ex.response for ex in examples], desc="tokenizing")
-    rows = [tokenize_pair(ex.prompt, [ex.response], block_size) for ex in examples]
-    n_trunc = sum(r[2] for r in rows)
-    if n_trunc:
-        print(f"{n_trunc} of {len(rows)} examples were longer than block_size={block_size} and were truncated")
-    return "pairs", [(p, r) for p, (r,), _ in rows]
-
-
-def example_batch(rows, idx, device):
-    """Tokenized (prompt, response) examples idx in the shared layout -> ids, mask (B, P + R) and R."""
-    ids, mask, R = layout_batch([rows[i][0] for i in idx], [rows[i][1] for i in idx])
-    return ids.to(device), mask.to(device), R
-
-
-def load_pairs(path, limit, block_size, append_eos=True):
-    """Preference pairs -> ([(prompt_ids, chosen_ids, rejected_ids)], [Pair]), truncated to block_size."""
-    pairs = load_preferences(path, limit or None)
-    rows, n_truncated = [], 0
-    for pair in pairs:
-        prompt, (chosen, rejected), truncated = tokenize_pair(pair.prompt, [pair.chosen, pair.rejected], block_size,
-                                                              append_eos)
-        rows.append((prompt, chosen, rejected))
-        n_truncated += truncated
-    if n_truncated:
-        print(f"{path}: {n_truncated} of {len(rows)} pairs were longer than block_size={block_size} and were "
-              f"truncated (prompt from the left, then the responses)")
-    return rows, pairs
-
-
-def load_pair_splits(data, eval_data, max_pairs, block_size, append_eos=True):
-    """(train rows, eval rows, train Pairs) of the reward model and DPO: eval_data, or else the held-out rule."""
-    train_rows, train_pairs = load_pairs(data, max_pairs, block_size, append_eos)
-    if eval_data:
-        eval_rows, _ = load_pairs(eval_data, max_pairs, block_size, append_eos)
-    else:
-        if len(train_rows) < 2:
-            raise DataError(f"{data}: {len(train_rows)} pair(s); at least 2 are needed to hold out an eval split "
-                            f"(or give --eval_data)")
-        (train_rows, eval_rows), train_pairs = heldout_split(train_rows), heldout_split(train_pairs)[0]
-    print(f"pairs: {len(train_rows):,} training, {len(eval_rows):,} eval "
-          f"({eval_data or 'the last 10% of ' + data})")
-    return train_rows, eval_rows, train_pairs
-
-
-def pair_batch(rows, idx, device):
-    """Pairs idx as ONE batch of 2B sequences in the shared layout, chosen in rows 0..B-1 and rejected in rows
-    B..2B-1, so both go through one forward pass (as the DPO reference code). Returns ids, mask (2B, P + R), R."""
-    prompts = [rows[i][0] for i in idx]
-    ids, mask, R = layout_batch(prompts + prompts, [rows[i][1] for i in idx] + [rows[i][2] for i in idx])
-    return ids.to(device), mask.to(device), R
-
-
-def batches_in_order(n, batch_size, limit=0):
-    """Index ranges of a dataset's batches in order (evaluation): the first `limit` batches, or all (limit 0)."""
-    n = n if limit == 0 else min(n, limit * batch_size)
-    return [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
-
-
 def split_file(path, eval_fraction, out_prefix):
     """Split a JSONL(.gz) file's records into OUT_PREFIX-train.jsonl and OUT_PREFIX-eval.jsonl: the last
     eval_fraction of them (in file order) for evaluation. Records are checked to be JSON objects, not converted."""
@@ -718,13 +586,12 @@ def split_file(path, eval_fraction, out_prefix):
 
 
 if __name__ == "__main__":
-    import argparse
-    parser = argparse.ArgumentParser(description="data tools (training runs from train.py)")
-    commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("split", help="split a JSONL file into PREFIX-train.jsonl and PREFIX-eval.jsonl")
-    p.add_argument("file")
-    p.add_argument("--eval_fraction", type=float, default=0.1, help="share of records, from the end, for eval")
-    p.add_argument("--out", required=True, help="output prefix, e.g. data/helpful")
+    parser = argparse.ArgumentParser(description="python data.py split FILE --out=PREFIX: the last 10%% of FILE's "
+                                                 "records to PREFIX-eval.jsonl, the rest to PREFIX-train.jsonl")
+    parser.add_argument("command", choices=["split"])
+    parser.add_argument("file")
+    parser.add_argument("--eval_fraction", type=float, default=0.1, help="share of records, from the end, for eval")
+    parser.add_argument("--out", required=True, help="output prefix, e.g. data/helpful")
     args = parser.parse_args()
     try:
         n_train, n_eval = split_file(args.file, args.eval_fraction, args.out)

@@ -1,6 +1,6 @@
 """
-The torchrun plumbing of every training stage: which process this is, each process's share of a batch, sums and
-means across processes, and the gradient sum of the one optimizer step (runtime.optimizer_step).
+The torchrun plumbing of every training stage: which process this is, each process's share of a batch, sums, means
+and masked statistics across processes, and the gradient sum of the one optimizer step (runtime.optimizer_step).
 
 Several processes: `torchrun --nproc_per_node=N train.py STAGE ...` (python -m torch.distributed.run) runs sft,
 reward, dpo, ppo, rloo, grpo and bon unchanged, NCCL with one GPU per process on CUDA, gloo on the CPU. Without
@@ -165,6 +165,30 @@ def all_mean(metrics, n):
         return metrics
     sums = all_sum(torch.tensor([v * n for v in metrics.values()] + [n], dtype=torch.float64)).tolist()
     return {k: v / max(sums[-1], 1) for k, v in zip(metrics, sums)}
+
+
+def masked_sums(x, mask):
+    """(sum of the real entries, their count), over every process's rows: the statistics of a global batch (PPO's
+    whitening, explained variance and Llama 2's score whitening)."""
+    return all_sum(torch.stack([torch.where(mask.bool(), x, 0.0).sum(), mask.sum().to(x.dtype)]))
+
+
+def masked_mean(x, mask):
+    total, n = masked_sums(x, mask)
+    return total / n.clamp(min=1)
+
+
+def masked_var(x, mask):
+    """Unbiased variance of the real entries (as N+'s masked_var)."""
+    total, n = masked_sums((x - masked_mean(x, mask)) ** 2, mask)
+    return total / n.clamp(min=1) * n / (n - 1).clamp(min=1)
+
+
+def whiten(x, mask, shift_mean=True, eps=1e-8):
+    """(x - mean) / std over the real entries, 0 elsewhere; shift_mean=False adds the mean back (N+'s whiten)."""
+    mean = masked_mean(x, mask)
+    out = (x - mean) * torch.rsqrt(masked_var(x, mask) + eps)
+    return torch.where(mask.bool(), out if shift_mean else out + mean, 0.0)
 
 
 def any_rank(flag):

@@ -29,10 +29,10 @@ import torch.nn.functional as F
 
 from checkpoint import frozen_dtype, load_policy
 from config import ConfigError, OptimConfig, TrainConfig, opt
-from data import batches_in_order, epoch_indices, load_pair_splits, pair_batch
+from data import epoch_indices
 from dist import all_mean, micro_batches, world_note
 from model import response_logprobs
-from reward import PairsConfig, plan
+from reward import PairsConfig, batches_in_order, load_pair_splits, pair_batch, plan
 from runtime import Run, check_finite, make_optimizer, optimizer_step, plural, setup_device
 
 

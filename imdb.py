@@ -2,8 +2,9 @@
 The IMDb controlled-sentiment benchmark (the DPO paper, Rafailov et al. 2023, section 6.1; TRL's gpt2-sentiment):
 a policy continues the start of a movie review, and a gold sentiment classifier says how positive the result is.
 
-Here: the task itself: the data, the gold reward, the prompts, and simulated preference labels. The benchmark that
-runs every method on it (stage `pipeline`, what `python train.py` runs) and its report are in pipeline.py.
+Here: the task itself: the data, the gold reward, the prompts, simulated preference labels, and the sizes of the
+benchmark's presets (PRESETS). The benchmark that runs every method on it (stage `pipeline`, what `python train.py`
+runs) is pipeline.py, its report report.py.
 
     python imdb.py download --dest=data/imdb      # users with internet: the official archive, checked, converted once
     python imdb.py gold --train=../shared/data/imdb/train.jsonl.gz --test=../shared/data/imdb/test.jsonl.gz \\
@@ -79,6 +80,69 @@ GOLD_SHA256 = "72c7db01510126743712965ab11057f25e0764e53b57a7ae4ead9b9315d975e8"
 SFT_CPU_PATH = os.path.join(ROOT, "assets", "sft-imdb-cpu.pt")
 SFT_CPU_SHA256 = "7b8011439137f8c1669b4611763ebec8437456661222c48109dffc9d47c566c3"
 
+
+# -----------------------------------------------------------------------------
+# the benchmark's presets (stage pipeline, pipeline.py)
+
+# Everything the presets set; the sizes are meant to be edited here. The cpu preset is the main job (python
+# train.py, ~4.5 minutes on 2 cores, on the committed sample, from the committed SFT model: its `sft` keys apply only
+# with --sft=train); the gpu preset is the benchmark, the DPO paper's set-up (509 s on one H200, on the full data of
+# --imdb_dir, SFT included); gpu-bt is the same with today's simulated labels (Bradley-Terry) as an ablation (not
+# yet run on a GPU).
+# The tiny preset is for the tests: the committed SFT model and just enough steps that every method raises the gold
+# reward.
+#   k: SFT samples per training prefix; every pair of them is a preference pair (k(k-1)/2 per prefix)
+#   labels: gold (the gold reward's higher score is chosen, the paper's) or bt (a Bradley-Terry draw)
+#   replicates: everything after the SFT model (samples, labels, reward model, methods, evaluation) repeated with
+#     another seed; seeds: RL/DPO seeds inside each replicate
+#   methods: the KL strengths of each method (beta; alpha for unlikelihood; [None]: one run, for pft)
+#   rl / dpo / pft: keys of the sub-runs (snapshot_interval / snapshot_steps: keep weights every N steps / at these
+#     steps, evaluated along training)
+PRESETS = {
+    "cpu": dict(
+        imdb_dir="", sft=dict(n_layer=2, n_head=2, n_embd=64, block_size=64, batch_size=16, max_iters=250,
+                               learning_rate=2e-3, warmup_iters=20, eval_interval=125),
+        sft_ckpt=SFT_CPU_PATH, n_train_prompts=2000, n_eval_prompts=256, max_new_tokens=20, jobs=2, seeds=[1],
+        k=2, labels="bt", replicates=1,
+        reward=dict(learning_rate=1e-3, epochs=1),
+        methods=dict(ppo=[0.05], ppo_gt=[0.05], dpo=[0.1], rloo=[0.05], grpo=[0.04]),
+        rl=dict(batch_size=32, minibatch_size=16, micro_batch_size=32, max_iters=20, learning_rate=3e-4,
+                whiten_rewards=True, eval_interval=1000), dpo=dict(batch_size=32, max_iters=56, learning_rate=3e-4),
+        pft=dict(batch_size=32, max_iters=56, learning_rate=3e-4),
+        bon_prompts=64, bon_pool=64),
+    "gpu": dict(
+        imdb_dir="../shared/data/imdb", sft=dict(n_layer=6, n_head=6, n_embd=384, block_size=128, batch_size=128,
+                                                 max_iters=2500, learning_rate=1e-3, warmup_iters=200,
+                                                 eval_interval=500, compile=True),
+        # the paper: 25,000 prefixes x 6 pairs; 8,192 x 6 = 49,152 pairs (44,237 to train on) fit the 10 minutes
+        n_train_prompts=8192, n_eval_prompts=512, max_new_tokens=48, jobs=6, seeds=[1],
+        k=4, labels="gold", replicates=2,
+        reward=dict(batch_size=64),
+        methods=dict(ppo=[0.1, 0.2], ppo_gt=[0.02], dpo=[0.1, 0.5], rloo=[0.1], grpo=[0.1], pft=[None],
+                     unlikelihood=[0.5]),
+        # weights kept early and densely, where the KL moves fastest, so that each run traces the low-KL stretch
+        rl=dict(batch_size=128, minibatch_size=32, micro_batch_size=64, max_iters=40, learning_rate=2e-5,
+                eval_interval=1000, snapshot_steps="5,10,20"),
+        # one epoch over the pairs (max_iters 0: --epochs=1), as the paper; weights kept at 25 ... 400 of 691
+        dpo=dict(batch_size=64, learning_rate=5e-5, eval_interval=1000, snapshot_steps="25,50,100,200,400"),
+        pft=dict(batch_size=64, max_iters=690, learning_rate=5e-5, warmup_iters=10, eval_interval=1000,
+                 snapshot_steps="50,200"),
+        bon_prompts=128, bon_pool=128),
+    "tiny": dict(
+        imdb_dir="", sft=dict(n_layer=1, n_head=2, n_embd=32, block_size=48, batch_size=8, max_iters=10,
+                               learning_rate=3e-3, warmup_iters=2, eval_interval=10, eval_iters=2),
+        sft_ckpt=SFT_CPU_PATH, n_train_prompts=1024, n_eval_prompts=128, max_new_tokens=12, jobs=2, seeds=[1],
+        k=2, labels="bt", replicates=1,
+        reward=dict(learning_rate=1e-3, warmup_iters=0),
+        methods=dict(ppo=[0.05], ppo_gt=[0.05], dpo=[0.1], rloo=[0.05], grpo=[0.04], unlikelihood=[0.5],
+                     pft=[None]),
+        rl=dict(batch_size=32, minibatch_size=16, micro_batch_size=32, max_iters=12, learning_rate=5e-4,
+                warmup_iters=0, whiten_rewards=True, eval_interval=1000, snapshot_steps="3,6"),
+        dpo=dict(batch_size=32, max_iters=32, learning_rate=5e-4, warmup_iters=0, snapshot_interval=16),
+        pft=dict(batch_size=32, max_iters=16, learning_rate=5e-4, warmup_iters=0),
+        bon_prompts=8, bon_pool=16),
+}
+PRESETS["gpu-bt"] = dict(PRESETS["gpu"], labels="bt")
 
 # -----------------------------------------------------------------------------
 # data: the full dataset from a folder, or from the official archive

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from config import ConfigError
-from data import EOS, PAD, decode, encode_prompt, layout_batch, pad_batch
+from data import EOS, PAD, decode, encode_prompt
 
 N_REAL_TOKENS = 50257  # GPT-2's vocabulary; ids above are padding of the embedding table (and our PAD)
 DECODERS = 4  # decoding shapes (each a CUDA graph and a KV cache) a model keeps on a GPU
@@ -376,6 +376,36 @@ def response_mask(tokens, eos_id=EOS, pad_id=PAD):
     is_eos = (tokens == eos_id).long()
     after_eos = (is_eos.cumsum(1) - is_eos) > 0  # strictly after the first EOS
     return ((~after_eos) & (tokens != pad_id)).long()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the batch layout, and sampling responses to prompts in it
+
+def layout_batch(prompts, responses):
+    """The project's batch layout, [left-padded prompt | right-padded response]: lists of prompt ids and of
+    response ids -> (ids, mask, R), ids and mask (B, P + R), R the longest response. Every response starts at
+    column P, so its log-probs are one slice (response_logprobs)."""
+    p_ids, p_mask = pad_batch(prompts, side="left")
+    r_ids, r_mask = pad_batch(responses, side="right")
+    return torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1), r_ids.size(1)
+
+
+def pad_batch(seqs, side="right", pad_id=PAD):
+    """Lists of ids -> (ids, mask), both LongTensor (B, T) with T the longest; mask is 1 on real tokens.
+
+    side="right" for training, "left" for generation prompts (so every row's next token is at the end).
+    The one padding routine: pad a loss mask alike with pad_batch(loss_masks, side, pad_id=0)[0].
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    T = max((len(s) for s in seqs), default=0)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        cols = slice(T - len(s), T) if side == "left" else slice(0, len(s))
+        ids[i, cols] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, cols] = 1
+    return ids, mask
 
 
 @dataclass

@@ -321,7 +321,7 @@ def rl_step(cfg, policy, ref, critic, optimizer, reward_fn, step, device, ctx):
     # 3. per-token KL to the reference
     kl_t = torch.where(b.resp_mask.bool(), ppo.kl_estimate(b.logp, b.ref_logp, cfg.kl_estimator), 0.0)
     # 4. advantages, 5. update
-    ppo.advantages(cfg.method, cfg, b, b.scores, kl_t, cfg.beta, critic, ctx)
+    ppo.set_advantages(cfg.method, cfg, b, b.scores, kl_t, cfg.beta, critic, ctx)
     stats = ppo.update(cfg, policy, critic, optimizer, b, step, ctx, cfg.beta if cfg.method == "grpo" else 0.0)
     return {"objective/scores": b.scores.mean().item(), "objective/kl": (b.logp - b.ref_logp).sum(1).mean().item(),
             **{key: sum(s[key] for s in stats) / len(stats) for key in stats[0]}}

@@ -5,44 +5,40 @@ Bradley-Terry human) -> proxy reward model -> PPO, PPO on the gold reward, DPO (
 Unlikelihood at each strength -> every policy, and the checkpoints each run kept along training, evaluated on
 held-out prefixes; best-of-N from the SFT policy -> the report (report.py). Everything after the SFT model is repeated
 --replicates times with other seeds (rep1/, rep2/, ...), so the spread it reports is that of the whole pipeline. The
-task itself (data, gold reward, prompts, preference pairs) is in imdb.py; each training step is a sub-run of train.py.
+task itself (data, gold reward, prompts, preference pairs, the presets' sizes) is imdb.py's; each training step is a
+sub-run of train.py.
 
     python train.py                                  # the cpu preset (~4.5 min on 2 cores) into out/imdb
     python train.py pipeline --preset=gpu --imdb_dir=../shared/data/imdb --out_dir=out/imdb-gpu   # one H200
     python train.py pipeline --preset=tiny --out_dir=/tmp/imdb    # the tests' size
 
-To read it: pipeline() at the bottom runs the steps above it in order (sft, prompts, preferences, then one queue of
-reward models, methods and evaluations, then the report).
+To read it: pipeline() at the bottom runs the steps above it in order: sft, prompts, preferences, one queue of reward
+models, methods and evaluations, and the report.
 
-Re-running: each sub-run lives in its own folder under --out_dir. Run the same command again after a stop or a crash
-and finished sub-runs are reused, killed ones resume from their checkpoints. A sub-run is reused only if its
-config.json equals the config that the new command gives it and the files it read (prompts, preferences, the SFT and
-reward checkpoints: inputs.json) are the same bytes; the prompts and preferences likewise (prompts.json,
-preferences.json); each evaluation likewise (samples/NAME.json). Anything else is refused in one line, or with
---overwrite re-made from scratch, so that one folder never mixes the results of two configurations.
-
-Stopping: Ctrl-C (or SIGTERM) once: each running sub-run gets one SIGTERM, saves a checkpoint and exits, and the
-pipeline exits with status 130; twice: the sub-runs are killed at once (their checkpoints are written atomically, so
-the last one survives). Sub-runs run in their own process group, so a terminal's Ctrl-C reaches only the pipeline.
+Re-running: run the same command again after a stop or a crash, and finished sub-runs are reused, killed ones resumed.
+A sub-run is reused only if its config.json equals the config the new command gives it and the files it read are the
+same bytes (inputs.json); the prompts, preferences (prompts.json, preferences.json) and each evaluation
+(samples/NAME.json) likewise. Anything else is refused in one line, or with --overwrite made again, so that one folder
+never mixes the results of two configurations. Ctrl-C (or SIGTERM) once: each running sub-run gets one SIGTERM, saves
+a checkpoint and exits, and the pipeline exits with status 130; twice: the sub-runs are killed at once (their
+checkpoints are written atomically). Sub-runs run in their own process group: a terminal's Ctrl-C reaches only the
+pipeline.
 
 Simplifications, on purpose:
 - Every policy, the preference pairs, the reward model's normalisation and best-of-N sample at one temperature
   (TEMPERATURE, 1): the policy's own distribution, the one whose KL to the reference is reported.
 - Continuations are cut at max_new_tokens (as in the DPO paper) and never end with EOS: the RL stages keep cut
   responses as they are (--no_eos_rule=keep), and DPO appends no EOS to its pairs (--append_eos=false).
-- Best-of-N is read off one pool of SFT samples per prompt as an exact expectation over the pool, not by drawing N;
-  its KL is that of the selection from the pool (ties handled), next to the bound log N - (N-1)/N.
-- Sub-runs on one machine share its cores (CPU) or its GPUs; there is no multi-machine scheduling. Evaluations run in
-  the pipeline's own process, one at a time, while the sub-runs train.
-- Replicates share the SFT model and the prefixes (train and held-out); everything sampled after the SFT model is
-  theirs.
-- Preferred-FT is stage sft on each pair's chosen response (a prefix's best sample appears once per pair it wins,
-  and gets an EOS at its end, as every SFT response does).
+- Best-of-N is read off one pool of SFT samples per prompt as an exact expectation over the pool, not by drawing N.
+- One machine: sub-runs share its cores or GPUs; evaluations run in the pipeline's process, one at a time, while the
+  sub-runs train. Replicates share the SFT model and the prefixes.
+- Preferred-FT is stage sft on each pair's chosen response (a prefix's best sample appears once per pair it wins).
 """
 import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -62,8 +58,8 @@ import sft
 from checkpoint import disable_dropout, load_checkpoint, load_policy, model_from_checkpoint
 from config import ConfigError, RunConfig, TrainingError, opt, parse_config
 from data import load_imdb, read_json, read_jsonl, write_json, write_jsonl
-from imdb import (ROOT, SFT_CPU_PATH, SFT_CPU_SHA256, SPLITS, check_sha256, file_sha256, gold_reward, imdb_files,
-                  sft_samples, simulate_preferences, write_prompts)
+from imdb import (PRESETS, ROOT, SFT_CPU_PATH, SFT_CPU_SHA256, SPLITS, check_sha256, file_sha256, gold_reward,
+                  imdb_files, sft_samples, simulate_preferences, write_prompts)
 from report import bon_curve, gao_fits, gold_at_kl, write_report
 from runtime import RESTART_KEYS, Run, as_stored, effective_config, setup_device
 
@@ -71,65 +67,6 @@ from runtime import RESTART_KEYS, Run, as_stored, effective_config, setup_device
 # normalised on SFT samples drawn at it (a reward normalised at 0.7 would be off-centre on samples at 1.0)
 TEMPERATURE = 1.0
 
-# Everything the presets set; the sizes are meant to be edited here. The cpu preset is the main job (python
-# train.py, ~4.5 minutes on 2 cores, on the committed sample, from the committed SFT model: its `sft` keys apply only
-# with --sft=train); the gpu preset is the benchmark, the DPO paper's set-up (509 s on one H200, on the full data of
-# --imdb_dir, SFT included); gpu-bt is the same with today's simulated labels (Bradley-Terry) as an ablation (not
-# yet run on a GPU).
-# The tiny preset is for the tests: the committed SFT model and just enough steps that every method raises the gold
-# reward.
-#   k: SFT samples per training prefix; every pair of them is a preference pair (k(k-1)/2 per prefix)
-#   labels: gold (the gold reward's higher score is chosen, the paper's) or bt (a Bradley-Terry draw)
-#   replicates: everything after the SFT model (samples, labels, reward model, methods, evaluation) repeated with
-#     another seed; seeds: RL/DPO seeds inside each replicate
-#   methods: the KL strengths of each method (beta; alpha for unlikelihood; [None]: one run, for pft)
-#   rl / dpo / pft: keys of the sub-runs (snapshot_interval / snapshot_steps: keep weights every N steps / at these
-#     steps, evaluated along training)
-PRESETS = {
-    "cpu": dict(
-        imdb_dir="", sft=dict(n_layer=2, n_head=2, n_embd=64, block_size=64, batch_size=16, max_iters=250,
-                               learning_rate=2e-3, warmup_iters=20, eval_interval=125),
-        sft_ckpt=SFT_CPU_PATH, n_train_prompts=2000, n_eval_prompts=256, max_new_tokens=20, jobs=2, seeds=[1],
-        k=2, labels="bt", replicates=1,
-        reward=dict(learning_rate=1e-3, epochs=1),
-        methods=dict(ppo=[0.05], ppo_gt=[0.05], dpo=[0.1], rloo=[0.05], grpo=[0.04]),
-        rl=dict(batch_size=32, minibatch_size=16, micro_batch_size=32, max_iters=20, learning_rate=3e-4,
-                whiten_rewards=True, eval_interval=1000), dpo=dict(batch_size=32, max_iters=56, learning_rate=3e-4),
-        pft=dict(batch_size=32, max_iters=56, learning_rate=3e-4),
-        bon_prompts=64, bon_pool=64),
-    "gpu": dict(
-        imdb_dir="../shared/data/imdb", sft=dict(n_layer=6, n_head=6, n_embd=384, block_size=128, batch_size=128,
-                                                 max_iters=2500, learning_rate=1e-3, warmup_iters=200,
-                                                 eval_interval=500, compile=True),
-        # the paper: 25,000 prefixes x 6 pairs; 8,192 x 6 = 49,152 pairs (44,237 to train on) fit the 10 minutes
-        n_train_prompts=8192, n_eval_prompts=512, max_new_tokens=48, jobs=6, seeds=[1],
-        k=4, labels="gold", replicates=2,
-        reward=dict(batch_size=64),
-        methods=dict(ppo=[0.1, 0.2], ppo_gt=[0.02], dpo=[0.1, 0.5], rloo=[0.1], grpo=[0.1], pft=[None],
-                     unlikelihood=[0.5]),
-        # weights kept early and densely, where the KL moves fastest, so that each run traces the low-KL stretch
-        rl=dict(batch_size=128, minibatch_size=32, micro_batch_size=64, max_iters=40, learning_rate=2e-5,
-                eval_interval=1000, snapshot_steps="5,10,20"),
-        # one epoch over the pairs (max_iters 0: --epochs=1), as the paper; weights kept at 25 ... 400 of 691
-        dpo=dict(batch_size=64, learning_rate=5e-5, eval_interval=1000, snapshot_steps="25,50,100,200,400"),
-        pft=dict(batch_size=64, max_iters=690, learning_rate=5e-5, warmup_iters=10, eval_interval=1000,
-                 snapshot_steps="50,200"),
-        bon_prompts=128, bon_pool=128),
-    "tiny": dict(
-        imdb_dir="", sft=dict(n_layer=1, n_head=2, n_embd=32, block_size=48, batch_size=8, max_iters=10,
-                               learning_rate=3e-3, warmup_iters=2, eval_interval=10, eval_iters=2),
-        sft_ckpt=SFT_CPU_PATH, n_train_prompts=1024, n_eval_prompts=128, max_new_tokens=12, jobs=2, seeds=[1],
-        k=2, labels="bt", replicates=1,
-        reward=dict(learning_rate=1e-3, warmup_iters=0),
-        methods=dict(ppo=[0.05], ppo_gt=[0.05], dpo=[0.1], rloo=[0.05], grpo=[0.04], unlikelihood=[0.5],
-                     pft=[None]),
-        rl=dict(batch_size=32, minibatch_size=16, micro_batch_size=32, max_iters=12, learning_rate=5e-4,
-                warmup_iters=0, whiten_rewards=True, eval_interval=1000, snapshot_steps="3,6"),
-        dpo=dict(batch_size=32, max_iters=32, learning_rate=5e-4, warmup_iters=0, snapshot_interval=16),
-        pft=dict(batch_size=32, max_iters=16, learning_rate=5e-4, warmup_iters=0),
-        bon_prompts=8, bon_pool=16),
-}
-PRESETS["gpu-bt"] = dict(PRESETS["gpu"], labels="bt")
 # method -> (stage, the key its strengths set); the data and reward each one gets are in method_args() below
 METHODS = dict(ppo=("ppo", "kl_coef"), ppo_gt=("ppo", "kl_coef"), dpo=("dpo", "beta"), ipo=("dpo", "beta"),
                rloo=("rloo", "kl_coef"), grpo=("grpo", "kl_coef"), pft=("sft", None),
@@ -200,10 +137,9 @@ IGNORED = ("out_dir", *RESTART_KEYS)  # keys that do not change what a sub-run c
 
 
 def sub_run_plan(stage, out_dir, args, overwrite):
-    """What to do with the sub-run `train.py STAGE ARGS --out_dir=OUT_DIR`: 'done' (its summary.json exists and it
-    was made by this config from these inputs), 'resume' (the same, killed after a checkpoint), 'fresh', or
-    'overwrite' (a stale run, with --overwrite). Its config is parsed as train.py would, and compared with its
-    config.json, ignoring IGNORED; its input files with inputs.json. Returns (plan, inputs)."""
+    """(plan, inputs) of the sub-run `train.py STAGE ARGS --out_dir=OUT_DIR`: 'done' (finished, made by this config,
+    ignoring IGNORED, from these inputs: inputs.json), 'resume' (the same, killed after a checkpoint), 'fresh', or
+    'overwrite' (a stale run, with --overwrite)."""
     cfg = parse_config(SUB_RUN_CONFIGS[stage], [*args, f"--out_dir={out_dir}"])
     new = {k: v for k, v in as_stored(dict(stage=stage, **dataclasses.asdict(cfg))).items() if k not in IGNORED}
     inputs = inputs_of(args)
@@ -241,10 +177,8 @@ class Stopped(Exception):
 
 class Queue:
     """Sub-runs of train.py as child processes: a pool of threads, each waiting on one child, while the main thread
-    starts what became ready and evaluates what finished. First SIGINT/SIGTERM: one SIGTERM to each running child (it
-    saves a checkpoint and exits), nothing new starts, and Stopped is raised once they have exited; second: every
-    child's process group is killed and Stopped is raised at once. A failed sub-run stops the others alike (one
-    SIGTERM each) and is reported in one line."""
+    starts what became ready and evaluates what finished. First SIGINT/SIGTERM, or a failed sub-run: one SIGTERM to
+    each running child (it saves a checkpoint and exits) and nothing new starts; a second signal kills them all."""
 
     def __init__(self, gpus=()):
         self.gpus, self.procs, self.lock = list(gpus), {}, threading.RLock()  # procs: {out_dir: Popen}, running
@@ -254,14 +188,12 @@ class Queue:
         if self.closed:  # the pipeline is already on its way out: nothing left to stop
             return
         self.signals += 1
-        if self.signals == 1:
-            print(f"\n{signal.Signals(signum).name}: stopping; {len(self.procs)} running sub-run"
-                  f"{'s' * (len(self.procs) != 1)} save a checkpoint and exit (a second signal kills them)",
-                  file=sys.stderr, flush=True)
-            self.terminate_all()
-            return
-        self.kill_all()
-        raise Stopped
+        if self.signals > 1:
+            self.kill_all()
+            raise Stopped
+        print(f"\n{signal.Signals(signum).name}: stopping; the running sub-runs save a checkpoint and exit (a second "
+              f"signal kills them)", file=sys.stderr, flush=True)
+        self.terminate_all()
 
     def terminate_all(self):
         """One SIGTERM to each running child, never a second: a sub-run that is saving after the first must not be
@@ -317,13 +249,11 @@ class Queue:
         return code
 
     def run_all(self, jobs, desc, max_jobs, overwrite, cpu=False, after=None, on_done=None, on_done_after=None):
-        """Run [(stage, out_dir, args)] at most max_jobs at a time, in order, with a progress bar. after: {out_dir:
-        [out_dirs of this list]} for a job that needs others' results (PPO needs its reward model): it starts once
-        they finish, and its folder is checked then (its input files exist only then); every other job's folder is
-        checked before any starts. on_done(out_dir) runs here, in the pipeline's process, as each job finishes or is
-        found done, while the others train; on_done_after: {out_dir: [out_dirs]} whose on_done must have run first (a
-        DPO run is evaluated with its replicate's reward model, which may still be training when it ends). On the
-        CPU (cpu=True) the cores are shared out: each sub-run gets cores // max_jobs threads."""
+        """Run [(stage, out_dir, args)] at most max_jobs at a time, in order. after: {out_dir: [out_dirs]} a job waits
+        for (PPO for its reward model; its folder is checked when it starts, as its inputs exist only then).
+        on_done(out_dir) runs here as each job finishes or is found done, while the others train, after the on_done
+        of on_done_after[out_dir] (a DPO run is evaluated with its reward model). cpu: each sub-run gets
+        cores // max_jobs threads."""
         self.check()
         threads = max(1, (os.cpu_count() or 1) // max_jobs) if cpu else 0
         names = {job[1] for job in jobs}
@@ -377,12 +307,10 @@ class Queue:
 # evaluation: every policy on held-out prefixes, and best-of-N from the SFT policy
 
 class Evaluator:
-    """Policies on the held-out prefixes at TEMPERATURE: gold reward, proxy reward, KL(pi || pi_ref) as the mean over
-    samples of the sum over tokens of log pi - log pi_ref. The reference is loaded once, each replicate's proxy once,
-    and every policy's weights go into one model (the decoding graphs captured for its tensors stay valid; a policy
-    of another shape gets a model of its own). Samples go to OUT_DIR/samples/NAME.jsonl, and the result with what
-    made it (the policy's, proxy's and reference's files, the prefixes, seed and lengths) to NAME.json: a re-run of
-    the pipeline (after a stop, or to redraw the report) reuses every evaluation whose inputs are unchanged."""
+    """Policies on the held-out prefixes at TEMPERATURE: gold reward, proxy reward, KL(pi || pi_ref) (mean over samples
+    of the sum over tokens of log pi - log pi_ref). Every policy's weights go into one model (its decoding graphs stay
+    valid). Samples go to OUT_DIR/samples/NAME.jsonl, the result and what made it (files, prefixes, seed, lengths) to
+    NAME.json: a re-run reuses every evaluation whose inputs are unchanged."""
 
     def __init__(self, ref_path, eval_prompts, cfg, max_new_tokens):
         self.device, self.ctx = setup_device(cfg)
@@ -450,18 +378,17 @@ def best_of_n_pool(sft_path, proxy_path, prompts, pool, cfg, max_new_tokens, see
 def check_gpus(cfg):
     """--gpus=0,1 -> ['0', '1'], each a GPU of this machine; the sub-runs then see one GPU each, as cuda."""
     gpus = [g.strip() for g in cfg.gpus.split(",") if g.strip()]
-    for g in gpus:
-        if not g.isdigit() or int(g) >= torch.cuda.device_count():
-            raise ConfigError(f"--gpus={cfg.gpus}: {g!r} is not a GPU of this machine "
-                              f"({torch.cuda.device_count()} CUDA devices)")
+    bad = [g for g in gpus if not g.isdigit() or int(g) >= torch.cuda.device_count()]
+    if bad:
+        raise ConfigError(f"--gpus={cfg.gpus}: {bad[0]!r} is not a GPU of this machine ({torch.cuda.device_count()} "
+                          f"CUDA devices)")
     if gpus and cfg.device not in ("auto", "cuda"):
         raise ConfigError(f"--gpus gives each sub-run one GPU as cuda: use --device=auto or cuda, not {cfg.device}")
     return gpus
 
 
 def replicate_seed(seed, replicate):
-    """The seed of replicate r (1, 2, ...): seed + REPLICATE_STRIDE * (r - 1); the same function gives the RL/DPO
-    seeds inside it from the preset's."""
+    """The seed of replicate r (1, 2, ...), and of its RL/DPO runs from the preset's: seed + 1000 (r - 1)."""
     return seed + REPLICATE_STRIDE * (replicate - 1)
 
 
@@ -472,24 +399,19 @@ def run_name(method, strength, seed):
 
 
 def snapshots(run_dir):
-    """{step: path} of the ckpt-STEP.pt files a sub-run kept (--snapshot_interval, --snapshot_steps)."""
-    found = {}
-    for f in os.listdir(run_dir):
-        if f.startswith("ckpt-") and f.endswith(".pt") and f[5:-3].isdigit():
-            found[int(f[5:-3])] = os.path.join(run_dir, f)
-    return dict(sorted(found.items()))
+    """{step: path} of the ckpt-STEP.pt files a sub-run kept (--snapshot_interval, --snapshot_steps), by step."""
+    steps = sorted(int(f[5:-3]) for f in os.listdir(run_dir) if re.fullmatch(r"ckpt-\d+\.pt", f))
+    return {step: os.path.join(run_dir, f"ckpt-{step}.pt") for step in steps}
 
 
 @dataclass
 class Replicate:
-    """Everything downstream of the SFT model, once per replicate r: its seed, folder, preference pairs, proxy reward
-    model, runs and the evaluation of each policy."""
+    """Everything downstream of the SFT model, once per replicate: its seed, folder, labels, proxy, evaluations."""
     number: int
     seed: int
     dir: str
     agreement: float = None  # share of its preference labels that agree with the gold reward
     accuracy: float = None  # its proxy reward model's held-out accuracy
-    runs: dict = field(default_factory=dict)  # run name -> folder
     policies: dict = field(default_factory=dict)  # policy name (RUN or RUN@STEP) -> evaluation
     best_of_n: dict = None
 
@@ -587,7 +509,7 @@ def queue_jobs(preset, methods, reps, sft_ckpt, prompts_file, block_size, dev):
                     name = run_name(m, strength, seed)
                     run_dir = rep.path("runs", name)
                     jobs.append((stage, run_dir, args[m] + ([f"--{key}={strength}"] if key else []) + [f"--seed={seed}"]))
-                    rep.runs[name], owner[run_dir] = run_dir, (rep, name)
+                    owner[run_dir] = (rep, name)
                     if f"--reward={rep.path('reward', 'ckpt.pt')}" in args[m]:
                         after[run_dir] = [rep.path("reward")]
     # the longest runs start first (the DPO-like ones: ~690 optimizer steps each in the gpu preset), after the
@@ -607,7 +529,7 @@ def pipeline(cfg):
             raise ConfigError(f"--methods: unknown method {m!r}; expected some of {', '.join(METHODS)}")
         if m not in preset["methods"]:
             raise ConfigError(f"--methods: the {cfg.preset} preset has no strengths for {m} (add them to "
-                              f"PRESETS[{cfg.preset!r}]['methods'] in pipeline.py)")
+                              f"PRESETS[{cfg.preset!r}]['methods'] in imdb.py)")
     imdb_dir = cfg.imdb_dir or preset["imdb_dir"]
     files = imdb_files(imdb_dir) if imdb_dir else \
         {s: os.path.join(ROOT, "assets", f"imdb-{s}-sample.jsonl.gz") for s in SPLITS}

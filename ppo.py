@@ -7,15 +7,14 @@ train.py (best-of-N is sft.py's):
     python train.py rloo --init_from=out/sft/ckpt.pt --reward=my_reward.py:score --prompts=prompts.txt --k=4
     python train.py grpo --init_from=out/sft/ckpt.pt --reward=my_reward.py:score --prompts=prompts.txt --k=8
 
-To read it: train_rl() at the bottom is the loop; the phases it calls are above it, in order.
-
-PPO, RLOO and GRPO are one loop (train_rl) in numbered phases; the details follow OpenAI's lm-human-preferences and
-"The N+ implementation details of RLHF with PPO" (Huang et al. 2024), called N+ below:
+To read it: PPO, RLOO and GRPO are one loop, train_rl() at the bottom, in numbered phases, each a function above it
+in order; the details follow OpenAI's lm-human-preferences and "The N+ implementation details of RLHF with PPO"
+(Huang et al. 2024), called N+ below:
   1. rollout: sample at temperature T (model.sample_responses); log-probs of the policy and of the frozen reference
      at the same T (N+: the temperature divides the logits of every log-prob); the reward scores the texts
   2. the no-EOS rule: a response cut at --max_new_tokens gets the score --no_eos_score (N+, after OpenAI)
   3. per-token KL against the reference, k1 or k3 (Schulman 2020, "Approximating KL divergence")
-  4. advantages (advantages()): PPO: reward -beta*KL per token + the score on the last real token, GAE, whitened;
+  4. advantages (set_advantages()): PPO: reward -beta*KL per token + the score on the last real token, GAE, whitened;
      RLOO: score - beta*KL(sequence) minus the mean of the other k - 1; GRPO: group-normalised score
   5. update (update()): epochs of shuffled minibatches (gradient accumulation over micro-batches) of the clipped
      policy loss, + the clipped value loss (PPO), + beta * KL in the loss (GRPO)
@@ -25,22 +24,16 @@ reward.py. evaluate_policy() is the evaluation the pipeline reuses: mean reward 
 sample per prompt at temperature 1.
 
 Simplifications, on purpose:
-- The reward reads text: responses are decoded and the reward re-tokenises them (reward.score_texts), so a reward
-  model and a Python function plug in the same way. The round trip can change the tokenisation of odd strings.
-- The whole rollout batch is sampled in one generate() call; forward passes without gradient run in micro-batches.
-- One optimizer (and one gradient-norm clip) over policy and critic together, as N+'s PolicyAndValueWrapper. The
-  learning rate follows runtime.lr_at (warm-up, cosine to --min_lr) per rollout step.
-- Reward whitening (--whiten_rewards, off by default as in N+ and TRL) whitens the per-token rewards, score and KL
-  terms together, over the batch's response tokens and adds their mean back (N+'s shift_mean=False), so beta keeps
-  its meaning relative to the score. RLOO whitens its sequence rewards alike; GRPO normalises per group already and
-  refuses it. Llama 2's rule (--reward_combine=llama2) whitens its combined score per batch, as that paper does.
-- No reward clipping, no value-head warm-up, no entropy bonus.
-- RLOO and GRPO reuse PPO's clipped surrogate; with --num_epochs=1 and --minibatch_size=--batch_size the ratio is 1
-  and they are plain REINFORCE with their baselines. Their losses, like PPO's, average over the real response tokens
-  of a minibatch (not per sequence first, as DeepSeekMath's GRPO).
-- Under torchrun each process samples its share of a step's prompts from its own random stream and cuts its own rows
-  into minibatches (as many as one process would): an N-process run sees other samples and shuffles than a
-  one-process run, so the two agree in distribution, not number for number. Rank 0 alone evaluates.
+- The reward reads text: responses are decoded and re-tokenised (reward.score_texts), so a reward model and a
+  Python function plug in the same way; the round trip can change the tokenisation of odd strings.
+- One generate() call per rollout; one optimizer and one gradient-norm clip over policy and critic (N+); no reward
+  clipping, value-head warm-up or entropy bonus.
+- --whiten_rewards (off by default, as in N+ and TRL) whitens score and KL terms together and adds their mean back
+  (N+'s shift_mean=False), so beta keeps its meaning; GRPO refuses it (it normalises per group already).
+- RLOO and GRPO reuse PPO's clipped surrogate; every loss averages over a minibatch's real response tokens (not per
+  sequence first, as DeepSeekMath's GRPO).
+- Under torchrun each process samples its share of a step's prompts from its own stream: the run agrees with a
+  one-process run in distribution, not number for number. Rank 0 alone evaluates.
 """
 import math
 import sys
@@ -54,7 +47,8 @@ from tqdm import tqdm
 from checkpoint import frozen_dtype, load_policy
 from config import ConfigError, OptimConfig, TrainConfig, opt
 from data import derived_seed, epoch_indices, load_prompts, write_jsonl
-from dist import accumulate, all_sum, global_mean, global_means, is_main, my_share, rank_seed, world
+from dist import (accumulate, all_sum, global_mean, global_means, is_main, masked_var, my_share, rank_seed, whiten,
+                  world, world_note)
 from model import Samples, last_real_index, response_logprobs, sample_responses
 from reward import RewardModel, RewardSpec, make_critic, make_reward
 from runtime import Clock, Run, check_finite, make_optimizer, optimizer_step, plural, setup_device, shorten
@@ -121,7 +115,7 @@ class PPOConfig(RLConfig):
 @dataclass
 class RLOOConfig(RLConfig):
     out_dir: str = opt("out/rloo", "run folder")
-    k: int = opt(4, "samples per prompt", min=2)
+    k: int = opt(4, "samples per prompt (each one's baseline: the mean reward of the others)", min=2)
 
 
 @dataclass
@@ -187,9 +181,8 @@ def evaluate_policy(policy, ref, prompts, reward_fn, device, ctx=nullcontext(), 
         lens.append(b.resp_mask.sum(1)), no_eos.append(b.no_eos.float())
         samples += [dict(prompt=p, response=r, score=s, kl=k)
                     for p, r, s, k in zip(b.prompts, b.responses, b.scores.tolist(), kl.tolist())]
-    mean = lambda xs: torch.cat(xs).mean().item()
-    return dict(score=mean(scores), kl=mean(kls), entropy=mean(ents), length=mean(lens), no_eos=mean(no_eos),
-                samples=samples)
+    return dict(samples=samples, **{k: torch.cat(v).mean().item() for k, v in
+                                    dict(score=scores, kl=kls, entropy=ents, length=lens, no_eos=no_eos).items()})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -236,30 +229,6 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
     return advantages, torch.where(m, advantages + values, 0.0)
 
 
-def masked_sums(x, mask):
-    """(sum of the real entries, their count), over every process's rows under torchrun: the whitening, the
-    explained variance and the Llama 2 score whitening are statistics of the global batch."""
-    return all_sum(torch.stack([torch.where(mask.bool(), x, 0.0).sum(), mask.sum().to(x.dtype)]))
-
-
-def masked_mean(x, mask):
-    total, n = masked_sums(x, mask)
-    return total / n.clamp(min=1)
-
-
-def masked_var(x, mask):
-    """Unbiased variance of the real entries (as N+'s masked_var)."""
-    total, n = masked_sums((x - masked_mean(x, mask)) ** 2, mask)
-    return total / n.clamp(min=1) * n / (n - 1).clamp(min=1)
-
-
-def whiten(x, mask, shift_mean=True, eps=1e-8):
-    """(x - mean) / std over the real entries, 0 elsewhere; shift_mean=False adds the mean back (N+'s whiten)."""
-    mean = masked_mean(x, mask)
-    out = (x - mean) * torch.rsqrt(masked_var(x, mask) + eps)
-    return torch.where(mask.bool(), out if shift_mean else out + mean, 0.0)
-
-
 def explained_variance(values, returns, mask):
     """1 - Var(returns - values) / Var(returns) over real tokens: 1 is a perfect critic, 0 a constant one; NaN
     (logged as null) when the returns do not vary, as CleanRL."""
@@ -300,7 +269,7 @@ class KLController:
 
 
 @torch.no_grad()
-def advantages(algo, cfg, b, scores, kl, beta, critic, ctx):
+def set_advantages(algo, cfg, b, scores, kl, beta, critic, ctx):
     """Phase 4 for algo ppo, rloo or grpo: sets b.advantages (B, R) (and, for PPO, b.old_values and b.returns).
     scores (B,) after the no-EOS rule; kl (B, R) per-token estimates, 0 off the response. Returns the non-score
     reward -beta * KL per sequence (B,) (0 for GRPO, whose KL term is in the loss instead)."""
@@ -460,10 +429,9 @@ def train_rl(cfg, algo):
         metrics = run.ckpt["metrics"]
     n_prompts, n_mb = cfg.batch_size // k, math.ceil(cfg.batch_size / cfg.minibatch_size)
     print(f"{algo}: {plural(cfg.max_iters, 'step')} of {cfg.batch_size} responses ({n_prompts} prompts x {k}), "
-          f"{cfg.num_epochs} epochs x {n_mb} minibatches of {cfg.minibatch_size} = {cfg.num_epochs * n_mb} optimizer "
-          f"steps per step, micro-batches of {min(cfg.micro_batch_size, cfg.minibatch_size)}; "
-          f"{plural(len(prompts), 'prompt')}; policy {policy.num_params() / 1e6:.2f}M parameters on {device} "
-          f"({cfg.dtype})" + (f"; {world()} processes, each sampling its share of the prompts" if world() > 1 else ""))
+          f"{cfg.num_epochs} epochs x {n_mb} minibatches of {cfg.minibatch_size} (micro-batches of "
+          f"{min(cfg.micro_batch_size, cfg.minibatch_size)}); {plural(len(prompts), 'prompt')}; policy "
+          f"{policy.num_params() / 1e6:.2f}M parameters on {device} ({cfg.dtype}){world_note(cfg)}")
 
     def save():
         run.save(done, policy, optimizer, critic=critic.state_dict() if critic is not None else None,
@@ -502,7 +470,7 @@ def train_rl(cfg, algo):
         kl = torch.where(b.resp_mask.bool(), kl_estimate(b.logp, b.ref_logp, cfg.kl_estimator), 0.0)  # (B, R)
         kl_seq, beta = (b.logp - b.ref_logp).sum(1), kl_ctl.value  # (B,)
         # 4. advantages
-        non_score = advantages(algo, cfg, b, scores, kl, beta, critic, ctx)
+        non_score = set_advantages(algo, cfg, b, scores, kl, beta, critic, ctx)
         clock.lap("advantages")
         # 5. update
         stats = update(cfg, policy, critic, optimizer, b, step, ctx, beta if algo == "grpo" else 0.0, clock)

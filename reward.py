@@ -34,10 +34,10 @@ import torch.nn.functional as F
 
 from checkpoint import block_size_for, disable_dropout, load_checkpoint, load_policy, model_from_checkpoint
 from config import ConfigError, ModelConfig, OptimConfig, RunConfig, TrainConfig, opt
-from data import (Example, batches_in_order, epoch_indices, layout_batch, load_pair_splits, load_preferences, load_prompts,
-                  load_sft, looks_like_preferences, pair_batch, tokenize_pair, write_jsonl)
+from data import (DataError, Example, epoch_indices, heldout_split, load_preferences, load_prompts,
+                  load_sft, looks_like_preferences, tokenize_pair, write_jsonl)
 from dist import all_mean, all_sum, micro_batches, world_note
-from model import GPT, GPTConfig, ScalarHead, last_real_index, sample_responses
+from model import GPT, GPTConfig, ScalarHead, last_real_index, layout_batch, sample_responses
 from runtime import Run, check_finite, make_optimizer, optimizer_step, plural, setup_device, shorten
 
 
@@ -144,6 +144,50 @@ class PairsConfig:
     max_iters: int = opt(0, "optimizer steps (0: --epochs passes over the training pairs)", min=0)
     batch_size: int = opt(32, "preference pairs per optimizer step (twice as many sequences)", min=1)
     eval_iters: int = opt(0, "batches per evaluation (0: the whole eval split)", min=0)
+
+
+def load_pairs(path, limit, block_size, append_eos=True):
+    """Preference pairs -> ([(prompt_ids, chosen_ids, rejected_ids)], [Pair]), truncated to block_size."""
+    pairs = load_preferences(path, limit or None)
+    rows, n_truncated = [], 0
+    for pair in pairs:
+        prompt, (chosen, rejected), truncated = tokenize_pair(pair.prompt, [pair.chosen, pair.rejected], block_size,
+                                                              append_eos)
+        rows.append((prompt, chosen, rejected))
+        n_truncated += truncated
+    if n_truncated:
+        print(f"{path}: {n_truncated} of {len(rows)} pairs were longer than block_size={block_size} and were "
+              f"truncated (prompt from the left, then the responses)")
+    return rows, pairs
+
+
+def load_pair_splits(data, eval_data, max_pairs, block_size, append_eos=True):
+    """(train rows, eval rows, train Pairs) of the reward model and DPO: eval_data, or else the held-out rule."""
+    train_rows, train_pairs = load_pairs(data, max_pairs, block_size, append_eos)
+    if eval_data:
+        eval_rows, _ = load_pairs(eval_data, max_pairs, block_size, append_eos)
+    else:
+        if len(train_rows) < 2:
+            raise DataError(f"{data}: {len(train_rows)} pair(s); at least 2 are needed to hold out an eval split "
+                            f"(or give --eval_data)")
+        (train_rows, eval_rows), train_pairs = heldout_split(train_rows), heldout_split(train_pairs)[0]
+    print(f"pairs: {len(train_rows):,} training, {len(eval_rows):,} eval "
+          f"({eval_data or 'the last 10% of ' + data})")
+    return train_rows, eval_rows, train_pairs
+
+
+def pair_batch(rows, idx, device):
+    """Pairs idx as ONE batch of 2B sequences in the shared layout, chosen in rows 0..B-1 and rejected in rows
+    B..2B-1, so both go through one forward pass (as the DPO reference code). Returns ids, mask (2B, P + R), R."""
+    prompts = [rows[i][0] for i in idx]
+    ids, mask, R = layout_batch(prompts + prompts, [rows[i][1] for i in idx] + [rows[i][2] for i in idx])
+    return ids.to(device), mask.to(device), R
+
+
+def batches_in_order(n, batch_size, limit=0):
+    """Index ranges of a dataset's batches in order (evaluation): the first `limit` batches, or all (limit 0)."""
+    n = n if limit == 0 else min(n, limit * batch_size)
+    return [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
 
 
 def plan(cfg, n_train):

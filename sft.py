@@ -23,15 +23,16 @@ Simplifications, on purpose:
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from checkpoint import block_size_for, load_checkpoint, load_policy, model_from_checkpoint, frozen_dtype
 from config import ConfigError, ModelConfig, OptimConfig, RunConfig, TrainConfig, opt
-from data import (TokenStream, epoch_indices, example_batch, heldout_split, load_prompts, load_sft_data,
+from data import (EOS, derived_seed, epoch_indices, get_tokenizer, heldout_split, load_prompts, load_sft, tokenize_pair,
                   write_jsonl)
 from dist import all_sum, gather_objects, is_main, micro_batches, my_share, rank_seed, world, world_note
-from model import GPT, GPTConfig, response_logprobs, sample_responses
+from model import GPT, GPTConfig, layout_batch, response_logprobs, sample_responses
 from reward import RewardSpec, make_reward
 from runtime import Run, check_finite, make_optimizer, optimizer_step, plural, setup_device, shorten
 
@@ -50,6 +51,57 @@ class SFTConfig(TrainConfig, ModelConfig, OptimConfig):
     init_from: str = opt("scratch", "scratch, or a policy checkpoint to fine-tune (its shape wins over the model "
                                     "keys)")
     max_docs: int = opt(0, "read at most this many records per file (0: all)", min=0)
+
+
+# the data: a corpus as one token stream, or prompt/response examples
+
+def encode_corpus(texts, desc="tokenizing", chunk_size=1024):
+    """Documents -> one flat np.uint16 array of their tokens, each document followed by EOS."""
+    texts, enc, parts = list(texts), get_tokenizer(), []
+    with tqdm(total=len(texts), desc=desc, unit="doc", disable=None) as bar:  # none in logs, nor on ranks > 0
+        for i in range(0, len(texts), chunk_size):
+            chunk = enc.encode_ordinary_batch(texts[i:i + chunk_size])  # tiktoken's own threads
+            parts.append(np.array([t for ids in chunk for t in ids + [EOS]], dtype=np.uint16))
+            bar.update(len(chunk))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
+
+
+class TokenStream:
+    """A token array served as nanoGPT-style batches of random windows: x = tokens[i : i+T], y shifted by one.
+
+    The offsets of batch(step) come from a generator seeded by (seed, step) alone, so a batch is a pure
+    function of the step: resuming at step k needs no data-loader state, and no epochs are counted.
+    """
+
+    def __init__(self, tokens, block_size, batch_size, seed=0):
+        if len(tokens) <= block_size:
+            raise ValueError(f"{len(tokens)} tokens cannot fill a window of block_size + 1 = {block_size + 1}")
+        self.tokens, self.block_size, self.batch_size, self.seed = tokens, block_size, batch_size, seed
+
+    def batch(self, step):
+        # SeedSequence mixes (seed, step) into one seed; seed * K + step would let two runs share batches
+        g = torch.Generator().manual_seed(derived_seed(self.seed, step))
+        ix = torch.randint(len(self.tokens) - self.block_size, (self.batch_size,), generator=g).numpy()
+        windows = torch.from_numpy(self.tokens[ix[:, None] + np.arange(self.block_size + 1)].astype(np.int64))
+        return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()  # x, y: (B, T) each
+
+
+def load_sft_data(paths, limit, block_size):
+    """Returns ('corpus', token array) when every record is plain text, else ('pairs', [(prompt_ids, resp_ids)])."""
+    examples = load_sft(paths, limit=limit or None)
+    if all(ex.prompt == "" for ex in examples):
+        return "corpus", encode_corpus([ex.response for ex in examples], desc="tokenizing")
+    rows = [tokenize_pair(ex.prompt, [ex.response], block_size) for ex in examples]
+    n_trunc = sum(r[2] for r in rows)
+    if n_trunc:
+        print(f"{n_trunc} of {len(rows)} examples were longer than block_size={block_size} and were truncated")
+    return "pairs", [(p, r) for p, (r,), _ in rows]
+
+
+def example_batch(rows, idx, device):
+    """Tokenized (prompt, response) examples idx in the shared layout -> ids, mask (B, P + R) and R."""
+    ids, mask, R = layout_batch([rows[i][0] for i in idx], [rows[i][1] for i in idx])
+    return ids.to(device), mask.to(device), R
 
 
 def sft_loss(model, batch):

@@ -11,6 +11,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import model  # noqa: E402
 from model import GPTConfig, N_REAL_TOKENS  # noqa: E402
 from data import EOS, PAD, DataError, Example, Pair  # noqa: E402
 
@@ -326,22 +327,22 @@ def test_tokenize_pair_truncates_all_responses_alike():
 
 
 def test_layout_batch_puts_every_response_at_column_p():
-    ids, mask, R = data.layout_batch([[EOS, 1, 2], [EOS]], [[3, EOS], [4, 5, 6, EOS]])
+    ids, mask, R = model.layout_batch([[EOS, 1, 2], [EOS]], [[3, EOS], [4, 5, 6, EOS]])
     assert R == 4 and ids.shape == (2, 7)
     assert ids[0].tolist() == [EOS, 1, 2, 3, EOS, PAD, PAD] and mask[0].tolist() == [1, 1, 1, 1, 1, 0, 0]
     assert ids[1].tolist() == [PAD, PAD, EOS, 4, 5, 6, EOS] and mask[1].tolist() == [0, 0, 1, 1, 1, 1, 1]
 
 
 def test_pad_batch_left_and_right():
-    ids, mask = data.pad_batch([[1, 2, 3], [4], []])
+    ids, mask = model.pad_batch([[1, 2, 3], [4], []])
     assert ids.tolist() == [[1, 2, 3], [4, PAD, PAD], [PAD, PAD, PAD]] and ids.dtype == torch.long
     assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [0, 0, 0]]
-    ids, mask = data.pad_batch([[1, 2, 3], [4]], side="left")
+    ids, mask = model.pad_batch([[1, 2, 3], [4]], side="left")
     assert ids.tolist() == [[1, 2, 3], [PAD, PAD, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
-    loss_mask, _ = data.pad_batch([[0, 1, 1], [1]], side="left", pad_id=0)
+    loss_mask, _ = model.pad_batch([[0, 1, 1], [1]], side="left", pad_id=0)
     assert loss_mask.tolist() == [[0, 1, 1], [0, 0, 1]]
     with pytest.raises(ValueError):
-        data.pad_batch([[1]], side="middle")
+        model.pad_batch([[1]], side="middle")
 
 
 def test_token_stream_is_a_pure_function_of_step():

@@ -19,6 +19,7 @@ import model
 import runtime
 import sft
 import data
+import dist
 import ppo
 import reward
 from conftest import kill_and_resume, read_json, read_metrics, run_cli
@@ -271,11 +272,11 @@ def test_ratio_is_exactly_1_on_the_first_minibatch(tiny, algo):
     scores = b.scores + torch.arange(12.0) / 12
     kl = b.logp - b.ref_logp
     if critic is not None:
-        ppo.advantages("ppo", cfg, b, scores, kl, 0.05, critic, nullcontext())
+        ppo.set_advantages("ppo", cfg, b, scores, kl, 0.05, critic, nullcontext())
         assert b.old_values.abs().max() == 0  # a zero-initialised value head
     else:
         cfg.k = 4
-        ppo.advantages("grpo", cfg, b, scores, kl, 0.04, None, nullcontext())
+        ppo.set_advantages("grpo", cfg, b, scores, kl, 0.04, None, nullcontext())
     stats = ppo.update(cfg, policy, critic, optimizer, b, 0, nullcontext(), 0.04 if algo == "grpo" else 0.0)
     assert len(stats) == 3  # minibatches of 5, 5, 2: no sample dropped
     first = stats[0]
@@ -288,10 +289,10 @@ def test_whiten_rewards_keeps_the_mean_and_scales_score_and_kl_together():
     g = torch.Generator().manual_seed(0)
     mask = (torch.arange(6)[None] < torch.tensor([6, 3, 1, 4])[:, None]).float()
     rewards = ppo.per_token_rewards(torch.randn(4, generator=g) * 5 + 2, torch.rand(4, 6, generator=g), mask, 0.1)
-    w = ppo.whiten(rewards, mask, shift_mean=False)
-    assert ppo.masked_mean(w, mask) == pytest.approx(ppo.masked_mean(rewards, mask).item(), abs=1e-5)
-    assert ppo.masked_var(w, mask) == pytest.approx(1.0, abs=1e-4)
-    mean, std = ppo.masked_mean(rewards, mask), ppo.masked_var(rewards, mask).sqrt()
+    w = dist.whiten(rewards, mask, shift_mean=False)
+    assert dist.masked_mean(w, mask) == pytest.approx(dist.masked_mean(rewards, mask).item(), abs=1e-5)
+    assert dist.masked_var(w, mask) == pytest.approx(1.0, abs=1e-4)
+    mean, std = dist.masked_mean(rewards, mask), dist.masked_var(rewards, mask).sqrt()
     # every token's deviation from the mean shrinks by one factor: the KL terms keep their weight against the score
     torch.testing.assert_close(w[mask.bool()] - mean, (rewards[mask.bool()] - mean) / std, rtol=1e-4, atol=1e-5)
     assert (w[mask == 0] == 0).all()

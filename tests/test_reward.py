@@ -15,8 +15,8 @@ import runtime
 import data
 import reward
 from conftest import TINY_MODEL, kill_and_resume, read_json, read_metrics, run_cli
-from data import EOS, PAD, layout_batch
-from model import GPT, GPTConfig
+from data import EOS, PAD
+from model import GPT, GPTConfig, layout_batch
 
 WORDS = ("the cat dog house tree blue green red small big old new happy sad fast slow river stone cloud light dark "
          "sun moon star sea sky bird fish road hill door book table chair bread milk water fire").split()
