@@ -2,6 +2,8 @@
 import json
 import os
 import random
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -65,6 +67,34 @@ def kill_and_resume(args, out_dir, kills=2, seed=0, timeout=240):
             if i < kills:  # finished before we could kill it: nothing left to resume
                 break
     return hits
+
+
+def interrupt_and_resume(args, out_dir, sig=signal.SIGINT, timeout=240):
+    """Start `train.py ARGS --out_dir=OUT` as a user would, press Ctrl-C (sig) once its first checkpoint exists, then
+    run, verbatim, the command it printed ("continue with: python train.py STAGE --resume --out_dir=OUT"). Returns
+    that command and what the resumed run printed (CompletedProcess)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    p = subprocess.Popen([sys.executable, "train.py", *map(str, args), f"--out_dir={out_dir}"], cwd=ROOT, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while p.poll() is None and not os.path.exists(os.path.join(out_dir, "ckpt.pt")) and time.time() - t0 < timeout:
+        time.sleep(0.02)
+    assert p.poll() is None, "the run ended before its first checkpoint: give it more steps"
+    p.send_signal(sig)
+    err = p.communicate(timeout=timeout)[1]
+    assert p.returncode == 130, err[-2000:]
+    hint = re.search(r"continue with: (.+)", err)[1]
+    argv = shlex.split(hint)
+    assert argv[:2] == ["python", "train.py"] and "--resume" in argv, hint
+    done = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return hint, done
+
+
+def timeless(rows):
+    """metrics.jsonl rows without their timings (ms_per_step, time/*), which no two runs share."""
+    return [{k: v for k, v in r.items() if k != "ms_per_step" and not k.startswith("time/")} for r in rows]
 
 
 @pytest.fixture

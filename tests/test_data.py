@@ -362,3 +362,26 @@ def test_token_stream_is_a_pure_function_of_step():
     # every window stays inside the array, the last token included
     last = max(int(stream.batch(s)[1].max()) for s in range(200))
     assert last <= 999
+
+
+def test_every_loader_takes_several_files_comma_separated(tmp_path):
+    a = write(tmp_path, "a.jsonl", [dict(prompt="p1", chosen=" c1", rejected=" r1")])
+    b = write(tmp_path, "b.jsonl.gz", [dict(chosen=HH_PROMPT + " yes", rejected=HH_PROMPT + " no")])
+    assert data.load_preferences(f"{a},{b}") == [Pair("p1", " c1", " r1"), Pair(HH_PROMPT, " yes", " no")]
+    txt = tmp_path / "more.txt"
+    txt.write_text("p2\n\np3\n")
+    assert data.load_prompts(f"{a},{txt}") == ["p1", "p2", "p3"]
+    assert data.load_prompts(f"{a},{txt}", limit=2) == ["p1", "p2"]
+    assert [ex.response for ex in data.load_sft(f"{a},{b}")] == [" c1", " yes"]
+    with pytest.raises(DataError, match="nope.jsonl: no such file"):
+        data.load_preferences(f"{a},{tmp_path}/nope.jsonl")
+
+
+def test_pairs_that_teach_nothing_are_kept_and_counted_in_one_warning(tmp_path, capsys):
+    rows = [dict(prompt="", chosen=" same", rejected=" same"), dict(prompt="p", chosen=" same", rejected=" same"),
+            dict(prompt="q", chosen=" a", rejected=" b")]
+    path = write(tmp_path, "degenerate.jsonl", rows)
+    assert len(data.load_preferences(path)) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"warning: {path}: the chosen and rejected responses are the same (no preference to learn) in 2 "
+                   f"of 3 pairs; the prompt is empty in 1 of 3 pairs"]

@@ -13,9 +13,9 @@ import checkpoint
 import config
 import data as data_lib
 import dpo
-from conftest import kill_and_resume, read_json, read_metrics, run_cli
+from conftest import interrupt_and_resume, read_json, read_metrics, run_cli
 from data import EOS
-from test_reward import KILL_SEED, same_numbers, write_policy, write_synthetic
+from test_reward import same_numbers, write_policy, write_synthetic
 
 CTX = nullcontext()
 
@@ -173,10 +173,13 @@ def test_reference_on_the_fly_gives_the_same_numbers(trained, tmp_path):
         assert fly[k] == pytest.approx(cached[k], rel=1e-4, abs=1e-5), k
 
 
-def test_dpo_kill_and_resume_is_exact(trained, tmp_path):
+def test_dpo_ctrl_c_then_the_printed_command_ends_where_an_uninterrupted_run_ends(trained, tmp_path):
+    """The hint is `python train.py dpo --resume --out_dir=...` alone: the data, beta, batch and steps come from the
+    run's config.json."""
     _, args, out, _ = trained
     resumed = str(tmp_path / "resumed")
-    assert kill_and_resume(args, resumed, kills=2, seed=KILL_SEED) >= 1
+    hint, _ = interrupt_and_resume(args, resumed)
+    assert hint == f"python train.py dpo --resume --out_dir={resumed}"
     assert read_json(os.path.join(resumed, "summary.json")) == read_json(os.path.join(out, "summary.json"))
     assert all(same_numbers(a, b) for a, b in zip(read_metrics(resumed), read_metrics(out), strict=True))
 

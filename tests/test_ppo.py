@@ -22,7 +22,7 @@ import data
 import dist
 import ppo
 import reward
-from conftest import kill_and_resume, read_json, read_metrics, run_cli
+from conftest import interrupt_and_resume, read_json, read_metrics, run_cli, timeless
 from model import response_mask
 
 SUBJECTS = ["the cat", "the dog", "my friend", "this film", "a bird", "the book", "her song", "the food"]
@@ -461,13 +461,13 @@ def test_ppo_raises_the_score_with_the_kl_bounded(ppo_run):
     assert policy.config.n_embd == 32
 
 
-def test_ppo_kill_and_resume_gives_the_same_run(tiny, ppo_run):
-    out = tiny["dir"] / "ppo-killed"
+def test_ppo_ctrl_c_then_the_printed_command_ends_where_an_uninterrupted_run_ends(tiny, ppo_run):
+    out = tiny["dir"] / "ppo-stopped"
     args = [a for a in rl_args(tiny, out, 8) if not a.startswith("--out_dir")]
-    assert kill_and_resume(["ppo", *args], str(out), kills=2) >= 1
+    hint, _ = interrupt_and_resume(["ppo", *args], str(out))
+    assert hint == f"python train.py ppo --resume --out_dir={out}"
     assert read_json(out / "summary.json") == read_json(ppo_run / "summary.json")
-    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/") and k != "ms_per_step"} for r in rows]
-    assert strip(read_metrics(out)) == strip(read_metrics(ppo_run))
+    assert timeless(read_metrics(out)) == timeless(read_metrics(ppo_run))
 
 
 @pytest.mark.parametrize("algo", ["rloo", "grpo"])

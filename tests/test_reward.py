@@ -172,7 +172,7 @@ def test_reward_stage_learns_marker_preference(trained):
     assert model.bias.item() == pytest.approx(-s["norm/raw_mean"] / s["norm/raw_std"], rel=1e-5)
 
 
-def test_score_stage_ranks_chosen_above_rejected(trained):
+def test_score_stage_ranks_chosen_above_rejected(trained, in_process):
     tmp, _, out, _ = trained
     held_out = [json.loads(line) for line in open(tmp / "pairs.jsonl")][-20:]  # the eval split
     rows = [dict(prompt=r["prompt"], response=r[k]) for r in held_out for k in ("chosen", "rejected")]
@@ -185,6 +185,16 @@ def test_score_stage_ranks_chosen_above_rejected(trained):
     model = reward.load_reward_model(os.path.join(out, "ckpt.pt"), "cpu")
     expected = reward.score_texts(model, [r["prompt"] for r in rows], [r["response"] for r in rows], "cpu")
     assert scores == pytest.approx(expected, abs=1e-5)
+    # a preference file: both responses of every pair scored, and how often the chosen one wins (same folder, other
+    # arguments: the output is replaced)
+    code, stdout, err = in_process("score", f"--ckpt={out}/ckpt.pt", f"--data={tmp}/pairs.jsonl", f"--out_dir={tmp}/score")
+    assert code == 0, err
+    pairs = [json.loads(line) for line in open(tmp / "score" / "scores.jsonl")]
+    assert len(pairs) == 201 and {"score_chosen", "score_rejected"} <= set(pairs[0])
+    assert pairs[-1]["score_chosen"] == pytest.approx(scores[-2], abs=1e-5)
+    accuracy = read_json(tmp / "score" / "summary.json")["accuracy"]
+    assert accuracy > 0.9 and f"201 pairs scored, chosen and rejected: the chosen response scores higher in " \
+                              f"{accuracy:.1%}" in stdout
 
 
 def test_reward_kill_and_resume_is_exact(trained, tmp_path):

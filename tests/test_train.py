@@ -6,8 +6,6 @@ import os
 import pickle
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -19,7 +17,8 @@ import data
 import runtime
 import sft
 import train
-from conftest import ROOT, TINY_MODEL, kill_and_resume, read_json, read_metrics, run_cli
+from conftest import (ROOT, TINY_MODEL, interrupt_and_resume, kill_and_resume, read_json, read_metrics, run_cli,
+                      timeless)
 
 CORPUS_LINES = [f"the film was {w} and the acting was {v} ." for w in ("good", "bad", "fine", "long", "great")
                 for v in ("superb", "awful", "plain", "wooden")]
@@ -122,22 +121,31 @@ def test_kill_and_resume_sft_gives_the_same_result(corpus, tmp_path):
     assert strip(ma) == strip(mb)  # the log continued with no duplicate and no missing row
 
 
-def test_sigterm_saves_a_checkpoint_and_resume_finishes(corpus, tmp_path):
-    out = tmp_path / "o"
-    cmd = [sys.executable, "train.py", "sft", f"--data={corpus}", *SFT_FAST, "--max_iters=100000",
-           "--ckpt_interval=100000", f"--out_dir={out}"]
-    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=dict(os.environ, TQDM_DISABLE="1"))
-    t0 = time.time()
-    while not (out / "metrics.jsonl").exists() and time.time() - t0 < 120:
-        time.sleep(0.05)
-    p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=60)
-    assert p.returncode == 130 and "--resume" in err
-    step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
-    assert step >= 5
-    run_cli("sft", f"--data={corpus}", *SFT_FAST, f"--max_iters={step + 5}", "--resume", f"--out_dir={out}")
-    assert read_json(out / "summary.json")["step"] == step + 5
+def test_ctrl_c_then_the_printed_command_resumes_the_run_it_names(corpus, tmp_path, in_process):
+    """Stopped with Ctrl-C, a run on the user's own data prints `python train.py sft --resume --out_dir=X`; that
+    command alone takes every key from X/config.json and ends where the uninterrupted run ends. A key that would change
+    the run is refused on --resume, naming it; more steps are taken and recorded as a change at the step the run
+    resumed from, the keys it started with left as they were."""
+    args = ["sft", f"--data={corpus}", *SFT_FAST, "--max_iters=30", "--ckpt_interval=2", "--dropout=0.1"]
+    run_cli(*args, f"--out_dir={tmp_path}/straight")
+    out = tmp_path / "stopped"
+    hint, _ = interrupt_and_resume(args, str(out))
+    assert hint == f"python train.py sft --resume --out_dir={out}"
+    assert read_json(out / "summary.json") == read_json(tmp_path / "straight/summary.json")
+    assert timeless(read_metrics(out)) == timeless(read_metrics(tmp_path / "straight"))
+    started = read_json(out / "config.json")
+    assert started == read_json(tmp_path / "straight/config.json") | dict(out_dir=str(out))
+    for key in ("--learning_rate=5e-3", "--batch_size=16", "--seed=4", f"--data={corpus},{corpus}"):
+        code, _, err = in_process("sft", "--resume", f"--out_dir={out}", key)
+        assert one_line_error(code, err) and f"--resume: {key.split('=')[0]}=" in err and "differs" in err, err
+    code, _, err = in_process("sft", "--resume", f"--out_dir={out}", "--max_iters=10")
+    assert one_line_error(code, err) and "--max_iters=10 is below step 30" in err
+    assert in_process("sft", "--resume", f"--out_dir={out}", "--max_iters=35", "--log_interval=1")[0] == 0
+    config_json = read_json(out / "config.json")
+    assert {k: v for k, v in config_json.items() if k != "changes"} == started  # the past is not rewritten
+    assert config_json["changes"] == [dict(step=30, max_iters=[30, 35], log_interval=[5, 1])]
+    assert read_json(out / "summary.json")["step"] == 35
+    assert [r["step"] for r in read_metrics(out)][-6:] == [30, 31, 32, 33, 34, 35]
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -171,6 +179,12 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     assert "Python objects other than tensors and plain values, which could run code" in p.stderr  # says why
     assert len(p.stderr.strip().splitlines()) == 1
     assert not os.path.exists("/tmp/rlhf-evil-ran")
+
+
+def test_a_file_that_is_no_checkpoint_is_told_so(in_process, tmp_path):
+    code, _, err = in_process("sample", "--ckpt=assets/imdb-train-sample.jsonl.gz", f"--out_dir={tmp_path}")
+    assert one_line_error(code, err) and "imdb-train-sample.jsonl.gz: not a PyTorch checkpoint" in err
+    assert "could run code" not in err
 
 
 def test_a_reward_checkpoint_where_a_policy_is_needed_is_refused(tmp_path):
