@@ -35,7 +35,7 @@ import torch
 
 from checkpoint import load_policy, save_checkpoint
 from config import OptimConfig
-from data import encode, write_jsonl
+from data import encode, write_json, write_jsonl
 from model import GPT, GPTConfig
 from reward import RewardModel
 from runtime import make_optimizer, optimizer_step
@@ -233,7 +233,7 @@ def main(argv=None):
     write_inputs(folder)
     result = dict(date=time.strftime("%Y-%m-%d"), gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                   python=platform.python_version(), ours={}, peers={})
-    save = lambda: open(os.path.join(a.out, "bench.json"), "w").write(json.dumps(result, indent=1))  # noqa: E731
+    save = lambda: write_json(os.path.join(a.out, "bench.json"), result)  # noqa: E731
     def measure(name, fn, *args, **kw):  # a failing row is recorded and the others still run
         try:
             result["ours"][name] = fn(*args, **kw)

@@ -163,7 +163,8 @@ def all_mean(metrics, n):
     """Means (a dict of floats) over each process's n items -> the means over all processes' items."""
     if world() == 1:
         return metrics
-    sums = all_sum(torch.tensor([v * n for v in metrics.values()] + [n], dtype=torch.float64)).tolist()
+    # a process with no items (fewer items than processes) counts zero, not its mean of nothing (NaN)
+    sums = all_sum(torch.tensor([v * n if n else 0.0 for v in metrics.values()] + [n], dtype=torch.float64)).tolist()
     return {k: v / max(sums[-1], 1) for k, v in zip(metrics, sums)}
 
 

@@ -82,6 +82,7 @@ from config import ConfigError, OptimConfig, TrainConfig, opt
 from data import decode, derived_seed, encode, encode_prompt
 from model import N_REAL_TOKENS, response_logprobs, sample_responses
 from reward import RewardSpec, make_critic, make_reward
+from report import pyplot
 from runtime import Run, check_finite, make_optimizer, optimizer_step, setup_device
 from sft import best_of_n_kl_bound, best_of_n_probs, select_best
 
@@ -442,9 +443,7 @@ def optimum(cfg):
 def figure(run_dirs, out):
     """KL(pi_theta || target) against steps, one panel per beta, one line per method (best-of-N: its best N, dotted);
     prints a markdown table of the same runs."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     runs = []
     for d in run_dirs:
         with open(os.path.join(d, "config.json")) as f:

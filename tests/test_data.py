@@ -12,6 +12,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import model  # noqa: E402
+import sft  # noqa: E402
 from model import GPTConfig, N_REAL_TOKENS  # noqa: E402
 from data import EOS, PAD, DataError, Example, Pair  # noqa: E402
 
@@ -346,19 +347,19 @@ def test_pad_batch_left_and_right():
 
 
 def test_token_stream_is_a_pure_function_of_step():
-    tokens = data.encode_corpus(["first doc", "second doc here", "third"], desc="test")
+    tokens = sft.encode_corpus(["first doc", "second doc here", "third"], desc="test")
     assert tokens.dtype == np.uint16
     assert tokens.tolist() == (data.encode("first doc") + [EOS] + data.encode("second doc here") + [EOS]
                                + data.encode("third") + [EOS])
     tokens = np.arange(1000, dtype=np.uint16)
-    stream = data.TokenStream(tokens, block_size=16, batch_size=8, seed=3)
+    stream = sft.TokenStream(tokens, block_size=16, batch_size=8, seed=3)
     x, y = stream.batch(5)
     assert x.shape == y.shape == (8, 16) and x.dtype == torch.long and x.is_contiguous() and y.is_contiguous()
     assert torch.equal(x[:, 1:], y[:, :-1]) and torch.equal(y, x + 1)  # y is x shifted by one
-    again = data.TokenStream(tokens, block_size=16, batch_size=8, seed=3)
+    again = sft.TokenStream(tokens, block_size=16, batch_size=8, seed=3)
     assert all(torch.equal(a, b) for a, b in zip(stream.batch(5), again.batch(5)))
     assert not torch.equal(stream.batch(6)[0], x)
-    assert not torch.equal(data.TokenStream(tokens, 16, 8, seed=4).batch(5)[0], x)
+    assert not torch.equal(sft.TokenStream(tokens, 16, 8, seed=4).batch(5)[0], x)
     # every window stays inside the array, the last token included
     last = max(int(stream.batch(s)[1].max()) for s in range(200))
     assert last <= 999

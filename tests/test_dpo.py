@@ -13,6 +13,7 @@ import checkpoint
 import config
 import data as data_lib
 import dpo
+import reward
 from conftest import interrupt_and_resume, read_json, read_metrics, run_cli
 from data import EOS
 from test_reward import same_numbers, write_policy, write_synthetic
@@ -87,7 +88,7 @@ def tiny(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dpo_tiny")
     data = write_synthetic(tmp / "pairs.jsonl", 40, long_pairs=1)
     path, model = write_policy(tmp / "policy.pt")
-    rows, _ = data_lib.load_pairs(data, 0, 64)
+    rows, _ = reward.load_pairs(data, 0, 64)
     return model.eval(), rows
 
 

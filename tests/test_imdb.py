@@ -21,7 +21,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import imdb  # noqa: E402
 from conftest import ROOT  # noqa: E402
-from data import DataError, encode_corpus, load_imdb  # noqa: E402
+from data import DataError, load_imdb  # noqa: E402
+from sft import encode_corpus  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from checkpoint import load_policy, save_checkpoint  # noqa: E402
 from config import ConfigError  # noqa: E402

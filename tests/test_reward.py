@@ -121,7 +121,7 @@ def test_trunk_from_policy_checkpoint_and_head_init(tmp_path):
     for k, v in policy.state_dict().items():
         assert torch.equal(model.gpt.state_dict()[k], v), k
     assert model.head.proj.bias.item() == 0.0
-    assert model.head.proj.weight.std().item() == pytest.approx(1 / math.sqrt(33), rel=0.3)  # notes #6
+    assert model.head.proj.weight.std().item() == pytest.approx(1 / math.sqrt(33), rel=0.3)  # OpenAI's init: N(0, 1/sqrt(d + 1))
     too_long = config.parse_config(reward.RewardConfig, [f"--init_from={path}", "--block_size=128"])
     with pytest.raises(config.ConfigError, match="block_size=128"):
         reward.init_model(too_long)
@@ -166,7 +166,7 @@ def test_reward_stage_learns_marker_preference(trained):
     assert [r["step"] for r in rows] == [5, 10]
     assert {"loss", "accuracy", "rewards/chosen", "rewards/rejected", "margin", "eval/accuracy"} <= set(rows[0])
     assert rows[-1]["loss"] < rows[0]["loss"]
-    # the checkpoint holds the normalisation fitted on the policy's samples (notes #8)
+    # the checkpoint holds the normalisation fitted on the policy's samples (OpenAI's lm-human-preferences)
     model = reward.load_reward_model(os.path.join(out, "ckpt.pt"), "cpu")
     assert model.gain.item() == pytest.approx(1 / s["norm/raw_std"], rel=1e-5)
     assert model.bias.item() == pytest.approx(-s["norm/raw_mean"] / s["norm/raw_std"], rel=1e-5)
