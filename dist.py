@@ -226,7 +226,7 @@ class GradSum:
     micro-batch (DistributedDataParallel's bucketing, on our own optimizer step; see the module's docstring).
 
     The trainable parameters are cut into buckets of up to 2^23 numbers, in reverse order (the output end of a model
-    gets its gradients first); 2^25 made the 2-GPU PPO benchmark 10% slower (README). A hook on each parameter
+    gets its gradients first); 2^25 made the 2-GPU PPO benchmark 10% slower (RESULTS.md). A hook on each parameter
     (register_post_accumulate_grad_hook) counts the gradients that are complete; once a bucket's are, it is flattened
     and its all_reduce starts (async_op), while backward goes on through the earlier layers. Buckets start strictly
     in order, so every process issues the same sequence of collectives whatever the order its hooks fire in.

@@ -490,7 +490,7 @@ class TokenLogProbs(torch.autograd.Function):
     is one more (N, C) x (C, V) product; the gain is that memory no longer grows with N x V. (Wijmans et al. 2024,
     "Cut Your Losses in Large-Vocabulary Language Models", https://arxiv.org/abs/2411.09009, go further inside
     one kernel.) Returns logp (N,) float32 and the entropy (N,) (zeros unless with_entropy; not differentiable).
-    On a CPU the slices stay below glibc's 32 MB limit for heap blocks (train.keep_freed_memory): a larger block is
+    On a CPU the slices stay below glibc's 32 MB limit for heap blocks (runtime.keep_freed_memory): a larger block is
     mapped and unmapped at every use, and the kernel's zeroing of its pages cost as much time as the compute."""
     ROWS = {"cuda": 1024, "cpu": 128}  # rows per slice: 1024 x 50,257 float32 = 206 MB on a GPU, 26 MB on a CPU
 
