@@ -4,10 +4,14 @@ import os
 import random
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -127,3 +131,43 @@ def in_process(capsys):
     yield call
     for s, h in handlers.items():
         signal.signal(s, h)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# end-to-end stories that take minutes, run in a thread from the start of the session: most tests use one thread of
+# the two cores, so the second core does this meanwhile. A module's fixture waits for its story's result.
+
+BACKGROUND = {}  # name -> (thread, result box, folder)
+
+
+def pytest_collection_finish(session):
+    """Start the tiny pipeline's story when a collected test needs it (none when only other tests are selected)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    if any("tiny" in getattr(item, "fixturenames", ()) and os.path.basename(str(item.fspath)) == "test_pipeline.py"
+           for item in session.items):
+        import test_pipeline
+        folder = Path(tempfile.mkdtemp(prefix="rlhf-tiny-"))
+        box = {}
+
+        def story():
+            try:
+                box["result"] = test_pipeline.tiny_story(folder)
+            except BaseException as e:  # reported by the tests that need it
+                box["error"] = e
+        thread = threading.Thread(target=story, daemon=True)
+        thread.start()
+        BACKGROUND["tiny"] = (thread, box, folder)
+
+
+def background_result(name):
+    thread, box, _ = BACKGROUND[name]
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def pytest_sessionfinish(session):
+    for thread, _, folder in BACKGROUND.values():
+        thread.join(timeout=600)
+        shutil.rmtree(folder, ignore_errors=True)

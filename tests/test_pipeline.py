@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import report  # noqa: E402
 import sft  # noqa: E402
 import pipeline  # noqa: E402
+import conftest  # noqa: E402
 from conftest import ROOT, read_json, run_cli  # noqa: E402
 from config import ConfigError, TrainingError, parse_config  # noqa: E402
 
@@ -297,15 +298,19 @@ def wait_for(path_fn, p, timeout=120):
     assert p.poll() is None, f"the pipeline ended before the moment to stop it:\n{p.communicate()[1][-2000:]}"
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """The tiny pipeline as a user runs it: stopped by Ctrl-C in the methods phase, stopped again with two signals,
-    then run to the end by the same command. Returns (folder, what the stopped runs returned)."""
-    tmp = tmp_path_factory.mktemp("tiny")
-    out, stops = tmp / "imdb", []
+def tiny_story(tmp):
+    """Everything the tiny pipeline's tests look at, as a user would make it, in order; run in the background from the
+    start of the session (conftest.py), since most of the suite leaves one of the two cores idle. Returns a dict of
+    what each step left; the tests below assert on it.
+
+    1. The tiny pipeline stopped by Ctrl-C in the methods phase, stopped again with two signals, then run to the end
+       by the same command (the folder as it ends: results, report, logs).
+    2. The same command again (everything reused), commands with edited records or another seed (refused), and one with
+       --overwrite, another seed, --sft=train and 2 replicates of Preferred-FT (everything stale made again)."""
+    out, stops, story = tmp / "imdb", [], {}
     runs = out / "rep1" / "runs"
     # Ctrl-C to the whole process group, as a terminal sends it, once a method's run has started (its config.json
-    # is written just before it takes signals)
+    # is written at its first log row)
     p = start_pipeline("--preset=tiny", f"--out_dir={out}")
     wait_for(lambda: runs.exists() and any((d / "config.json").exists() for d in runs.iterdir()), p)
     os.killpg(p.pid, signal.SIGINT)
@@ -322,19 +327,56 @@ def tiny(tmp_path_factory):
     stops.append((p.returncode, err, sub_runs_alive(tmp)))
     # and once more: it finishes the job
     run_cli("pipeline", "--preset=tiny", f"--out_dir={out}", timeout=600)
-    return out, stops
+    story.update(out=out, stops=stops, logs=[(d / "log.txt").read_text() for d in runs.iterdir()],
+                 results=read_json(out / "results.json"), results_md=(out / "results.md").read_text(),
+                 pngs={png: (out / png).read_bytes()[:8] for png in ("frontier.png", "overoptimisation.png")},
+                 sft_samples=(out / "rep1" / "samples" / "sft.jsonl").read_text().splitlines(),
+                 pft_inputs=read_json(runs / "pft_seed1" / "inputs.json"))
+    # 2. again: every sub-run and every evaluation reused (no samples drawn again)
+    written = {f: f.stat().st_mtime_ns for f in (out / "rep1" / "samples").iterdir()}
+    run_cli("pipeline", "--preset=tiny", f"--out_dir={out}", timeout=600)
+    story.update(again=read_json(out / "results.json"),
+                 rewritten=[f for f in (out / "rep1" / "samples").iterdir() if written.get(f) != f.stat().st_mtime_ns])
+    # prompts or preferences made by something else (here: their records edited) are refused, naming the file
+    story["edited"] = []
+    for record, key, value in (("prompts.json", "seed", 99), ("rep1/preferences.json", "made_by", {})):
+        saved = (out / record).read_text()
+        (out / record).write_text(json.dumps({**json.loads(saved), key: value}))
+        story["edited"].append((out / record, run_cli("pipeline", "--preset=tiny", f"--out_dir={out}", check=False)))
+        (out / record).write_text(saved)
+    # another seed into the same folder: refused in one line, nothing changed
+    story["other_seed"] = run_cli("pipeline", "--preset=tiny", f"--out_dir={out}", "--seed=7", "--methods=pft",
+                                  check=False)
+    story["after_refusal"] = read_json(out / "results.json")
+    # with --overwrite: the stale prompts, preferences, reward model and Preferred-FT run are made again (and the SFT
+    # model is trained in the run: --sft=train), and a second replicate with its own samples, labels, reward model
+    # and run
+    run_cli("pipeline", "--preset=tiny", f"--out_dir={out}", "--seed=7", "--methods=pft", "--sft=train", "--overwrite",
+            "--replicates=2", timeout=600)
+    rep = lambda r, *path: read_json(out / f"rep{r}" / os.path.join(*path))
+    story["overwritten"] = dict(
+        results=read_json(out / "results.json"), sft_trained=(out / "sft" / "summary.json").exists(),
+        prompts_seed=read_json(out / "prompts.json")["seed"], reward_seeds=[rep(r, "reward", "config.json")["seed"]
+                                                                           for r in (1, 2)],
+        pft_inputs=rep(1, "runs", "pft_seed1", "inputs.json"), pft2_seed=rep(2, "runs", "pft_seed1001",
+                                                                             "config.json")["seed"],
+        same_pairs=(out / "rep1" / "preferences.jsonl").read_bytes() == (out / "rep2" / "preferences.jsonl").read_bytes())
+    return story
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return conftest.background_result("tiny")
 
 
 def test_ctrl_c_stops_the_sub_runs_and_the_same_command_continues(tiny):
-    out, stops = tiny
-    for returncode, err, alive in stops:
+    for returncode, err, alive in tiny["stops"]:
         assert returncode == 130, err[-2000:]
         assert "run the same command again" in err.strip().splitlines()[-1], err[-2000:]
         assert alive == []  # no sub-run outlives the pipeline
-    assert "Traceback" not in stops[0][1]
+    assert "Traceback" not in tiny["stops"][0][1]
     # the sub-runs stopped by the first Ctrl-C saved a checkpoint and were resumed, not started again
-    logs = [(d / "log.txt").read_text() for d in (out / "rep1" / "runs").iterdir()]
-    assert any("--resume" in log for log in logs), logs
+    assert any("--resume" in log for log in tiny["logs"]), tiny["logs"]
 
 
 def test_tiny_pipeline_raises_the_gold_reward(tiny):
@@ -346,8 +388,7 @@ def test_tiny_pipeline_raises_the_gold_reward(tiny):
     that optimise the proxy gain only as far as the tiny proxy is right (it ranks 46% / 57% / 59% of held-out pairs
     right on those seeds), so for them only the mean over the five methods is asserted. Preferred-FT and
     Unlikelihood (+0.022 and -0.024 with seed 1337) run at this size but are not asserted to learn."""
-    out, _ = tiny
-    results = read_json(out / "results.json")
+    results = tiny["results"]
     (rep,) = results["replicates"]
     res = rep["policies"]
     methods = set(pipeline.PRESETS["tiny"]["methods"])
@@ -368,57 +409,35 @@ def test_tiny_pipeline_raises_the_gold_reward(tiny):
     assert set(results["gold_at_kl"]) == methods | {"bon_proxy", "bon_gold"}
     assert all(set(v) == {"2.5", "5.0", "10.0"} for v in results["gold_at_kl"].values())
     assert set(results["fits"]) == methods | {"bon_proxy"}
-    text = (out / "results.md").read_text()
-    assert "gold @ KL 2.5" in text and "| dpo |" in text
-    for png in ("frontier.png", "overoptimisation.png"):
-        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    samples = (out / "rep1" / "samples" / "sft.jsonl").read_text().splitlines()
+    assert "gold @ KL 2.5" in tiny["results_md"] and "| dpo |" in tiny["results_md"]
+    assert all(head == b"\x89PNG\r\n\x1a\n" for head in tiny["pngs"].values())
+    samples = tiny["sft_samples"]
     assert len(samples) == 128 and {"prefix", "response", "gold", "proxy", "kl"} <= set(json.loads(samples[0]))
 
 
 def test_tiny_pipeline_reuses_what_it_made_and_never_mixes_runs(tiny):
-    out, _ = tiny  # (this test changes the folder: it runs last)
-    res = read_json(out / "results.json")["replicates"][0]["policies"]
-    dpo_inputs = read_json(out / "rep1" / "runs" / "dpo_beta0.1_seed1" / "inputs.json")
+    res = tiny["results"]["replicates"][0]["policies"]
     # again: every sub-run and every evaluation reused (no samples drawn again), the same numbers
-    written = {f: f.stat().st_mtime_ns for f in (out / "rep1" / "samples").iterdir()}
-    run_cli("pipeline", "--preset=tiny", f"--out_dir={out}", timeout=600)
-    assert read_json(out / "results.json")["replicates"][0]["policies"] == res
-    assert {f: f.stat().st_mtime_ns for f in (out / "rep1" / "samples").iterdir()} == written
-
-    # prompts or preferences made by something else (here: their records edited) are refused, naming the file
-    for record, key, value in (("prompts.json", "seed", 99), ("rep1/preferences.json", "made_by", {})):
-        saved = (out / record).read_text()
-        (out / record).write_text(json.dumps({**json.loads(saved), key: value}))
-        p = run_cli("pipeline", "--preset=tiny", f"--out_dir={out}", check=False)
+    assert tiny["again"]["replicates"][0]["policies"] == res and tiny["rewritten"] == []
+    # records edited: refused in one line naming the file
+    for record, p in tiny["edited"]:
         assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
-        assert f"{out / record} was made by other arguments" in p.stderr, p.stderr
-        (out / record).write_text(saved)
-
-    # another seed into the same folder: refused in one line, nothing changed
-    p = run_cli("pipeline", "--preset=tiny", f"--out_dir={out}", "--seed=7", "--methods=dpo", check=False)
+        assert f"{record} was made by other arguments" in p.stderr, p.stderr
+    # another seed: refused in one line, nothing changed
+    p = tiny["other_seed"]
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "--overwrite" in p.stderr, p.stderr
-    assert read_json(out / "results.json")["replicates"][0]["policies"] == res
-    # with --overwrite: the stale prompts, preferences, reward model and DPO run are made again, with new numbers
-    # (and, while at it, the SFT model is trained in the run: --sft=train), and a second replicate with its own
-    # samples, labels, reward model and DPO run
-    run_cli("pipeline", "--preset=tiny", f"--out_dir={out}", "--seed=7", "--methods=dpo", "--sft=train", "--overwrite",
-            "--replicates=2", timeout=600)
-    report = read_json(out / "results.json")
-    new, second = (rep["policies"] for rep in report["replicates"])
-    assert set(new) == {"sft", "dpo_beta0.1_seed1", "dpo_beta0.1_seed1@16"}
-    assert set(second) == {"sft", "dpo_beta0.1_seed1001", "dpo_beta0.1_seed1001@16"}
-    assert (out / "sft" / "summary.json").exists()
-    assert new["sft"] != res["sft"] and new["dpo_beta0.1_seed1"] != res["dpo_beta0.1_seed1"]
-    assert read_json(out / "prompts.json")["seed"] == 7 and read_json(out / "rep1" / "reward" / "config.json")["seed"] == 7
-    assert read_json(out / "rep1" / "runs" / "dpo_beta0.1_seed1" / "inputs.json") != dpo_inputs
-    # replicate 2: other seeds everywhere downstream of the SFT model, other pairs, other numbers
-    assert read_json(out / "rep2" / "reward" / "config.json")["seed"] == 1007
-    assert read_json(out / "rep2" / "runs" / "dpo_beta0.1_seed1001" / "config.json")["seed"] == 1001
-    assert (out / "rep1" / "preferences.jsonl").read_bytes() != (out / "rep2" / "preferences.jsonl").read_bytes()
+    assert tiny["after_refusal"]["replicates"][0]["policies"] == res
+    # with --overwrite: made again, with new numbers; a second replicate differs from the first
+    o = tiny["overwritten"]
+    new, second = (rep["policies"] for rep in o["results"]["replicates"])
+    assert set(new) == {"sft", "pft_seed1"} and set(second) == {"sft", "pft_seed1001"}
+    assert o["sft_trained"] and new["sft"] != res["sft"] and new["pft_seed1"] != res["pft_seed1"]
+    assert o["prompts_seed"] == 7 and o["reward_seeds"] == [7, 1007] and o["pft2_seed"] == 1001
+    assert o["pft_inputs"] != tiny["pft_inputs"]
+    assert not o["same_pairs"]  # replicate 2: other samples and labels
     assert second["sft"]["gold"] != new["sft"]["gold"]  # the SFT model is shared, its evaluation samples are not
-    assert second["dpo_beta0.1_seed1001"] != new["dpo_beta0.1_seed1"]
-    assert len(report["gold_at_kl"]["dpo"]["2.5"]["per_replicate"]) == 2
+    assert second["pft_seed1001"] != new["pft_seed1"]
+    assert len(o["results"]["gold_at_kl"]["pft"]["2.5"]["per_replicate"]) == 2
 
 
 def test_plot_stage_draws_a_png_and_names_a_missing_key(tmp_path):

@@ -82,11 +82,15 @@ def test_sft_on_prompt_response_pairs_trains_the_response(tmp_path):
     assert rows[-1]["loss"] < 0.3 * rows[0]["loss"]
 
 
-def test_help_lists_every_key_with_default(root):
-    p = run_cli("sft", "--help")
+def test_help_lists_every_key_with_default(root, in_process):
+    code, out, _ = in_process("sft", "--help")
     for key in ("--batch_size=32", "--learning_rate=", "--max_iters=", "--out_dir=", "--init_from=scratch"):
-        assert key in p.stdout
-    assert "stages:" in run_cli("--help").stdout
+        assert key in out
+    # in columns: every description starts at one column (a key too long for it has its description below it)
+    starts = {len(line) - len(line[2:].split("  ", 1)[1].lstrip()) for line in out.splitlines()[2:]
+              if line.startswith("  --") and "  " in line[2:]}
+    assert code == 0 and len(starts) == 1, starts
+    assert "stages:" in in_process("--help")[1]
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -97,16 +101,16 @@ def test_help_lists_every_key_with_default(root):
     (["--data=/nonexistent.jsonl"], "/nonexistent.jsonl: no such file"),
     (["--init_from=/nonexistent.pt"], "/nonexistent.pt: no such checkpoint file"),
 ])
-def test_bad_keys_and_values_give_one_line_errors(args, needle, tmp_path):
-    p = run_cli("sft", *args, f"--out_dir={tmp_path}", check=False)
-    assert p.returncode == 2
-    assert p.stderr.strip().startswith("error:") and needle in p.stderr
-    assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+def test_bad_keys_and_values_give_one_line_errors(args, needle, tmp_path, in_process):
+    code, _, err = in_process("sft", *args, f"--out_dir={tmp_path}")
+    assert code == 2
+    assert err.strip().startswith("error:") and needle in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
-def test_unknown_stage_is_refused():
-    p = run_cli("bogus", check=False)
-    assert p.returncode == 2 and "unknown stage 'bogus'" in p.stderr
+def test_unknown_stage_is_refused(in_process):
+    code, _, err = in_process("bogus")
+    assert code == 2 and "unknown stage 'bogus'" in err
 
 
 def test_kill_and_resume_sft_gives_the_same_result(corpus, tmp_path):
@@ -187,22 +191,22 @@ def test_a_file_that_is_no_checkpoint_is_told_so(in_process, tmp_path):
     assert "could run code" not in err
 
 
-def test_a_reward_checkpoint_where_a_policy_is_needed_is_refused(tmp_path):
+def test_a_reward_checkpoint_where_a_policy_is_needed_is_refused(tmp_path, in_process):
     path = str(tmp_path / "rm.pt")
     checkpoint.save_checkpoint(path, dict(kind="reward", model={}, model_args={}))
-    p = run_cli("sample", f"--ckpt={path}", f"--out_dir={tmp_path}/o", check=False)
-    assert p.returncode == 2 and "a reward checkpoint, but a policy checkpoint is needed" in p.stderr
+    code, _, err = in_process("sample", f"--ckpt={path}", f"--out_dir={tmp_path}/o")
+    assert code == 2 and "a reward checkpoint, but a policy checkpoint is needed" in err
 
 
-def test_a_checkpoint_of_another_shape_is_refused(sft_run, tmp_path):
+def test_a_checkpoint_of_another_shape_is_refused(sft_run, tmp_path, in_process):
     ckpt = torch.load(os.path.join(sft_run, "ckpt.pt"), weights_only=True)
     ckpt["model_args"]["n_embd"] = 64
     ckpt["model_args"]["n_head"] = 2
     path = str(tmp_path / "other.pt")
     checkpoint.save_checkpoint(path, ckpt)
-    p = run_cli("sample", f"--ckpt={path}", f"--out_dir={tmp_path}/o", check=False)
-    assert p.returncode == 2 and "does not fit the model" in p.stderr
-    assert len(p.stderr.strip().splitlines()) == 1
+    code, _, err = in_process("sample", f"--ckpt={path}", f"--out_dir={tmp_path}/o")
+    assert code == 2 and "does not fit the model" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(corpus, tmp_path, monkeypatch, capsys):
@@ -475,9 +479,9 @@ def test_a_policy_with_non_finite_weights_is_refused(tmp_path, in_process):
 # ----------------------------------------------------------------------------------------------------------------
 # bad values, block_size from --init_from, stage sample's defaults
 
-def test_an_unknown_device_is_one_line_from_the_command_line(tmp_path):
-    p = run_cli("sft", "--device=tpu", f"--out_dir={tmp_path}", check=False)
-    assert one_line_error(p.returncode, p.stderr) and "--device=tpu: expected auto, cpu, cuda, cuda:N" in p.stderr
+def test_an_unknown_device_is_one_line_from_the_command_line(tmp_path, in_process):
+    code, _, err = in_process("sft", "--device=tpu", f"--out_dir={tmp_path}")
+    assert one_line_error(code, err) and "--device=tpu: expected auto, cpu, cuda, cuda:N" in err
     assert not os.listdir(tmp_path)  # refused before the run folder is touched
 
 
