@@ -63,7 +63,7 @@ from tqdm import tqdm
 
 from checkpoint import load_checkpoint, load_policy, save_checkpoint
 from config import ConfigError
-from data import DataError, decode, encode, load_imdb, write_jsonl
+from data import DataError, atomic_write, decode, encode, load_imdb, write_jsonl
 from model import sample_responses
 from runtime import setup_device
 
@@ -192,14 +192,12 @@ def convert_aclimdb(extracted_dir, dest):
             for name in sorted(names, key=lambda n: int(n.split("_")[0])):
                 review_id, rating = map(int, name[:-4].split("_"))
                 rows.append((os.path.join(full, name), dict(id=review_id, rating=rating, label=label)))
-        out = os.path.join(dest, f"{split}.jsonl.gz")
-        tmp = out + ".tmp"
         # mtime=0: the same reviews give the same bytes
-        with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
+        with atomic_write(os.path.join(dest, f"{split}.jsonl.gz"), "wb") as raw, \
+                gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
             for file, row in tqdm(rows, desc=f"converting {split}", unit="review", disable=None):
                 with open(file, encoding="utf-8", newline="") as review:  # newline="": the text as written
                     f.write((json.dumps(dict(row, text=review.read())) + "\n").encode())
-        os.replace(tmp, out)
 
 
 def download_imdb(dest):

@@ -354,8 +354,9 @@ def preference_step(cfg, policy, ref, optimizer, reward_fn, step, device, ctx):
 def best_of_n_rows(cfg, run, target, ref, reward_fn, device, ctx):
     """Best-of-N has no training: rows for N = 1, 2, 4, ..., cfg.n (the row's step is N) with the exact metrics of
     its distribution, and a check of that distribution by sampling: the mean reward of ppo.select_best over
-    cfg.batch_size groups of N against the exact E[r]."""
-    ref_p, final = target.ref_logp.exp(), {}
+    cfg.batch_size groups of N against the exact E[r]. Returns the rows of the largest N and of the N closest to the
+    optimum."""
+    ref_p, rows = target.ref_logp.exp(), []
     ns = sorted({2 ** i for i in range(int(math.log2(cfg.n)) + 1)} | {cfg.n})
     for n in ns:
         p = best_of_n_probs(target.r, n, ref_p)
@@ -370,8 +371,8 @@ def best_of_n_rows(cfg, run, target, ref, reward_fn, device, ctx):
         m.update({"kl/bound": best_of_n_kl_bound(n), "sampled/reward": best.mean().item(),
                   "sampled/reward_se": (best.std() / math.sqrt(best.numel())).item()})
         run.log(n, **m)
-        final = dict(m, step=n)
-    return final
+        rows.append(dict(m, step=n))
+    return rows[-1], min(rows, key=lambda row: row["kl_to_optimum"])
 
 
 def optimum(cfg):
@@ -390,10 +391,12 @@ def optimum(cfg):
     print(f"optimum: {cfg.method}, beta {cfg.beta}, {kind} responses to {cfg.prompt!r}; {info} "
           f"({time.time() - t0:.1f} s)")
     if cfg.method == "bon":
-        final = best_of_n_rows(cfg, run, target, ref, reward_fn, device, ctx)
+        final, best = best_of_n_rows(cfg, run, target, ref, reward_fn, device, ctx)
         run.save(cfg.n, policy)
-        run.summary(**final, **target.info)
-        print("done: " + ", ".join(f"{k} {final[k]:.4g}" for k in ("kl_to_optimum", "objective_gap", "tv_to_optimum")))
+        run.summary(**final, **target.info, **{f"best/{k}": v for k, v in best.items()})
+        shown = ("kl_to_optimum", "objective_gap", "tv_to_optimum")
+        print(f"done: N = {cfg.n}: " + ", ".join(f"{k} {final[k]:.4g}" for k in shown) + f"; closest to the optimum: "
+              f"N = {best['step']}: " + ", ".join(f"{k} {best[k]:.4g}" for k in shown))
         return 0
     critic = make_critic(cfg, policy, device) if cfg.method == "ppo" else None
     optimizer = make_optimizer(nn.ModuleDict(dict(policy=policy, **({"critic": critic} if critic else {}))), cfg,

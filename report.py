@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from config import ConfigError, opt
-from data import read_jsonl
+from data import atomic_write, read_jsonl
 from sft import best_of_n_kl_bound, best_of_n_probs
 
 KL_POINTS = (2.5, 5.0, 10.0)  # the gold@KL summary: nats per sequence
@@ -213,7 +213,7 @@ def write_report(report, out):
                                               f"{fit[k]['a']:.4f} | {fit[k]['b']:.4f} | {fit[k]['rmse']:.4f}"
                                               for k in ("gold", "proxy")) + " |")
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in report["timings_s"].items())]
-    with open(os.path.join(out, "results.md"), "w") as f:
+    with atomic_write(os.path.join(out, "results.md")) as f:
         f.write("\n".join(lines) + "\n")
 
     # gold reward against KL: every checkpoint (final policies large, earlier ones small), each replicate's frontier

@@ -168,7 +168,7 @@ def load_pair_splits(data, eval_data, max_pairs, block_size, append_eos=True):
         eval_rows, _ = load_pairs(eval_data, max_pairs, block_size, append_eos)
     else:
         if len(train_rows) < 2:
-            raise DataError(f"{data}: {len(train_rows)} pair(s); at least 2 are needed to hold out an eval split "
+            raise DataError(f"{data}: {plural(len(train_rows), 'pair')}; at least 2 are needed to hold out an eval split "
                             f"(or give --eval_data)")
         (train_rows, eval_rows), train_pairs = heldout_split(train_rows), heldout_split(train_pairs)[0]
     print(f"pairs: {len(train_rows):,} training, {len(eval_rows):,} eval "

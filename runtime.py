@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from config import ConfigError, TrainingError, check_config, given_keys, snapshot_steps
-from data import read_json, write_json
+from data import atomic_write, read_json, write_json
 from dist import (GradSum, any_rank, broadcast_from_rank0, from_rank0, is_main, rank, rank_seed, world)
 from model import GPT
 
@@ -239,9 +239,8 @@ class Run:
             return
         with open(self.metrics_path) as f:
             rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-        with open(self.metrics_path + ".tmp", "w") as f:
+        with atomic_write(self.metrics_path) as f:
             f.writelines(rows)
-        os.replace(self.metrics_path + ".tmp", self.metrics_path)
 
     def steps(self, start, desc=None):
         """The steps start .. max_iters - 1, with a progress bar (none in logs and on ranks > 0)."""

@@ -139,6 +139,8 @@ def test_best_of_n_rows(tmp_path):
         assert r["kl_to_ref"] <= r["kl/bound"] + 1e-9
         assert abs(r["sampled/reward"] - r["reward"]) < 4 * r["sampled/reward_se"]
     assert rows[1]["kl_to_optimum"] < rows[0]["kl_to_optimum"]  # N = 2 is closer to pi* than pi_ref at beta 1
+    best = min(rows, key=lambda r: r["kl_to_optimum"])  # the N closest to the optimum is in the summary too
+    assert summary["best/step"] == best["step"] and summary["best/kl_to_optimum"] == best["kl_to_optimum"]
 
 
 def test_the_command_line_with_a_few_tokens(tmp_path):

@@ -113,43 +113,48 @@ def test_unknown_stage_is_refused(in_process):
     assert code == 2 and "unknown stage 'bogus'" in err
 
 
-def test_kill_and_resume_sft_gives_the_same_result(corpus, tmp_path):
-    args = ["sft", f"--data={corpus}", *SFT_FAST, "--max_iters=30", "--ckpt_interval=5", "--dropout=0.1"]
-    run_cli(*args, f"--out_dir={tmp_path}/straight")
-    hits = kill_and_resume(args, str(tmp_path / "killed"), kills=2, seed=1)
+RESUMED = ["sft", "--max_iters=12", "--ckpt_interval=2", "--dropout=0.1", *SFT_FAST, "--block_size=32"]  # + --data
+
+
+@pytest.fixture(scope="module")
+def straight(corpus, tmp_path_factory):
+    """An uninterrupted run, for the interrupted ones to end equal to."""
+    out = tmp_path_factory.mktemp("straight")
+    run_cli(*RESUMED, f"--data={corpus}", f"--out_dir={out}")
+    return out
+
+
+def test_kill_and_resume_sft_gives_the_same_result(corpus, straight, tmp_path):
+    hits = kill_and_resume([*RESUMED, f"--data={corpus}"], str(tmp_path / "killed"), kills=2, seed=1)
     assert hits >= 1
-    a, b = read_json(tmp_path / "straight/summary.json"), read_json(tmp_path / "killed/summary.json")
-    assert a == b  # bit for bit: every metric, dropout and data order included
-    ma, mb = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "killed")
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "ms_per_step"} for r in rows]
-    assert strip(ma) == strip(mb)  # the log continued with no duplicate and no missing row
+    # bit for bit: every metric, dropout and data order included; the log continued with no duplicate or missing row
+    assert read_json(straight / "summary.json") == read_json(tmp_path / "killed/summary.json")
+    assert timeless(read_metrics(straight)) == timeless(read_metrics(tmp_path / "killed"))
 
 
-def test_ctrl_c_then_the_printed_command_resumes_the_run_it_names(corpus, tmp_path, in_process):
+def test_ctrl_c_then_the_printed_command_resumes_the_run_it_names(corpus, straight, tmp_path, in_process):
     """Stopped with Ctrl-C, a run on the user's own data prints `python train.py sft --resume --out_dir=X`; that
     command alone takes every key from X/config.json and ends where the uninterrupted run ends. A key that would change
     the run is refused on --resume, naming it; more steps are taken and recorded as a change at the step the run
     resumed from, the keys it started with left as they were."""
-    args = ["sft", f"--data={corpus}", *SFT_FAST, "--max_iters=30", "--ckpt_interval=2", "--dropout=0.1"]
-    run_cli(*args, f"--out_dir={tmp_path}/straight")
     out = tmp_path / "stopped"
-    hint, _ = interrupt_and_resume(args, str(out))
+    hint, _ = interrupt_and_resume([*RESUMED, f"--data={corpus}"], str(out))
     assert hint == f"python train.py sft --resume --out_dir={out}"
-    assert read_json(out / "summary.json") == read_json(tmp_path / "straight/summary.json")
-    assert timeless(read_metrics(out)) == timeless(read_metrics(tmp_path / "straight"))
+    assert read_json(out / "summary.json") == read_json(straight / "summary.json")
+    assert timeless(read_metrics(out)) == timeless(read_metrics(straight))
     started = read_json(out / "config.json")
-    assert started == read_json(tmp_path / "straight/config.json") | dict(out_dir=str(out))
+    assert started == read_json(straight / "config.json") | dict(out_dir=str(out))
     for key in ("--learning_rate=5e-3", "--batch_size=16", "--seed=4", f"--data={corpus},{corpus}"):
         code, _, err = in_process("sft", "--resume", f"--out_dir={out}", key)
         assert one_line_error(code, err) and f"--resume: {key.split('=')[0]}=" in err and "differs" in err, err
     code, _, err = in_process("sft", "--resume", f"--out_dir={out}", "--max_iters=10")
-    assert one_line_error(code, err) and "--max_iters=10 is below step 30" in err
-    assert in_process("sft", "--resume", f"--out_dir={out}", "--max_iters=35", "--log_interval=1")[0] == 0
+    assert one_line_error(code, err) and "--max_iters=10 is below step 12" in err
+    assert in_process("sft", "--resume", f"--out_dir={out}", "--max_iters=17", "--log_interval=1")[0] == 0
     config_json = read_json(out / "config.json")
     assert {k: v for k, v in config_json.items() if k != "changes"} == started  # the past is not rewritten
-    assert config_json["changes"] == [dict(step=30, max_iters=[30, 35], log_interval=[5, 1])]
-    assert read_json(out / "summary.json")["step"] == 35
-    assert [r["step"] for r in read_metrics(out)][-6:] == [30, 31, 32, 33, 34, 35]
+    assert config_json["changes"] == [dict(step=12, max_iters=[12, 17], log_interval=[5, 1])]
+    assert read_json(out / "summary.json")["step"] == 17
+    assert [r["step"] for r in read_metrics(out)][-6:] == [12, 13, 14, 15, 16, 17]
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
