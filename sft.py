@@ -53,7 +53,8 @@ class SFTConfig(TrainConfig, ModelConfig, OptimConfig):
     max_docs: int = opt(0, "read at most this many records per file (0: all)", min=0)
 
 
-# the data: a corpus as one token stream, or prompt/response examples
+# ----------------------------------------------------------------------------------------------------------------
+# stage sft: its data (a corpus as one token stream, or prompt/response examples), its loss, its loop
 
 def encode_corpus(texts, desc="tokenizing", chunk_size=1024):
     """Documents -> one flat np.uint16 array of their tokens, each document followed by EOS."""
