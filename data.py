@@ -586,7 +586,7 @@ def split_file(path, eval_fraction, out_prefix):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="python data.py split FILE --out=PREFIX: the last 10%% of FILE's "
+    parser = argparse.ArgumentParser(description="python data.py split FILE --out=PREFIX: the last 10% of FILE's "
                                                  "records to PREFIX-eval.jsonl, the rest to PREFIX-train.jsonl")
     parser.add_argument("command", choices=["split"])
     parser.add_argument("file")
@@ -598,4 +598,5 @@ if __name__ == "__main__":
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"{args.out}-train.jsonl: {n_train} records; {args.out}-eval.jsonl: {n_eval} records")
+    print(f"{args.out}-train.jsonl: {n_train:,} record{'s' * (n_train != 1)}; {args.out}-eval.jsonl: {n_eval:,} "
+          f"record{'s' * (n_eval != 1)}")
