@@ -306,8 +306,11 @@ class Run:
             ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=True, mmap=True)
             save_checkpoint(os.path.join(self.dir, f"ckpt-{done}.pt"),
                             {k: ckpt[k] for k in ("kind", "stage", "step", "model", "model_args")})
-        if self.stop_requested and is_main():
-            print(f"stopped at step {done}; continue with: python train.py {self.stage} --resume "
+        if self.stop_requested and is_main():  # the command that continues it (torchrun: as many processes again)
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", world()))
+            launcher = ("python" if world() == 1 else f"torchrun --nproc_per_node={local}" if local == world() else
+                        "torchrun (on every machine, as launched)")
+            print(f"stopped at step {done}; continue with: {launcher} train.py {self.stage} --resume "
                   f"--out_dir={shlex.quote(self.dir)}", file=sys.stderr)
         return self.stop_requested
 
