@@ -134,6 +134,7 @@ def test_dpo_two_processes_killed_and_resumed_give_the_loss_curve_of_one(tiny, t
     assert p.returncode != 0, "the run finished before it was stopped: nothing was tested"
     stopped = torch.load(two / "ckpt.pt", weights_only=True)["step"]
     assert 1 <= stopped < 14 and len(read_metrics(two)) == stopped, err[-2000:]
+    assert f"continue with: torchrun --nproc_per_node=2 train.py dpo --resume --out_dir={two}" in err, err[-2000:]
     torchrun(*args, f"--out_dir={two}", "--resume")
     one = curve(tmp_path / "one")
     assert curve(two) == pytest.approx(one, **TOL)
