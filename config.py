@@ -163,8 +163,7 @@ def check_device(name):
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device={name}: CUDA is not available on this machine")
     if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
-        n = torch.cuda.device_count()
-        raise ConfigError(f"--device={name}: this machine has {n} CUDA device{'s' * (n != 1)}")
+        raise ConfigError(f"--device={name}: this machine has {plural(torch.cuda.device_count(), 'CUDA device')}")
     if name == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"--device={name}: MPS is not available on this machine")
 
@@ -178,6 +177,11 @@ def snapshot_steps(cfg):
                 raise ConfigError(f"--snapshot_steps={cfg.snapshot_steps}: {part.strip()!r} is not a positive step")
             steps.add(int(part))
     return steps
+
+
+def plural(n, word):
+    """'1 step', '2 steps': for the messages of every stage."""
+    return f"{n:,} {word}{'s' * (n != 1)}"
 
 
 def config_help(cls, usage):

@@ -54,6 +54,8 @@ import torch
 from tiktoken import Encoding
 from tiktoken.load import load_tiktoken_bpe
 
+from config import plural
+
 EOS = 50256           # <|endoftext|>: ends every response and separates documents
 PAD = 50257           # padding only: an id GPT-2 never produces, so padding can't be mistaken for an EOS
 
@@ -598,5 +600,4 @@ if __name__ == "__main__":
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"{args.out}-train.jsonl: {n_train:,} record{'s' * (n_train != 1)}; {args.out}-eval.jsonl: {n_eval:,} "
-          f"record{'s' * (n_eval != 1)}")
+    print(f"{args.out}-train.jsonl: {plural(n_train, 'record')}; {args.out}-eval.jsonl: {plural(n_eval, 'record')}")

@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import frozen_dtype, load_policy
-from config import ConfigError, OptimConfig, TrainConfig, opt
+from config import ConfigError, OptimConfig, TrainConfig, opt, plural
 from data import epoch_indices
 from dist import all_mean, micro_batches, world_note
 from model import response_logprobs
 from reward import PairsConfig, batches_in_order, load_pair_splits, pair_batch, plan
-from runtime import Run, check_finite, make_optimizer, optimizer_step, plural, setup_device
+from runtime import Run, check_finite, make_optimizer, optimizer_step, setup_device
 
 
 def preference_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,

@@ -45,13 +45,13 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from checkpoint import frozen_dtype, load_policy
-from config import ConfigError, OptimConfig, TrainConfig, opt
+from config import ConfigError, OptimConfig, TrainConfig, opt, plural
 from data import derived_seed, epoch_indices, load_prompts, write_jsonl
 from dist import (accumulate, all_sum, global_mean, global_means, is_main, masked_var, my_share, rank_seed, whiten,
                   world, world_note)
 from model import Samples, last_real_index, response_logprobs, sample_responses
 from reward import RewardModel, RewardSpec, make_critic, make_reward
-from runtime import Clock, Run, check_finite, make_optimizer, optimizer_step, plural, setup_device, shorten
+from runtime import Clock, Run, check_finite, make_optimizer, optimizer_step, setup_device, shorten
 
 SAMPLING, SHUFFLE, EVAL = range(3)  # the random streams of a step: derived_seed(seed, step, stream)
 

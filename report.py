@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from config import ConfigError, opt
+from config import ConfigError, opt, plural
 from data import atomic_write, read_jsonl
 from sft import best_of_n_kl_bound, best_of_n_probs
 
@@ -177,7 +177,7 @@ def write_report(report, out):
     reps, R, T = report["replicates"], len(report["replicates"]), report["max_new_tokens"]
     lines = [f"IMDb controlled sentiment, preset {report['preset']} on {report['device']}: {report['k']} SFT samples "
              f"per prefix and every pair of them ({report['k'] * (report['k'] - 1) // 2} per prefix), "
-             f"{report['labels']} labels; {R} replicate{'s' * (R != 1)}."] + \
+             f"{report['labels']} labels; {plural(R, 'replicate')}."] + \
         [f"- replicate {rep['replicate']} (seed {rep['seed']}): labels agree with the gold reward on "
          f"{rep['preference_agreement']:.1%} of pairs; proxy reward model eval accuracy {rep['reward_accuracy']:.1%}"
          for rep in reps]
@@ -236,7 +236,7 @@ def write_report(report, out):
             ax.plot([0], [res["sft"][key]], "k*", label="SFT" if i == 0 else None)
         ax.set_xlabel("KL(π ‖ π_ref), nats per response")
         ax.set_ylabel(f"{key} reward" + (" (P(positive))" if key == "gold" else " (normalised)"))
-        ax.set_title(f"{key} reward vs KL, {R} replicate{'s' * (R != 1)}\n(small dots: checkpoints along training"
+        ax.set_title(f"{key} reward vs KL, {plural(R, 'replicate')}\n(small dots: checkpoints along training"
                      + ("; lines: each method's frontier of unbeaten points)" if key == "gold" else ")"), fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)

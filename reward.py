@@ -33,12 +33,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import block_size_for, disable_dropout, load_checkpoint, load_policy, model_from_checkpoint
-from config import ConfigError, ModelConfig, OptimConfig, RunConfig, TrainConfig, opt
+from config import ConfigError, ModelConfig, OptimConfig, RunConfig, TrainConfig, opt, plural
 from data import (DataError, Example, epoch_indices, heldout_split, load_preferences, load_prompts,
                   load_sft, looks_like_preferences, tokenize_pair, write_jsonl)
 from dist import all_mean, all_sum, micro_batches, world_note
 from model import GPT, GPTConfig, ScalarHead, last_real_index, layout_batch, sample_responses
-from runtime import Run, check_finite, make_optimizer, optimizer_step, plural, setup_device, shorten
+from runtime import Run, check_finite, make_optimizer, optimizer_step, setup_device, shorten
 
 
 class RewardModel(nn.Module):

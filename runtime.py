@@ -38,18 +38,19 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from config import ConfigError, TrainingError, check_config, given_keys, snapshot_steps
+from config import ConfigError, TrainingError, check_config, given_keys, plural, snapshot_steps
 from data import atomic_write, read_json, write_json
 from dist import (GradSum, any_rank, broadcast_from_rank0, from_rank0, is_main, rank, rank_seed, world)
 from model import GPT
 
-# keys that only extend or observe a run: --resume may change them; and a re-run of the same config may differ in
-# them without being another run (micro_batch_size splits the same batch's gradient into other sums, gpus places
-# the pipeline's sub-runs)
+# keys that only extend or observe a run: --resume may change them (recorded as a change at that step)
 RESUME_KEYS = ("resume", "out_dir", "max_iters", "log_interval", "eval_interval", "ckpt_interval", "ckpt_minutes",
                "device", "tracker", "compile", "grad_checkpoint", "micro_batch_size", "snapshot_interval",
                "snapshot_steps", "gpus", "jobs")
-RESTART_KEYS = tuple(k for k in RESUME_KEYS if k not in ("max_iters", "device")) + ("overwrite",)
+# keys in which a new run may differ from the folder's and still be the same run (micro_batch_size splits the same
+# batch's gradient into other sums, gpus places the pipeline's sub-runs)
+RESTART_KEYS = ("resume", "overwrite", "log_interval", "ckpt_interval", "ckpt_minutes", "grad_checkpoint", "tracker",
+                "micro_batch_size", "gpus")
 # keys that name files a run reads: none may lie inside its own run folder
 INPUT_KEYS = ("init_from", "ref", "ckpt", "policy", "reward", "data", "eval_data", "prompts", "eval_prompts",
               "unsafe_prompts", "sft")
@@ -548,9 +549,4 @@ def shorten(text, limit=200):
     if len(text) <= limit:
         return text
     more = len(text) - limit
-    return text[:limit] + f"... [{more:,} more character{'s' * (more != 1)}]"
-
-
-def plural(n, word):
-    """'1 step', '2 steps'."""
-    return f"{n:,} {word}{'s' * (n != 1)}"
+    return text[:limit] + f"... [{plural(more, 'more character')}]"

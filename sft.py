@@ -28,13 +28,13 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import block_size_for, load_checkpoint, load_policy, model_from_checkpoint, frozen_dtype
-from config import ConfigError, ModelConfig, OptimConfig, RunConfig, TrainConfig, opt
+from config import ConfigError, ModelConfig, OptimConfig, RunConfig, TrainConfig, opt, plural
 from data import (EOS, derived_seed, epoch_indices, get_tokenizer, heldout_split, load_prompts, load_sft, tokenize_pair,
                   write_jsonl)
 from dist import all_sum, gather_objects, is_main, micro_batches, my_share, rank_seed, world, world_note
 from model import GPT, GPTConfig, layout_batch, response_logprobs, sample_responses
 from reward import RewardSpec, make_reward
-from runtime import Run, check_finite, make_optimizer, optimizer_step, plural, setup_device, shorten
+from runtime import Run, check_finite, make_optimizer, optimizer_step, setup_device, shorten
 
 DEFAULT_SFT_DATA = "assets/imdb-train-sample.jsonl.gz,assets/imdb-unsup-sample.jsonl.gz"
 SAMPLING = 0  # the random stream of best-of-N's samples: rank_seed(seed, 0, SAMPLING), as ppo.py's first stream
