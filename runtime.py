@@ -162,8 +162,8 @@ class Run:
             if 0 < getattr(self.cfg, "max_iters", 1) < self.ckpt["step"]:
                 raise ConfigError(f"--max_iters={self.cfg.max_iters} is below step {self.ckpt['step']}, where this run "
                                   f"already is")
-        elif not replaces_output:
-            self._check_reuse()
+        else:
+            self._check_reuse(replaces_output)
 
     def _lock(self):
         """Hold an exclusive lock on out_dir/.lock until the process ends. A folder this process already holds
@@ -180,8 +180,9 @@ class Run:
                               f"--out_dir)") from None
         _LOCKS[key] = f
 
-    def _check_reuse(self):
-        """A new run may reuse a folder of the same stage and config (a re-run); another stage or config only with
+    def _check_reuse(self, replaces_output=False):
+        """A new run may reuse a folder of the same stage and config (a re-run), or of the same stage whatever its
+        config when it only replaces its own output (sample, score); another stage or config only with
         --overwrite."""
         path = os.path.join(self.dir, "config.json")
         if not os.path.exists(path):
@@ -191,6 +192,8 @@ class Run:
         except (ValueError, UnicodeDecodeError):
             old = dict(stage="unreadable (config.json is not JSON)")
         new = self.config
+        if replaces_output and old.get("stage") == new["stage"]:
+            return
         changed = sorted(k for k in set(old) | set(new) if k not in RESTART_KEYS and old.get(k) != new.get(k))
         if changed and not getattr(self.cfg, "overwrite", False):
             what = (f"a {old.get('stage')} run" if old.get("stage") != new["stage"] else
@@ -207,10 +210,10 @@ class Run:
         path = os.path.join(self.dir, "config.json")
         try:
             if self.ckpt is not None:  # --resume: the run's keys stay; what changed is added at this step
-                stored = read_json(path)
                 if getattr(self.cfg, "changes", None):
+                    stored = read_json(path)
                     stored.setdefault("changes", []).append(dict(step=self.ckpt["step"], **self.cfg.changes))
-                write_json(path, stored)
+                    write_json(path, stored)
                 self._truncate_metrics(self.ckpt["step"])
             else:
                 for name in os.listdir(self.dir):  # nothing of an earlier run is left to mix with this one

@@ -376,6 +376,12 @@ def test_sampling_and_scoring_again_with_other_arguments_replace_their_output(tm
         assert code == 0, err
         rows = [json.loads(line) for line in open(out / "samples.jsonl")]
         assert [r["prompt"] for r in rows] == [prompt]
+    # a folder of another stage is still not replaced without --overwrite: its checkpoint stays
+    data.write_json(tmp_path / "config.json", dict(stage="sft", out_dir=str(tmp_path)))
+    (tmp_path / "ckpt.pt").write_bytes(b"not to be lost")
+    code, _, err = in_process("sample", "--ckpt=assets/sft-imdb-cpu.pt", "--max_new_tokens=3", f"--out_dir={tmp_path}")
+    assert one_line_error(code, err) and "holds a sft run; add --overwrite" in err
+    assert (tmp_path / "ckpt.pt").read_bytes() == b"not to be lost"
 
 
 def test_a_run_that_failed_before_its_first_step_leaves_nothing_that_refuses_the_corrected_run(tmp_path, corpus,
