@@ -192,8 +192,9 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def logits(self, h):
-        """Logits over GPT-2's real vocabulary only: (..., C) -> (..., 50257)."""
-        return self.lm_head(h)[..., :N_REAL_TOKENS]
+        """Logits over GPT-2's real vocabulary only: (..., C) -> (..., 50257). The weight's rows are sliced, not the
+        output's columns: the same numbers, without copying a logits-sized tensor (and zero-filling one in backward)."""
+        return F.linear(h, self.lm_head.weight[:N_REAL_TOKENS])
 
     def forward(self, idx, targets=None, mask=None):
         """nanoGPT's interface: logits (B, T, 50257) and, given targets (B, T), the mean cross-entropy over

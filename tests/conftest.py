@@ -15,6 +15,11 @@ from pathlib import Path
 
 import pytest
 
+# One intra-op thread per process: the suite runs on 2 cores with the tiny pipeline's story in a background thread
+# (below) and training runs in subprocesses, so more threads would only wait on each other (measured: ~60 CPU-seconds
+# spent spinning over the suite with PyTorch's default of one thread per core).
+os.environ["OMP_NUM_THREADS"] = "1"
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
