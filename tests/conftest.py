@@ -20,6 +20,11 @@ import pytest
 # spent spinning over the suite with PyTorch's default of one thread per core).
 os.environ["OMP_NUM_THREADS"] = "1"
 
+
+def child_env():
+    """The environment of a train.py child: this one's (one thread, above), unbuffered output, no progress bars."""
+    return dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -29,7 +34,7 @@ TINY_MODEL = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=64"]
 def run_cli(*args, timeout=240, check=True):
     """python train.py ARGS in the repository root; returns the CompletedProcess (text output). One thread (see
     one_thread below), so that runs compared bit for bit compute the same bits."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    env = child_env()
     p = subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
                        timeout=timeout, env=env)
     if check and p.returncode != 0:
@@ -53,7 +58,7 @@ def kill_and_resume(args, out_dir, kills=2, seed=0, timeout=240):
     `kills` times, resuming with --resume each time; then let it finish. Returns the number of kills that hit a
     running process (a run may finish before its kill)."""
     rng = random.Random(seed)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    env = child_env()
     ckpt = os.path.join(out_dir, "ckpt.pt")
     hits = 0
     for i in range(kills + 1):
@@ -82,7 +87,7 @@ def interrupt_and_resume(args, out_dir, sig=signal.SIGINT, timeout=240):
     """Start `train.py ARGS --out_dir=OUT` as a user would, press Ctrl-C (sig) once its first checkpoint exists, then
     run, verbatim, the command it printed ("continue with: python train.py STAGE --resume --out_dir=OUT"). Returns
     that command and what the resumed run printed (CompletedProcess)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    env = child_env()
     p = subprocess.Popen([sys.executable, "train.py", *map(str, args), f"--out_dir={out_dir}"], cwd=ROOT, env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     t0 = time.time()

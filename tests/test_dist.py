@@ -23,7 +23,7 @@ import config
 import runtime
 import pipeline
 import train
-from conftest import ROOT, read_metrics
+from conftest import ROOT, child_env, read_metrics
 from model import GPT, GPTConfig
 from test_reward import write_synthetic
 
@@ -32,7 +32,7 @@ TOL = dict(rel=1e-4, abs=1e-5)  # float32 sums taken in another order (per proce
 
 def torchrun(*args, nproc=2, wait=True):
     """python -m torch.distributed.run --nproc_per_node=2 train.py ARGS (one thread per process, as CI's cores)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    env = child_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
            "train.py", *map(str, args)]
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -257,7 +257,7 @@ def test_pipeline_refuses_a_damaged_committed_sft_model(tmp_path, monkeypatch):
 
 
 def imdb_cli(*args):
-    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    env = dict(os.environ, TQDM_DISABLE="1")
     return subprocess.run([sys.executable, "imdb.py", *args], cwd=ROOT, capture_output=True, text=True, env=env,
                           timeout=120)
 
@@ -272,7 +272,7 @@ def test_cli_never_overwrites_committed_assets_by_default():
 
 def test_download_without_network_is_one_line(tmp_path):
     # no network here: a proxy that refuses every connection stands in for a machine offline
-    env = dict(os.environ, OMP_NUM_THREADS="1", https_proxy="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
+    env = dict(os.environ, https_proxy="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
     p = subprocess.run([sys.executable, "imdb.py", "download", f"--dest={tmp_path / 'imdb'}"], cwd=ROOT,
                        capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 2, p.stderr

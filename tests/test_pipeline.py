@@ -22,7 +22,7 @@ import report  # noqa: E402
 import sft  # noqa: E402
 import pipeline  # noqa: E402
 import conftest  # noqa: E402
-from conftest import ROOT, read_json, run_cli  # noqa: E402
+from conftest import ROOT, child_env, read_json, run_cli  # noqa: E402
 from config import ConfigError, TrainingError, parse_config  # noqa: E402
 
 
@@ -285,7 +285,7 @@ def sub_runs_alive(folder):
 
 
 def start_pipeline(*args):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    env = child_env()
     # its own session, as a terminal's foreground job is: killpg below is the terminal's Ctrl-C
     return subprocess.Popen([sys.executable, "train.py", "pipeline", *args], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
