@@ -150,11 +150,21 @@ def in_process(capsys):
 BACKGROUND = {}  # name -> (thread, result box, folder)
 
 
+def waits_for_story(item):
+    """Does this test need the tiny pipeline's story (test_pipeline.py's fixture `tiny`)?"""
+    return "tiny" in getattr(item, "fixturenames", ()) and os.path.basename(str(item.fspath)) == "test_pipeline.py"
+
+
+def pytest_collection_modifyitems(items):
+    """The tests that wait for a story last (a stable sort keeps the rest in order): the foreground then works
+    while the story runs, instead of waiting for it halfway through the suite."""
+    items.sort(key=waits_for_story)
+
+
 def pytest_collection_finish(session):
     """Start the tiny pipeline's story when a collected test needs it (none when only other tests are selected)."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    if any("tiny" in getattr(item, "fixturenames", ()) and os.path.basename(str(item.fspath)) == "test_pipeline.py"
-           for item in session.items):
+    if any(map(waits_for_story, session.items)):
         import test_pipeline
         folder = Path(tempfile.mkdtemp(prefix="rlhf-tiny-"))
         box = {}
