@@ -81,6 +81,11 @@ SFT_CPU_PATH = os.path.join(ROOT, "assets", "sft-imdb-cpu.pt")
 SFT_CPU_SHA256 = "7b8011439137f8c1669b4611763ebec8437456661222c48109dffc9d47c566c3"
 
 
+# the one sampling temperature of the benchmark: every policy trains and is evaluated at it, and the reward model is
+# normalised on SFT samples drawn at it (a reward normalised at 0.7 would be off-centre on samples at 1.0)
+TEMPERATURE = 1.0
+
+
 # -----------------------------------------------------------------------------
 # the benchmark's presets (stage pipeline, pipeline.py)
 
@@ -153,6 +158,22 @@ def file_sha256(path):
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+_sha = {}
+
+
+def fingerprint(path):
+    """size and sha256 of a file (memoised by path, size and mtime); of a folder (a GPT-2 folder, --sft=DIR), those
+    of its files."""
+    if os.path.isdir(path):
+        return {f: fingerprint(os.path.join(path, f)) for f in sorted(os.listdir(path))
+                if os.path.isfile(os.path.join(path, f))}
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _sha:
+        _sha[key] = file_sha256(path)
+    return dict(size=st.st_size, sha256=_sha[key])
 
 
 def check_sha256(path, sha256, what):

@@ -35,8 +35,6 @@ Simplifications, on purpose:
 - Preferred-FT is stage sft on each pair's chosen response (a prefix's best sample appears once per pair it wins).
 """
 import dataclasses
-import hashlib
-import json
 import os
 import re
 import shutil
@@ -55,23 +53,20 @@ import dpo
 import ppo
 import reward
 import sft
-from checkpoint import disable_dropout, load_checkpoint, load_policy, model_from_checkpoint
+from checkpoint import load_checkpoint
 from config import ConfigError, RunConfig, TrainingError, opt, parse_config
-from data import load_imdb, read_json, read_jsonl, write_json, write_jsonl
-from imdb import (PRESETS, ROOT, SFT_CPU_PATH, SFT_CPU_SHA256, SPLITS, check_sha256, file_sha256, gold_reward,
-                  imdb_files, sft_samples, simulate_preferences, write_prompts)
-from report import bon_curve, gao_fits, gold_at_kl, write_report
-from runtime import RESTART_KEYS, Run, as_stored, effective_config, setup_device
+from data import load_imdb, read_json, read_jsonl, write_json
+from imdb import (PRESETS, ROOT, SFT_CPU_PATH, SFT_CPU_SHA256, SPLITS, TEMPERATURE, check_sha256, fingerprint,
+                  imdb_files, simulate_preferences, write_prompts)
+from report import (OBJECTIVE, OPTIMUM_BETAS, Evaluator, gao_fits, gold_at_kl, objective_gaps, pool_curves,
+                    sample_pool, write_report)
+from runtime import RESTART_KEYS, Run, as_stored, effective_config
 
-# the one sampling temperature of the benchmark: every policy trains and is evaluated at it, and the reward model is
-# normalised on SFT samples drawn at it (a reward normalised at 0.7 would be off-centre on samples at 1.0)
-TEMPERATURE = 1.0
 
 # method -> (stage, the key its strengths set); the data and reward each one gets are in method_args() below
 METHODS = dict(ppo=("ppo", "kl_coef"), ppo_gt=("ppo", "kl_coef"), dpo=("dpo", "beta"), ipo=("dpo", "beta"),
                rloo=("rloo", "kl_coef"), grpo=("grpo", "kl_coef"), pft=("sft", None),
                unlikelihood=("dpo", "alpha"))
-BON_NS = (1, 2, 4, 8, 16, 32, 64, 128)
 REPLICATE_STRIDE = 1000  # replicate r's seeds are the first's plus 1000 (r - 1): replicate 1 is the run of old
 
 
@@ -94,22 +89,6 @@ class PipelineConfig(RunConfig):
 
 # -----------------------------------------------------------------------------
 # reuse only what the same inputs made
-
-_sha = {}
-
-
-def fingerprint(path):
-    """size and sha256 of a file (memoised by path, size and mtime); of a folder (a GPT-2 folder, --sft=DIR), those
-    of its files."""
-    if os.path.isdir(path):
-        return {f: fingerprint(os.path.join(path, f)) for f in sorted(os.listdir(path))
-                if os.path.isfile(os.path.join(path, f))}
-    st = os.stat(path)
-    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
-    if key not in _sha:
-        _sha[key] = file_sha256(path)
-    return dict(size=st.st_size, sha256=_sha[key])
-
 
 def first_difference(old, new):
     """The first key whose value differs between two flat dicts, as 'key: old -> new'; None if they are equal."""
@@ -303,74 +282,6 @@ class Queue:
             raise TrainingError(f"{failed}: sub-run failed ({tail[0][:200]}); see its log.txt")
 
 
-# -----------------------------------------------------------------------------
-# evaluation: every policy on held-out prefixes, and best-of-N from the SFT policy
-
-class Evaluator:
-    """Policies on the held-out prefixes at TEMPERATURE: gold reward, proxy reward, KL(pi || pi_ref) (mean over samples
-    of the sum over tokens of log pi - log pi_ref). Every policy's weights go into one model (its decoding graphs stay
-    valid). Samples go to OUT_DIR/samples/NAME.jsonl, the result and what made it (files, prefixes, seed, lengths) to
-    NAME.json: a re-run reuses every evaluation whose inputs are unchanged."""
-
-    def __init__(self, ref_path, eval_prompts, cfg, max_new_tokens):
-        self.device, self.ctx = setup_device(cfg)
-        self.dtype, self.batch_size = cfg.dtype, 512  # the batch size sets the order of the random draws
-        self.ref_path, self.prompts, self.max_new_tokens = ref_path, eval_prompts, max_new_tokens
-        self.prompts_sha = hashlib.sha256(json.dumps(eval_prompts).encode()).hexdigest()
-        self.ref, self.policy, self.proxies = None, None, {}
-
-    def load(self, path):
-        if path == self.ref_path:
-            return self.ref
-        ckpt = load_checkpoint(path, "policy")
-        if self.policy is None or dataclasses.asdict(self.policy.config) != ckpt["model_args"]:
-            self.policy = disable_dropout(model_from_checkpoint(ckpt, path)).to(self.device).eval()
-        else:
-            model_from_checkpoint(ckpt, path, self.policy)
-        return self.policy
-
-    def __call__(self, name, path, proxy_path, out_dir, seed):
-        record = os.path.join(out_dir, "samples", f"{name}.json")
-        samples = os.path.join(out_dir, "samples", f"{name}.jsonl")
-        made_by = dict(policy=fingerprint(path), proxy=fingerprint(proxy_path), ref=fingerprint(self.ref_path),
-                       prompts=self.prompts_sha, seed=seed, max_new_tokens=self.max_new_tokens,
-                       temperature=TEMPERATURE, device=str(self.device), dtype=self.dtype, batch_size=self.batch_size)
-        stored = read_json(record) if os.path.exists(record) else None
-        if stored and os.path.exists(samples) and stored["made_by"] == dict(made_by, samples=fingerprint(samples)):
-            return stored["result"]
-        if self.ref is None:
-            self.ref = load_policy(self.ref_path, self.device)[0]
-        if proxy_path not in self.proxies:
-            self.proxies[proxy_path] = reward.load_reward_model(proxy_path, self.device)
-        policy = self.load(path)
-        with self.ctx:
-            ev = ppo.evaluate_policy(policy, self.ref, self.prompts, lambda p, r: torch.tensor(gold_reward(p, r)),
-                                 self.device, self.ctx, self.max_new_tokens, self.batch_size, TEMPERATURE,
-                                 seed=seed)
-            prox = reward.score_texts(self.proxies[proxy_path], [s["prompt"] for s in ev["samples"]],
-                               [s["response"] for s in ev["samples"]], self.device)
-        os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
-        write_jsonl(samples, [dict(prefix=s["prompt"], response=s["response"], gold=s["score"], proxy=pr, kl=s["kl"])
-                              for s, pr in zip(ev["samples"], prox)])
-        result = dict(gold=ev["score"], proxy=sum(prox) / len(prox), kl=ev["kl"], length=ev["length"])
-        # after the samples, with their fingerprint: a stop between, or samples changed since, re-evaluates
-        write_json(record, dict(made_by=dict(made_by, samples=fingerprint(samples)), result=result))
-        return result
-
-
-def best_of_n_pool(sft_path, proxy_path, prompts, pool, cfg, max_new_tokens, seed):
-    """Pool `pool` SFT samples per prompt (drawn with seed + 7), score them with both rewards, and read off
-    best-of-N (N <= pool) selected by the proxy and by the gold reward."""
-    todo, responses = sft_samples(sft_path, prompts, pool, cfg, max_new_tokens, seed + 7, TEMPERATURE,
-                                  "best-of-n pool")
-    device, ctx = setup_device(cfg)
-    proxy = reward.load_reward_model(proxy_path, device)
-    gold = torch.tensor(gold_reward(todo, responses)).view(len(prompts), pool)
-    with ctx:
-        prox = torch.tensor(reward.score_texts(proxy, todo, responses, device)).view(len(prompts), pool)
-    ns = [n for n in BON_NS if n <= pool]
-    return dict(proxy=bon_curve(prox, gold, prox, ns), gold=bon_curve(gold, gold, prox, ns))
-
 
 # -----------------------------------------------------------------------------
 # the pipeline, step by step
@@ -414,6 +325,7 @@ class Replicate:
     accuracy: float = None  # its proxy reward model's held-out accuracy
     policies: dict = field(default_factory=dict)  # policy name (RUN or RUN@STEP) -> evaluation
     best_of_n: dict = None
+    optimum: dict = None  # the exact optimum of E[r] - beta KL from the best-of-N pool, tilted by proxy and by gold
 
     def path(self, *parts):
         return os.path.join(self.dir, *parts)
@@ -575,6 +487,7 @@ def run_pipeline(cfg, run, queue, preset, methods, files, sft_arg):
     # fill, after them)
     jobs, after, owner = queue_jobs(preset, methods, reps, sft_ckpt, prompts_files[0], block_size, dev)
     evaluate = Evaluator(sft_ckpt, eval_prompts, cfg, preset["max_new_tokens"])
+    betas = sorted({*OPTIMUM_BETAS, *(b for m in methods if m in OBJECTIVE for b in preset["methods"][m])})
 
     def on_done(out_dir):
         queue.check()
@@ -582,8 +495,9 @@ def run_pipeline(cfg, run, queue, preset, methods, files, sft_arg):
         if name is None:  # a reward model: the SFT policy and best-of-N, scored by it
             rep.accuracy = read_json(os.path.join(out_dir, "summary.json")).get("eval/accuracy")
             rep.policies["sft"] = evaluate("sft", sft_ckpt, rep.path("reward", "ckpt.pt"), rep.dir, rep.seed)
-            rep.best_of_n = best_of_n_pool(sft_ckpt, rep.path("reward", "ckpt.pt"), eval_prompts[:preset["bon_prompts"]],
-                                           preset["bon_pool"], cfg, preset["max_new_tokens"], rep.seed)
+            gold, proxy = sample_pool(sft_ckpt, rep.path("reward", "ckpt.pt"), eval_prompts[:preset["bon_prompts"]],
+                                      preset["bon_pool"], cfg, preset["max_new_tokens"], rep.seed, rep.dir)
+            rep.best_of_n, rep.optimum = pool_curves(gold, proxy, betas)
             return
         for label, path in [*((f"{name}@{step}", p) for step, p in snapshots(out_dir).items()),
                             (name, os.path.join(out_dir, "ckpt.pt"))]:
@@ -602,9 +516,10 @@ def run_pipeline(cfg, run, queue, preset, methods, files, sft_arg):
     report = dict(preset=cfg.preset, device=cfg.device, k=preset["k"], labels=preset["labels"],
                   max_new_tokens=preset["max_new_tokens"], timings_s=timings,
                   replicates=[dict(replicate=rep.number, seed=rep.seed, preference_agreement=rep.agreement,
-                                   reward_accuracy=rep.accuracy, policies=rep.policies, best_of_n=rep.best_of_n)
-                              for rep in reps])
+                                   reward_accuracy=rep.accuracy, policies=rep.policies, best_of_n=rep.best_of_n,
+                                   optimum=rep.optimum) for rep in reps])
     report["gold_at_kl"] = gold_at_kl(report)
+    report["objective_gaps"] = objective_gaps(report)
     report["fits"] = gao_fits(report)
     write_report(report, cfg.out_dir)
     phase("report")

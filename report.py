@@ -1,13 +1,19 @@
 """
-The IMDb benchmark's report: gold reward at fixed KL along each method's frontier, Gao et al.'s over-optimisation
-fits, results.md and two figures, all functions of the per-policy numbers that pipeline.py measures (so a report can
-be redrawn from results.json alone); and stage `plot`, any run folder's metrics.jsonl as a PNG.
+The IMDb benchmark's evaluation and report. Evaluation: every policy on held-out prefixes (Evaluator), and a pool
+of SFT samples per prefix (sample_pool), from which best-of-N (bon_curve) and the exact optimum pi_ref exp(r / beta)
+/ Z restricted to the pool (optimum) are computed exactly. Report: gold reward at fixed KL along each method's
+frontier, each policy's distance to the optimum of its own objective (objective_gaps), Gao et al.'s
+over-optimisation fits, results.md and two figures, all functions of results.json (so a report can be redrawn from it
+alone); and stage `plot`, any run folder's metrics.jsonl as a PNG.
 
     python train.py plot --run=out/imdb/rep1/runs/ppo_beta0.05_seed1      # metrics.png beside its metrics.jsonl
 
 Policy names are RUN or RUN@STEP, RUN = METHOD_beta{b}_seed{s} (alpha for unlikelihood; METHOD_seed{s} for a method
 without a strength): method_of reads the method back.
 """
+import dataclasses
+import hashlib
+import json
 import math
 import os
 import re
@@ -16,11 +22,22 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import ppo
+import reward
+from checkpoint import disable_dropout, load_checkpoint, load_policy, model_from_checkpoint
 from config import ConfigError, opt, plural
-from data import atomic_write, read_jsonl
+from data import atomic_write, read_json, read_jsonl, write_json, write_jsonl
+from imdb import TEMPERATURE, fingerprint, gold_reward, sft_samples
+from runtime import setup_device
 from sft import best_of_n_kl_bound, best_of_n_probs
 
-KL_POINTS = (2.5, 5.0, 10.0)  # the gold@KL summary: nats per sequence
+KL_POINTS = (1.0, 2.5, 5.0, 10.0)  # the gold@KL summary: nats per sequence
+BON_NS = (1, 2, 4, 8, 16, 32, 64, 128)
+# the exact optimum's strengths (beside each method's own): from the pool itself (KL 0) to its best sample (log M)
+OPTIMUM_BETAS = tuple(10 ** (k / 8) for k in range(-24, 9))
+# the reward whose E[r] - beta KL each method maximises (its strength is beta): the proxy (DPO: the reward model
+# fitted to the same labels stands in for the one they imply), or the gold reward (PPO-GT)
+OBJECTIVE = dict(ppo="proxy", rloo="proxy", grpo="proxy", dpo="proxy", online_dpo="proxy", ppo_gt="gold")
 
 
 def method_of(name):
@@ -43,6 +60,49 @@ def bon_curve(select, gold, proxy, ns):
         out.append(dict(n=n, gold=float((gold.double() * p).sum(1).mean()),
                         proxy=float((proxy.double() * p).sum(1).mean()), kl=float(kl), kl_bound=best_of_n_kl_bound(n)))
     return out
+
+
+def optimum(select, gold, proxy, beta):
+    """The optimum of E[r] - beta KL(pi || pi_ref) restricted to a pool of M samples per prompt drawn from pi_ref:
+    pi*(j | x) = softmax_j(r_xj / beta), the pool's uniform distribution tilted by exp(r / beta) (pi* = pi_ref
+    exp(r / beta) / Z, Rafailov et al. 2023, Eq. 4). select = r, gold, proxy: (P, M). Returns, at beta: pi*'s expected
+    gold and proxy rewards; kl, KL(pi* || pool) = sum_j pi*_j log(M pi*_j) (at most log M); j, the objective
+    J* = beta mean_x log mean_j exp(r_xj / beta) (which is E_pi*[r] - beta KL), and j_se, its standard error over
+    prompts; ess, the mean over prompts of 1 / sum_j pi*_j^2, the pool samples pi* rests on. A few (small beta): the
+    pool is too small, and J* (a log of a sample mean) is underestimated."""
+    r, (P, M) = select.double(), select.shape
+    q = torch.softmax(r / beta, 1)
+    j = beta * (torch.logsumexp(r / beta, 1) - math.log(M))  # (P,)
+    return dict(beta=beta, gold=float((gold.double() * q).sum(1).mean()), proxy=float((proxy.double() * q).sum(1).mean()),
+                kl=float(torch.xlogy(q, M * q).sum(1).mean()), j=float(j.mean()),
+                j_se=float(j.std() / math.sqrt(P)) if P > 1 else 0.0, ess=float((1 / (q * q).sum(1)).mean()))
+
+
+def strength_of(name):
+    """'dpo_beta0.5_seed1@20' -> 0.5; None for a policy without one."""
+    m = re.search(r"_(?:beta|alpha)([^_@]+)_seed", name)
+    return float(m[1]) if m else None
+
+
+def objective_gaps(report):
+    """Each policy of a method in OBJECTIVE against the exact optimum of its own objective: J = E[r] - beta KL on the
+    held-out prefixes (its standard error from the samples' variances), J* at the same beta from the pool (optimum),
+    and the gap J* - J. few_samples: J* rests on fewer than 10 pool samples per prompt (ess), so it is too low."""
+    rows = []
+    for rep in report["replicates"]:
+        best = rep.get("optimum")
+        for name, r in rep["policies"].items() if best else ():
+            key, beta = OBJECTIVE.get(method_of(name)), strength_of(name)
+            star = next((o for o in best.get(key) or () if beta and math.isclose(o["beta"], beta)), None)
+            if star is None:
+                continue
+            v = r.get("var")
+            se = math.sqrt(max(v[key] - 2 * beta * v[f"{key}_kl"] + beta * beta * v["kl"], 0) / r["n"]) if v else None
+            j = r[key] - beta * r["kl"]
+            rows.append(dict(replicate=rep["replicate"], policy=name, reward=key, beta=beta, kl=r["kl"], j=j, j_se=se,
+                             kl_star=star["kl"], j_star=star["j"], j_star_se=star["j_se"], gap=star["j"] - j,
+                             few_samples=star["ess"] < 10))
+    return rows
 
 
 # -----------------------------------------------------------------------------
@@ -102,13 +162,15 @@ def frontier(policies, method):
 def gold_at_kl(report):
     """{method: {kl: {per_replicate, mean, spread, n}}} for kl in KL_POINTS: each replicate's frontier read at kl
     (best_at; None where it does not reach); mean and spread (max - min) over the replicates that reach it.
-    Best-of-N (by proxy, by gold) uses its KL from the pool."""
+    Best-of-N and the exact optimum (each selected or tilted by the proxy, by gold) use their KL from the pool."""
     reps = report["replicates"]
     curves = {}
     for m in sorted({method_of(n) for rep in reps for n in rep["policies"]} - {"sft"}):
         curves[m] = [frontier(rep["policies"], m) for rep in reps]
     for sel in ("proxy", "gold"):
         curves[f"bon_{sel}"] = [[(b["kl"], b["gold"]) for b in rep["best_of_n"][sel]] for rep in reps]
+    for sel in ("proxy", "gold") if all(rep.get("optimum") for rep in reps) else ():
+        curves[f"optimum_{sel}"] = [[(o["kl"], o["gold"]) for o in rep["optimum"][sel]] for rep in reps]
     summary = {}
     for m, per_rep in curves.items():
         summary[m] = {}
@@ -152,6 +214,111 @@ def gao_fits(report):
         form = "bon" if m.startswith("bon") else "rl"
         fits[m] = {key: gao_fit(d, [p[i] for p in pts], form) for i, key in ((1, "gold"), (2, "proxy"))}
     return fits
+
+
+# -----------------------------------------------------------------------------
+# evaluation: every policy on held-out prefixes; best-of-N and the exact optimum from a pool of SFT samples
+
+def stored_result(record, samples, made_by):
+    """The result that RECORD (a JSON file) holds if made_by made it and SAMPLES is still the file it wrote; else
+    None. A re-run reuses every evaluation whose inputs are unchanged."""
+    stored = read_json(record) if os.path.exists(record) else None
+    if stored and os.path.exists(samples) and stored["made_by"] == dict(made_by, samples=fingerprint(samples)):
+        return stored["result"]
+    return None
+
+
+def store_result(record, samples, rows, made_by, result):
+    """SAMPLES (rows, JSONL), then RECORD with their fingerprint: a stop between, or samples changed since, makes
+    them again."""
+    os.makedirs(os.path.dirname(samples), exist_ok=True)
+    write_jsonl(samples, rows)
+    write_json(record, dict(made_by=dict(made_by, samples=fingerprint(samples)), result=result))
+
+class Evaluator:
+    """Policies on the held-out prefixes at TEMPERATURE: gold reward, proxy reward, KL(pi || pi_ref) (mean over samples
+    of the sum over tokens of log pi - log pi_ref). Every policy's weights go into one model (its decoding graphs stay
+    valid). Samples go to OUT_DIR/samples/NAME.jsonl, the result and what made it (files, prefixes, seed, lengths) to
+    NAME.json (stored_result). The result holds the means, n and the samples' variances and covariances with the KL
+    (var), from which objective_gaps() takes the standard error of E[r] - beta KL."""
+
+    def __init__(self, ref_path, eval_prompts, cfg, max_new_tokens):
+        self.device, self.ctx = setup_device(cfg)
+        self.dtype, self.batch_size = cfg.dtype, 512  # the batch size sets the order of the random draws
+        self.ref_path, self.prompts, self.max_new_tokens = ref_path, eval_prompts, max_new_tokens
+        self.prompts_sha = hashlib.sha256(json.dumps(eval_prompts).encode()).hexdigest()
+        self.ref, self.policy, self.proxies = None, None, {}
+
+    def load(self, path):
+        if path == self.ref_path:
+            return self.ref
+        ckpt = load_checkpoint(path, "policy")
+        if self.policy is None or dataclasses.asdict(self.policy.config) != ckpt["model_args"]:
+            self.policy = disable_dropout(model_from_checkpoint(ckpt, path)).to(self.device).eval()
+        else:
+            model_from_checkpoint(ckpt, path, self.policy)
+        return self.policy
+
+    def __call__(self, name, path, proxy_path, out_dir, seed):
+        record = os.path.join(out_dir, "samples", f"{name}.json")
+        samples = os.path.join(out_dir, "samples", f"{name}.jsonl")
+        made_by = dict(policy=fingerprint(path), proxy=fingerprint(proxy_path), ref=fingerprint(self.ref_path),
+                       prompts=self.prompts_sha, seed=seed, max_new_tokens=self.max_new_tokens,
+                       temperature=TEMPERATURE, device=str(self.device), dtype=self.dtype, batch_size=self.batch_size)
+        stored = stored_result(record, samples, made_by)
+        if stored is not None:
+            return stored
+        if self.ref is None:
+            self.ref = load_policy(self.ref_path, self.device)[0]
+        if proxy_path not in self.proxies:
+            self.proxies[proxy_path] = reward.load_reward_model(proxy_path, self.device)
+        policy = self.load(path)
+        with self.ctx:
+            ev = ppo.evaluate_policy(policy, self.ref, self.prompts, lambda p, r: torch.tensor(gold_reward(p, r)),
+                                 self.device, self.ctx, self.max_new_tokens, self.batch_size, TEMPERATURE,
+                                 seed=seed)
+            prox = reward.score_texts(self.proxies[proxy_path], [s["prompt"] for s in ev["samples"]],
+                               [s["response"] for s in ev["samples"]], self.device)
+        x = torch.tensor([[s["score"], p, s["kl"]] for s, p in zip(ev["samples"], prox)], dtype=torch.float64)
+        cov = torch.cov(x.T, correction=1) if len(x) > 1 else torch.zeros(3, 3, dtype=torch.float64)
+        result = dict(gold=ev["score"], proxy=sum(prox) / len(prox), kl=ev["kl"], length=ev["length"], n=len(x),
+                      var=dict(gold=cov[0, 0].item(), proxy=cov[1, 1].item(), kl=cov[2, 2].item(),
+                               gold_kl=cov[0, 2].item(), proxy_kl=cov[1, 2].item()))
+        store_result(record, samples, [dict(prefix=s["prompt"], response=s["response"], gold=s["score"], proxy=pr,
+                                            kl=s["kl"]) for s, pr in zip(ev["samples"], prox)], made_by, result)
+        return result
+
+
+def sample_pool(sft_path, proxy_path, prompts, pool, cfg, max_new_tokens, seed, out_dir):
+    """`pool` SFT samples per prompt (drawn with seed + 7), scored by the gold reward and the proxy; kept, one row per
+    sample, in OUT_DIR/samples/pool.jsonl (a re-run with the same inputs reads them back). Returns (gold, proxy),
+    each (P, pool), a prompt's samples in its row."""
+    device, ctx = setup_device(cfg)
+    record, samples = (os.path.join(out_dir, "samples", f"pool.{ext}") for ext in ("json", "jsonl"))
+    made_by = dict(sft=fingerprint(sft_path), proxy=fingerprint(proxy_path), pool=pool, seed=seed + 7,
+                   prompts=hashlib.sha256(json.dumps(prompts).encode()).hexdigest(), max_new_tokens=max_new_tokens,
+                   temperature=TEMPERATURE, device=str(device), dtype=cfg.dtype)
+    if stored_result(record, samples, made_by) is None:
+        todo, responses = sft_samples(sft_path, prompts, pool, cfg, max_new_tokens, seed + 7, TEMPERATURE,
+                                      "best-of-n pool")
+        proxy = reward.load_reward_model(proxy_path, device)
+        with ctx:
+            prox = reward.score_texts(proxy, todo, responses, device)
+        store_result(record, samples, [dict(prefix=p, response=r, gold=g, proxy=s) for p, r, g, s in
+                                       zip(todo, responses, gold_reward(todo, responses), prox)], made_by,
+                     dict(prompts=len(prompts), pool=pool))
+    rows = [row for _, row in read_jsonl(samples)]
+    return (torch.tensor([row[key] for row in rows], dtype=torch.float64).view(len(prompts), pool)
+            for key in ("gold", "proxy"))
+
+
+def pool_curves(gold, proxy, betas):
+    """From one pool of SFT samples (gold, proxy: (P, M)): best-of-N selected by each reward, for N <= M (bon_curve),
+    and the exact optimum tilted by each reward at each beta (optimum)."""
+    ns = [n for n in BON_NS if n <= gold.size(1)]
+    best_of_n = dict(proxy=bon_curve(proxy, gold, proxy, ns), gold=bon_curve(gold, gold, proxy, ns))
+    return best_of_n, dict(pool=gold.size(1), **{key: [optimum(select, gold, proxy, b) for b in betas]
+                                                 for key, select in (("proxy", proxy), ("gold", gold))})
 
 
 # -----------------------------------------------------------------------------
@@ -205,6 +372,21 @@ def write_report(report, out):
             for r in rep["best_of_n"][sel]:
                 lines.append(f"| {rep['replicate']} | by {sel} | {r['n']} | {r['gold']:.3f} | {r['proxy']:+.3f} | "
                              f"{r['kl']:.3f} | {r['kl_bound']:.3f} |")
+    gaps = objective_gaps(report)
+    if gaps:
+        M = reps[0]["optimum"]["pool"]
+        lines += ["", f"Each policy against the exact optimum of its own objective J = E[r] - beta KL (r: the reward it "
+                  f"maximises, proxy or gold; beta: its strength), J* = beta E_x log E_ref[exp(r / beta)] from the pool "
+                  f"of {M} SFT samples per prefix (the optimum restricted to the pool; its KL is at most log {M} = "
+                  f"{math.log(M):.2f}); ± one standard error. '*': J* rests on fewer than 10 pool samples per prefix, "
+                  f"so it is underestimated.", "",
+                  "| replicate | policy | r | beta | KL | J | KL of the optimum | J* | gap J* - J |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        pm = lambda x, se: f"{x:+.3f}" + (f" ± {se:.3f}" if se is not None else "")
+        for g in sorted(gaps, key=lambda g: (g["replicate"], method_of(g["policy"]), g["policy"])):
+            lines.append(f"| {g['replicate']} | {g['policy']} | {g['reward']} | {g['beta']:g} | {g['kl']:.2f} | "
+                         f"{pm(g['j'], g['j_se'])} | {g['kl_star']:.2f} | {pm(g['j_star'], g['j_star_se'])}"
+                         f"{'*' if g['few_samples'] else ''} | {g['gap']:+.3f} |")
     lines += ["", "Gao et al. 2022's forms, fitted to reward minus the SFT model's against d = sqrt(KL): "
               "best-of-N d (a - b d), the others d (a - b log d).", "",
               "| method | gold a | gold b | gold rmse | proxy a | proxy b | proxy rmse |", "|---|---|---|---|---|---|---|"]
@@ -233,6 +415,9 @@ def write_report(report, out):
             for sel, style in (("proxy", "--"), ("gold", ":")):
                 ax.plot([r["kl"] for r in rep["best_of_n"][sel]], [r[key] for r in rep["best_of_n"][sel]], style,
                         color="C7", label=f"best-of-N by {sel}" if i == 0 else None)
+            for sel, style in (("proxy", "-."), ("gold", "-")) if rep.get("optimum") else ():
+                ax.plot([r["kl"] for r in rep["optimum"][sel]], [r[key] for r in rep["optimum"][sel]], style,
+                        color="k", alpha=0.5, lw=1, label=f"optimum tilted by {sel}" if i == 0 else None)
             ax.plot([0], [res["sft"][key]], "k*", label="SFT" if i == 0 else None)
         ax.set_xlabel("KL(π ‖ π_ref), nats per response")
         ax.set_ylabel(f"{key} reward" + (" (P(positive))" if key == "gold" else " (normalised)"))

@@ -85,6 +85,64 @@ def test_bon_kl_never_exceeds_the_bound_on_random_tied_pools():
 
 
 # -----------------------------------------------------------------------------
+# the exact optimum on a pool
+
+def brute_force_optimum(r, beta, steps=300):
+    """max over distributions q on a pool of 3 of sum q r - beta sum q log(3 q), by a grid over the simplex."""
+    best = (-math.inf, None)
+    for i in range(steps + 1):
+        for j in range(steps + 1 - i):
+            q = [i / steps, j / steps, (steps - i - j) / steps]
+            value = sum(qk * rk for qk, rk in zip(q, r)) - beta * sum(qk * math.log(3 * qk) for qk in q if qk > 0)
+            best = max(best, (value, q))
+    return best
+
+
+@pytest.mark.parametrize("beta", [0.05, 0.3, 1.0, 4.0])
+def test_optimum_on_a_pool_is_the_brute_force_maximum_of_its_objective(beta):
+    r, gold = [0.2, -1.0, 1.5], [0.9, 0.1, 0.3]
+    value, q = brute_force_optimum(r, beta)
+    got = report.optimum(torch.tensor([r]), torch.tensor([gold]), torch.tensor([r]), beta)
+    assert got["j"] == pytest.approx(value, abs=2e-3)  # the grid's resolution
+    assert got["gold"] == pytest.approx(sum(a * b for a, b in zip(q, gold)), abs=0.02)
+    assert got["j"] == pytest.approx(got["proxy"] - beta * got["kl"], abs=1e-12)  # J* = E[r] - beta KL, exactly
+    assert 0 <= got["kl"] <= math.log(3) + 1e-12 and 1 <= got["ess"] <= 3
+
+
+def test_optimum_runs_from_the_pool_to_its_best_sample_and_averages_prompts():
+    g = torch.Generator().manual_seed(0)
+    r, gold = torch.randn(4, 8, generator=g), torch.rand(4, 8, generator=g)
+    wide = report.optimum(r, gold, r, 1e4)  # beta large: the pool itself
+    assert wide["kl"] == pytest.approx(0, abs=1e-6) and wide["gold"] == pytest.approx(gold.mean().item(), abs=1e-4)
+    assert wide["ess"] == pytest.approx(8, abs=1e-3)
+    sharp = report.optimum(r, gold, r, 1e-4)  # beta small: each prompt's best sample, KL log M
+    assert sharp["kl"] == pytest.approx(math.log(8), abs=1e-6) and sharp["ess"] == pytest.approx(1)
+    assert sharp["gold"] == pytest.approx(gold.gather(1, r.argmax(1, keepdim=True)).double().mean().item())
+    # per prompt: J* of a pool of 4 prompts is the mean of each prompt's J* alone
+    alone = [report.optimum(r[i:i + 1], gold[i:i + 1], r[i:i + 1], 0.5)["j"] for i in range(4)]
+    assert report.optimum(r, gold, r, 0.5)["j"] == pytest.approx(sum(alone) / 4)
+    kls = [report.optimum(r, gold, r, b)["kl"] for b in report.OPTIMUM_BETAS]
+    assert all(a >= b for a, b in zip(kls, kls[1:]))  # the larger beta, the closer to the pool
+
+
+def test_objective_gap_is_measured_against_the_optimum_at_the_policy_s_own_beta():
+    opt = lambda key: [dict(beta=b, j=1.0 + b, j_se=0.01, kl=2.0, ess=5.0 if b < 0.1 else 50.0) for b in (0.05, 0.1)]
+    var = dict(gold=0.04, proxy=1.0, kl=4.0, gold_kl=0.1, proxy_kl=0.5)
+    rep = dict(replicate=1, optimum=dict(pool=8, proxy=opt("proxy"), gold=opt("gold")),
+               policies=dict(sft=policy(0.5, 0.0), **{"ppo_beta0.1_seed1": dict(policy(0.7, 3.0, 0.9), n=100, var=var),
+                                                      "ppo_gt_beta0.05_seed1@3": policy(0.6, 1.0),
+                                                      "pft_seed1": policy(0.6, 1.0), "ipo_beta0.1_seed1": policy(0.6, 1.0)}))
+    rows = {g["policy"]: g for g in report.objective_gaps(dict(replicates=[rep]))}
+    assert set(rows) == {"ppo_beta0.1_seed1", "ppo_gt_beta0.05_seed1@3"}  # methods without that objective: none
+    ppo_row = rows["ppo_beta0.1_seed1"]
+    assert ppo_row["j"] == pytest.approx(0.9 - 0.1 * 3.0) and ppo_row["gap"] == pytest.approx(1.1 - 0.6)
+    assert ppo_row["j_se"] == pytest.approx(math.sqrt((1.0 - 2 * 0.1 * 0.5 + 0.01 * 4.0) / 100))
+    gt = rows["ppo_gt_beta0.05_seed1@3"]  # gold is its reward; no variances stored: no standard error
+    assert gt["reward"] == "gold" and gt["j"] == pytest.approx(0.6 - 0.05) and gt["j_se"] is None
+    assert gt["few_samples"] and not ppo_row["few_samples"]
+
+
+# -----------------------------------------------------------------------------
 # which sub-runs are reused
 
 def fake_sub_run(out_dir, stage, args, summary=True, ckpt=False):
@@ -407,8 +465,14 @@ def test_tiny_pipeline_raises_the_gold_reward(tiny):
     assert {n.partition("@")[2] for n in res if "@" in n} == {"3", "6", "16"}
     assert {report.method_of(n) for n in res if "@" in n} == methods - {"pft"}
     assert [r["n"] for r in rep["best_of_n"]["gold"]] == [1, 2, 4, 8, 16]  # N <= the pool of 16
-    assert set(results["gold_at_kl"]) == methods | {"bon_proxy", "bon_gold"}
-    assert all(set(v) == {"2.5", "5.0", "10.0"} for v in results["gold_at_kl"].values())
+    assert set(results["gold_at_kl"]) == methods | {"bon_proxy", "bon_gold", "optimum_proxy", "optimum_gold"}
+    assert all(set(v) == {"1.0", "2.5", "5.0", "10.0"} for v in results["gold_at_kl"].values())
+    # the optimum by gold beats best-of-N by gold at equal KL, on the same pool (the tilt is the KL-optimal policy)
+    assert results["gold_at_kl"]["optimum_gold"]["1.0"]["mean"] >= results["gold_at_kl"]["bon_gold"]["1.0"]["mean"]
+    gaps = results["objective_gaps"]  # every RL and DPO policy, final and kept along training, against its optimum
+    assert {g["policy"] for g in gaps} == {n for n in res if report.method_of(n) in report.OBJECTIVE}
+    assert all(g["gap"] == pytest.approx(g["j_star"] - g["j"]) and g["j_se"] > 0 for g in gaps)
+    assert "exact optimum of its own objective" in tiny["results_md"]
     assert set(results["fits"]) == methods | {"bon_proxy"}
     assert "gold @ KL 2.5" in tiny["results_md"] and "| dpo |" in tiny["results_md"]
     assert all(head == b"\x89PNG\r\n\x1a\n" for head in tiny["pngs"].values())
