@@ -65,6 +65,15 @@ def save_checkpoint(path, ckpt):
                             f"is left as it was") from None
 
 
+def drop_resume_state(path):
+    """Rewrite a finished run's checkpoint without what only --resume needs (the optimizer's moments, PPO's critic):
+    a third of its size, or less. The weights, config and step stay."""
+    ckpt = safe_torch_load(path)
+    drop = [key for key in ("optimizer", "critic") if ckpt.get(key) is not None]
+    if drop:
+        save_checkpoint(path, {**ckpt, **dict.fromkeys(drop)})
+
+
 @contextmanager
 def signals_held():
     """Hold SIGINT and SIGTERM until the block ends, then deliver them to the handlers that were in place. (Swapping

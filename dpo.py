@@ -7,6 +7,12 @@ Preferred-FT, is `train.py sft` on the chosen responses as {prompt, response} ro
     python train.py dpo --data=pairs.jsonl.gz --init_from=out/sft/ckpt.pt               # DPO, beta 0.1
     python train.py dpo --data=pairs.jsonl.gz --init_from=out/sft/ckpt.pt --loss=ipo    # or --loss=cdpo
                                                                      # --label_smoothing=0.1, --reference_free
+    python train.py online_dpo --init_from=out/sft/ckpt.pt --prompts=prompts.jsonl --reward=out/reward/ckpt.pt
+
+Online DPO (Guo et al. 2024, "Direct Language Model Alignment from Online AI Feedback", arXiv 2402.04792):
+train_online() samples two responses per prompt from the current policy at every step, the reward (a reward model,
+as the paper's AI annotator, or a function) chooses one, and the same DPO loss trains on that pair: preferences
+from the policy's own distribution, not from a fixed data set.
 
 How (after the DPO reference code, github.com/eric-mitchell/direct-preference-optimization): a pair's log-probability under a model is the sum of its response tokens' log-probs
 (prompt masked, EOS appended to each response), computed by model.response_logprobs, the helper PPO uses too;
@@ -29,10 +35,10 @@ import torch.nn.functional as F
 
 from checkpoint import frozen_dtype, load_policy
 from config import ConfigError, OptimConfig, TrainConfig, opt, plural
-from data import epoch_indices
-from dist import all_mean, micro_batches, world_note
-from model import response_logprobs
-from reward import PairsConfig, batches_in_order, load_pair_splits, pair_batch, plan
+from data import epoch_indices, load_prompts
+from dist import all_mean, global_means, micro_batches, my_share, rank_seed, world_note
+from model import response_logprobs, sample_responses
+from reward import PairsConfig, RewardSpec, batches_in_order, load_pair_splits, make_reward, pair_batch, plan
 from runtime import Run, check_finite, make_optimizer, optimizer_step, setup_device
 
 
@@ -245,4 +251,90 @@ def train(cfg):
     final = run.summary(**final, step=cfg.max_iters, params=policy.num_params())
     print(f"done: eval rewards/accuracies {final['eval/rewards/accuracies']:.4f}, rewards/margins "
           f"{final['eval/rewards/margins']:.4f}, loss {final['eval/loss']:.4f}; checkpoint {run.ckpt_path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# online DPO: the pairs sampled from the policy at every step, labelled by a reward
+
+@dataclass
+class OnlineDPOConfig(RewardSpec, TrainConfig, OptimConfig):
+    out_dir: str = opt("out/online_dpo", "run folder")
+    init_from: str = opt("out/sft/ckpt.pt", "policy checkpoint to start from; a frozen copy of it is the reference")
+    ref: str = opt("", "reference policy checkpoint (default: --init_from)")
+    prompts: str = opt("", "training prompts: .txt lines or JSONL in any data.load_prompts format (required)")
+    max_prompts: int = opt(0, "read at most this many prompts (0: all)", min=0)
+    max_new_tokens: int = opt(48, "tokens sampled per response", min=1)
+    loss: str = opt("dpo", "dpo or ipo", choices=("dpo", "ipo"))
+    beta: float = opt(0.1, "beta: strength of the KL constraint to the reference", above=0.0)
+    batch_size: int = opt(64, "prompts per optimizer step, each giving one pair of sampled responses", min=1)
+    micro_batch_size: int = opt(0, "pairs per forward/backward pass (0: all of a step's)", min=0)
+    max_iters: int = opt(100, "optimizer steps", min=1)
+    learning_rate: float = opt(1e-5, "peak learning rate", min=0.0)
+    warmup_iters: int = opt(0, "linear warm-up steps", min=0)
+    log_interval: int = opt(1, "steps between log lines", min=1)
+
+
+def train_online(cfg):
+    """Online DPO: each step, two responses per prompt from the current policy at temperature 1 (so that the KL
+    logged is the policy's own, log pi - log pi_ref summed over a response), the higher-scored one chosen, and
+    preference_loss on the pairs, with the reference's log-probs computed on the fly. A pair whose two scores tie
+    carries no preference and no loss (it still counts in the batch's size, as a fixed denominator)."""
+    if not cfg.prompts:
+        raise ConfigError("--prompts: a prompts file is required")
+    run = Run(cfg, "online_dpo")
+    device, ctx = setup_device(cfg)
+    # 1. policy, reference, reward and prompts
+    policy, _ = load_policy(cfg.init_from, device, compile=cfg.compile)  # dropout off, eval mode: sampled as trained
+    ref = load_policy(cfg.ref or cfg.init_from, device, frozen_dtype(cfg), cfg.compile)[0].requires_grad_(False)
+    reward_fn = make_reward(cfg.reward, device, cfg.reward_weights, cfg.reward_combine, cfg.unsafe_prompts,
+                            dtype=frozen_dtype(cfg))
+    prompts = load_prompts(cfg.prompts, cfg.max_prompts or None)
+    optimizer = make_optimizer(policy, cfg, device)
+    start = run.restore(policy, optimizer)
+    print(f"online {cfg.loss}, beta {cfg.beta}: {cfg.batch_size} prompts x 2 sampled responses per step; "
+          f"{plural(cfg.max_iters, 'step')}; {plural(len(prompts), 'prompt')}; policy "
+          f"{policy.num_params() / 1e6:.2f}M parameters on {device} ({cfg.dtype}){world_note(cfg)}")
+    logps = lambda model, b, rows: response_logprobs(model, b.ids[rows], b.mask[rows], b.R).sum(-1)  # (len(rows),)
+
+    # 2. train
+    for step in run.steps(start, f"online {cfg.loss}"):
+        # 2a. this process's prompts, two samples of each (rows 2i, 2i + 1), their scores and reference log-probs
+        idx = epoch_indices(len(prompts), step, cfg.batch_size, cfg.seed)
+        share = my_share(range(len(idx)))  # this process's positions in the step's batch
+        g = torch.Generator(device=device).manual_seed(rank_seed(cfg.seed, step))
+        b = sample_responses(policy, [prompts[idx[i]] for i in share for _ in range(2)], cfg.max_new_tokens, g,
+                             device, ctx)
+        with torch.no_grad(), ctx:
+            scores = reward_fn(b.prompts, b.responses).float().view(-1, 2)  # (n, 2)
+            ref_lp = logps(ref, b, slice(None)).float().view(-1, 2)
+        # 2b. the pairs: the higher score chosen (column 0 of order), then the DPO loss, in micro-batches
+        order = torch.stack([scores[:, 1] > scores[:, 0], scores[:, 1] <= scores[:, 0]], 1).long()  # (n, 2)
+        parts = []
+        for part in micro_batches(range(len(idx)), cfg.micro_batch_size, optimizer):
+            pairs = torch.tensor(part, device=device) - share.start  # rows of this process's samples
+            rows = (2 * pairs[:, None] + order[pairs]).T.reshape(-1)  # chosen rows, then rejected rows
+            with ctx:
+                lp = logps(policy, b, rows).float().view(2, -1)
+            r_lp = ref_lp.gather(1, order)[pairs].T  # (2, b)
+            losses, chosen_rewards, rejected_rewards = preference_loss(lp[0], lp[1], r_lp[0], r_lp[1], cfg.beta,
+                                                                       ipo=cfg.loss == "ipo")
+            loss = (losses * (scores[pairs, 0] != scores[pairs, 1])).sum() / len(idx)  # a tie prefers nothing
+            check_finite(step, loss=loss.detach())
+            loss.backward()
+            parts.append((losses.detach(), chosen_rewards, rejected_rewards, *lp.detach(),
+                          (lp - r_lp).detach().view(-1)))
+        lr, norm = optimizer_step(policy, optimizer, cfg, step)
+        # 2c. log, checkpoint
+        done = step + 1
+        if run.log_due(done):
+            mine_t = [torch.cat(t) for t in zip(*parts)] if parts else [torch.zeros(0, device=device)] * 6
+            means = global_means(scores=scores, kl=mine_t[5], margin=scores.max(1).values - scores.min(1).values)
+            run.log(done, **all_mean(dpo_metrics(*mine_t[:5]), mine_t[0].numel()), lr=lr, grad_norm=norm,
+                    **{"objective/scores": means["scores"], "objective/kl": means["kl"],
+                       "objective/score_margin": means["margin"]})
+        if run.end_step(done, lambda: run.save(done, policy, optimizer)):
+            return 130
+    run.summary(step=cfg.max_iters, params=policy.num_params())
+    print(f"done: checkpoint {run.ckpt_path}")
     return 0

@@ -53,7 +53,7 @@ import dpo
 import ppo
 import reward
 import sft
-from checkpoint import load_checkpoint
+from checkpoint import drop_resume_state, load_checkpoint
 from config import ConfigError, RunConfig, TrainingError, opt, parse_config
 from data import load_imdb, read_json, read_jsonl, write_json
 from imdb import (PRESETS, ROOT, SFT_CPU_PATH, SFT_CPU_SHA256, SPLITS, TEMPERATURE, check_sha256, fingerprint,
@@ -65,6 +65,7 @@ from runtime import RESTART_KEYS, Run, as_stored, effective_config
 
 # method -> (stage, the key its strengths set); the data and reward each one gets are in method_args() below
 METHODS = dict(ppo=("ppo", "kl_coef"), ppo_gt=("ppo", "kl_coef"), dpo=("dpo", "beta"), ipo=("dpo", "beta"),
+               online_dpo=("online_dpo", "beta"),
                rloo=("rloo", "kl_coef"), grpo=("grpo", "kl_coef"), pft=("sft", None),
                unlikelihood=("dpo", "alpha"))
 REPLICATE_STRIDE = 1000  # replicate r's seeds are the first's plus 1000 (r - 1): replicate 1 is the run of old
@@ -147,7 +148,7 @@ def inputs_of(args):
 # sub-runs: train.py in child processes, a few at a time, stopped cleanly
 
 SUB_RUN_CONFIGS = dict(sft=sft.SFTConfig, reward=reward.RewardConfig, dpo=dpo.DPOConfig, ppo=ppo.PPOConfig,
-                       rloo=ppo.RLOOConfig, grpo=ppo.GRPOConfig)
+                       rloo=ppo.RLOOConfig, grpo=ppo.GRPOConfig, online_dpo=dpo.OnlineDPOConfig)
 
 
 class Stopped(Exception):
@@ -203,7 +204,8 @@ class Queue:
 
     def run(self, stage, out_dir, args, plan, inputs, threads):
         """In a pool thread: `python train.py STAGE ARGS` in its own session, writing out_dir/log.txt, on the GPU of
-        --gpus that runs the fewest sub-runs. Returns its exit status."""
+        --gpus that runs the fewest sub-runs; once it finished, its checkpoint without the optimizer state (kept
+        while it can resume). Returns its exit status."""
         if plan == "overwrite":
             shutil.rmtree(out_dir)  # from scratch: no stale checkpoint, summary or metrics survives
         os.makedirs(out_dir, exist_ok=True)
@@ -225,6 +227,8 @@ class Queue:
         code = p.wait()
         with self.lock:
             del self.procs[out_dir]
+        if code == 0:  # finished: nothing will resume it, so its optimizer state only fills the disk
+            drop_resume_state(os.path.join(out_dir, "ckpt.pt"))
         return code
 
     def run_all(self, jobs, desc, max_jobs, overwrite, cpu=False, after=None, on_done=None, on_done_after=None):
@@ -393,6 +397,10 @@ def method_args(preset, rep, sft_ckpt, prompts_file, block_size, dev):
                 # GRPO normalises its rewards within each group already (ppo.py refuses --whiten_rewards)
                 grpo=[a for a in rl if not a.startswith("--whiten_rewards")] + [f"--reward={proxy}"],
                 dpo=dpo_, ipo=dpo_ + ["--loss=ipo"], unlikelihood=dpo_ + ["--loss=unlikelihood"],
+                # online DPO: the RL stages' prompts, its pairs sampled at every step and labelled by the proxy
+                online_dpo=[f"--init_from={sft_ckpt}", f"--prompts={prompts_file}", f"--reward={proxy}",
+                            f"--max_new_tokens={preset['max_new_tokens']}", *dev,
+                            *(f"--{k}={v}" for k, v in preset["online_dpo"].items())],
                 # Preferred-FT: SFT on the chosen responses (they get an EOS there, as every SFT response);
                 # block_size given, as stage sft writes the checkpoint's into config.json, which a re-run checks
                 pft=[f"--init_from={sft_ckpt}", f"--data={rep.path('chosen.jsonl')}", f"--block_size={block_size}",

@@ -73,7 +73,8 @@ def optimum(select, gold, proxy, beta):
     r, (P, M) = select.double(), select.shape
     q = torch.softmax(r / beta, 1)
     j = beta * (torch.logsumexp(r / beta, 1) - math.log(M))  # (P,)
-    return dict(beta=beta, gold=float((gold.double() * q).sum(1).mean()), proxy=float((proxy.double() * q).sum(1).mean()),
+    expected = lambda x: float((x.double() * q).sum(1).mean())
+    return dict(beta=beta, gold=expected(gold), proxy=expected(proxy),
                 kl=float(torch.xlogy(q, M * q).sum(1).mean()), j=float(j.mean()),
                 j_se=float(j.std() / math.sqrt(P)) if P > 1 else 0.0, ess=float((1 / (q * q).sum(1)).mean()))
 
@@ -324,8 +325,8 @@ def pool_curves(gold, proxy, betas):
 # -----------------------------------------------------------------------------
 # the report, and stage `plot` for any run folder
 
-COLORS = dict(ppo="C0", ppo_gt="C1", dpo="C2", rloo="C3", grpo="C4", ipo="C5", pft="C6", unlikelihood="C8",
-              bon_proxy="C7", bon_gold="C9", sft="k")
+COLORS = dict(ppo="C0", ppo_gt="C1", dpo="C2", online_dpo="darkgreen", rloo="C3", grpo="C4", ipo="C5", pft="C6",
+              unlikelihood="C8", bon_proxy="C7", bon_gold="C9", sft="k")
 
 
 def cell(entry, replicates):
@@ -375,10 +376,10 @@ def write_report(report, out):
     gaps = objective_gaps(report)
     if gaps:
         M = reps[0]["optimum"]["pool"]
-        lines += ["", f"Each policy against the exact optimum of its own objective J = E[r] - beta KL (r: the reward it "
-                  f"maximises, proxy or gold; beta: its strength), J* = beta E_x log E_ref[exp(r / beta)] from the pool "
-                  f"of {M} SFT samples per prefix (the optimum restricted to the pool; its KL is at most log {M} = "
-                  f"{math.log(M):.2f}); ± one standard error. '*': J* rests on fewer than 10 pool samples per prefix, "
+        lines += ["", f"Each policy against the exact optimum of its own objective J = E[r] - beta KL (r: the reward "
+                  f"it maximises, proxy or gold; beta: its strength), J* = beta E_x log E_ref[exp(r / beta)] from the "
+                  f"pool of {M} SFT samples per prefix (the optimum restricted to the pool; its KL is at most "
+                  f"log {M} = {math.log(M):.2f}); ± one standard error. '*': J* rests on fewer than 10 pool samples per prefix, "
                   f"so it is underestimated.", "",
                   "| replicate | policy | r | beta | KL | J | KL of the optimum | J* | gap J* - J |",
                   "|---|---|---|---|---|---|---|---|---|"]

@@ -62,7 +62,7 @@ def effective_config(stored):
     """config.json as the run now runs: its keys with the changes made on each --resume applied in order."""
     config = {k: v for k, v in stored.items() if k != "changes"}
     for change in stored.get("changes", []):
-        config.update({k: new for k, (old, new) in change.items() if k != "step"})
+        config.update({k: old_new[1] for k, old_new in change.items() if k != "step"})  # step: where, not a key
     return config
 
 
@@ -307,8 +307,11 @@ class Run:
                 or (cfg.ckpt_minutes and time.time() - self.last_save > 60 * cfg.ckpt_minutes)):
             save()
             self.last_save = time.time()
-        if snapshot and is_main():  # the weights and shape alone (no optimizer or RNG state): a policy to evaluate
+        if snapshot and is_main():  # the weights (in the training dtype: bfloat16 halves them) and shape alone, no
+            # optimizer or RNG state: a policy to evaluate
             ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+            dtype = getattr(torch, cfg.dtype)
+            ckpt["model"] = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ckpt["model"].items()}
             save_checkpoint(os.path.join(self.dir, f"ckpt-{done}.pt"),
                             {k: ckpt[k] for k in ("kind", "stage", "step", "model", "model_args")})
         if self.stop_requested and is_main():  # the command that continues it (torchrun: as many processes again)
@@ -338,6 +341,10 @@ class Run:
         continue from (0 for a new run). A stage's own state (extra) is in self.ckpt for it to read."""
         if self.ckpt is None:
             return 0
+        if self.ckpt["optimizer"] is None:
+            raise ConfigError(f"{self.ckpt_path}: a finished run's checkpoint without its optimizer state (the "
+                              f"pipeline drops it), which --resume cannot continue; start a run from it with "
+                              f"--init_from")
         model_from_checkpoint(self.ckpt, self.ckpt_path, model)
         optimizer.load_state_dict(self.ckpt["optimizer"])
         set_rng_state(self.ckpt["rng"])

@@ -37,6 +37,8 @@ STAGES = {
     "score": (reward.ScoreConfig, reward.score, "score prompt/response pairs (or preference pairs) with a reward model",
               False),
     "dpo": (dpo.DPOConfig, dpo.train, "DPO / conservative DPO / IPO on preference pairs", True),
+    "online_dpo": (dpo.OnlineDPOConfig, dpo.train_online, "online DPO: pairs sampled from the policy, labelled by a "
+                   "reward", True),
     "ppo": (ppo.PPOConfig, lambda cfg: ppo.train_rl(cfg, "ppo"),
             "PPO with GAE, a critic and a reference-model KL penalty", True),
     "rloo": (ppo.RLOOConfig, lambda cfg: ppo.train_rl(cfg, "rloo"),

@@ -389,7 +389,9 @@ def tiny_story(tmp):
                  results=read_json(out / "results.json"), results_md=(out / "results.md").read_text(),
                  pngs={png: (out / png).read_bytes()[:8] for png in ("frontier.png", "overoptimisation.png")},
                  sft_samples=(out / "rep1" / "samples" / "sft.jsonl").read_text().splitlines(),
-                 pft_inputs=read_json(runs / "pft_seed1" / "inputs.json"))
+                 pft_inputs=read_json(runs / "pft_seed1" / "inputs.json"),
+                 optimizer_kept=[d.name for d in [*runs.iterdir(), out / "rep1" / "reward"]
+                                 if torch.load(d / "ckpt.pt", weights_only=True)["optimizer"] is not None])
     # 2. again: every sub-run and every evaluation reused (no samples drawn again)
     written = {f: f.stat().st_mtime_ns for f in (out / "rep1" / "samples").iterdir()}
     run_cli("pipeline", "--preset=tiny", f"--out_dir={out}", timeout=600)
@@ -433,6 +435,7 @@ def test_ctrl_c_stops_the_sub_runs_and_the_same_command_continues(tiny):
         assert "run the same command again" in err.strip().splitlines()[-1], err[-2000:]
         assert alive == []  # no sub-run outlives the pipeline
     assert "Traceback" not in tiny["stops"][0][1]
+    assert tiny["optimizer_kept"] == []  # each finished sub-run's checkpoint dropped its optimizer state
     # the sub-runs stopped by the first Ctrl-C saved a checkpoint and were resumed, not started again
     assert any("--resume" in log for log in tiny["logs"]), tiny["logs"]
 

@@ -155,6 +155,14 @@ def test_ctrl_c_then_the_printed_command_resumes_the_run_it_names(corpus, straig
     assert config_json["changes"] == [dict(step=12, max_iters=[12, 17], log_interval=[5, 1])]
     assert read_json(out / "summary.json")["step"] == 17
     assert [r["step"] for r in read_metrics(out)][-6:] == [12, 13, 14, 15, 16, 17]
+    # finished, its optimizer state dropped (as the pipeline does): the weights stay, a resume is one line
+    size, weights = os.path.getsize(out / "ckpt.pt"), torch.load(out / "ckpt.pt", weights_only=True)["model"]
+    checkpoint.drop_resume_state(str(out / "ckpt.pt"))
+    dropped = torch.load(out / "ckpt.pt", weights_only=True)
+    assert dropped["optimizer"] is None and os.path.getsize(out / "ckpt.pt") < size / 2
+    assert all(torch.equal(dropped["model"][k], w) for k, w in weights.items())
+    code, _, err = in_process("sft", "--resume", f"--out_dir={out}", "--max_iters=20")
+    assert one_line_error(code, err) and "without its optimizer state" in err, err
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
