@@ -123,13 +123,18 @@ PRESETS = {
         n_train_prompts=8192, n_eval_prompts=512, max_new_tokens=48, jobs=6, seeds=[1],
         k=4, labels="gold", replicates=2,
         reward=dict(batch_size=64),
-        methods=dict(ppo=[0.1, 0.2], ppo_gt=[0.02], dpo=[0.1, 0.5], rloo=[0.1], grpo=[0.1], pft=[None],
-                     unlikelihood=[0.5]),
+        # strengths from about 0.5 to 15+ nats: DPO at the paper's betas; the RL methods up to kl_coef values where
+        # they converge below 2.5 nats; PPO-GT on the gold reward, whose scale (0 to 1, sd about 0.4 on SFT samples)
+        # calls for smaller kl_coef values
+        methods=dict(ppo=[0.05, 0.1, 0.5, 1.0], ppo_gt=[0.005, 0.02, 0.1], dpo=[0.05, 0.1, 1.0, 5.0],
+                     online_dpo=[0.1, 1.0], rloo=[0.1, 0.5], grpo=[0.1, 0.5], pft=[None], unlikelihood=[0.5]),
         # weights kept early and densely, where the KL moves fastest, so that each run traces the low-KL stretch
         rl=dict(batch_size=128, minibatch_size=32, micro_batch_size=64, max_iters=40, learning_rate=2e-5,
-                eval_interval=1000, snapshot_steps="5,10,20"),
-        # one epoch over the pairs (max_iters 0: --epochs=1), as the paper; weights kept at 25 ... 400 of 691
-        dpo=dict(batch_size=64, learning_rate=5e-5, eval_interval=1000, snapshot_steps="25,50,100,200,400"),
+                eval_interval=1000, snapshot_steps="2,5,10,20"),
+        # online DPO: 64 prompts x 2 samples of the policy per step, labelled by the proxy
+        online_dpo=dict(batch_size=64, max_iters=200, learning_rate=5e-5, snapshot_steps="10,25,50,100"),
+        # one epoch over the pairs (max_iters 0: --epochs=1), as the paper; weights kept at 5 ... 400 of 691
+        dpo=dict(batch_size=64, learning_rate=5e-5, eval_interval=1000, snapshot_steps="5,10,25,50,100,200,400"),
         pft=dict(batch_size=64, max_iters=690, learning_rate=5e-5, warmup_iters=10, eval_interval=1000,
                  snapshot_steps="50,200"),
         bon_prompts=128, bon_pool=128),

@@ -84,6 +84,8 @@ class PipelineConfig(RunConfig):
     replicates: int = opt(0, "repeat everything after the SFT model with other seeds (0: the preset's)", min=0)
     sft: str = opt("", "the SFT model: train (train it in this run), a policy checkpoint to start from, or '' (the "
                        "preset's: cpu and tiny start from the committed assets/sft-imdb-cpu.pt, gpu trains)")
+    rl_batch_size: int = opt(0, "responses per step of the RL methods (ppo, ppo_gt, rloo, grpo; 0: the preset's, "
+                                "128 in gpu; the DPO paper's PPO: 1,024)", min=0)
     gpus: str = opt("", "GPUs for the sub-runs, comma-separated (0,1): each sub-run gets the least busy one as its "
                         "only GPU (CUDA_VISIBLE_DEVICES); --jobs counts over all (default: they share the current one)")
 
@@ -400,7 +402,7 @@ def method_args(preset, rep, sft_ckpt, prompts_file, block_size, dev):
                 # online DPO: the RL stages' prompts, its pairs sampled at every step and labelled by the proxy
                 online_dpo=[f"--init_from={sft_ckpt}", f"--prompts={prompts_file}", f"--reward={proxy}",
                             f"--max_new_tokens={preset['max_new_tokens']}", *dev,
-                            *(f"--{k}={v}" for k, v in preset["online_dpo"].items())],
+                            *(f"--{k}={v}" for k, v in preset.get("online_dpo", {}).items())],
                 # Preferred-FT: SFT on the chosen responses (they get an EOS there, as every SFT response);
                 # block_size given, as stage sft writes the checkpoint's into config.json, which a re-run checks
                 pft=[f"--init_from={sft_ckpt}", f"--data={rep.path('chosen.jsonl')}", f"--block_size={block_size}",
@@ -450,6 +452,8 @@ def pipeline(cfg):
         if m not in preset["methods"]:
             raise ConfigError(f"--methods: the {cfg.preset} preset has no strengths for {m} (add them to "
                               f"PRESETS[{cfg.preset!r}]['methods'] in imdb.py)")
+    if cfg.rl_batch_size:
+        preset = dict(preset, rl=dict(preset["rl"], batch_size=cfg.rl_batch_size))
     imdb_dir = cfg.imdb_dir or preset["imdb_dir"]
     files = imdb_files(imdb_dir) if imdb_dir else \
         {s: os.path.join(ROOT, "assets", f"imdb-{s}-sample.jsonl.gz") for s in SPLITS}

@@ -312,6 +312,22 @@ def test_a_failed_sub_run_stops_the_others_and_is_one_line(tmp_path, monkeypatch
     assert started == [str(tmp_path / "bad")]
 
 
+def test_each_gpu_preset_job_parses_and_waits_for_the_reward_model_it_reads(tmp_path):
+    preset = pipeline.PRESETS["gpu"]
+    rep = pipeline.Replicate(1, 1, str(tmp_path / "rep1"))
+    jobs, after, _ = pipeline.queue_jobs(preset, list(preset["methods"]), [rep], "sft.pt", "prompts.jsonl", 128,
+                                         ["--device=cpu"])
+    proxy = rep.path("reward", "ckpt.pt")
+    strengths = {}
+    for stage, out_dir, args in jobs:
+        cfg = parse_config(pipeline.SUB_RUN_CONFIGS[stage], [*args, f"--out_dir={out_dir}"])
+        assert (out_dir in after) == (getattr(cfg, "reward", "") == proxy), out_dir
+        strengths.setdefault(report.method_of(os.path.basename(out_dir)), []).append(report.strength_of(out_dir))
+    assert strengths["online_dpo"] == [0.1, 1.0] and strengths["dpo"] == [0.05, 0.1, 1.0, 5.0]
+    assert {m: len(v) for m, v in strengths.items() if m != "reward"} == \
+        {m: len(v) for m, v in preset["methods"].items()}
+
+
 def test_method_names_and_snapshots(tmp_path):
     assert [report.method_of(n) for n in ("ppo_gt_beta0.05_seed1@10", "ppo_beta0.05_seed1", "pft_seed1",
                                             "unlikelihood_alpha0.5_seed1001@2", "sft")] == \
