@@ -488,12 +488,15 @@ class TokenLogProbs(torch.autograd.Function):
     """log softmax(h W^T / T)[target] for each row of h (N, C), with W the unembedding (V, C), without ever
     holding all N x V logits: they are made ROWS rows at a time (matrix product in `dtype`, the autocast dtype,
     softmax in float32) and made again in backward, where d logp / d logits = onehot(target) - softmax. The price
-    is one more (N, C) x (C, V) product; the gain is that memory no longer grows with N x V. (Wijmans et al. 2024,
+    is one more (N, C) x (C, V) product; the gain is that memory no longer grows with N x V. Below KEEP numbers
+    (N x V, small batches: the tests', a CPU's), forward keeps the softmax slices for backward instead: the same
+    numbers, without the second product. (Wijmans et al. 2024,
     "Cut Your Losses in Large-Vocabulary Language Models", https://arxiv.org/abs/2411.09009, go further inside
     one kernel.) Returns logp (N,) float32 and the entropy (N,) (zeros unless with_entropy; not differentiable).
     On a CPU the slices stay below glibc's 32 MB limit for heap blocks (runtime.keep_freed_memory): a larger block is
     mapped and unmapped at every use, and the kernel's zeroing of its pages cost as much time as the compute."""
     ROWS = {"cuda": 1024, "cpu": 128}  # rows per slice: 1024 x 50,257 float32 = 206 MB on a GPU, 26 MB on a CPU
+    KEEP = 1 << 26  # softmax entries kept for backward at most: 256 MB of float32
 
     @staticmethod
     def rows(device_type):
@@ -511,14 +514,20 @@ class TokenLogProbs(torch.autograd.Function):
         entropy = torch.zeros(h.size(0), device=h.device, dtype=acc)
         lse = torch.empty(h.size(0), device=h.device, dtype=acc)  # log of the softmax's denominator, per row
         rows, w = TokenLogProbs.rows(h.device.type), weight.to(dtype)
+        keep = any(ctx.needs_input_grad[:2]) and h.size(0) * weight.size(0) <= TokenLogProbs.KEEP
+        ctx.softmax = []  # with keep: each slice's softmax, for backward
         with torch.autocast(h.device.type, enabled=False):
             for i in range(0, h.size(0), rows):
                 z = TokenLogProbs.logits(h[i:i + rows], w, temperature)  # (n, V)
                 lse[i:i + len(z)] = z.logsumexp(-1)
                 logp[i:i + len(z)] = z.gather(-1, targets[i:i + len(z), None]).squeeze(-1) - lse[i:i + len(z)]
-                if with_entropy:  # H = -sum_v p_v log p_v, log p = z - lse
+                if with_entropy or keep:  # log p = z - lse; H = -sum_v p_v log p_v
                     logp_all = z.sub_(lse[i:i + len(z), None])
-                    entropy[i:i + len(z)] = -(logp_all.exp() * logp_all).sum(-1)
+                    p = logp_all.exp()
+                    if with_entropy:
+                        entropy[i:i + len(z)] = -(p * logp_all).sum(-1)
+                    if keep:
+                        ctx.softmax.append(p)
         ctx.save_for_backward(h, weight, targets, lse)
         ctx.temperature, ctx.dtype = temperature, dtype
         ctx.mark_non_differentiable(entropy)
@@ -534,13 +543,15 @@ class TokenLogProbs(torch.autograd.Function):
         with torch.autocast(h.device.type, enabled=False):
             for i in range(0, h.size(0), rows):
                 hi, g = h[i:i + rows], grad_logp[i:i + rows, None]  # (n, C), (n, 1)
-                p = TokenLogProbs.logits(hi, w, ctx.temperature).sub_(lse[i:i + rows, None]).exp_()  # softmax
+                p = ctx.softmax[i // rows] if ctx.softmax else \
+                    TokenLogProbs.logits(hi, w, ctx.temperature).sub_(lse[i:i + rows, None]).exp_()  # softmax
                 dz = p.mul_(-g).scatter_add_(-1, targets[i:i + len(hi), None], g)  # (n, V) d loss / d (z / T)
                 dz = (dz if ctx.temperature == 1 else dz.div_(ctx.temperature)).to(ctx.dtype)
                 if grad_h is not None:
                     grad_h[i:i + len(hi)] = dz @ w
                 if grad_w is not None:
                     grad_w += (dz.t() @ hi.to(ctx.dtype)).to(acc)
+        ctx.softmax = []  # used up (multiplied in place): a second backward (retain_graph) makes them again
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None
 
 
