@@ -32,7 +32,7 @@ from config import ConfigError, ModelConfig, OptimConfig, RunConfig, TrainConfig
 from data import (EOS, derived_seed, epoch_indices, get_tokenizer, heldout_split, load_prompts, load_sft, tokenize_pair,
                   write_jsonl)
 from dist import all_sum, gather_objects, is_main, micro_batches, my_share, rank_seed, world, world_note
-from model import GPT, GPTConfig, layout_batch, response_logprobs, sample_responses
+from model import GPT, GPTConfig, layout_batch, response_logprobs, sample_responses, token_logprobs
 from reward import RewardSpec, make_reward
 from runtime import Run, check_finite, make_optimizer, optimizer_step, setup_device, shorten
 
@@ -107,9 +107,14 @@ def example_batch(rows, idx, device):
 
 def sft_loss(model, batch):
     """Mean next-token cross-entropy: over every token of a corpus window (x, y), or over the response tokens
-    (and their EOS) of a prompt/response batch (ids, mask, R), through the shared log-prob helper."""
-    if len(batch) == 2:  # (x, y): model is the compiled module (--compile), loss and all
-        return model(*batch)[1]
+    (and their EOS) of a prompt/response batch (ids, mask, R), through the shared log-prob helpers (model.py), which
+    never hold a whole batch's logits. With --compile, a corpus window goes through the compiled module instead,
+    loss and all."""
+    if len(batch) == 2:
+        x, y = batch
+        if not isinstance(model, GPT):  # torch.compile(model)
+            return model(x, y)[1]
+        return -token_logprobs(model, model.hidden(x), y, with_entropy=False)[0].mean()
     ids, mask, R = batch
     logp = response_logprobs(model, ids, mask, R)  # (B, R), 0 off the response
     return -logp.sum() / mask[:, -R:].sum().clamp(min=1)
