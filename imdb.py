@@ -144,8 +144,9 @@ PRESETS = {
         sft_ckpt=SFT_CPU_PATH, n_train_prompts=512, n_eval_prompts=128, max_new_tokens=12, jobs=2, seeds=[1],
         k=2, labels="bt", replicates=1,
         reward=dict(learning_rate=1e-3, warmup_iters=0),
-        methods=dict(ppo=[0.05], ppo_gt=[0.05], dpo=[0.1], rloo=[0.05], grpo=[0.04], unlikelihood=[0.5],
-                     pft=[None]),
+        # (Unlikelihood, a DPO sub-run with other arguments, is left out for time: test_dpo.py trains it, and the
+        # gpu preset's jobs are checked to parse)
+        methods=dict(ppo=[0.05], ppo_gt=[0.05], dpo=[0.1], rloo=[0.05], grpo=[0.04], pft=[None]),
         rl=dict(batch_size=32, minibatch_size=16, micro_batch_size=32, max_iters=12, num_epochs=2, learning_rate=7e-4,
                 warmup_iters=0, whiten_rewards=True, eval_interval=1000, snapshot_steps="3,6"),
         dpo=dict(batch_size=32, max_iters=32, learning_rate=5e-4, warmup_iters=0, snapshot_interval=16),

@@ -464,8 +464,8 @@ def test_tiny_pipeline_raises_the_gold_reward(tiny):
         ppo    -0.012 / +0.065 / -0.009    rloo +0.026 / +0.081 / +0.058    mean of the five +0.048 / +0.091 / +0.103
     The methods that learn from the gold reward itself (PPO-GT) or from its labels (DPO) gain on every seed; those
     that optimise the proxy gain only as far as the tiny proxy is right (it ranks 46% / 57% / 59% of held-out pairs
-    right on those seeds), so for them only the mean over the five methods is asserted. Preferred-FT and
-    Unlikelihood (+0.020 and +0.032 with seed 1337) run at this size but are not asserted to learn."""
+    right on those seeds), so for them only the mean over the five methods is asserted. Preferred-FT (+0.020 with
+    seed 1337) runs at this size but is not asserted to learn."""
     results = tiny["results"]
     (rep,) = results["replicates"]
     res = rep["policies"]
@@ -479,7 +479,7 @@ def test_tiny_pipeline_raises_the_gold_reward(tiny):
     five = [gain[m] for m in ("ppo", "ppo_gt", "dpo", "rloo", "grpo")]
     assert sum(five) / len(five) > MARGIN, gain
     assert all(0 < r["kl"] < 30 for r in res.values() if r is not res["sft"]), res
-    # checkpoints along training were evaluated too: RL at steps 3 and 6 of 12, DPO and unlikelihood at 16 of 32
+    # checkpoints along training were evaluated too: RL at steps 3 and 6 of 12, DPO at 16 of 32
     # (the tiny preset keeps none for Preferred-FT)
     assert {n.partition("@")[2] for n in res if "@" in n} == {"3", "6", "16"}
     assert {report.method_of(n) for n in res if "@" in n} == methods - {"pft"}
