@@ -144,50 +144,58 @@ def in_process(capsys):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# end-to-end stories that take minutes, run in a thread from the start of the session: most tests use one thread of
-# the two cores, so the second core does this meanwhile. A module's fixture waits for its story's result.
+# end-to-end stories that take minutes, run one after the other in a thread from the start of the session: most tests
+# use one thread of the two cores, so the second core does these meanwhile. A module's fixture waits for its story's
+# result (background_result); the tests that wait run last.
 
-BACKGROUND = {}  # name -> (thread, result box, folder)
+# story name (the fixture that waits for it) -> (its module, the function that tells it, given a folder)
+STORIES = {"tiny": ("test_pipeline", "tiny_story"), "dpo_killed": ("test_dist", "dpo_killed_story")}
+BACKGROUND = {}  # name -> (done event, result box, folder)
 
 
-def waits_for_story(item):
-    """Does this test need the tiny pipeline's story (test_pipeline.py's fixture `tiny`)?"""
-    return "tiny" in getattr(item, "fixturenames", ()) and os.path.basename(str(item.fspath)) == "test_pipeline.py"
+def story_of(item):
+    """The story a test waits for (a fixture of that name in the story's module), or None."""
+    module = os.path.splitext(os.path.basename(str(item.fspath)))[0]
+    return next((name for name, (mod, _) in STORIES.items()
+                 if mod == module and name in getattr(item, "fixturenames", ())), None)
 
 
 def pytest_collection_modifyitems(items):
-    """The tests that wait for a story last (a stable sort keeps the rest in order): the foreground then works
-    while the story runs, instead of waiting for it halfway through the suite."""
-    items.sort(key=waits_for_story)
+    """The tests that wait for a story last, in the stories' order (a stable sort keeps the rest in order): the
+    foreground then works while the stories run, instead of waiting for them halfway through the suite."""
+    order = list(STORIES)
+    items.sort(key=lambda item: order.index(story_of(item)) + 1 if story_of(item) else 0)
 
 
 def pytest_collection_finish(session):
-    """Start the tiny pipeline's story when a collected test needs it (none when only other tests are selected)."""
+    """Start the stories that a collected test needs (none when only other tests are selected), in one thread."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    if any(map(waits_for_story, session.items)):
-        import test_pipeline
-        folder = Path(tempfile.mkdtemp(prefix="rlhf-tiny-"))
-        box = {}
+    wanted = [name for name in STORIES if any(story_of(item) == name for item in session.items)]
+    for name in wanted:
+        BACKGROUND[name] = (threading.Event(), {}, Path(tempfile.mkdtemp(prefix=f"rlhf-{name}-")))
 
-        def story():
+    def tell_them():
+        for name in wanted:
+            done, box, folder = BACKGROUND[name]
+            module, function = STORIES[name]
             try:
-                box["result"] = test_pipeline.tiny_story(folder)
+                box["result"] = getattr(__import__(module), function)(folder)
             except BaseException as e:  # reported by the tests that need it
                 box["error"] = e
-        thread = threading.Thread(target=story, daemon=True)
-        thread.start()
-        BACKGROUND["tiny"] = (thread, box, folder)
+            done.set()
+    if wanted:
+        threading.Thread(target=tell_them, daemon=True).start()
 
 
 def background_result(name):
-    thread, box, _ = BACKGROUND[name]
-    thread.join()
+    done, box, _ = BACKGROUND[name]
+    done.wait()
     if "error" in box:
         raise box["error"]
     return box["result"]
 
 
 def pytest_sessionfinish(session):
-    for thread, _, folder in BACKGROUND.values():
-        thread.join(timeout=600)
+    for done, _, folder in BACKGROUND.values():
+        done.wait(timeout=600)
         shutil.rmtree(folder, ignore_errors=True)

@@ -23,6 +23,7 @@ import config
 import runtime
 import pipeline
 import train
+import conftest
 from conftest import ROOT, child_env, read_metrics
 from model import GPT, GPTConfig
 from test_reward import write_synthetic
@@ -65,8 +66,11 @@ def curve(out_dir, key="loss"):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
+    return tiny_files(tmp_path_factory.mktemp("dist"))
+
+
+def tiny_files(d):
     """A 1-layer, 32-wide random policy checkpoint, preference pairs, prompt/response pairs, a reward function."""
-    d = tmp_path_factory.mktemp("dist")
     torch.manual_seed(0)
     m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32))
     checkpoint.save_checkpoint(str(d / "policy.pt"), dict(kind="policy", stage="sft", step=0, model=m.state_dict(),
@@ -118,30 +122,48 @@ def test_sft_two_processes_give_the_loss_curve_of_one(tiny, tmp_path):
     assert one[-1] < one[0]  # it learned something, so the curves are not flat by accident
 
 
-def test_dpo_two_processes_killed_and_resumed_give_the_loss_curve_of_one(tiny, tmp_path):
-    """The 2-process run gets SIGTERM (to the launcher, which passes it on) after its first step, saves, stops,
-    and resumes under torchrun; its whole curve is still the one-process curve."""
+def dpo_killed_story(tmp):
+    """Run in the background (conftest.py): a one-process dpo run, and the same under torchrun, where the launcher
+    gets SIGTERM after its first step and passes it on; then the printed command's resume under torchrun. Returns
+    what each left."""
+    tiny = tiny_files(tmp)
     args = ["dpo", f"--data={tiny['pairs']}", f"--init_from={tiny['policy']}", "--batch_size=9", "--max_iters=14",
             "--learning_rate=3e-3", "--warmup_iters=0", "--log_interval=1", "--eval_interval=1000", "--device=cpu"]
-    one_process(*args, "--micro_batch_size=4", f"--out_dir={tmp_path / 'one'}")
-    two = tmp_path / "two"
+    one = subprocess.run([sys.executable, "train.py", *args, "--micro_batch_size=4", f"--out_dir={tmp / 'one'}"],
+                         cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=240)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = tmp / "two"
     p = torchrun(*args, f"--out_dir={two}", wait=False)
     t0 = time.time()
     while p.poll() is None and not (two / "metrics.jsonl").exists() and time.time() - t0 < 120:
         time.sleep(0.02)
     os.kill(p.pid, signal.SIGTERM)
-    out, err = p.communicate(timeout=120)
-    assert p.returncode != 0, "the run finished before it was stopped: nothing was tested"
-    stopped = torch.load(two / "ckpt.pt", weights_only=True)["step"]
-    assert 1 <= stopped < 14 and len(read_metrics(two)) == stopped, err[-2000:]
-    assert f"continue with: torchrun --nproc_per_node=2 train.py dpo --resume --out_dir={two}" in err, err[-2000:]
+    _, err = p.communicate(timeout=120)
+    story = dict(two=two, returncode=p.returncode, err=err, rows_when_stopped=len(read_metrics(two)),
+                 stopped=torch.load(two / "ckpt.pt", weights_only=True)["step"])
     torchrun(*args, f"--out_dir={two}", "--resume")
-    one = curve(tmp_path / "one")
-    assert curve(two) == pytest.approx(one, **TOL)
-    assert curve(two, "rewards/accuracies") == pytest.approx(curve(tmp_path / "one", "rewards/accuracies"), **TOL)
-    assert one[-1] < one[0]
-    summary = json.loads((two / "summary.json").read_text())
-    assert summary["step"] == 14
+    return dict(story, one=curve(tmp / "one"), one_accuracy=curve(tmp / "one", "rewards/accuracies"),
+                resumed=curve(two), resumed_accuracy=curve(two, "rewards/accuracies"),
+                summary=json.loads((two / "summary.json").read_text()))
+
+
+@pytest.fixture(scope="module")
+def dpo_killed():
+    return conftest.background_result("dpo_killed")
+
+
+def test_dpo_two_processes_killed_and_resumed_give_the_loss_curve_of_one(dpo_killed):
+    """The 2-process run gets SIGTERM (to the launcher, which passes it on) after its first step, saves, stops,
+    and resumes under torchrun; its whole curve is still the one-process curve."""
+    s = dpo_killed
+    assert s["returncode"] != 0, "the run finished before it was stopped: nothing was tested"
+    assert 1 <= s["stopped"] < 14 and s["rows_when_stopped"] == s["stopped"], s["err"][-2000:]
+    assert f"continue with: torchrun --nproc_per_node=2 train.py dpo --resume --out_dir={s['two']}" in s["err"], \
+        s["err"][-2000:]
+    assert s["resumed"] == pytest.approx(s["one"], **TOL)
+    assert s["resumed_accuracy"] == pytest.approx(s["one_accuracy"], **TOL)
+    assert s["one"][-1] < s["one"][0]
+    assert s["summary"]["step"] == 14
 
 
 def test_reward_two_processes_give_the_loss_curve_of_one(tiny, tmp_path):
