@@ -149,7 +149,7 @@ def in_process(capsys):
 # result (background_result); the tests that wait run last.
 
 # story name (the fixture that waits for it) -> (its module, the function that tells it, given a folder)
-STORIES = {"tiny": ("test_pipeline", "tiny_story"), "dpo_killed": ("test_dist", "dpo_killed_story")}
+STORIES = {"tiny": ("test_pipeline", "tiny_story"), "launched": ("test_dist", "torchrun_story")}
 BACKGROUND = {}  # name -> (done event, result box, folder)
 
 

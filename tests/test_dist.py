@@ -3,8 +3,9 @@ curve of one process with the same global batch; a 2-process dpo run stopped by 
 under torchrun and still gives that curve; a 2-process ppo run works and rank 0 alone writes its run folder; each
 process reads its own share of a batch, without overlap.
 
-Each torchrun launch costs a few seconds of start-up (three Python processes importing torch), so the file runs four
-launches of tiny models (1 layer, 32 wide) for a few steps."""
+Each torchrun launch costs a few seconds of start-up (three Python processes importing torch), so the file runs five
+launches of tiny models (1 layer, 32 wide) for a few steps; the reward, dpo and ppo ones run in the background from
+the start of the session, after the tiny pipeline's story (torchrun_story, conftest.py's STORIES)."""
 import dataclasses
 import json
 import os
@@ -122,16 +123,28 @@ def test_sft_two_processes_give_the_loss_curve_of_one(tiny, tmp_path):
     assert one[-1] < one[0]  # it learned something, so the curves are not flat by accident
 
 
-def dpo_killed_story(tmp):
-    """Run in the background (conftest.py): a one-process dpo run, and the same under torchrun, where the launcher
-    gets SIGTERM after its first step and passes it on; then the printed command's resume under torchrun. Returns
-    what each left."""
-    tiny = tiny_files(tmp)
+def python(*args):
+    """python train.py ARGS in a child process, as one process (the stories run in a thread, which cannot take
+    signals, so not train.main in this process)."""
+    p = subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=ROOT, env=child_env(), capture_output=True,
+                       text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-2000:]
+
+
+def torchrun_story(tmp):
+    """Run in the background (conftest.py): a one-process reward run and the same under torchrun; a one-process dpo
+    run, and the same under torchrun where the launcher gets SIGTERM after its first step and passes it on, then
+    the printed command's resume under torchrun; a 2-process ppo run. Returns what each left."""
+    tiny, story = tiny_files(tmp), {}
+    args = ["reward", f"--data={tiny['pairs']}", f"--init_from={tiny['policy']}", "--batch_size=9", "--max_iters=6",
+            "--learning_rate=3e-3", "--warmup_iters=0", "--log_interval=1", "--eval_interval=1000", "--device=cpu"]
+    python(*args, "--micro_batch_size=4", f"--out_dir={tmp / 'reward1'}")
+    torchrun(*args, f"--out_dir={tmp / 'reward2'}")
+    story["reward"] = {n: dict(loss=curve(tmp / f"reward{n}"), grad_norm=curve(tmp / f"reward{n}", "grad_norm"))
+                       for n in (1, 2)}
     args = ["dpo", f"--data={tiny['pairs']}", f"--init_from={tiny['policy']}", "--batch_size=9", "--max_iters=14",
             "--learning_rate=3e-3", "--warmup_iters=0", "--log_interval=1", "--eval_interval=1000", "--device=cpu"]
-    one = subprocess.run([sys.executable, "train.py", *args, "--micro_batch_size=4", f"--out_dir={tmp / 'one'}"],
-                         cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=240)
-    assert one.returncode == 0, one.stderr[-2000:]
+    python(*args, "--micro_batch_size=4", f"--out_dir={tmp / 'one'}")
     two = tmp / "two"
     p = torchrun(*args, f"--out_dir={two}", wait=False)
     t0 = time.time()
@@ -139,23 +152,31 @@ def dpo_killed_story(tmp):
         time.sleep(0.02)
     os.kill(p.pid, signal.SIGTERM)
     _, err = p.communicate(timeout=120)
-    story = dict(two=two, returncode=p.returncode, err=err, rows_when_stopped=len(read_metrics(two)),
-                 stopped=torch.load(two / "ckpt.pt", weights_only=True)["step"])
+    story["dpo"] = dict(two=two, returncode=p.returncode, err=err, rows_when_stopped=len(read_metrics(two)),
+                        stopped=torch.load(two / "ckpt.pt", weights_only=True)["step"])
     torchrun(*args, f"--out_dir={two}", "--resume")
-    return dict(story, one=curve(tmp / "one"), one_accuracy=curve(tmp / "one", "rewards/accuracies"),
-                resumed=curve(two), resumed_accuracy=curve(two, "rewards/accuracies"),
-                summary=json.loads((two / "summary.json").read_text()))
+    story["dpo"].update(one=curve(tmp / "one"), one_accuracy=curve(tmp / "one", "rewards/accuracies"),
+                        resumed=curve(two), resumed_accuracy=curve(two, "rewards/accuracies"),
+                        summary=json.loads((two / "summary.json").read_text()))
+    out_dir = tmp / "ppo"
+    out = torchrun("ppo", f"--init_from={tiny['policy']}", f"--reward={tiny['reward']}", f"--prompts={tiny['prompts']}",
+                   f"--eval_prompts={tiny['prompts']}", "--eval_iters=1", "--max_new_tokens=6", "--temperature=1.0",
+                   "--batch_size=8", "--minibatch_size=4", "--micro_batch_size=2", "--num_epochs=2", "--max_iters=3",
+                   "--learning_rate=3e-3", "--whiten_rewards", "--no_eos_rule=keep", "--eval_interval=100",
+                   "--device=cpu", f"--out_dir={out_dir}")
+    story["ppo"] = dict(out_dir=out_dir, stdout=out)
+    return story
 
 
 @pytest.fixture(scope="module")
-def dpo_killed():
-    return conftest.background_result("dpo_killed")
+def launched():
+    return conftest.background_result("launched")
 
 
-def test_dpo_two_processes_killed_and_resumed_give_the_loss_curve_of_one(dpo_killed):
+def test_dpo_two_processes_killed_and_resumed_give_the_loss_curve_of_one(launched):
     """The 2-process run gets SIGTERM (to the launcher, which passes it on) after its first step, saves, stops,
     and resumes under torchrun; its whole curve is still the one-process curve."""
-    s = dpo_killed
+    s = launched["dpo"]
     assert s["returncode"] != 0, "the run finished before it was stopped: nothing was tested"
     assert 1 <= s["stopped"] < 14 and s["rows_when_stopped"] == s["stopped"], s["err"][-2000:]
     assert f"continue with: torchrun --nproc_per_node=2 train.py dpo --resume --out_dir={s['two']}" in s["err"], \
@@ -166,15 +187,11 @@ def test_dpo_two_processes_killed_and_resumed_give_the_loss_curve_of_one(dpo_kil
     assert s["summary"]["step"] == 14
 
 
-def test_reward_two_processes_give_the_loss_curve_of_one(tiny, tmp_path):
-    args = ["reward", f"--data={tiny['pairs']}", f"--init_from={tiny['policy']}", "--batch_size=9", "--max_iters=6",
-            "--learning_rate=3e-3", "--warmup_iters=0", "--log_interval=1", "--eval_interval=1000", "--device=cpu"]
-    one_process(*args, "--micro_batch_size=4", f"--out_dir={tmp_path / 'one'}")
-    torchrun(*args, f"--out_dir={tmp_path / 'two'}")
-    one = curve(tmp_path / "one")
-    assert curve(tmp_path / "two") == pytest.approx(one, **TOL)
-    assert curve(tmp_path / "two", "grad_norm") == pytest.approx(curve(tmp_path / "one", "grad_norm"), **TOL)
-    assert one[-1] < one[0]
+def test_reward_two_processes_give_the_loss_curve_of_one(launched):
+    one, two = launched["reward"][1], launched["reward"][2]
+    assert two["loss"] == pytest.approx(one["loss"], **TOL)
+    assert two["grad_norm"] == pytest.approx(one["grad_norm"], **TOL)
+    assert one["loss"][-1] < one["loss"][0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -222,13 +239,8 @@ def test_overlapped_gradient_sum_is_the_sum_of_every_process_micro_batch(tmp_pat
 # ----------------------------------------------------------------------------------------------------------------
 # ppo: each process samples its share; rank 0 alone writes
 
-def test_ppo_two_processes_run_and_rank0_alone_writes(tiny, tmp_path):
-    out_dir = tmp_path / "ppo"
-    out = torchrun("ppo", f"--init_from={tiny['policy']}", f"--reward={tiny['reward']}", f"--prompts={tiny['prompts']}",
-                   f"--eval_prompts={tiny['prompts']}", "--eval_iters=1", "--max_new_tokens=6", "--temperature=1.0",
-                   "--batch_size=8", "--minibatch_size=4", "--micro_batch_size=2", "--num_epochs=2", "--max_iters=3",
-                   "--learning_rate=3e-3", "--whiten_rewards", "--no_eos_rule=keep", "--eval_interval=100",
-                   "--device=cpu", f"--out_dir={out_dir}")
+def test_ppo_two_processes_run_and_rank0_alone_writes(launched):
+    out_dir, out = launched["ppo"]["out_dir"], launched["ppo"]["stdout"]
     assert sorted(os.listdir(out_dir)) == [".lock", "ckpt.pt", "config.json", "metrics.jsonl", "samples.jsonl",
                                            "summary.json"]
     rows = read_metrics(out_dir)  # the evaluation at step 0, then one row per step (and the last evaluation)
