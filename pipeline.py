@@ -22,7 +22,8 @@ same bytes (inputs.json); the prompts, preferences (prompts.json, preferences.js
 never mixes the results of two configurations. Ctrl-C (or SIGTERM) once: each running sub-run gets one SIGTERM, saves
 a checkpoint and exits, and the pipeline exits with status 130; twice: the sub-runs are killed at once (their
 checkpoints are written atomically). Sub-runs run in their own process group: a terminal's Ctrl-C reaches only the
-pipeline.
+pipeline. A sub-run that fails (exit status 1 or 2) leaves the others running: what needed it is skipped, the report
+covers the rest and names the failures, and the pipeline then exits with status 1.
 
 Simplifications, on purpose:
 - Every policy, the preference pairs, the reward model's normalisation and best-of-N sample at one temperature
@@ -54,7 +55,7 @@ import ppo
 import reward
 import sft
 from checkpoint import drop_resume_state, load_checkpoint
-from config import ConfigError, RunConfig, TrainingError, opt, parse_config
+from config import ConfigError, RunConfig, TrainingError, opt, parse_config, plural
 from data import load_imdb, read_json, read_jsonl, write_json
 from imdb import (PRESETS, ROOT, SFT_CPU_PATH, SFT_CPU_SHA256, SPLITS, TEMPERATURE, check_sha256, fingerprint,
                   imdb_files, simulate_preferences, write_prompts)
@@ -238,20 +239,29 @@ class Queue:
         for (PPO for its reward model; its folder is checked when it starts, as its inputs exist only then).
         on_done(out_dir) runs here as each job finishes or is found done, while the others train, after the on_done
         of on_done_after[out_dir] (a DPO run is evaluated with its reward model). cpu: each sub-run gets
-        cores // max_jobs threads."""
+        cores // max_jobs threads. A sub-run that fails leaves the others running: returns {out_dir: why} of each
+        one that failed, could not start (a prerequisite failed) or cannot be evaluated (the same), {} if none."""
         self.check()
         threads = max(1, (os.cpu_count() or 1) // max_jobs) if cpu else 0
         names = {job[1] for job in jobs}
         after, then = ({d: [a for a in deps if a in names] for d, deps in (m or {}).items()}
                        for m in (after, on_done_after))
         plans = {job[1]: sub_run_plan(*job, overwrite) for job in jobs if not after.get(job[1])}
-        waiting, running, finished, unevaluated, evaluated, failed = list(jobs), {}, set(), [], set(), None
+        waiting, running, finished, unevaluated, evaluated, failed = list(jobs), {}, set(), [], set(), {}
+        lost = lambda d, deps: next((a for a in deps.get(d, ()) if a in failed), None)  # a failed prerequisite
         with ThreadPoolExecutor(max_jobs) as pool, tqdm(total=len(jobs), desc=desc, dynamic_ncols=True) as bar:
             try:
-                while (waiting or running or unevaluated) and not (failed or self.signals) or running:
+                while (waiting or running or unevaluated) and not self.signals or running:
+                    # 0. what a failure left unable to run (PPO without its reward model) or to be evaluated
+                    for job in [j for j in waiting if lost(j[1], after)]:
+                        waiting.remove(job), bar.update(1)
+                        failed[job[1]] = f"not run: {lost(job[1], after)} failed"
+                    for d in [d for d in unevaluated if lost(d, then)]:
+                        unevaluated.remove(d)
+                        failed[d] = f"not evaluated: {lost(d, then)} failed"
                     # 1. start, in order, what is ready while a worker is free
                     for job in [j for j in waiting if set(after.get(j[1], ())) <= finished]:
-                        if len(running) >= max_jobs or failed or self.signals:
+                        if len(running) >= max_jobs or self.signals:
                             break
                         waiting.remove(job)
                         plan, inputs = plans.get(job[1]) or sub_run_plan(*job, overwrite)
@@ -261,7 +271,7 @@ class Queue:
                             running[pool.submit(self.run, *job, plan, inputs, threads)] = job[1]
                     # 2. evaluate one finished run whose prerequisites are evaluated, while the others train
                     ready = [d for d in unevaluated if set(then.get(d, ())) <= evaluated]
-                    if ready and not (failed or self.signals):
+                    if ready and not self.signals:
                         unevaluated.remove(ready[0]), evaluated.add(ready[0])
                         if on_done:
                             on_done(ready[0])
@@ -276,16 +286,13 @@ class Queue:
                         bar.update(1)
                         if f.result() == 0:
                             finished.add(out_dir), unevaluated.append(out_dir)
-                        elif not (self.signals or failed):
-                            failed = out_dir
-                            self.terminate_all()
+                        elif not self.signals:
+                            with open(os.path.join(out_dir, "log.txt")) as log:
+                                failed[out_dir] = (log.read().strip().splitlines()[-1:] or ["(no output)"])[0][:200]
             finally:
                 self.kill_all()  # anything still running here is an error's orphan: none may outlive the pipeline
         self.check()
-        if failed:
-            with open(os.path.join(failed, "log.txt")) as f:
-                tail = f.read().strip().splitlines()[-1:] or ["(no output)"]
-            raise TrainingError(f"{failed}: sub-run failed ({tail[0][:200]}); see its log.txt")
+        return failed
 
 
 
@@ -344,8 +351,11 @@ def train_sft(cfg, queue, preset, files, sft_arg, dev):
         print(f"1/3 sft: starting from {sft_arg}")
         return os.path.abspath(sft_arg)
     sft_dir = os.path.join(cfg.out_dir, "sft")
-    queue.run_all([("sft", sft_dir, [f"--data={files['train']},{files['unsup']}", f"--seed={cfg.seed}", *dev,
-                                     *(f"--{k}={v}" for k, v in preset["sft"].items())])], "1/3 sft", 1, cfg.overwrite)
+    failed = queue.run_all([("sft", sft_dir, [f"--data={files['train']},{files['unsup']}", f"--seed={cfg.seed}", *dev,
+                                              *(f"--{k}={v}" for k, v in preset["sft"].items())])], "1/3 sft", 1,
+                           cfg.overwrite)
+    if failed:
+        raise TrainingError(f"{sft_dir}: sub-run failed ({failed[sft_dir]}); see its log.txt")
     return os.path.join(sft_dir, "ckpt.pt")
 
 
@@ -516,11 +526,17 @@ def run_pipeline(cfg, run, queue, preset, methods, files, sft_arg):
             rep.policies[label] = evaluate(label, path, rep.path("reward", "ckpt.pt"), rep.dir, rep.seed)
 
     evaluated_after = {d: [rep.path("reward")] for d, (rep, name) in owner.items() if name is not None}
-    queue.run_all(jobs, "2/3 reward models, methods, evaluation", cfg.jobs or preset["jobs"], cfg.overwrite,
-                  cpu=on_cpu, after=after, on_done=None if on_cpu else on_done, on_done_after=evaluated_after)
+    failed = queue.run_all(jobs, "2/3 reward models, methods, evaluation", cfg.jobs or preset["jobs"], cfg.overwrite,
+                           cpu=on_cpu, after=after, on_done=None if on_cpu else on_done,
+                           on_done_after=evaluated_after)
     if on_cpu:
-        for out_dir in owner:
+        for out_dir in (d for d in owner if d not in failed):
             on_done(out_dir)
+    # a replicate whose reward model failed has nothing evaluated: it leaves the report, named among the failures
+    reps = [rep for rep in reps if rep.path("reward") not in failed]
+    if not reps:
+        raise TrainingError("every replicate's reward model failed: " + "; ".join(f"{d}: {w}"
+                                                                                  for d, w in failed.items()))
     for rep in reps:
         rep.policies = dict(sorted(rep.policies.items(), key=lambda kv: (kv[0] != "sft", kv[0])))
     phase("train_and_evaluate")
@@ -532,12 +548,17 @@ def run_pipeline(cfg, run, queue, preset, methods, files, sft_arg):
                                    optimum=rep.optimum) for rep in reps])
     report["gold_at_kl"] = gold_at_kl(report)
     report["objective_gaps"] = objective_gaps(report)
+    report["failed"] = {os.path.relpath(d, cfg.out_dir): why for d, why in failed.items()}
     report["fits"] = gao_fits(report)
     write_report(report, cfg.out_dir)
     phase("report")
     write_json(os.path.join(cfg.out_dir, "results.json"), report)
     with open(os.path.join(cfg.out_dir, "results.md")) as f:
         print(f.read())
+    if failed:  # the others' results are in the report; the same command again retries what failed
+        first = next(iter(report["failed"].items()))
+        raise TrainingError(f"{plural(len(failed), 'sub-run')} failed or could not be evaluated (first: {first[0]}: "
+                            f"{first[1]}); results.md reports the others; run the same command again to retry them")
     first = reps[0].policies
     run.summary(**{"sft/gold": first["sft"]["gold"], "reward/accuracy": reps[0].accuracy,
                    "preference_agreement": reps[0].agreement,

@@ -379,8 +379,8 @@ def write_report(report, out):
         lines += ["", f"Each policy against the exact optimum of its own objective J = E[r] - beta KL (r: the reward "
                   f"it maximises, proxy or gold; beta: its strength), J* = beta E_x log E_ref[exp(r / beta)] from the "
                   f"pool of {M} SFT samples per prefix (the optimum restricted to the pool; its KL is at most "
-                  f"log {M} = {math.log(M):.2f}); ± one standard error. '*': J* rests on fewer than 10 pool samples per prefix, "
-                  f"so it is underestimated.", "",
+                  f"log {M} = {math.log(M):.2f}); ± one standard error. '*': J* rests on fewer than 10 pool samples "
+                  f"per prefix, so it is underestimated.", "",
                   "| replicate | policy | r | beta | KL | J | KL of the optimum | J* | gap J* - J |",
                   "|---|---|---|---|---|---|---|---|---|"]
         pm = lambda x, se: f"{x:+.3f}" + (f" ± {se:.3f}" if se is not None else "")
@@ -395,6 +395,10 @@ def write_report(report, out):
         lines.append(f"| {m} | " + " | ".join("- | - | -" if fit[k] is None else
                                               f"{fit[k]['a']:.4f} | {fit[k]['b']:.4f} | {fit[k]['rmse']:.4f}"
                                               for k in ("gold", "proxy")) + " |")
+    if report.get("failed"):
+        lines += ["", "Failed, and left out of the tables above (their log.txt says more; the same command again "
+                  "retries them):", "", "| sub-run | why |", "|---|---|"]
+        lines += [f"| {d} | {why.replace('|', '/')} |" for d, why in report["failed"].items()]
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in report["timings_s"].items())]
     with atomic_write(os.path.join(out, "results.md")) as f:
         f.write("\n".join(lines) + "\n")

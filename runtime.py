@@ -184,7 +184,7 @@ class Run:
     def _check_reuse(self, replaces_output=False):
         """A new run may reuse a folder of the same stage and config (a re-run), or of the same stage whatever its
         config when it only replaces its own output (sample, score); another stage or config only with
-        --overwrite."""
+        --overwrite. A key the stored config lacks (the folder is older than the key) counts as its default."""
         path = os.path.join(self.dir, "config.json")
         if not os.path.exists(path):
             return
@@ -195,7 +195,9 @@ class Run:
         new = self.config
         if replaces_output and old.get("stage") == new["stage"]:
             return
-        changed = sorted(k for k in set(old) | set(new) if k not in RESTART_KEYS and old.get(k) != new.get(k))
+        defaults = {f.name: f.default for f in dataclasses.fields(self.cfg) if f.default is not dataclasses.MISSING}
+        changed = sorted(k for k in set(old) | set(new)
+                         if k not in RESTART_KEYS and old.get(k, defaults.get(k)) != new.get(k))
         if changed and not getattr(self.cfg, "overwrite", False):
             what = (f"a {old.get('stage')} run" if old.get("stage") != new["stage"] else
                     f"a run with another config ({', '.join('--' + k for k in changed)})")

@@ -23,7 +23,7 @@ import sft  # noqa: E402
 import pipeline  # noqa: E402
 import conftest  # noqa: E402
 from conftest import ROOT, child_env, read_json, run_cli  # noqa: E402
-from config import ConfigError, TrainingError, parse_config  # noqa: E402
+from config import ConfigError, parse_config  # noqa: E402
 
 
 # -----------------------------------------------------------------------------
@@ -292,24 +292,35 @@ def test_queue_starts_dependents_after_and_evaluates_in_dependency_order(monkeyp
     assert running[1] == 2
 
 
-def test_a_failed_sub_run_stops_the_others_and_is_one_line(tmp_path, monkeypatch):
-    """A sub-run that exits 1 ends the queue: the others get one SIGTERM each, nothing new starts, and the error
-    names the folder and the last line of its log."""
-    q = pipeline.Queue()
-    (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / "log.txt").write_text("step 1\nerror: --data: bad.jsonl:3: bad JSON\n")
-    started = []
+def test_a_failed_sub_run_leaves_the_others_and_says_why(tmp_path, monkeypatch):
+    """A reward model whose sub-run exits 2: the other jobs still run and are evaluated; the PPO run that needed it
+    never starts, the DPO run beside it trains but is not evaluated (it would be scored by that model); each is
+    returned with why, the failed one with the last line of its log."""
+    q, started, evaluated = pipeline.Queue(), [], []
+    d = {name: str(tmp_path / name) for name in ("rm_bad", "rm_ok", "ppo_bad", "ppo_ok", "dpo_bad", "dpo_ok")}
+    os.makedirs(d["rm_bad"])
+    (tmp_path / "rm_bad" / "log.txt").write_text("step 1\nerror: --data: bad.jsonl:3: bad JSON\n")
 
     def run(stage, out_dir, args, plan, inputs, threads):
         started.append(out_dir)
-        return 1 if out_dir.endswith("bad") else 0
+        return 2 if out_dir == d["rm_bad"] else 0
 
     monkeypatch.setattr(q, "run", run)
     monkeypatch.setattr(pipeline, "sub_run_plan", lambda *job: ("fresh", {}))
-    jobs = [("dpo", str(tmp_path / "bad"), []), ("dpo", str(tmp_path / "next"), [])]
-    with pytest.raises(TrainingError, match=r"bad: sub-run failed \(error: --data: bad.jsonl:3: bad JSON\)"):
-        q.run_all(jobs, "test", 1, False)
-    assert started == [str(tmp_path / "bad")]
+    needs = {d[f"{m}_{r}"]: [d[f"rm_{r}"]] for m in ("ppo", "dpo") for r in ("bad", "ok")}
+    failed = q.run_all([("x", path, []) for path in d.values()], "test", 2, False,
+                       after={k: v for k, v in needs.items() if "ppo" in k}, on_done=evaluated.append,
+                       on_done_after=needs)
+    assert failed == {d["rm_bad"]: "error: --data: bad.jsonl:3: bad JSON",
+                      d["ppo_bad"]: f"not run: {d['rm_bad']} failed",
+                      d["dpo_bad"]: f"not evaluated: {d['rm_bad']} failed"}
+    assert d["ppo_bad"] not in started and sorted(evaluated) == sorted(d[k] for k in ("rm_ok", "ppo_ok", "dpo_ok"))
+    rep = dict(replicate=1, seed=1, preference_agreement=1.0, reward_accuracy=1.0, policies=dict(sft=policy(0.5, 0.0)),
+               best_of_n=bon(0.0, 1.0), optimum=None)
+    report.write_report(dict(preset="tiny", device="cpu", k=2, labels="gold", max_new_tokens=4, timings_s={},
+                             replicates=[rep], gold_at_kl={}, fits={}, failed={"rep1/reward": failed[d["rm_bad"]]}),
+                        str(tmp_path))
+    assert "| rep1/reward | error: --data: bad.jsonl:3: bad JSON |" in (tmp_path / "results.md").read_text()
 
 
 def test_each_gpu_preset_job_parses_and_waits_for_the_reward_model_it_reads(tmp_path):

@@ -374,6 +374,12 @@ def test_a_folder_of_another_stage_or_config_needs_overwrite(tmp_path):
     runtime.Run(dataclasses.replace(cfg, log_interval=3, ckpt_interval=7, ckpt_minutes=0.5), "sft")
     with pytest.raises(config.ConfigError, match=r"another config \(--max_iters\)"):
         runtime.Run(dataclasses.replace(cfg, max_iters=3), "sft")
+    # a folder older than a key (its config.json lacks it): the key's default is what that run did
+    stored = read_json(os.path.join(out, "config.json"))
+    data.write_json(os.path.join(out, "config.json"), {k: v for k, v in stored.items() if k != "dropout"})
+    runtime.Run(cfg, "sft")
+    with pytest.raises(config.ConfigError, match=r"another config \(--dropout\)"):
+        runtime.Run(dataclasses.replace(cfg, dropout=0.1), "sft")
 
 
 def test_sampling_and_scoring_again_with_other_arguments_replace_their_output(tmp_path, in_process):
