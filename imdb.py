@@ -154,6 +154,9 @@ PRESETS = {
         bon_prompts=8, bon_pool=16),
 }
 PRESETS["gpu-bt"] = dict(PRESETS["gpu"], labels="bt")
+# a learning-rate sweep at one strength: is a method's distance to the optimum its own, or its settings'?
+PRESETS["gpu-lr"] = dict(PRESETS["gpu"], methods=dict(ppo=[0.1], dpo=[0.1]),
+                         learning_rates=dict(ppo=[5e-6, 1e-5, 2e-5, 5e-5], dpo=[1e-5, 2e-5, 5e-5, 1e-4]))
 
 # -----------------------------------------------------------------------------
 # data: the full dataset from a folder, or from the official archive

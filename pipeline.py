@@ -36,6 +36,7 @@ Simplifications, on purpose:
 - Preferred-FT is stage sft on each pair's chosen response (a prefix's best sample appears once per pair it wins).
 """
 import dataclasses
+import itertools
 import os
 import re
 import shutil
@@ -76,8 +77,8 @@ REPLICATE_STRIDE = 1000  # replicate r's seeds are the first's plus 1000 (r - 1)
 class PipelineConfig(RunConfig):
     out_dir: str = opt("out/imdb", "run folder of the whole benchmark; each sub-run gets a folder inside it")
     preset: str = opt("cpu", "cpu (the main job: ~4.5 min on 2 cores, committed sample), gpu (the DPO paper's set-up "
-                             "with 2 replicates: 509 s on one H200), gpu-bt (gpu with simulated BT labels) or tiny "
-                             "(a few minutes on 2 cores, for the tests)")
+                             "with 2 replicates: 509 s on one H200), gpu-bt (gpu with simulated BT labels), gpu-lr "
+                             "(PPO and DPO at 4 learning rates each) or tiny (a few minutes on 2 cores, for the tests)")
     imdb_dir: str = opt("", "folder with IMDb {train,test,unsup}.jsonl.gz (default: the preset's; cpu: the "
                             "committed sample)")
     jobs: int = opt(0, "sub-runs at once (0: the preset's; several share one GPU well)", min=0)
@@ -316,10 +317,12 @@ def replicate_seed(seed, replicate):
     return seed + REPLICATE_STRIDE * (replicate - 1)
 
 
-def run_name(method, strength, seed):
+def run_name(method, strength, seed, lr=None):
+    """METHOD_beta{strength}[_lr{lr}]_seed{seed} (alpha for unlikelihood; no strength for pft); report.method_of
+    reads the method (with its learning rate, in a sweep) back."""
     key = METHODS[method][1]
-    return f"{method}_seed{seed}" if key is None else \
-        f"{method}_{'alpha' if key == 'alpha' else 'beta'}{strength}_seed{seed}"
+    return method + ("" if key is None else f"_{'alpha' if key == 'alpha' else 'beta'}{strength}") + \
+        ("" if lr is None else f"_lr{lr:g}") + f"_seed{seed}"
 
 
 def snapshots(run_dir):
@@ -435,15 +438,17 @@ def queue_jobs(preset, methods, reps, sft_ckpt, prompts_file, block_size, dev):
         args = method_args(preset, rep, sft_ckpt, prompts_file, block_size, dev)
         for m in methods:
             stage, key = METHODS[m]
-            for strength in preset["methods"][m]:
-                for s in preset["seeds"]:
-                    seed = replicate_seed(s, rep.number)
-                    name = run_name(m, strength, seed)
-                    run_dir = rep.path("runs", name)
-                    jobs.append((stage, run_dir, args[m] + ([f"--{key}={strength}"] if key else []) + [f"--seed={seed}"]))
-                    owner[run_dir] = (rep, name)
-                    if f"--reward={rep.path('reward', 'ckpt.pt')}" in args[m]:
-                        after[run_dir] = [rep.path("reward")]
+            # a learning-rate sweep (preset gpu-lr): each strength at each rate, a method of its own in the report
+            rates = preset.get("learning_rates", {}).get(m, [None])
+            for strength, lr, s in itertools.product(preset["methods"][m], rates, preset["seeds"]):
+                seed = replicate_seed(s, rep.number)
+                name = run_name(m, strength, seed, lr)
+                run_dir = rep.path("runs", name)
+                jobs.append((stage, run_dir, args[m] + ([f"--{key}={strength}"] if key else []) +
+                             ([f"--learning_rate={lr}"] if lr else []) + [f"--seed={seed}"]))
+                owner[run_dir] = (rep, name)
+                if f"--reward={rep.path('reward', 'ckpt.pt')}" in args[m]:
+                    after[run_dir] = [rep.path("reward")]
     # the longest runs start first (the DPO-like ones: ~690 optimizer steps each in the gpu preset), after the
     # reward models the RL runs wait for: a queue ordered replicate by replicate ended, on 2 GPUs, with two of them
     # still running alone

@@ -41,8 +41,9 @@ OBJECTIVE = dict(ppo="proxy", rloo="proxy", grpo="proxy", dpo="proxy", online_dp
 
 
 def method_of(name):
-    """'ppo_gt_beta0.05_seed1@20' -> 'ppo_gt'; 'pft_seed1' -> 'pft'; 'sft' -> 'sft'."""
-    return re.sub(r"(_(beta|alpha)[^_@]*)?_seed\d+(@\d+)?$", "", name)
+    """'ppo_gt_beta0.05_seed1@20' -> 'ppo_gt'; 'pft_seed1' -> 'pft'; 'sft' -> 'sft'; in a learning-rate sweep,
+    'ppo_beta0.1_lr2e-05_seed1' -> 'ppo_lr2e-05'."""
+    return re.sub(r"(_(beta|alpha)[^_@]*)?(_lr[^_@]*)?_seed\d+(@\d+)?$", lambda m: m[3] or "", name)
 
 
 def bon_curve(select, gold, proxy, ns):
@@ -81,7 +82,7 @@ def optimum(select, gold, proxy, beta):
 
 def strength_of(name):
     """'dpo_beta0.5_seed1@20' -> 0.5; None for a policy without one."""
-    m = re.search(r"_(?:beta|alpha)([^_@]+)_seed", name)
+    m = re.search(r"_(?:beta|alpha)([^_@]+)(?:_lr[^_@]*)?_seed", name)
     return float(m[1]) if m else None
 
 
@@ -93,7 +94,7 @@ def objective_gaps(report):
     for rep in report["replicates"]:
         best = rep.get("optimum")
         for name, r in rep["policies"].items() if best else ():
-            key, beta = OBJECTIVE.get(method_of(name)), strength_of(name)
+            key, beta = OBJECTIVE.get(method_of(name).split("_lr")[0]), strength_of(name)
             star = next((o for o in best.get(key) or () if beta and math.isclose(o["beta"], beta)), None)
             if star is None:
                 continue
@@ -329,6 +330,11 @@ COLORS = dict(ppo="C0", ppo_gt="C1", dpo="C2", online_dpo="darkgreen", rloo="C3"
               unlikelihood="C8", bon_proxy="C7", bon_gold="C9", sft="k")
 
 
+def color(method):
+    """A method's colour in the figures (a learning-rate sweep's methods get one from their name)."""
+    return COLORS.get(method) or f"C{sum(map(ord, method)) % 10}"
+
+
 def cell(entry, replicates):
     """'0.912 ± 0.008' (mean ± spread, max - min over replicates), '0.912' for one replicate, a count where only
     some replicates reach the KL, '-' where none does."""
@@ -412,11 +418,11 @@ def write_report(report, out):
             for m in sorted({method_of(n) for n in res} - {"sft"}):
                 final = [(r["kl"], r[key]) for n, r in res.items() if method_of(n) == m and "@" not in n]
                 along = [(r["kl"], r[key]) for n, r in res.items() if method_of(n) == m and "@" in n]
-                ax.plot(*zip(*final), "o", color=COLORS.get(m, "C5"), alpha=0.8, label=m if i == 0 else None)
+                ax.plot(*zip(*final), "o", color=color(m), alpha=0.8, label=m if i == 0 else None)
                 if along:
-                    ax.plot(*zip(*along), ".", color=COLORS.get(m, "C5"), alpha=0.6)
+                    ax.plot(*zip(*along), ".", color=color(m), alpha=0.6)
                 if key == "gold":  # the frontier gold@KL reads
-                    ax.plot(*zip(*unbeaten(frontier(res, m))), "-", color=COLORS.get(m, "C5"), alpha=0.4, lw=1)
+                    ax.plot(*zip(*unbeaten(frontier(res, m))), "-", color=color(m), alpha=0.4, lw=1)
             for sel, style in (("proxy", "--"), ("gold", ":")):
                 ax.plot([r["kl"] for r in rep["best_of_n"][sel]], [r[key] for r in rep["best_of_n"][sel]], style,
                         color="C7", label=f"best-of-N by {sel}" if i == 0 else None)
@@ -443,7 +449,7 @@ def write_report(report, out):
             for name, r in rep["policies"].items():
                 if name != "sft":
                     m = method_of(name)
-                    ax.plot(math.sqrt(max(r["kl"], 0)), r[key] - sft[key], ".", color=COLORS.get(m, "C5"), alpha=0.5,
+                    ax.plot(math.sqrt(max(r["kl"], 0)), r[key] - sft[key], ".", color=color(m), alpha=0.5,
                             label=None if m in labelled else m)
                     labelled.add(m)
             b = rep["best_of_n"]["proxy"]
@@ -458,7 +464,7 @@ def write_report(report, out):
                 max(math.sqrt(max(x["kl"], 0)) for rep in reps for x in rep["best_of_n"]["proxy"])
             ds = [reach * j / 50 for j in range(1, 51)]
             ax.plot(ds, [fit[key]["a"] * x0 + fit[key]["b"] * x1 for x0, x1 in map(GAO_FORMS[fit[key]["form"]], ds)],
-                    "-", color=COLORS.get(m, "C5"), label=f"{m} fit")
+                    "-", color=color(m), label=f"{m} fit")
         ax.set_xlabel("d = sqrt(KL), sqrt(nats)")
         ax.set_ylabel(f"{key} reward minus the SFT model's")
         ax.set_title(f"{key} reward as KL grows, with Gao et al.'s fits")

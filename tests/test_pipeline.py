@@ -337,6 +337,15 @@ def test_each_gpu_preset_job_parses_and_waits_for_the_reward_model_it_reads(tmp_
     assert strengths["online_dpo"] == [0.1, 1.0] and strengths["dpo"] == [0.05, 0.1, 1.0, 5.0]
     assert {m: len(v) for m, v in strengths.items() if m != "reward"} == \
         {m: len(v) for m, v in preset["methods"].items()}
+    # the learning-rate sweep: one run per rate, each its own method in the report, the last --learning_rate wins
+    lr = pipeline.PRESETS["gpu-lr"]
+    jobs, _, owner = pipeline.queue_jobs(lr, list(lr["methods"]), [rep], "sft.pt", "prompts.jsonl", 128, [])
+    runs = {owner[job[1]][1]: job for job in jobs if owner[job[1]][1]}
+    assert sorted(runs) == sorted(f"{m}_beta0.1_lr{r:g}_seed1" for m in ("ppo", "dpo") for r in lr["learning_rates"][m])
+    for name, (stage, out_dir, args) in runs.items():
+        cfg = parse_config(pipeline.SUB_RUN_CONFIGS[stage], [*args, f"--out_dir={out_dir}"])
+        assert f"{report.method_of(name)}_seed1" == name.replace("_beta0.1", "") and report.strength_of(name) == 0.1
+        assert report.method_of(name + "@5") == report.method_of(name) and f"lr{cfg.learning_rate:g}" in name
 
 
 def test_method_names_and_snapshots(tmp_path):
