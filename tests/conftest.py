@@ -1,4 +1,6 @@
 """Shared test helpers: run train.py as a user would, and kill it at random moments."""
+import contextlib
+import io
 import json
 import os
 import random
@@ -125,6 +127,27 @@ def one_thread():
 @pytest.fixture
 def root():
     return ROOT
+
+
+def main_in_process(*args):
+    """train.main(ARGS) in this process, as run_cli runs it in a child (one thread, no progress bars), without the
+    child's ~2 s of start-up: returns (exit status, stdout, stderr). Restores the signal handlers a Run installs.
+    For runs that no signal reaches (a thread cannot take them)."""
+    import torch
+    import train
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    threads, out, err = torch.get_num_threads(), io.StringIO(), io.StringIO()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = train.main([str(a) for a in args])
+    finally:
+        torch.set_num_threads(threads)
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    assert code == 0, f"train.py {' '.join(map(str, args))} exited {code}:\n{out.getvalue()[-3000:]}\n" \
+                      f"{err.getvalue()[-3000:]}"
+    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture

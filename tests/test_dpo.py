@@ -14,7 +14,7 @@ import config
 import data as data_lib
 import dpo
 import reward
-from conftest import interrupt_and_resume, read_json, read_metrics, run_cli
+from conftest import interrupt_and_resume, main_in_process, read_json, read_metrics, run_cli
 from data import EOS
 from test_reward import same_numbers, write_policy, write_synthetic
 
@@ -148,8 +148,7 @@ def trained(tmp_path_factory):
     args = ["dpo", f"--data={data}", f"--init_from={policy}", "--batch_size=8", "--max_iters=6",
             "--learning_rate=3e-3", "--warmup_iters=0", "--eval_interval=3", "--log_interval=3", "--ckpt_interval=2"]
     out = str(tmp / "run")
-    p = run_cli(*args, f"--out_dir={out}")
-    return tmp, args, out, p.stdout
+    return tmp, args, out, main_in_process(*args, f"--out_dir={out}")[1]
 
 
 def test_dpo_stage_learns_marker_preference(trained):
@@ -167,7 +166,7 @@ def test_dpo_stage_learns_marker_preference(trained):
 
 def test_reference_on_the_fly_gives_the_same_numbers(trained, tmp_path):
     _, args, out, _ = trained
-    run_cli(*args, "--ref_cache=false", f"--out_dir={tmp_path}/nocache")
+    main_in_process(*args, "--ref_cache=false", f"--out_dir={tmp_path}/nocache")
     cached, fly = read_json(os.path.join(out, "summary.json")), read_json(tmp_path / "nocache" / "summary.json")
     assert fly.keys() == cached.keys()
     for k in cached:
@@ -192,7 +191,7 @@ def test_unlikelihood_stage_learns_and_keeps_snapshots(trained, tmp_path):
     are kept beside the final checkpoint, and load as policies."""
     _, args, _, _ = trained
     out = tmp_path / "ul"
-    run_cli(*args, "--loss=unlikelihood", "--alpha=0.5", "--snapshot_interval=2", f"--out_dir={out}")
+    main_in_process(*args, "--loss=unlikelihood", "--alpha=0.5", "--snapshot_interval=2", f"--out_dir={out}")
     first, last = read_metrics(out)
     assert last["eval/loss"] < first["eval/loss"] and last["eval/rewards/margins"] > first["eval/rewards/margins"]
     assert last["eval/logps/chosen"] == last["eval/rewards/chosen"]  # no reference: the rewards are the log-probs

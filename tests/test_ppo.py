@@ -23,7 +23,7 @@ import dist
 import dpo
 import ppo
 import reward
-from conftest import interrupt_and_resume, read_json, read_metrics, run_cli, timeless
+from conftest import interrupt_and_resume, main_in_process, read_json, read_metrics, timeless
 from model import response_mask
 
 SUBJECTS = ["the cat", "the dog", "my friend", "this film", "a bird", "the book", "her song", "the food"]
@@ -433,7 +433,7 @@ def assert_learned(rows, min_gain=MIN_GAIN, max_kl=4.0):
 @pytest.fixture(scope="module")
 def ppo_run(tiny):
     out = tiny["dir"] / "ppo"
-    run_cli("ppo", *rl_args(tiny, out, 8))
+    main_in_process("ppo", *rl_args(tiny, out, 8))
     return out
 
 

@@ -14,7 +14,7 @@ import config
 import runtime
 import data
 import reward
-from conftest import TINY_MODEL, kill_and_resume, read_json, read_metrics, run_cli
+from conftest import TINY_MODEL, kill_and_resume, main_in_process, read_json, read_metrics, run_cli
 from data import EOS, PAD
 from model import GPT, GPTConfig, layout_batch
 
@@ -153,8 +153,7 @@ def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reward")
     args = reward_args(tmp)
     out = str(tmp / "run")
-    p = run_cli(*args, f"--out_dir={out}")
-    return tmp, args, out, p.stdout
+    return tmp, args, out, main_in_process(*args, f"--out_dir={out}")[1]
 
 
 def test_reward_stage_learns_marker_preference(trained):
@@ -177,10 +176,12 @@ def test_score_stage_ranks_chosen_above_rejected(trained, in_process):
     held_out = [json.loads(line) for line in open(tmp / "pairs.jsonl")][-20:]  # the eval split
     rows = [dict(prompt=r["prompt"], response=r[k]) for r in held_out for k in ("chosen", "rejected")]
     (tmp / "texts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    p = run_cli("score", f"--ckpt={out}/ckpt.pt", f"--data={tmp}/texts.jsonl", f"--out_dir={tmp}/score")
+    code, stdout, err = in_process("score", f"--ckpt={out}/ckpt.pt", f"--data={tmp}/texts.jsonl",
+                                   f"--out_dir={tmp}/score")
+    assert code == 0, err
     scores = [json.loads(line)["score"] for line in open(tmp / "score" / "scores.jsonl")]
     assert sum(c > r for c, r in zip(scores[::2], scores[1::2])) >= 18
-    assert f"{scores[0]:+.4f}" in p.stdout and read_json(tmp / "score" / "summary.json")["n"] == 40
+    assert f"{scores[0]:+.4f}" in stdout and read_json(tmp / "score" / "summary.json")["n"] == 40
     # the same numbers as score_texts in-process, from the normalised checkpoint
     model = reward.load_reward_model(os.path.join(out, "ckpt.pt"), "cpu")
     expected = reward.score_texts(model, [r["prompt"] for r in rows], [r["response"] for r in rows], "cpu")

@@ -17,8 +17,8 @@ import data
 import runtime
 import sft
 import train
-from conftest import (ROOT, TINY_MODEL, interrupt_and_resume, kill_and_resume, read_json, read_metrics, run_cli,
-                      timeless)
+from conftest import (ROOT, TINY_MODEL, interrupt_and_resume, kill_and_resume, main_in_process, read_json,
+                      read_metrics, run_cli, timeless)
 
 CORPUS_LINES = [f"the film was {w} and the acting was {v} ." for w in ("good", "bad", "fine", "long", "great")
                 for v in ("superb", "awful", "plain", "wooden")]
@@ -120,7 +120,7 @@ RESUMED = ["sft", "--max_iters=12", "--ckpt_interval=2", "--dropout=0.1", *SFT_F
 def straight(corpus, tmp_path_factory):
     """An uninterrupted run, for the interrupted ones to end equal to."""
     out = tmp_path_factory.mktemp("straight")
-    run_cli(*RESUMED, f"--data={corpus}", f"--out_dir={out}")
+    main_in_process(*RESUMED, f"--data={corpus}", f"--out_dir={out}")
     return out
 
 
