@@ -298,11 +298,14 @@ def train_online(cfg):
     logps = lambda model, b, rows: response_logprobs(model, b.ids[rows], b.mask[rows], b.R).sum(-1)  # (len(rows),)
 
     # 2. train
+    metrics = {}
     for step in run.steps(start, f"online {cfg.loss}"):
         # 2a. this process's prompts, two samples of each (rows 2i, 2i + 1), their scores and reference log-probs
         idx = epoch_indices(len(prompts), step, cfg.batch_size, cfg.seed)
         share = my_share(range(len(idx)))  # this process's positions in the step's batch
-        g = torch.Generator(device=device).manual_seed(rank_seed(cfg.seed, step))
+        # the sampling stream: key 1, as SeedSequence ignores trailing zeros (key 0 would be derived_seed(seed, step),
+        # the seed of the data order's pass `step`)
+        g = torch.Generator(device=device).manual_seed(rank_seed(cfg.seed, step, 1))
         b = sample_responses(policy, [prompts[idx[i]] for i in share for _ in range(2)], cfg.max_new_tokens, g,
                              device, ctx)
         with torch.no_grad(), ctx:
@@ -330,11 +333,12 @@ def train_online(cfg):
         if run.log_due(done):
             mine_t = [torch.cat(t) for t in zip(*parts)] if parts else [torch.zeros(0, device=device)] * 6
             means = global_means(scores=scores, kl=mine_t[5], margin=scores.max(1).values - scores.min(1).values)
-            run.log(done, **all_mean(dpo_metrics(*mine_t[:5]), mine_t[0].numel()), lr=lr, grad_norm=norm,
-                    **{"objective/scores": means["scores"], "objective/kl": means["kl"],
-                       "objective/score_margin": means["margin"]})
+            metrics = dict(all_mean(dpo_metrics(*mine_t[:5]), mine_t[0].numel()), lr=lr, grad_norm=norm,
+                           **{"objective/scores": means["scores"], "objective/kl": means["kl"],
+                              "objective/score_margin": means["margin"]})
+            run.log(done, **metrics)
         if run.end_step(done, lambda: run.save(done, policy, optimizer)):
             return 130
-    run.summary(step=cfg.max_iters, params=policy.num_params())
+    run.summary(**metrics, step=cfg.max_iters, params=policy.num_params())  # the last logged step's metrics
     print(f"done: checkpoint {run.ckpt_path}")
     return 0

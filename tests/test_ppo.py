@@ -484,7 +484,7 @@ def test_rloo_and_grpo_raise_the_score_with_the_kl_bounded(tiny, algo):
 def online_dpo_gain(tiny, out, seed):
     """(gain of the " good" share, KL): the evaluation of assert_learned, of the SFT policy and of online DPO's."""
     args = [f"--init_from={tiny['ckpt']}", f"--reward={tiny['reward']}", f"--prompts={tiny['prompts']}",
-            "--max_new_tokens=6", "--batch_size=48", "--max_iters=10", "--learning_rate=3e-3", "--beta=0.2",
+            "--max_new_tokens=6", "--batch_size=32", "--max_iters=16", "--learning_rate=3e-3", "--beta=0.3",
             f"--seed={seed}", "--device=cpu", f"--out_dir={out}"]
     assert in_process(dpo.train_online, config.parse_config(dpo.OnlineDPOConfig, args)) == 0
     prompts, reward_fn = data.load_prompts(tiny["eval_prompts"]), reward.make_reward(tiny["reward"], "cpu")
@@ -495,13 +495,13 @@ def online_dpo_gain(tiny, out, seed):
 
 def test_online_dpo_raises_the_score_of_its_own_samples(tiny):
     """Online DPO: pairs sampled from the policy each step, the reward's choice as the label (most pairs tie here, as
-    " good" is one adjective in eight, and teach nothing). Gains seen over seeds 1-8 (2026-12-05, CPU, these
-    arguments): 0.048-0.104, KL 0.3-2.7; asserted: half the smallest gain, with the KL bounded."""
+    " good" is one adjective in eight, and teach nothing). Gains seen over seeds 1-8 and 1337 (2026-12-05, CPU,
+    these arguments): 0.052-0.165, KL 0.5-2.6; asserted: half the smallest gain, with the KL bounded."""
     out = tiny["dir"] / "online_dpo"
     gain, kl = online_dpo_gain(tiny, out, 1337)
-    assert gain > 0.024 and 0 < kl < 4.0, (gain, kl)
+    assert gain > 0.026 and 0 < kl < 4.0, (gain, kl)
     rows = read_metrics(out)
-    assert len(rows) == 10 and rows[0]["rewards/accuracies"] == 0.0  # step 1: the policy is the reference
+    assert len(rows) == 16 and rows[0]["rewards/accuracies"] == 0.0  # step 1: the policy is the reference
     assert all(0 <= r["objective/score_margin"] and -0.5 < r["objective/kl"] < 8.0 for r in rows)  # 32 samples each
 
 
