@@ -90,7 +90,7 @@ TEMPERATURE = 1.0
 # the benchmark's presets (stage pipeline, pipeline.py)
 
 # Everything the presets set; the sizes are meant to be edited here. The cpu preset is the main job (python
-# train.py, ~4.5 minutes on 2 cores, on the committed sample, from the committed SFT model: its `sft` keys apply only
+# train.py, ~4 minutes on 2 cores, on the committed sample, from the committed SFT model: its `sft` keys apply only
 # with --sft=train); the gpu preset is the benchmark, the DPO paper's set-up (509 s on one H200, on the full data of
 # --imdb_dir, SFT included); gpu-bt is the same with today's simulated labels (Bradley-Terry) as an ablation (not
 # yet run on a GPU).

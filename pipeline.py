@@ -8,7 +8,7 @@ held-out prefixes; best-of-N from the SFT policy -> the report (report.py). Ever
 task itself (data, gold reward, prompts, preference pairs, the presets' sizes) is imdb.py's; each training step is a
 sub-run of train.py.
 
-    python train.py                                  # the cpu preset (~4.5 min on 2 cores) into out/imdb
+    python train.py                                  # the cpu preset (~4 min on 2 cores) into out/imdb
     python train.py pipeline --preset=gpu --imdb_dir=../shared/data/imdb --out_dir=out/imdb-gpu   # one H200
     python train.py pipeline --preset=tiny --out_dir=/tmp/imdb    # the tests' size
 
@@ -76,7 +76,7 @@ REPLICATE_STRIDE = 1000  # replicate r's seeds are the first's plus 1000 (r - 1)
 @dataclass
 class PipelineConfig(RunConfig):
     out_dir: str = opt("out/imdb", "run folder of the whole benchmark; each sub-run gets a folder inside it")
-    preset: str = opt("cpu", "cpu (the main job: ~4.5 min on 2 cores, committed sample), gpu (the DPO paper's set-up "
+    preset: str = opt("cpu", "cpu (the main job: ~4 min on 2 cores, committed sample), gpu (the DPO paper's set-up "
                              "with 2 replicates: 509 s on one H200), gpu-bt (gpu with simulated BT labels), gpu-lr "
                              "(PPO and DPO at 4 learning rates each) or tiny (a few minutes on 2 cores, for the tests)")
     imdb_dir: str = opt("", "folder with IMDb {train,test,unsup}.jsonl.gz (default: the preset's; cpu: the "
