@@ -132,7 +132,8 @@ def sub_run_plan(stage, out_dir, args, overwrite):
     done = os.path.exists(os.path.join(out_dir, "summary.json"))
     if stored["config.json"] is None and not done:
         return "fresh", inputs  # never started, or killed before it wrote its config
-    old = stored["config.json"] and {k: v for k, v in effective_config(stored["config.json"]).items()
+    old = stored["config.json"] and {k: v for k, v in effective_config(stored["config.json"],
+                                                                        SUB_RUN_CONFIGS[stage]).items()
                                      if k not in IGNORED}
     if stale(out_dir, old, new, overwrite) or \
             stale(f"{out_dir} (its input files)", stored["inputs.json"], inputs, overwrite):

@@ -58,9 +58,13 @@ INPUT_KEYS = ("init_from", "ref", "ckpt", "policy", "reward", "data", "eval_data
 _LOCKS = {}  # run folder (real path) -> its open, locked .lock file, held until the process ends
 
 
-def effective_config(stored):
-    """config.json as the run now runs: its keys with the changes made on each --resume applied in order."""
-    config = {k: v for k, v in stored.items() if k != "changes"}
+def effective_config(stored, cls=None):
+    """config.json as the run now runs: its keys with the changes made on each --resume applied in order. With the
+    stage's config class, a key it lacks (the folder is older than the key) takes the key's default: what that run
+    did."""
+    defaults = {f.name: as_stored(f.default) for f in (dataclasses.fields(cls) if cls else ())
+                if f.default is not dataclasses.MISSING}
+    config = {**defaults, **{k: v for k, v in stored.items() if k != "changes"}}
     for change in stored.get("changes", []):
         config.update({k: old_new[1] for k, old_new in change.items() if k != "step"})  # step: where, not a key
     return config
@@ -79,7 +83,7 @@ def resume_config(stage, cls, cfg, argv):
     if not os.path.exists(path):
         raise ConfigError(f"--resume: {path} does not exist: there is no run to continue in --out_dir={cfg.out_dir}")
     try:
-        stored = effective_config(read_json(path))
+        stored = effective_config(read_json(path), cls)
     except (ValueError, UnicodeDecodeError):
         raise ConfigError(f"--resume: {path} is not JSON") from None
     if stored.get("stage") != stage:
@@ -184,20 +188,18 @@ class Run:
     def _check_reuse(self, replaces_output=False):
         """A new run may reuse a folder of the same stage and config (a re-run), or of the same stage whatever its
         config when it only replaces its own output (sample, score); another stage or config only with
-        --overwrite. A key the stored config lacks (the folder is older than the key) counts as its default."""
+        --overwrite."""
         path = os.path.join(self.dir, "config.json")
         if not os.path.exists(path):
             return
         try:
-            old = effective_config(read_json(path))
+            old = effective_config(read_json(path), type(self.cfg))
         except (ValueError, UnicodeDecodeError):
             old = dict(stage="unreadable (config.json is not JSON)")
         new = self.config
         if replaces_output and old.get("stage") == new["stage"]:
             return
-        defaults = {f.name: f.default for f in dataclasses.fields(self.cfg) if f.default is not dataclasses.MISSING}
-        changed = sorted(k for k in set(old) | set(new)
-                         if k not in RESTART_KEYS and old.get(k, defaults.get(k)) != new.get(k))
+        changed = sorted(k for k in set(old) | set(new) if k not in RESTART_KEYS and old.get(k) != new.get(k))
         if changed and not getattr(self.cfg, "overwrite", False):
             what = (f"a {old.get('stage')} run" if old.get("stage") != new["stage"] else
                     f"a run with another config ({', '.join('--' + k for k in changed)})")

@@ -25,7 +25,7 @@ import runtime
 import pipeline
 import train
 import conftest
-from conftest import ROOT, child_env, read_metrics
+from conftest import ROOT, child_env, main_in_process, read_metrics, run_cli
 from model import GPT, GPTConfig
 from test_reward import write_synthetic
 
@@ -44,19 +44,6 @@ def torchrun(*args, nproc=2, wait=True):
     out, err = p.communicate(timeout=240)
     assert p.returncode == 0, f"{cmd} exited {p.returncode}:\n{out[-3000:]}\n{err[-3000:]}"
     return out
-
-
-def one_process(*args):
-    """train.main(ARGS) in this process (no torchrun, no process group), signal handlers given back afterwards."""
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert train.main([str(a) for a in args]) == 0
-    finally:
-        torch.set_num_threads(threads)
-        for s, h in handlers.items():
-            signal.signal(s, h)
 
 
 def curve(out_dir, key="loss"):
@@ -115,20 +102,12 @@ def test_sft_two_processes_give_the_loss_curve_of_one(tiny, tmp_path):
     args = ["sft", f"--data={tiny['sft']}", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32",
             "--batch_size=10", "--max_iters=6", "--learning_rate=3e-3", "--warmup_iters=0", "--log_interval=1",
             "--eval_interval=1000", "--eval_iters=1", "--device=cpu"]
-    one_process(*args, "--micro_batch_size=3", f"--out_dir={tmp_path / 'one'}")  # accumulation: 3 + 3 + 3 + 1
+    main_in_process(*args, "--micro_batch_size=3", f"--out_dir={tmp_path / 'one'}")  # accumulation: 3 + 3 + 3 + 1
     torchrun(*args, f"--out_dir={tmp_path / 'two'}")
     one, two = curve(tmp_path / "one"), curve(tmp_path / "two")
     assert two == pytest.approx(one, **TOL)
     assert curve(tmp_path / "two", "grad_norm") == pytest.approx(curve(tmp_path / "one", "grad_norm"), **TOL)
     assert one[-1] < one[0]  # it learned something, so the curves are not flat by accident
-
-
-def python(*args):
-    """python train.py ARGS in a child process, as one process (the stories run in a thread, which cannot take
-    signals, so not train.main in this process)."""
-    p = subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=ROOT, env=child_env(), capture_output=True,
-                       text=True, timeout=240)
-    assert p.returncode == 0, p.stderr[-2000:]
 
 
 def torchrun_story(tmp):
@@ -138,13 +117,13 @@ def torchrun_story(tmp):
     tiny, story = tiny_files(tmp), {}
     args = ["reward", f"--data={tiny['pairs']}", f"--init_from={tiny['policy']}", "--batch_size=9", "--max_iters=6",
             "--learning_rate=3e-3", "--warmup_iters=0", "--log_interval=1", "--eval_interval=1000", "--device=cpu"]
-    python(*args, "--micro_batch_size=4", f"--out_dir={tmp / 'reward1'}")
+    run_cli(*args, "--micro_batch_size=4", f"--out_dir={tmp / 'reward1'}")
     torchrun(*args, f"--out_dir={tmp / 'reward2'}")
     story["reward"] = {n: dict(loss=curve(tmp / f"reward{n}"), grad_norm=curve(tmp / f"reward{n}", "grad_norm"))
                        for n in (1, 2)}
     args = ["dpo", f"--data={tiny['pairs']}", f"--init_from={tiny['policy']}", "--batch_size=9", "--max_iters=14",
             "--learning_rate=3e-3", "--warmup_iters=0", "--log_interval=1", "--eval_interval=1000", "--device=cpu"]
-    python(*args, "--micro_batch_size=4", f"--out_dir={tmp / 'one'}")
+    run_cli(*args, "--micro_batch_size=4", f"--out_dir={tmp / 'one'}")
     two = tmp / "two"
     p = torchrun(*args, f"--out_dir={two}", wait=False)
     t0 = time.time()

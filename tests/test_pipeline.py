@@ -318,7 +318,8 @@ def test_a_failed_sub_run_leaves_the_others_and_says_why(tmp_path, monkeypatch):
     rep = dict(replicate=1, seed=1, preference_agreement=1.0, reward_accuracy=1.0, policies=dict(sft=policy(0.5, 0.0)),
                best_of_n=bon(0.0, 1.0), optimum=None)
     report.write_report(dict(preset="tiny", device="cpu", k=2, labels="gold", max_new_tokens=4, timings_s={},
-                             replicates=[rep], gold_at_kl={}, fits={}, failed={"rep1/reward": failed[d["rm_bad"]]}),
+                             replicates=[rep], gold_at_kl={}, fits={}, objective_gaps=[],
+                             failed={"rep1/reward": failed[d["rm_bad"]]}),
                         str(tmp_path))
     assert "| rep1/reward | error: --data: bad.jsonl:3: bad JSON |" in (tmp_path / "results.md").read_text()
 
