@@ -16,9 +16,19 @@ them), bf16, at the peers' exact settings (../shared/peers/README.md):
   and the step's split into generate / log-probs / reward / advantages / update (the stage's time/* metrics);
   --ppo_gpus=2 also runs it under torchrun on 2 GPUs, with the same global batch (and with --ppo_weak at 128, 64 per
   GPU, and one GPU at 128); under torchrun the split also has grad_sum, the gradient sums.
-- dpo: `train.py dpo`: 32 pairs, prompt 64, responses 64, reference on the fly.
+- dpo: `train.py dpo`: 32 pairs, prompt 64, responses 64, reference log-probs on the fly (as the peer), and with
+  --ref_cache (computed once before training, their time not in the step).
 Each row's peer is timed by ../shared/peers/run_all.sh in the same command, after ours; the table gives figure,
 peer figure and ratio, and bench.json holds everything. Timings are medians over steps after warm-up.
+
+Beside each row, the fraction of the hardware limit it reaches, so that the next step is read off the table:
+- compute (training, the PPO update, DPO): model FLOPs over the time against PEAK_FLOPS, with 6 N FLOPs per token
+  for a forward and backward and 2 N for a forward alone (N: parameters; attention's own FLOPs left out, as the
+  peers count);
+- decoding: bytes each step must read (the bf16 weights once and the whole KV cache buffer, which every step
+  attends over) over the step time against the GPU's memory bandwidth (MEMORY_BW, the spec sheet's), the step's
+  FLOPs against PEAK_FLOPS, and the CUDA kernels one eager decoding step launches (the graph replays them all
+  in one launch, but each still runs: at these sizes a step's time is mostly its kernel count x a few us).
 """
 import argparse
 import dataclasses
@@ -43,6 +53,7 @@ from sft import sft_loss
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PEAK_FLOPS = 790e12  # bf16 dense matrix product, measured on one H100 and one H200 (the speed issue)
+MEMORY_BW = {"H200": 4.8e12, "H100": 3.35e12}  # HBM bytes/s, NVIDIA's spec sheets (H100 SXM5, H200 SXM)
 GPT2_SMALL = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024)
 WORDS = [" the", " movie", " was", " good", " bad", " and", " I", " it", " film", " story", " a", " great"]
 
@@ -97,6 +108,15 @@ def bench_sample(folder, batch, new=128, prompt=64, calls=5, warmup=2):
         n_new = int(tmask.sum())  # real tokens of the last call (random weights: nearly every row runs to the end)
         dt = statistics.median(times[warmup:])
         out[name] = dict(new_tokens_per_s=n_new / dt, call_s=dt, peak_gib=peak_gib())
+    # the hardware limit of one decoding step (the cache buffer's length as generate() sizes it)
+    cfg, n_params = model.config, sum(p.numel() for p in model.parameters())
+    length = -(-(prompt + new) // 64) * 64
+    step_bytes = 2 * n_params + 2 * cfg.n_layer * batch * length * cfg.n_embd * 2  # weights + K and V, bf16
+    step_s = out["graph"]["call_s"] / new
+    bw = next((v for k, v in MEMORY_BW.items() if k in torch.cuda.get_device_name()), None)
+    out["limit"] = dict(step_s=step_s, step_bytes=step_bytes, bytes_fraction=step_bytes / step_s / bw if bw else None,
+                        flops_fraction=2 * n_params * batch / step_s / PEAK_FLOPS,
+                        kernels_per_step=kernels_per_step(model, ids, mask))
     draws = {graph: model.generate(ids, mask, new, generator=torch.Generator(device="cuda").manual_seed(11),
                                    cuda_graph=graph)[0] for graph in (True, False)}
     differ = (draws[True] != draws[False]).any(0).nonzero()
@@ -104,6 +124,25 @@ def bench_sample(folder, batch, new=128, prompt=64, calls=5, warmup=2):
     out["first_differing_column"] = int(differ[0]) if len(differ) else None
     out["rows_differing"] = int((draws[True] != draws[False]).any(1).sum())
     return out
+
+
+def kernels_per_step(model, ids, mask):
+    """CUDA kernels one eager decoding step launches: those of generate() with 3 new tokens less those with 2
+    (None, with the reason printed, where the profiler fails: the row's other figures stand)."""
+    from torch.profiler import ProfilerActivity, profile
+    counts = []
+    try:
+        for new in (2, 3):
+            model.generate(ids, mask, new, cuda_graph=False)  # warm
+            sync()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                model.generate(ids, mask, new, cuda_graph=False)
+                sync()
+            counts.append(sum(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.events()))
+    except Exception as e:  # noqa: BLE001
+        print(f"kernel count: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
+    return counts[1] - counts[0]
 
 
 def bench_train(batch=16, seq=1024, steps=10, warmup=4, compile=True):
@@ -153,17 +192,29 @@ def bench_ppo(folder, out, steps=10, warmup=4, compile=False, nproc=1, batch=64)
     dt = statistics.median(r["time/step_s"] for r in rows)
     split = {k[5:-2]: statistics.median(r[k] for r in rows) for k in rows[0] if k.startswith("time/") and
              k != "time/step_s"}
-    return dict(episodes_per_s=batch / dt, step_s=dt, split_s=split, peak_gib=rows[-1].get("memory/peak_gib"))
+    # the update: 4 epochs of forward and backward of the policy and the critic (both GPT-2 small) over every token
+    n = gpt2_small_params()
+    update_flops = 4 * 6 * 2 * n * batch * (64 + 64)
+    return dict(episodes_per_s=batch / dt, step_s=dt, split_s=split, peak_gib=rows[-1].get("memory/peak_gib"),
+                update_flops_fraction=update_flops / split["update"] / PEAK_FLOPS if split.get("update") else None)
 
 
-def bench_dpo(folder, out, steps=12, warmup=4, compile=False):
+def gpt2_small_params():
+    with torch.device("meta"):
+        return sum(p.numel() for p in GPT(GPTConfig(**GPT2_SMALL)).parameters())
+
+
+def bench_dpo(folder, out, steps=12, warmup=4, compile=False, ref_cache=False):
     rows = stage(["dpo", f"--init_from={folder}/policy.pt", f"--data={folder}/pairs.jsonl", "--batch_size=32",
                   "--append_eos=false", f"--max_iters={warmup + steps}", "--log_interval=1", "--eval_interval=100000",
-                  "--eval_iters=1", "--ckpt_interval=100000", f"--compile={compile}"],
-                 os.path.join(out, f"dpo-compile{int(compile)}"))
+                  "--eval_iters=1", "--ckpt_interval=100000", f"--compile={compile}", f"--ref_cache={ref_cache}"],
+                 os.path.join(out, f"dpo-compile{int(compile)}-cache{int(ref_cache)}"))
     rows = [r for r in rows if "ms_per_step" in r][warmup:]
     dt = statistics.median(r["ms_per_step"] for r in rows) / 1000
-    return dict(pairs_per_s=32 / dt, step_s=dt, peak_gib=rows[-1].get("memory/peak_gib"))
+    # the policy's forward and backward over 32 x 2 x 128 tokens, and the reference's forward unless cached
+    flops = (6 + (0 if ref_cache else 2)) * gpt2_small_params() * 32 * 2 * 128
+    return dict(pairs_per_s=32 / dt, step_s=dt, peak_gib=rows[-1].get("memory/peak_gib"),
+                flops_fraction=flops / dt / PEAK_FLOPS)
 
 
 def run_peers(script, out):
@@ -195,21 +246,31 @@ def table(ours, peers):
             d = d.get(k) if isinstance(d, dict) else None
         return d
 
+    def pct(x):
+        return f"{100 * x:.0f}%" if x is not None else "-"
+
     rows = []
     for b in (64, 256):
+        lim = get(ours, f"sample_{b}", "limit") or {}
         rows.append((f"sampling, batch {b}, prompt 64, 128 new tokens (new tokens/s)",
                      get(ours, f"sample_{b}", "graph", "new_tokens_per_s"),
-                     get(peers, f"hf_generate_{b}", "new_tokens_per_s"), "generate()"))
+                     get(peers, f"hf_generate_{b}", "new_tokens_per_s"), "generate()",
+                     f"memory {pct(lim.get('bytes_fraction'))}, compute {pct(lim.get('flops_fraction'))}, "
+                     f"{lim.get('kernels_per_step')} kernels/step" if lim else "-"))
     rows.append(("training step, batch 16 x 1024, compiled (tokens/s)", get(ours, "train", "tokens_per_s"),
-                 get(peers, "hf_train_compiled", "tokens_per_s"), "GPT2LMHeadModel compiled"))
+                 get(peers, "hf_train_compiled", "tokens_per_s"), "GPT2LMHeadModel compiled",
+                 f"compute {pct(get(ours, 'train', 'mfu'))}"))
     for c in ("0", "1"):
-        rows.append((f"PPO step, 64 x (64 + 64), 4 epochs{', --compile' if c == '1' else ''} (episodes/s)",
+        flag = ", --compile" if c == "1" else ""
+        rows.append((f"PPO step, 64 x (64 + 64), 4 epochs{flag} (episodes/s)",
                      get(ours, f"ppo_compile{c}", "episodes_per_s"), get(peers, "trl_ppo", "episodes_per_s"),
-                     "TRL PPOTrainer"))
-        rows.append((f"DPO step, 32 pairs, 64 + 64{', --compile' if c == '1' else ''} (pairs/s)",
-                     get(ours, f"dpo_compile{c}", "pairs_per_s"), get(peers, "trl_dpo", "pairs_per_s"),
-                     "TRL DPOTrainer"))
-    return [(w, a, b, name, a / b if a and b else None) for w, a, b, name in rows if a is not None]
+                     "TRL PPOTrainer", f"update: compute {pct(get(ours, f'ppo_compile{c}', 'update_flops_fraction'))}"))
+        for cache in ("0", "1"):
+            rows.append((f"DPO step, 32 pairs, 64 + 64{flag}{', reference cached' if cache == '1' else ''} "
+                         f"(pairs/s)", get(ours, f"dpo_compile{c}_cache{cache}", "pairs_per_s"),
+                         get(peers, "trl_dpo", "pairs_per_s"), "TRL DPOTrainer",
+                         f"compute {pct(get(ours, f'dpo_compile{c}_cache{cache}', 'flops_fraction'))}"))
+    return [(w, a, b, name, a / b if a and b else None, lim) for w, a, b, name, lim in rows if a is not None]
 
 
 def main(argv=None):
@@ -259,16 +320,18 @@ def main(argv=None):
                     measure(f"ppo_compile{int(c)}_gpus{n}_batch{64 * n}", bench_ppo, folder, a.out, compile=c,
                             nproc=n, batch=64 * n)
         if "dpo" in rows:
-            measure(f"dpo_compile{int(c)}", bench_dpo, folder, a.out, compile=c)
+            for cache in (False, True):
+                measure(f"dpo_compile{int(c)}_cache{int(cache)}", bench_dpo, folder, a.out, compile=c,
+                        ref_cache=cache)
     if a.peers != "none":
         result["peers"] = run_peers(a.peers, a.out)
     result["table"] = table(result["ours"], result["peers"])
     save()
     print(f"\n{result['gpu']}, torch {result['torch']}, {result['date']}\n")
-    print("| work | this project | peer | ratio |\n| --- | --- | --- | --- |")
-    for work, ours, peer, name, ratio in result["table"]:
-        print(f"| {work} | {ours:,.1f} | {name} {peer:,.1f} | {ratio:.2f}x |" if ratio else
-              f"| {work} | {ours:,.1f} | {name} - | - |")
+    print("| work | this project | peer | ratio | hardware limit reached |\n| --- | --- | --- | --- | --- |")
+    for work, ours, peer, name, ratio, lim in result["table"]:
+        print(f"| {work} | {ours:,.1f} | {name} {peer:,.1f} | {ratio:.2f}x | {lim} |" if ratio else
+              f"| {work} | {ours:,.1f} | {name} - | - | {lim} |")
     return 0
 
 

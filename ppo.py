@@ -344,11 +344,11 @@ def update(cfg, policy, critic, optimizer, b, step, ctx, kl_loss_coef=0.0, clock
     """Phase 5: cfg.num_epochs passes over rollout b in shuffled minibatches (N+: 4 epochs), one optimizer step
     each. critic (PPO) adds the value loss on b.returns; kl_loss_coef > 0 adds GRPO's KL term. Returns one dict of
     statistics per minibatch, in order (the first is the ratio-is-1 check of N+). clock: under torchrun, the
-    gradient sums are charged to its phase grad_sum."""
+    gradient sums are charged to its phase grad_sum. One wait for the GPU a step: the norms are checked at the end."""
     trainable = nn.ModuleDict(dict(policy=policy, **({"critic": critic} if critic is not None else {})))
     shuffle = torch.Generator().manual_seed(rank_seed(cfg.seed, step, SHUFFLE))
     count = math.ceil(cfg.batch_size / cfg.minibatch_size) if world() > 1 else 0
-    sums, counts = [], []
+    sums, counts, norms = [], [], []
     for _ in range(cfg.num_epochs):
         mbs = [mb.to(b.ids.device) for mb in minibatches(b.ids.size(0), cfg.minibatch_size, shuffle, count)]
         # losses average over the minibatch's real tokens (over every process's part of it under torchrun)
@@ -373,13 +373,13 @@ def update(cfg, policy, critic, optimizer, b, step, ctx, kl_loss_coef=0.0, clock
                     if kl_loss_coef > 0:  # GRPO: KL to the reference in the loss (DeepSeekMath eq. 3)
                         kl = kl_estimate(logp, b.ref_logp[micro], cfg.kl_estimator)
                         loss = loss + kl_loss_coef * torch.where(m.bool(), kl, 0.0).sum() / n_tokens
-                check_finite(step, loss=loss.detach())
                 loss.backward()
                 acc = {key: acc.get(key, 0) + v.float() for key, v in s.items()}  # sums stay on the device
-            optimizer_step(trainable, optimizer, cfg, step, clock)
+            optimizer_step(trainable, optimizer, cfg, step, clock, norms)
             sums.append(torch.stack(list(acc.values())).double())
             counts.append(n_tokens)
-    means = (all_sum(torch.stack(sums)) / torch.stack(counts)[:, None]).tolist()  # one host sync per step
+    check_finite(step, grad_norm=torch.stack(norms).sum())
+    means = (all_sum(torch.stack(sums)) / torch.stack(counts)[:, None]).tolist()
     return [dict(zip(acc, m)) for m in means]
 
 

@@ -501,9 +501,11 @@ def lr_at(step, cfg):
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def optimizer_step(model, optimizer, cfg, step, clock=None):
+def optimizer_step(model, optimizer, cfg, step, clock=None, norms=None):
     """The one optimizer step of every stage: set the scheduled learning rate, clip the gradient norm to
-    cfg.grad_clip (0: off), check the norm is finite, step, zero the gradients. Returns (lr, grad_norm). Under
+    cfg.grad_clip (0: off), check the norm is finite, step, zero the gradients. Returns (lr, grad_norm). Given a list
+    `norms`, the norm (a tensor) is appended to it instead, unchecked, and grad_norm is None: the caller checks them
+    all at once (check_finite), so that several steps in a row wait for the GPU once, not once each. Under
     torchrun the gradients are first summed over the processes (GradSum: started during the last micro-batch's
     backward, finished here), so every process clips the same norm and takes the same step; a Clock given charges
     the wait for that sum to its phase "grad_sum" (the work before it to "update")."""
@@ -518,10 +520,13 @@ def optimizer_step(model, optimizer, cfg, step, clock=None):
             clock.lap("grad_sum")
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-    check_finite(step, grad_norm=norm)
+    if norms is None:
+        check_finite(step, grad_norm=norm)
+    else:
+        norms.append(norm.detach())
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return lr, float(norm)
+    return lr, None if norms is not None else float(norm)
 
 
 def check_finite(step, **values):

@@ -217,6 +217,30 @@ def test_generate_reuses_its_buffers_without_leaking_state_between_calls():
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+GRAPH_SAMPLINGS = [dict(), dict(temperature=0.7, top_k=50), dict(top_p=0.9)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-graph sampler needs a CUDA GPU")
+@pytest.mark.parametrize("sampling", GRAPH_SAMPLINGS)
+def test_graph_sampler_draws_the_eager_samplers_tokens_on_a_gpu(sampling):
+    """In float32, with the same seed, the captured decoding step draws exactly the eager step's tokens, call after
+    call (a graph replaying stale random numbers, a wrong cache slot or a stale done flag would part from it).
+    Prompt + new tokens of 40 (the graph's cache is 64 long, the eager one's 40: masked slots must not count) and 64
+    (both 64), with left padding."""
+    m = tiny(5, block_size=128).cuda()
+    for P, new in ((10, 30), (16, 48)):
+        ids = torch.randint(0, 50257, (32, P), generator=torch.Generator().manual_seed(P)).cuda()
+        mask = torch.ones_like(ids)
+        mask[::3, :P // 2] = 0
+        g, e = (torch.Generator(device="cuda").manual_seed(3) for _ in range(2))
+        for call in range(2):  # the second call starts from the generators' advanced states
+            a = m.generate(ids, mask, new, generator=g, cuda_graph=True, **sampling)
+            b = m.generate(ids, mask, new, generator=e, cuda_graph=False, **sampling)
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), (P, new, call)
+        other = m.generate(ids, mask, new, generator=torch.Generator(device="cuda").manual_seed(4), **sampling)
+        assert not torch.equal(a[0], other[0])
+
+
 def test_last_real_index_and_scalar_head_init():
     mask = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1], [1, 1, 1, 1]])
     assert last_real_index(mask).tolist() == [1, 3, 3]
