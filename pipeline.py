@@ -76,9 +76,11 @@ REPLICATE_STRIDE = 1000  # replicate r's seeds are the first's plus 1000 (r - 1)
 @dataclass
 class PipelineConfig(RunConfig):
     out_dir: str = opt("out/imdb", "run folder of the whole benchmark; each sub-run gets a folder inside it")
-    preset: str = opt("cpu", "cpu (the main job: ~4 min on 2 cores, committed sample), gpu (the DPO paper's set-up "
-                             "with 2 replicates: 509 s on one H200), gpu-bt (gpu with simulated BT labels), gpu-lr "
-                             "(PPO and DPO at 4 learning rates each) or tiny (a few minutes on 2 cores, for the tests)")
+    preset: str = opt("cpu", "IMDb: cpu (the main job: ~4 min on 2 cores, committed sample), gpu (the DPO paper's "
+                             "set-up with 2 replicates: 509 s on one H200), gpu-bt (gpu with simulated BT labels), "
+                             "gpu-lr (PPO and DPO at 4 learning rates each) or tiny (the tests'); your data "
+                             "(own_data.py): own (the default with --preferences), hh-cpu (HH-RLHF's test pairs, "
+                             "~4 min on 2 cores) or own-tiny")
     imdb_dir: str = opt("", "folder with IMDb {train,test,unsup}.jsonl.gz (default: the preset's; cpu: the "
                             "committed sample)")
     jobs: int = opt(0, "sub-runs at once (0: the preset's; several share one GPU well)", min=0)
@@ -90,6 +92,14 @@ class PipelineConfig(RunConfig):
                                 "128 in gpu; the DPO paper's PPO: 1,024)", min=0)
     gpus: str = opt("", "GPUs for the sub-runs, comma-separated (0,1): each sub-run gets the least busy one as its "
                         "only GPU (CUDA_VISIBLE_DEVICES); --jobs counts over all (default: they share the current one)")
+    # your own data (own_data.py): --preferences, or an own-data preset, runs it instead of the IMDb benchmark
+    preferences: str = opt("", "your preference pairs, in any format the loaders read (comma-separated files)")
+    eval_preferences: str = opt("", "held-out pairs (default: the last 10% of --preferences)")
+    sft_data: str = opt("", "your SFT examples (default: none, the policy is --init_from)")
+    init_from: str = opt("", "the policy to start from: a checkpoint or GPT-2 folder (default: the preset's; "
+                             "without it and with --sft_data, from scratch)")
+    prompts: str = opt("", "prompts of the RL methods (default: those of --preferences)")
+    eval_prompts: str = opt("", "held-out prompts of the report (default: the last 10% of the prompts)")
 
 
 # -----------------------------------------------------------------------------

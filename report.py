@@ -242,14 +242,17 @@ class Evaluator:
     of the sum over tokens of log pi - log pi_ref). Every policy's weights go into one model (its decoding graphs stay
     valid). Samples go to OUT_DIR/samples/NAME.jsonl, the result and what made it (files, prefixes, seed, lengths) to
     NAME.json (stored_result). The result holds the means, n and the samples' variances and covariances with the KL
-    (var), from which objective_gaps() takes the standard error of E[r] - beta KL."""
+    (var), from which objective_gaps() takes the standard error of E[r] - beta KL.
 
-    def __init__(self, ref_path, eval_prompts, cfg, max_new_tokens):
+    Your own data (own_data.py) has no gold judge (gold=False: its gold is None) and, for DPO alone, no proxy
+    (proxy_path None: its proxy is None); what is left is always measured: the KL and the samples."""
+
+    def __init__(self, ref_path, eval_prompts, cfg, max_new_tokens, gold=True):
         self.device, self.ctx = setup_device(cfg)
         self.dtype, self.batch_size = cfg.dtype, 512  # the batch size sets the order of the random draws
         self.ref_path, self.prompts, self.max_new_tokens = ref_path, eval_prompts, max_new_tokens
         self.prompts_sha = hashlib.sha256(json.dumps(eval_prompts).encode()).hexdigest()
-        self.ref, self.policy, self.proxies = None, None, {}
+        self.ref, self.policy, self.proxies, self.gold = None, None, {}, gold
 
     def load(self, path):
         if path == self.ref_path:
@@ -264,30 +267,35 @@ class Evaluator:
     def __call__(self, name, path, proxy_path, out_dir, seed):
         record = os.path.join(out_dir, "samples", f"{name}.json")
         samples = os.path.join(out_dir, "samples", f"{name}.jsonl")
-        made_by = dict(policy=fingerprint(path), proxy=fingerprint(proxy_path), ref=fingerprint(self.ref_path),
-                       prompts=self.prompts_sha, seed=seed, max_new_tokens=self.max_new_tokens,
-                       temperature=TEMPERATURE, device=str(self.device), dtype=self.dtype, batch_size=self.batch_size)
+        made_by = dict(policy=fingerprint(path), proxy=proxy_path and fingerprint(proxy_path),
+                       ref=fingerprint(self.ref_path), prompts=self.prompts_sha, seed=seed,
+                       max_new_tokens=self.max_new_tokens, temperature=TEMPERATURE, device=str(self.device),
+                       dtype=self.dtype, batch_size=self.batch_size, **({} if self.gold else dict(gold=None)))
         stored = stored_result(record, samples, made_by)
         if stored is not None:
             return stored
         if self.ref is None:
             self.ref = load_policy(self.ref_path, self.device)[0]
-        if proxy_path not in self.proxies:
+        if proxy_path and proxy_path not in self.proxies:
             self.proxies[proxy_path] = reward.load_reward_model(proxy_path, self.device)
         policy = self.load(path)
+        judge = (lambda p, r: torch.tensor(gold_reward(p, r))) if self.gold else (lambda p, r: torch.zeros(len(p)))
         with self.ctx:
-            ev = ppo.evaluate_policy(policy, self.ref, self.prompts, lambda p, r: torch.tensor(gold_reward(p, r)),
-                                 self.device, self.ctx, self.max_new_tokens, self.batch_size, TEMPERATURE,
-                                 seed=seed)
+            ev = ppo.evaluate_policy(policy, self.ref, self.prompts, judge, self.device, self.ctx,
+                                     self.max_new_tokens, self.batch_size, TEMPERATURE, seed=seed)
             prox = reward.score_texts(self.proxies[proxy_path], [s["prompt"] for s in ev["samples"]],
-                               [s["response"] for s in ev["samples"]], self.device)
-        x = torch.tensor([[s["score"], p, s["kl"]] for s, p in zip(ev["samples"], prox)], dtype=torch.float64)
+                                      [s["response"] for s in ev["samples"]], self.device) if proxy_path else None
+        none = [float("nan")] * len(ev["samples"])
+        x = torch.tensor([[s["score"], p, s["kl"]] for s, p in zip(ev["samples"], prox or none)], dtype=torch.float64)
         cov = torch.cov(x.T, correction=1) if len(x) > 1 else torch.zeros(3, 3, dtype=torch.float64)
-        result = dict(gold=ev["score"], proxy=sum(prox) / len(prox), kl=ev["kl"], length=ev["length"], n=len(x),
-                      var=dict(gold=cov[0, 0].item(), proxy=cov[1, 1].item(), kl=cov[2, 2].item(),
-                               gold_kl=cov[0, 2].item(), proxy_kl=cov[1, 2].item()))
-        store_result(record, samples, [dict(prefix=s["prompt"], response=s["response"], gold=s["score"], proxy=pr,
-                                            kl=s["kl"]) for s, pr in zip(ev["samples"], prox)], made_by, result)
+        var = dict(gold=cov[0, 0].item(), proxy=cov[1, 1].item(), kl=cov[2, 2].item(), gold_kl=cov[0, 2].item(),
+                   proxy_kl=cov[1, 2].item())
+        result = dict(gold=ev["score"] if self.gold else None, proxy=sum(prox) / len(prox) if prox else None,
+                      kl=ev["kl"], length=ev["length"], n=len(x),
+                      var={k: v if math.isfinite(v) else None for k, v in var.items()})
+        store_result(record, samples, [dict(prefix=s["prompt"], response=s["response"],
+                                            gold=s["score"] if self.gold else None, proxy=pr, kl=s["kl"])
+                                       for s, pr in zip(ev["samples"], prox or [None] * len(x))], made_by, result)
         return result
 
 

@@ -9,7 +9,7 @@ The entry point of every stage: the stage table and main(). Nothing imports this
 Where things are: config.py (keys and their parsing), runtime.py (the run folder, resume, the optimizer step),
 checkpoint.py (checkpoints and Hugging Face folders), dist.py (torchrun); model.py and data.py below them; one file per
 algorithm above them (sft.py, reward.py, dpo.py, ppo.py); the benchmarks on top (pipeline.py and report.py with
-imdb.py, optimum.py, bench.py).
+imdb.py, optimum.py, bench.py; own_data.py: the pipeline on your data).
 
 Bad input (data files, keys, values, checkpoints) ends the run with one line `error: ...` and exit status 2; a run
 that cannot go on (a non-finite loss) with exit status 1; Ctrl-C with a checkpoint and exit status 130.
@@ -19,6 +19,7 @@ import sys
 import checkpoint
 import dpo
 import optimum
+import own_data
 import pipeline
 import ppo
 import report
@@ -49,8 +50,8 @@ STAGES = {
             True),
     "optimum": (optimum.OptimumConfig, optimum.optimum,
                 "every method against the exact KL-regularised optimum (one prompt, known answer)", False),
-    "pipeline": (pipeline.PipelineConfig, pipeline.pipeline, "the IMDb controlled-sentiment benchmark, end to end",
-                 False),
+    "pipeline": (pipeline.PipelineConfig, lambda cfg: (own_data if own_data.wanted(cfg) else pipeline).pipeline(cfg),
+                 "end to end: the IMDb controlled-sentiment benchmark, or your own data (--preferences)", False),
     "plot": (report.PlotConfig, report.plot, "plot a run folder's metrics.jsonl to PNG", False),
     "export": (checkpoint.ExportConfig, checkpoint.export,
                "a checkpoint to a Hugging Face GPT-2 folder (transformers loads it)", False),

@@ -1,0 +1,190 @@
+"""The pipeline on your own data (own_data.py): every accepted format gives the same inputs, the whole pipeline on a
+tiny set (a failing method leaves the others; DPO alone needs no reward model), and bad input in one line."""
+import contextlib
+import io
+import json
+import os
+import types
+
+import pytest
+import torch
+
+import own_data
+import train
+from checkpoint import load_policy
+from data import load_preferences, read_jsonl
+from imdb import SFT_CPU_PATH
+
+WORDS = "good great fine bad awful nice movie film story the a was is very".split()
+
+
+def questions(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [f"Is the {' '.join(WORDS[i] for i in torch.randint(0, len(WORDS), (4,), generator=g))} one?"
+            for _ in range(n)]
+
+
+def write_pairs(path, fmt, qs):
+    """The same pairs (chosen ' yes, very good', rejected ' no, awful') in one of the four pair formats."""
+    rows = []
+    for i, q in enumerate(qs):
+        prompt, chosen, rejected = f"\n\nHuman: {q}\n\nAssistant:", "yes, very good", "no, awful"
+        if fmt == "separate":
+            rows.append(dict(prompt=prompt, chosen=" " + chosen, rejected=" " + rejected))
+        elif fmt == "dialogue":
+            rows.append(dict(chosen=f"{prompt} {chosen}", rejected=f"{prompt} {rejected}"))
+        elif fmt == "messages":
+            rows.append({k: [dict(role="user", content=q), dict(role="assistant", content=r)]
+                         for k, r in (("chosen", chosen), ("rejected", rejected))})
+        else:  # Vertex AI: choice picks the chosen candidate
+            a, b = (chosen, rejected) if i % 2 else (rejected, chosen)
+            rows.append(dict(input_text=prompt, candidate_0=" " + a, candidate_1=" " + b, choice=1 - i % 2))
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(path)
+
+
+def test_every_pair_format_gives_the_same_pairs_and_the_same_prompt_splits(tmp_path):
+    qs = questions(30)
+    splits = {}
+    for fmt in ("separate", "dialogue", "messages", "vertex"):
+        path = write_pairs(tmp_path / f"{fmt}.jsonl", fmt, qs)
+        assert load_preferences(path) == load_preferences(str(tmp_path / "separate.jsonl")), fmt
+        cfg = types.SimpleNamespace(prompts="", eval_prompts="", out_dir=str(tmp_path / fmt), overwrite=False)
+        os.makedirs(cfg.out_dir)
+        files = own_data.make_prompts(cfg, dict(n_eval_prompts=100), path)
+        splits[fmt] = [[row["prompt"] for _, row in read_jsonl(f)] for f in files]
+    assert all(s == splits["separate"] for s in splits.values())
+    train, held = splits["separate"]
+    assert len(held) == 3 and not set(train) & set(held)  # the last 10%, held out
+    assert held == [f"\n\nHuman: {q}\n\nAssistant:" for q in qs[-3:]]
+
+
+def test_win_rate_counts_ties_half_and_its_interval_holds_it():
+    rows = lambda xs: [dict(proxy=x) for x in xs]  # noqa: E731
+    rate, (lo, hi) = own_data.win_rate(rows([1, 2, 3, 0]), rows([0, 2, 4, -1]))
+    assert rate == (1 + 0.5 + 0 + 1) / 4 and 0 <= lo < rate < hi <= 1
+    assert own_data.win_rate(rows([5, 5]), rows([1, 1])) == (1.0, [1.0, 1.0])
+
+
+PROMPTS = questions(19, 2) + ["Is <b>this</b> & that good?"]  # the last one shows the page's escaping
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory):
+    """own-tiny on Vertex AI pairs, {messages} SFT data and .txt prompts: PPO (with its reward model), DPO, and an
+    IPO run whose held-out pairs are a bad file, so that it fails in its sub-run."""
+    d = tmp_path_factory.mktemp("own")
+    prefs = write_pairs(d / "pairs.jsonl", "vertex", questions(40))
+    with open(d / "sft.jsonl", "w") as f:
+        for q in questions(20, 1):
+            f.write(json.dumps(dict(messages=[dict(role="user", content=q),
+                                              dict(role="assistant", content="yes, very good")])) + "\n")
+    (d / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    (d / "bad.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n\n{"prompt": \n')
+    real = own_data.jobs_of
+
+    def with_a_bad_ipo_run(*args):
+        jobs, *rest = real(*args)
+        return [(s, o, a + [f"--eval_data={d / 'bad.jsonl'}"] if "ipo" in o else a) for s, o, a in jobs], *rest
+    own_data.jobs_of = with_a_bad_ipo_run
+    try:  # in this process (its sub-runs are children), as conftest.main_in_process, which expects success
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = train.main(["pipeline", "--preset=own-tiny", f"--preferences={prefs}", f"--sft_data={d}/sft.jsonl",
+                               f"--init_from={SFT_CPU_PATH}", f"--prompts={d}/prompts.txt", "--methods=ppo,dpo,ipo",
+                               f"--out_dir={d}/run"])
+    finally:
+        own_data.jobs_of = real
+    return code, err.getvalue(), d / "run"
+
+
+def test_a_failing_method_leaves_the_others_reported_and_the_best_exported(tiny_pipeline):
+    code, err, out = tiny_pipeline
+    assert code == 1 and "1 sub-run failed" in err and "ipo_beta0.1_seed1" in err
+    report = json.load(open(out / "results.json"))
+    assert list(report["failed"]) == ["runs/ipo_beta0.1_seed1"] and "bad.jsonl:3" in report["failed"][
+        "runs/ipo_beta0.1_seed1"]
+    pol = report["policies"]
+    assert set(pol) == {"sft", "ppo_beta0.05_seed1", "dpo_beta0.1_seed1"}
+    assert pol["sft"]["kl"] == 0 and 0 <= report["reward_accuracy"] <= 1
+    # the prompts: the last 10% of the .txt file, held out from the RL runs' prompts
+    held = [r["prompt"] for _, r in read_jsonl(out / "prompts_eval.jsonl")]
+    assert held == PROMPTS[-2:] and report["n_eval_prompts"] == 2
+    for name in ("ppo_beta0.05_seed1", "dpo_beta0.1_seed1"):  # the win rate, recomputed from the stored samples
+        mine, sft = ([r["proxy"] for _, r in read_jsonl(out / "samples" / f"{n}.jsonl")] for n in (name, "sft"))
+        want = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(mine, sft)) / len(sft)
+        assert pol[name]["win_rate"] == pytest.approx(want)
+        assert pol[name]["win_interval"][0] <= want <= pol[name]["win_interval"][1]
+    assert pol["dpo_beta0.1_seed1"]["implicit_accuracy"] is not None and "implicit_accuracy" not in pol["sft"]
+    best = max(("ppo_beta0.05_seed1", "dpo_beta0.1_seed1"), key=lambda n: (pol[n]["win_rate"], -pol[n]["kl"]))
+    assert report["best"] == best and sorted(os.listdir(out / "best")) == ["config.json", "model.safetensors"]
+    md, page = (out / "results.md").read_text(), (out / "side_by_side.html").read_text()
+    assert "| runs/ipo_beta0.1_seed1 |" in md and f"**{best}**" in md and (out / "frontier.png").exists()
+    assert f"<td>{PROMPTS[-2]}</td>" in page and "<td>Is &lt;b&gt;this&lt;/b&gt; &amp; that good?</td>" in page
+    assert page.count("<tr>") == 1 + 2 and page.count("<th>") == 1 + 3  # prompt + the 3 policies; 2 prompts
+
+
+def test_the_exported_best_policy_loads_in_transformers_with_our_logits(tiny_pipeline):
+    transformers = pytest.importorskip("transformers")
+    out = tiny_pipeline[2]
+    best = json.load(open(out / "results.json"))["best"]
+    ours = load_policy(str(out / "runs" / best / "ckpt.pt"), "cpu")[0].eval()
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(str(out / "best")).eval()
+    ids = torch.randint(0, 50257, (2, 16))
+    with torch.no_grad():
+        assert (theirs(ids).logits - ours(ids)[0]).abs().max() < 1e-4
+
+
+def test_dpo_alone_needs_no_reward_model(tmp_path, in_process):
+    """HH dialogues, held-out pairs in another format, no SFT data: DPO from --init_from, judged without a reward
+    model (no reward, no win rate), the best by implicit-reward accuracy."""
+    prefs = write_pairs(tmp_path / "hh.jsonl", "dialogue", questions(24))
+    held = write_pairs(tmp_path / "held.jsonl", "messages", questions(6, 3))
+    code, out, err = in_process("pipeline", "--preset=own-tiny", f"--preferences={prefs}",
+                                f"--eval_preferences={held}", f"--init_from={SFT_CPU_PATH}", "--methods=dpo",
+                                f"--out_dir={tmp_path}/run")
+    assert code == 0, err
+    report = json.load(open(tmp_path / "run" / "results.json"))
+    assert not (tmp_path / "run" / "reward").exists() and not (tmp_path / "run" / "sft").exists()
+    assert report["reward_accuracy"] is None and report["best"] == "dpo_beta0.1_seed1"
+    dpo = report["policies"]["dpo_beta0.1_seed1"]
+    assert dpo["proxy"] is None and "win_rate" not in dpo and 0 <= dpo["implicit_accuracy"] <= 1 and dpo["kl"] > 0
+    assert (tmp_path / "run" / "best" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("case", ["missing", "one_pair", "bad_line", "imdb_preset", "no_policy", "empty_prompts"])
+def test_bad_input_is_one_line_naming_the_file(tmp_path, in_process, case):
+    prefs = write_pairs(tmp_path / "p.jsonl", "separate", questions(10))
+    args = [f"--preferences={prefs}", f"--init_from={SFT_CPU_PATH}", f"--out_dir={tmp_path}/run",
+            "--preset=own-tiny"]
+    want = {"missing": f"--sft_data: {tmp_path}/nope.jsonl: no such file",
+            "one_pair": "1 preference pair; the held-out rule", "bad_line": f"{tmp_path}/b.jsonl:2:",
+            "imdb_preset": "--preset=gpu is an IMDb preset", "no_policy": "give --init_from",
+            "empty_prompts": "1 prompt; the held-out rule"}[case]
+    if case == "missing":
+        args.append(f"--sft_data={tmp_path}/nope.jsonl")
+    elif case == "one_pair":
+        args[0] = "--preferences=" + write_pairs(tmp_path / "one.jsonl", "separate", questions(1))
+    elif case == "bad_line":
+        (tmp_path / "b.jsonl").write_text(open(prefs).readline() + '{"prompt": "x", "chosen": 3}\n')
+        args[0] = f"--preferences={tmp_path}/b.jsonl"
+    elif case == "imdb_preset":
+        args[3] = "--preset=gpu"
+    elif case == "no_policy":
+        args[1] = "--init_from="
+    else:
+        (tmp_path / "one.txt").write_text("just one prompt\n")
+        args.append(f"--prompts={tmp_path}/one.txt")
+    code, out, err = in_process("pipeline", *args)
+    assert code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1, err
+    assert want in err, err
+
+
+def test_the_hh_preset_reads_the_shared_hh_pairs():
+    cfg = types.SimpleNamespace(preset="hh-cpu", methods="", preferences="", sft_data="", init_from="", prompts="",
+                                eval_preferences="", eval_prompts="")
+    preset, methods, inputs = own_data.resolve(cfg)
+    assert methods == ["ppo", "dpo", "rloo", "grpo"] and inputs["init_from"] == SFT_CPU_PATH
+    pairs = load_preferences(inputs["preferences"], limit=3)
+    assert len(pairs) == 6 and all(p.prompt.endswith("Assistant:") and p.chosen != p.rejected for p in pairs)
