@@ -17,6 +17,7 @@ import data
 import runtime
 import sft
 import train
+from model import GPT, GPTConfig
 from conftest import (ROOT, TINY_MODEL, interrupt_and_resume, kill_and_resume, main_in_process, read_json,
                       read_metrics, run_cli, timeless)
 
@@ -297,6 +298,20 @@ def test_snapshots_every_interval_and_at_listed_steps():
     for bad in ("5,x", "0", "-2"):
         with pytest.raises(config.ConfigError, match=f"--snapshot_steps={bad}: "):
             config.parse_config(sft.SFTConfig, [f"--snapshot_steps={bad}"])
+
+
+def test_a_snapshot_keeps_the_weights_alone_in_the_training_dtype_tied_ones_once(tmp_path):
+    cfg = config.parse_config(sft.SFTConfig, [f"--out_dir={tmp_path}", "--snapshot_steps=2", "--max_iters=4",
+                                              "--dtype=bfloat16"])
+    run = runtime.Run(cfg, "sft")
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16))
+    run.end_step(2, lambda: run.save(2, model, torch.optim.SGD(model.parameters(), lr=0.1)))
+    snap = torch.load(tmp_path / "ckpt-2.pt", weights_only=True)
+    assert set(snap) == {"kind", "stage", "step", "model", "model_args"} and snap["step"] == 2
+    weights = snap["model"]
+    assert all(v.dtype == torch.bfloat16 for v in weights.values() if v.is_floating_point())
+    assert weights["lm_head.weight"].data_ptr() == weights["transformer.wte.weight"].data_ptr()
+    assert torch.equal(weights["lm_head.weight"], model.lm_head.weight.detach().to(torch.bfloat16))
 
 
 def test_end_step_saves_on_interval_last_step_time_and_stop(tmp_path, capsys):
