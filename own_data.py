@@ -56,6 +56,7 @@ HH = ",".join(os.path.join(ROOT, "..", "shared", "data", "hh-rlhf", f"{s}-base-t
               for s in ("helpful", "harmless"))
 NEEDS_REWARD = ("ppo", "rloo", "grpo", "online_dpo")
 OWN_METHODS = ("ppo", "rloo", "grpo", "online_dpo", "dpo", "ipo", "unlikelihood")
+OPTIONAL = dict(ipo=[0.1], unlikelihood=[0.5], online_dpo=[0.1])  # strengths of the methods a preset may leave out
 
 # The own-data presets: "own" for any --preferences (when --preset is left at the IMDb default), hh-cpu on the
 # Anthropic HH-RLHF test pairs, own-tiny for the tests. Keys as in imdb.PRESETS; data keys (preferences, sft_data,
@@ -71,7 +72,8 @@ _SMALL = dict(
     rl=dict(batch_size=32, minibatch_size=16, micro_batch_size=32, max_iters=20, learning_rate=3e-4,
             whiten_rewards=True, eval_interval=1000),
     online_dpo=dict(batch_size=16, max_iters=20, learning_rate=3e-4),
-    dpo=dict(batch_size=32, max_iters=60, learning_rate=3e-4, eval_interval=1000))
+    # reference log-probs per batch: caching them for every pair first costs more than 60 steps use
+    dpo=dict(batch_size=32, max_iters=60, learning_rate=3e-4, eval_interval=1000, ref_cache=False))
 PRESETS = {
     "own": _SMALL,
     # the committed 2-layer IMDb SFT model (it knows English) fine-tuned on the chosen dialogues: a 64-token window,
@@ -115,7 +117,7 @@ def resolve(cfg):
     for m in methods:
         if m not in OWN_METHODS:
             raise ConfigError(f"--methods: {m!r} does not run on your data; expected some of {', '.join(OWN_METHODS)}")
-        if m not in preset["methods"] and m not in ("ipo", "unlikelihood"):
+        if m not in preset["methods"] and m not in OPTIONAL:
             raise ConfigError(f"--methods: the {cfg.preset} preset has no strengths for {m} (add them to "
                               f"PRESETS in own_data.py)")
     return preset, methods, inputs
@@ -179,11 +181,10 @@ def jobs_of(cfg, preset, methods, sft_ckpt, prompts_file, block_size, dev):
                             f"--max_new_tokens={preset['max_new_tokens']}", *dev,
                             *(f"--{k}={v}" for k, v in preset["online_dpo"].items())],
                 dpo=dpo_, ipo=dpo_ + ["--loss=ipo"], unlikelihood=dpo_ + ["--loss=unlikelihood"])
-    default = dict(ipo=[0.1], unlikelihood=[0.5])
     after, names = {}, {}
     for m in methods:
         stage, key = METHODS[m]
-        for strength in preset["methods"].get(m, default.get(m)):
+        for strength in preset["methods"].get(m, OPTIONAL.get(m)):
             for seed in preset["seeds"]:
                 name = run_name(m, strength, seed)
                 run_dir = os.path.join(cfg.out_dir, "runs", name)
