@@ -340,7 +340,8 @@ def all_reduce_grads(model, bucket_numel=2**26):
 def shutdown():
     """Leave the process group once every process has finished the run: a barrier, then destroy it. Without this the
     communication threads can still be alive while the interpreter exits, and the process then aborts (SIGABRT,
-    "terminate called without an active exception": seen once in the tests, after a run that had succeeded)."""
+    "terminate called without an active exception": seen in the tests, after a run that had succeeded); train.py
+    also skips the interpreter's teardown under torchrun."""
     if tdist.is_available() and tdist.is_initialized():
         tdist.barrier()
         tdist.destroy_process_group()
