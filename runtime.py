@@ -315,8 +315,10 @@ class Run:
             # optimizer or RNG state: a policy to evaluate
             ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=True, mmap=True)
             dtype, cast = getattr(torch, cfg.dtype), {}  # tied weights (lm_head, wte) stay one tensor, saved once
-            ckpt["model"] = {k: cast.setdefault((v.data_ptr(), v.shape), v.to(dtype)) if v.is_floating_point() else v
-                             for k, v in ckpt["model"].items()}
+            for k, v in ckpt["model"].items():
+                if v.is_floating_point():
+                    key = (v.data_ptr(), v.shape)
+                    ckpt["model"][k] = cast[key] = cast[key] if key in cast else v.to(dtype)
             save_checkpoint(os.path.join(self.dir, f"ckpt-{done}.pt"),
                             {k: ckpt[k] for k in ("kind", "stage", "step", "model", "model_args")})
         if self.stop_requested and is_main():  # the command that continues it (torchrun: as many processes again)
