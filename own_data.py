@@ -221,6 +221,9 @@ def pipeline(cfg):
     preset, methods, inputs = resolve(cfg)
     cfg.preset = "own" if cfg.preset == "cpu" else cfg.preset
     cfg.preferences, cfg.sft_data, cfg.init_from = inputs["preferences"], inputs["sft_data"], inputs["init_from"]
+    for key in ("preferences", "eval_preferences", "sft_data", "prompts", "eval_prompts", "init_from", "out_dir"):
+        # absolute, as the sub-runs start in the repository's folder, not the caller's
+        setattr(cfg, key, ",".join(os.path.abspath(f) for f in files(getattr(cfg, key))))
     check_pairs(cfg, cfg.preferences)
     run = Run(cfg, "pipeline")
     queue = Queue(check_gpus(cfg))
