@@ -38,8 +38,6 @@ flatters them (reward hacking shows as a high win rate with a high KL: read the 
 import html
 import math
 import os
-import signal
-import sys
 
 import torch
 
@@ -48,9 +46,8 @@ from config import ConfigError, TrainingError, parse_config, plural
 from data import DataError, files, heldout_split, load_preferences, load_prompts, read_json, read_jsonl, write_json
 from data import write_jsonl
 from imdb import ROOT, SFT_CPU_PATH, TEMPERATURE, fingerprint
-from pipeline import METHODS, Queue, Stopped, check_gpus, run_name, snapshots, stale
+from pipeline import METHODS, run_name, snapshots, stale, with_queue
 from report import Evaluator, color, method_of, pyplot
-from runtime import Run
 
 HH = ",".join(os.path.join(ROOT, "..", "shared", "data", "hh-rlhf", f"{s}-base-test.jsonl.gz")
               for s in ("helpful", "harmless"))
@@ -225,19 +222,7 @@ def pipeline(cfg):
         # absolute, as the sub-runs start in the repository's folder, not the caller's
         setattr(cfg, key, ",".join(os.path.abspath(f) for f in files(getattr(cfg, key))))
     check_pairs(cfg, cfg.preferences)
-    run = Run(cfg, "pipeline")
-    queue = Queue(check_gpus(cfg))
-    run.begin()
-    for sig in (signal.SIGINT, signal.SIGTERM):  # as pipeline.py's: the queue stops the sub-runs
-        signal.signal(sig, queue.on_signal)
-    try:
-        return run_pipeline(cfg, run, queue, preset, methods)
-    except Stopped:
-        print("stopped; run the same command again to continue where it stopped", file=sys.stderr)
-        return 130
-    finally:
-        queue.kill_all()
-        queue.closed = True
+    return with_queue(cfg, lambda run, queue: run_pipeline(cfg, run, queue, preset, methods))
 
 
 def run_pipeline(cfg, run, queue, preset, methods):

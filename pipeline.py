@@ -487,13 +487,19 @@ def pipeline(cfg):
     sft_arg = cfg.sft or preset.get("sft_ckpt", "train")
     if sft_arg == SFT_CPU_PATH:
         check_sha256(sft_arg, SFT_CPU_SHA256, "the committed SFT model")
+    return with_queue(cfg, lambda run, queue: run_pipeline(cfg, run, queue, preset, methods, files, sft_arg))
+
+
+def with_queue(cfg, body):
+    """body(run, queue) in the pipeline's run folder (this one and own_data.py's), with a Queue that takes Ctrl-C and
+    SIGTERM: the sub-runs save and stop, and the pipeline exits with status 130."""
     run = Run(cfg, "pipeline")
     queue = Queue(check_gpus(cfg))
     run.begin()
     for sig in (signal.SIGINT, signal.SIGTERM):  # in place of Run's handler, as Run's stays for its process's life
         signal.signal(sig, queue.on_signal)
     try:
-        return run_pipeline(cfg, run, queue, preset, methods, files, sft_arg)
+        return body(run, queue)
     except Stopped:
         print("stopped; run the same command again to continue where it stopped", file=sys.stderr)
         return 130
