@@ -11,17 +11,19 @@ supplies the data and a gold judge; both use pipeline.Queue for the sub-runs and
 
 Files: every format the loaders read (data.py: Vertex AI rows, HH dialogues, {messages}, {prompt, chosen,
 rejected}; prompts also as .txt, one per line), several comma-separated. The steps, each skipped where not needed:
-1. SFT: stage sft on --sft_data from --init_from (a checkpoint or a GPT-2 folder; from scratch at the preset's size
+1. One held-out split for every step (make_splits; OUT_DIR/splits/): the held-out pairs are --eval_preferences, or
+   else the pairs of the last 10% of each --preferences file's distinct prompts (the project's one rule,
+   data.heldout_split); the report's prompts are --eval_prompts, or else the held-out pairs' prompts. No step
+   trains on a held-out prompt: it is left out of the training pairs, the RL prompts (--prompts, or else the
+   training pairs' prompts) and the SFT examples.
+2. SFT: stage sft on --sft_data from --init_from (a checkpoint or a GPT-2 folder; from scratch at the preset's size
    without it). Without --sft_data the policy is --init_from itself.
-2. Held-out splits, by the project's one rule (data.heldout_split: the last 10%): the prompts (--prompts, or else
-   those of --preferences) unless --eval_prompts; the pairs, inside the reward and DPO runs, unless
-   --eval_preferences.
 3. One queue: the reward model, if a method needs one (ppo, rloo, grpo, online_dpo; DPO and its variants alone run
    without), then every method at the preset's strengths.
 4. Evaluation on the held-out prompts (report.Evaluator, one sample each at temperature 1): the reward model's
    held-out accuracy; each policy's mean reward (normalised as in training: 0 mean, unit sd on SFT samples) and KL
    to the SFT model; its win rate against the SFT model's response to the same prompt, judged by the reward model
-   (a tie counts half), with a 95% interval (normal approximation over prompts); DPO's implicit-reward accuracy on
+   (a tie counts half), with a 95% interval (Wilson's, over prompts); DPO's implicit-reward accuracy on
    the held-out pairs (from its run's final evaluation).
 5. The report: results.json, results.md, side_by_side.html (the first prompts with every policy's response; a
    browser opens it), frontier.png (reward against KL), and the best policy as a Hugging Face GPT-2 folder, best/.
@@ -38,13 +40,15 @@ flatters them (reward hacking shows as a high win rate with a high KL: read the 
 import html
 import math
 import os
+import shutil
+import sys
 
 import torch
 
 from checkpoint import ExportConfig, export, load_checkpoint
 from config import ConfigError, TrainingError, parse_config, plural
-from data import DataError, files, heldout_split, load_preferences, load_prompts, read_json, read_jsonl, write_json
-from data import write_jsonl
+from data import (DataError, files, heldout_split, load_preferences, load_prompts, load_sft, read_json, read_jsonl,
+                  write_json, write_jsonl)
 from imdb import ROOT, SFT_CPU_PATH, TEMPERATURE, fingerprint
 from pipeline import METHODS, run_name, snapshots, stale, with_queue
 from report import Evaluator, color, method_of, pyplot
@@ -71,8 +75,24 @@ _SMALL = dict(
     online_dpo=dict(batch_size=16, max_iters=20, learning_rate=3e-4),
     # reference log-probs per batch: caching them for every pair first costs more than 60 steps use
     dpo=dict(batch_size=32, max_iters=60, learning_rate=3e-4, eval_interval=1000, ref_cache=False))
+# for a model of GPT-2 small's order (tens of millions of weights and up) on a GPU: smaller learning rates, longer
+# windows and responses, more held-out prompts
+_GPU = dict(
+    sft=dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=32, max_iters=300, learning_rate=1e-4,
+             warmup_iters=30, eval_interval=100),
+    max_new_tokens=48, n_eval_prompts=512, n_side=8, jobs=5, seeds=[1],
+    reward=dict(learning_rate=5e-5, epochs=2, batch_size=32),
+    methods=dict(ppo=[0.05, 0.2], dpo=[0.1, 0.5], rloo=[0.05], grpo=[0.05]),
+    rl=dict(batch_size=64, minibatch_size=32, micro_batch_size=64, max_iters=60, learning_rate=1e-5,
+            whiten_rewards=True, eval_interval=1000, snapshot_steps="10,30"),
+    online_dpo=dict(batch_size=32, max_iters=60, learning_rate=1e-5),
+    dpo=dict(batch_size=32, learning_rate=2e-5, eval_interval=1000, snapshot_steps="20,60"))
 PRESETS = {
     "own": _SMALL,
+    "own-gpu": _GPU,
+    # a model that knows English first (no GPT-2 weights offline: the README pre-trains one on IMDb's reviews),
+    # fine-tuned on the chosen dialogues
+    "hh-gpu": dict(_GPU, preferences=HH, sft_data=HH),
     # the committed 2-layer IMDb SFT model (it knows English) fine-tuned on the chosen dialogues: a 64-token window,
     # so each prompt keeps its last turns
     "hh-cpu": dict(_SMALL, preferences=HH, sft_data=HH, init_from=SFT_CPU_PATH,
@@ -86,9 +106,14 @@ PRESETS = {
 }
 
 
+OWN_KEYS = ("preferences", "eval_preferences", "sft_data", "init_from", "prompts", "eval_prompts")
+IMDB_KEYS = ("sft", "replicates", "imdb_dir", "rl_batch_size")  # options of the IMDb benchmark alone
+
+
 def wanted(cfg):
-    """Whether stage pipeline runs on your data (here) rather than the IMDb benchmark (pipeline.py)."""
-    return bool(cfg.preferences) or cfg.preset in PRESETS
+    """Whether stage pipeline runs on your data (here) rather than the IMDb benchmark (pipeline.py): any of your
+    data's options, or one of its presets."""
+    return any(getattr(cfg, k) for k in OWN_KEYS) or cfg.preset in PRESETS
 
 
 def resolve(cfg):
@@ -97,6 +122,10 @@ def resolve(cfg):
     if preset is None:
         raise ConfigError(f"--preset={cfg.preset} is an IMDb preset; with --preferences use one of "
                           f"{', '.join(PRESETS)} (or none)")
+    for key in IMDB_KEYS:
+        if getattr(cfg, key):
+            raise ConfigError(f"--{key} is an option of the IMDb benchmark (pipeline.py), not of the pipeline on your "
+                              f"data (own_data.py); leave it out")
     inputs = {k: getattr(cfg, k) or preset.get(k, "") for k in ("preferences", "sft_data", "init_from")}
     if not inputs["preferences"]:
         raise ConfigError("--preferences: no preference pairs given (a file of {prompt, chosen, rejected} rows, HH "
@@ -110,7 +139,7 @@ def resolve(cfg):
                 raise DataError(f"--{key}: {path}: no such file")
     if inputs["init_from"] and not os.path.exists(inputs["init_from"]):
         raise DataError(f"--init_from: {inputs['init_from']}: no such file or folder")
-    methods = cfg.methods.split(",") if cfg.methods else list(preset["methods"])
+    methods = list(dict.fromkeys(files(cfg.methods))) if cfg.methods else list(preset["methods"])
     for m in methods:
         if m not in OWN_METHODS:
             raise ConfigError(f"--methods: {m!r} does not run on your data; expected some of {', '.join(OWN_METHODS)}")
@@ -120,50 +149,88 @@ def resolve(cfg):
     return preset, methods, inputs
 
 
-def make_prompts(cfg, preset, preferences):
-    """The RL prompts and the held-out prompts of the report, as two files in the run folder (remade only when their
-    sources change): --eval_prompts, or else the last 10% of --prompts (of --preferences' prompts without it)."""
-    source = cfg.prompts or preferences
-    made_by = dict(prompts=source, eval_prompts=cfg.eval_prompts, n_eval=preset["n_eval_prompts"],
-                   files={f: fingerprint(f) for f in files(source) + files(cfg.eval_prompts)})
-    meta, paths = os.path.join(cfg.out_dir, "prompts.json"), [os.path.join(cfg.out_dir, f"prompts_{s}.jsonl")
-                                                            for s in ("train", "eval")]
-    if stale(meta, read_json(meta) if os.path.exists(meta) else None, made_by, cfg.overwrite) or \
-            not all(map(os.path.exists, paths)):
-        prompts = load_prompts(source)
-        if cfg.eval_prompts:
-            train, held = prompts, load_prompts(cfg.eval_prompts)
-        elif len(prompts) < 2:
-            raise DataError(f"{source}: {plural(len(prompts), 'prompt')}; the held-out rule keeps the last 10% for "
-                            f"the report and needs at least 2 (or add --eval_prompts=FILE)")
-        else:
-            train, held = heldout_split(prompts)
-        if not train or not held:
-            raise DataError(f"{cfg.eval_prompts if not held else source}: no prompts")
-        for path, rows in zip(paths, (train, held[:preset["n_eval_prompts"]])):
-            write_jsonl(path, [dict(prompt=p) for p in rows])
-        write_json(meta, made_by)
-    return paths
+def spread(items, n):
+    """At most n of items, evenly spaced (so that each file of several contributes its share), in order."""
+    return items if len(items) <= n else [items[i * len(items) // n] for i in range(n)]
 
 
-def check_pairs(cfg, preferences):
-    """The pairs load (a bad line is a one-line error naming it), and both splits hold some."""
-    n = len(load_preferences(preferences))
-    if n == 0:
-        raise DataError(f"{preferences}: no preference pairs")
+def make_splits(cfg, preset):
+    """One held-out split for every step, written to OUT_DIR/splits/ (remade only when its sources change), so that
+    no held-out prompt is trained on by any step. Returns {pairs_train, pairs_eval, prompts_train, prompts_eval,
+    sft}: file paths (sft: the SFT data, rewritten only if some example's prompt is held out; '' without it).
+    - held-out pairs: --eval_preferences, or else the pairs of the last 10% of each --preferences file's distinct
+      prompts (data.heldout_split, per file: a file of helpful and one of harmless pairs both count);
+    - the report's prompts: --eval_prompts, or else the held-out pairs' prompts (at most n_eval_prompts, evenly
+      spaced);
+    - training pairs, the RL prompts (--prompts, or else the training pairs' prompts) and the SFT examples: those
+      whose prompt is none of the above."""
+    out = os.path.join(cfg.out_dir, "splits")
+    paths = {k: os.path.join(out, f"{k}.jsonl") for k in ("pairs_train", "pairs_eval", "prompts_train", "prompts_eval")}
+    sources = [f for k in ("preferences", "eval_preferences", "prompts", "eval_prompts", "sft_data")
+               for f in files(getattr(cfg, k))]
+    made_by = {**{k: getattr(cfg, k) for k in ("preferences", "eval_preferences", "prompts", "eval_prompts",
+                                               "sft_data")}, "n_eval": preset["n_eval_prompts"],
+               "files": {f: fingerprint(f) for f in sources}}
+    meta, sft = os.path.join(out, "made_by.json"), os.path.join(out, "sft.jsonl")
+    if not stale(meta, read_json(meta) if os.path.exists(meta) else None, made_by, cfg.overwrite) and \
+            all(map(os.path.exists, paths.values())):
+        return {**paths, "sft": sft if os.path.exists(sft) else cfg.sft_data}
     if cfg.eval_preferences:
-        if not load_preferences(cfg.eval_preferences):
+        train, held = load_preferences(cfg.preferences), load_preferences(cfg.eval_preferences)
+        if not held:
             raise DataError(f"{cfg.eval_preferences}: no preference pairs")
-    elif n < 2:
-        raise DataError(f"{preferences}: 1 preference pair; the held-out rule keeps the last 10% for evaluation and "
-                        f"needs at least 2 (or add --eval_preferences=FILE)")
+    else:
+        train, held = [], []
+        for path in files(cfg.preferences):
+            pairs = load_preferences(path)
+            distinct = list(dict.fromkeys(p.prompt for p in pairs))
+            if len(distinct) < 2:
+                raise DataError(f"{path}: {plural(len(pairs), 'preference pair')} of "
+                                f"{plural(len(distinct), 'distinct prompt')}; the held-out rule keeps the pairs of "
+                                f"the last 10% of the prompts for evaluation and needs at least 2 prompts (or add "
+                                f"--eval_preferences=FILE)")
+            out_prompts = set(heldout_split(distinct)[1])
+            train += [p for p in pairs if p.prompt not in out_prompts]
+            held += [p for p in pairs if p.prompt in out_prompts]
+    report = load_prompts(cfg.eval_prompts) if cfg.eval_prompts else \
+        spread(list(dict.fromkeys(p.prompt for p in held)), preset["n_eval_prompts"])
+    if not report:
+        raise DataError(f"{cfg.eval_prompts}: no prompts")
+    report = report[:preset["n_eval_prompts"]]
+    out_set = {p.prompt for p in held} | set(report)
+    kept = [p for p in train if p.prompt not in out_set]
+    rl = load_prompts(cfg.prompts) if cfg.prompts else list(dict.fromkeys(p.prompt for p in kept))
+    for what, before, after in (("--preferences", train, kept), ("--prompts", rl, [p for p in rl if p not in out_set])):
+        if len(after) < len(before):
+            print(f"note: {what}: {plural(len(before) - len(after), 'item')} left out of training, as its prompt is "
+                  f"held out for evaluation", file=sys.stderr)
+        if not after:
+            raise DataError(f"{what}: nothing left to train on once the held-out prompts are left out (give more "
+                            f"data, or another --eval_preferences / --eval_prompts)")
+    rl = [p for p in rl if p not in out_set]
+    os.makedirs(out, exist_ok=True)
+    for key, rows in (("pairs_train", kept), ("pairs_eval", held)):
+        write_jsonl(paths[key], [dict(prompt=p.prompt, chosen=p.chosen, rejected=p.rejected) for p in rows])
+    for key, rows in (("prompts_train", rl), ("prompts_eval", report)):
+        write_jsonl(paths[key], [dict(prompt=p) for p in rows])
+    examples = load_sft(cfg.sft_data) if cfg.sft_data else []
+    if os.path.exists(sft):
+        os.remove(sft)
+    if any(ex.prompt in out_set for ex in examples):
+        left = [ex for ex in examples if ex.prompt not in out_set]
+        print(f"note: --sft_data: {plural(len(examples) - len(left), 'example')} left out, as its prompt is held "
+              f"out for evaluation", file=sys.stderr)
+        write_jsonl(sft, [dict(prompt=ex.prompt, response=ex.response) if ex.prompt else dict(text=ex.response)
+                          for ex in left])
+    write_json(meta, made_by)
+    return {**paths, "sft": sft if os.path.exists(sft) else cfg.sft_data}
 
 
-def jobs_of(cfg, preset, methods, sft_ckpt, prompts_file, block_size, dev):
+def jobs_of(cfg, preset, methods, sft_ckpt, splits, block_size, dev):
     """The queue: the reward model (if a method needs one), then each method at each strength and seed. Returns
     (jobs, after, names: folder -> policy name, the reward model's folder or None)."""
-    pairs = [f"--data={cfg.preferences}",
-             *([f"--eval_data={cfg.eval_preferences}"] if cfg.eval_preferences else [])]
+    pairs, prompts_file = [f"--data={splits['pairs_train']}", f"--eval_data={splits['pairs_eval']}"], \
+        splits["prompts_train"]
     rm_dir = os.path.join(cfg.out_dir, "reward") if any(m in NEEDS_REWARD for m in methods) else None
     proxy = rm_dir and os.path.join(rm_dir, "ckpt.pt")
     jobs = [("reward", rm_dir, [*pairs, f"--init_from={sft_ckpt}", f"--policy={sft_ckpt}",
@@ -192,15 +259,17 @@ def jobs_of(cfg, preset, methods, sft_ckpt, prompts_file, block_size, dev):
     return jobs, after, names, rm_dir
 
 
-def win_rate(policy_rows, sft_rows):
+def win_rate(policy_rows, sft_rows, z=1.96):
     """(win rate, 95% interval) of the policy's responses against SFT's to the same prompts, by the reward model's
-    scores: 1 for a higher score, 1/2 for a tie; the interval mean +- 1.96 sd / sqrt(n), clipped to [0, 1]."""
+    scores: 1 for a higher score, 1/2 for a tie. The interval is Wilson's score interval for a proportion of n
+    prompts, which stays inside [0, 1] and keeps a width at 0/n and n/n (where mean +- 1.96 sd/sqrt(n) collapses
+    to a point); a tie counted as half a win has less variance than a win or a loss, so it errs wide."""
     wins = [1.0 if p["proxy"] > s["proxy"] else 0.5 if p["proxy"] == s["proxy"] else 0.0
             for p, s in zip(policy_rows, sft_rows)]
     n = len(wins)
     mean = sum(wins) / n
-    half = 1.96 * math.sqrt(sum((w - mean) ** 2 for w in wins) / max(1, n - 1) / n)
-    return mean, [max(0.0, mean - half), min(1.0, mean + half)]
+    mid, half = mean + z * z / (2 * n), z * math.sqrt(mean * (1 - mean) / n + z * z / (4 * n * n))
+    return mean, [max(0.0, (mid - half) / (1 + z * z / n)), min(1.0, (mid + half) / (1 + z * z / n))]
 
 
 def best_policy(policies):
@@ -209,7 +278,7 @@ def best_policy(policies):
     finals = {n: p for n, p in policies.items() if n != "sft" and "@" not in n}
     if any(p.get("win_rate") is not None for p in finals.values()):
         return max((n for n in finals if finals[n].get("win_rate") is not None),
-                   key=lambda n: (finals[n]["win_rate"], -finals[n]["kl"]))
+                   key=lambda n: (finals[n]["win_rate"], -abs(finals[n]["kl"])))  # an estimate can be < 0
     scored = [n for n in finals if finals[n].get("implicit_accuracy") is not None]
     return max(scored, key=lambda n: finals[n]["implicit_accuracy"]) if scored else None
 
@@ -221,18 +290,19 @@ def pipeline(cfg):
     for key in ("preferences", "eval_preferences", "sft_data", "prompts", "eval_prompts", "init_from", "out_dir"):
         # absolute, as the sub-runs start in the repository's folder, not the caller's
         setattr(cfg, key, ",".join(os.path.abspath(f) for f in files(getattr(cfg, key))))
-    check_pairs(cfg, cfg.preferences)
     return with_queue(cfg, lambda run, queue: run_pipeline(cfg, run, queue, preset, methods))
 
 
 def run_pipeline(cfg, run, queue, preset, methods):
     dev = [f"--device={cfg.device}", f"--dtype={cfg.dtype}"]
     on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-    # 1. the SFT model
+    # 1. the held-out split of every step
+    splits = make_splits(cfg, preset)
+    # 2. the SFT model
     sft_ckpt = os.path.abspath(cfg.init_from) if cfg.init_from else None
     if cfg.sft_data:
         sft_dir = os.path.join(cfg.out_dir, "sft")
-        failed = queue.run_all([("sft", sft_dir, [f"--data={cfg.sft_data}", f"--seed={cfg.seed}", *dev,
+        failed = queue.run_all([("sft", sft_dir, [f"--data={splits['sft']}", f"--seed={cfg.seed}", *dev,
                                                   *([f"--init_from={sft_ckpt}"] if sft_ckpt else []),
                                                   *(f"--{k}={v}" for k, v in preset["sft"].items())])],
                                "1/3 sft", 1, cfg.overwrite)
@@ -240,11 +310,9 @@ def run_pipeline(cfg, run, queue, preset, methods):
             raise TrainingError(f"{sft_dir}: sub-run failed ({failed[sft_dir]}); see its log.txt")
         sft_ckpt = os.path.join(sft_dir, "ckpt.pt")
     block_size = load_checkpoint(sft_ckpt, "policy")["model_args"]["block_size"]
-    # 2. prompts: what the RL methods train on, what the report evaluates on
-    prompts_file, eval_file = make_prompts(cfg, preset, cfg.preferences)
-    eval_prompts = [row["prompt"] for _, row in read_jsonl(eval_file)]
+    eval_prompts = [row["prompt"] for _, row in read_jsonl(splits["prompts_eval"])]
     # 3. the queue, 4. the evaluation of each policy as its run finishes (on the CPU after them all)
-    jobs, after, names, rm_dir = jobs_of(cfg, preset, methods, sft_ckpt, prompts_file, block_size, dev)
+    jobs, after, names, rm_dir = jobs_of(cfg, preset, methods, sft_ckpt, splits, block_size, dev)
     proxy = rm_dir and os.path.join(rm_dir, "ckpt.pt")
     evaluate = Evaluator(sft_ckpt, eval_prompts, cfg, preset["max_new_tokens"], gold=False)
     policies = {}
@@ -282,6 +350,8 @@ def run_pipeline(cfg, run, queue, preset, methods):
         policies=dict(sorted(policies.items(), key=lambda kv: (kv[0] != "sft", kv[0]))),
         failed={os.path.relpath(d, cfg.out_dir): why for d, why in failed.items()})
     report["best"] = best_policy(report["policies"])
+    queue.check()
+    shutil.rmtree(os.path.join(cfg.out_dir, "best"), ignore_errors=True)  # not a previous run's
     if report["best"]:
         best_dir = os.path.join(cfg.out_dir, "runs", report["best"])
         export(parse_config(ExportConfig, [f"--ckpt={os.path.join(best_dir, 'ckpt.pt')}",
@@ -340,6 +410,8 @@ def write_report(report, sample_rows, side_prompts, out):
         f.write(f"<!doctype html><meta charset='utf-8'><title>side by side</title><style>td,th{{vertical-align:top;"
                 f"white-space:pre-wrap;border:1px solid #ccc;padding:6px;max-width:28em}}table{{border-collapse:"
                 f"collapse;font:14px sans-serif}}</style><table><tr><th>prompt</th>{head}</tr>{body}</table>\n")
+    if os.path.exists(os.path.join(out, "frontier.png")):
+        os.remove(os.path.join(out, "frontier.png"))  # not a previous run's
     if pol["sft"]["proxy"] is None:
         return
     plt = pyplot()

@@ -290,9 +290,11 @@ class Evaluator:
         cov = torch.cov(x.T, correction=1) if len(x) > 1 else torch.zeros(3, 3, dtype=torch.float64)
         var = dict(gold=cov[0, 0].item(), proxy=cov[1, 1].item(), kl=cov[2, 2].item(), gold_kl=cov[0, 2].item(),
                    proxy_kl=cov[1, 2].item())
+        if not self.gold:
+            var.update(gold=None, gold_kl=None)
         result = dict(gold=ev["score"] if self.gold else None, proxy=sum(prox) / len(prox) if prox else None,
                       kl=ev["kl"], length=ev["length"], n=len(x),
-                      var={k: v if math.isfinite(v) else None for k, v in var.items()})
+                      var={k: v if v is not None and math.isfinite(v) else None for k, v in var.items()})
         store_result(record, samples, [dict(prefix=s["prompt"], response=s["response"],
                                             gold=s["score"] if self.gold else None, proxy=pr, kl=s["kl"])
                                        for s, pr in zip(ev["samples"], prox or [None] * len(x))], made_by, result)
@@ -404,7 +406,8 @@ def write_report(report, out):
                          f"{'*' if g['few_samples'] else ''} | {g['gap']:+.3f} |")
     lines += ["", "Gao et al. 2022's forms, fitted to reward minus the SFT model's against d = sqrt(KL): "
               "best-of-N d (a - b d), the others d (a - b log d).", "",
-              "| method | gold a | gold b | gold rmse | proxy a | proxy b | proxy rmse |", "|---|---|---|---|---|---|---|"]
+              "| method | gold a | gold b | gold rmse | proxy a | proxy b | proxy rmse |",
+              "|---|---|---|---|---|---|---|"]
     for m, fit in report["fits"].items():
         lines.append(f"| {m} | " + " | ".join("- | - | -" if fit[k] is None else
                                               f"{fit[k]['a']:.4f} | {fit[k]['b']:.4f} | {fit[k]['rmse']:.4f}"

@@ -44,30 +44,70 @@ def write_pairs(path, fmt, qs):
     return str(path)
 
 
-def test_every_pair_format_gives_the_same_pairs_and_the_same_prompt_splits(tmp_path):
+def splits_of(tmp_path, name, n_eval=100, **kw):
+    cfg = types.SimpleNamespace(**{k: kw.get(k, "") for k in own_data.OWN_KEYS}, out_dir=str(tmp_path / name),
+                                overwrite=False)
+    paths = own_data.make_splits(cfg, dict(n_eval_prompts=n_eval))
+    rows = {k: [r for _, r in read_jsonl(p)] for k, p in paths.items() if k != "sft"}
+    return rows, paths["sft"]
+
+
+def test_every_pair_format_gives_the_same_pairs_and_the_same_splits(tmp_path):
     qs = questions(30)
     splits = {}
     for fmt in ("separate", "dialogue", "messages", "vertex"):
         path = write_pairs(tmp_path / f"{fmt}.jsonl", fmt, qs)
         assert load_preferences(path) == load_preferences(str(tmp_path / "separate.jsonl")), fmt
-        cfg = types.SimpleNamespace(prompts="", eval_prompts="", out_dir=str(tmp_path / fmt), overwrite=False)
-        os.makedirs(cfg.out_dir)
-        files = own_data.make_prompts(cfg, dict(n_eval_prompts=100), path)
-        splits[fmt] = [[row["prompt"] for _, row in read_jsonl(f)] for f in files]
+        splits[fmt] = splits_of(tmp_path, fmt, preferences=path)[0]
     assert all(s == splits["separate"] for s in splits.values())
-    train, held = splits["separate"]
-    assert len(held) == 3 and not set(train) & set(held)  # the last 10%, held out
-    assert held == [f"\n\nHuman: {q}\n\nAssistant:" for q in qs[-3:]]
+    rows = splits["separate"]
+    held = [r["prompt"] for r in rows["prompts_eval"]]
+    assert held == [f"\n\nHuman: {q}\n\nAssistant:" for q in qs[-3:]]  # the last 10%, held out
+    assert [r["prompt"] for r in rows["pairs_eval"]] == held and len(rows["pairs_train"]) == 27
+    assert [r["prompt"] for r in rows["prompts_train"]] == [r["prompt"] for r in rows["pairs_train"]]
+
+
+def test_no_step_trains_on_a_held_out_prompt(tmp_path):
+    """A prompt that comes back in an early pair, in --prompts and in --sft_data is held out of all three; with two
+    files each gives its last 10%; --eval_preferences and --eval_prompts are held out the same way."""
+    a, b = questions(20, 4), questions(10, 5)
+    late = f"\n\nHuman: {a[-2]}\n\nAssistant:"
+    pa = write_pairs(tmp_path / "a.jsonl", "separate", a + [a[-2]])  # a[-2]'s two pairs are not adjacent
+    pb = write_pairs(tmp_path / "b.jsonl", "dialogue", b)
+    with open(tmp_path / "p.jsonl", "w") as f:
+        f.writelines(json.dumps(dict(prompt=p)) + "\n" for p in ("fresh prompt", late))
+    with open(tmp_path / "sft.jsonl", "w") as f:
+        f.writelines(json.dumps(dict(prompt=p, response=" yes")) + "\n" for p in ("fresh prompt", late))
+    rows, sft = splits_of(tmp_path, "two", preferences=f"{pa},{pb}", prompts=str(tmp_path / "p.jsonl"),
+                          sft_data=str(tmp_path / "sft.jsonl"))
+    held = {r["prompt"] for r in rows["prompts_eval"]}
+    assert held == {late, f"\n\nHuman: {a[-1]}\n\nAssistant:", f"\n\nHuman: {b[-1]}\n\nAssistant:"}
+    assert {r["prompt"] for r in rows["pairs_eval"]} == held and len(rows["pairs_eval"]) == 4  # late's two pairs
+    assert not held & {r["prompt"] for r in rows["pairs_train"]} and len(rows["pairs_train"]) == 27
+    assert [r["prompt"] for r in rows["prompts_train"]] == ["fresh prompt"]
+    assert sft.endswith("sft.jsonl") and sft != str(tmp_path / "sft.jsonl")
+    assert [r["prompt"] for _, r in read_jsonl(sft)] == ["fresh prompt"]
+    # given held-out files: their prompts leave the training pairs too
+    held_file = write_pairs(tmp_path / "held.jsonl", "separate", a[:2])
+    (tmp_path / "e.txt").write_text(a[5] + "\n")
+    rows, sft = splits_of(tmp_path, "given", preferences=pa, eval_preferences=held_file,
+                          eval_prompts=str(tmp_path / "e.txt"))
+    assert [r["prompt"] for r in rows["prompts_eval"]] == [a[5]] and len(rows["pairs_eval"]) == 2
+    assert len(rows["pairs_train"]) == 21 - 2 and sft == ""  # less a[0], a[1] (a[5] is no pair's prompt)
 
 
 def test_win_rate_counts_ties_half_and_its_interval_holds_it():
     rows = lambda xs: [dict(proxy=x) for x in xs]  # noqa: E731
     rate, (lo, hi) = own_data.win_rate(rows([1, 2, 3, 0]), rows([0, 2, 4, -1]))
     assert rate == (1 + 0.5 + 0 + 1) / 4 and 0 <= lo < rate < hi <= 1
-    assert own_data.win_rate(rows([5, 5]), rows([1, 1])) == (1.0, [1.0, 1.0])
+    rate, (lo, hi) = own_data.win_rate(rows([5, 5]), rows([1, 1]))  # Wilson's: n / (n + z^2) at n of n
+    assert rate == hi == 1.0 and lo == pytest.approx(2 / (2 + 1.96 ** 2))
+    rate, (lo, hi) = own_data.win_rate(rows([1] * 50 + [-1] * 50), rows([0] * 100))
+    assert rate == 0.5 and lo == pytest.approx(1 - hi) and 0.40 < lo < 0.41  # about 0.5 -+ 1.96 * 0.05
 
 
-PROMPTS = questions(19, 2) + ["Is <b>this</b> & that good?"]  # the last one shows the page's escaping
+PROMPTS = questions(20, 2)  # the RL prompts
+QS = questions(36) + ["Is <b>this</b> & that good?"] + questions(3, 6)  # the first held out shows the escaping
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +115,7 @@ def tiny_pipeline(tmp_path_factory):
     """own-tiny on Vertex AI pairs, {messages} SFT data and .txt prompts: PPO (with its reward model), DPO, and an
     IPO run whose held-out pairs are a bad file, so that it fails in its sub-run."""
     d = tmp_path_factory.mktemp("own")
-    prefs = write_pairs(d / "pairs.jsonl", "vertex", questions(40))
+    prefs = write_pairs(d / "pairs.jsonl", "vertex", QS)
     with open(d / "sft.jsonl", "w") as f:
         for q in questions(20, 1):
             f.write(json.dumps(dict(messages=[dict(role="user", content=q),
@@ -108,9 +148,10 @@ def test_a_failing_method_leaves_the_others_reported_and_the_best_exported(tiny_
     pol = report["policies"]
     assert set(pol) == {"sft", "ppo_beta0.05_seed1", "dpo_beta0.1_seed1"}
     assert pol["sft"]["kl"] == 0 and 0 <= report["reward_accuracy"] <= 1
-    # the prompts: the last 10% of the .txt file, held out from the RL runs' prompts
-    held = [r["prompt"] for _, r in read_jsonl(out / "prompts_eval.jsonl")]
-    assert held == PROMPTS[-2:] and report["n_eval_prompts"] == 2
+    # the report's prompts: those of the held-out pairs (the last 10%); the RL runs train on the .txt file's
+    held = [r["prompt"] for _, r in read_jsonl(out / "splits" / "prompts_eval.jsonl")]
+    assert held == [f"\n\nHuman: {q}\n\nAssistant:" for q in QS[-4:]] and report["n_eval_prompts"] == 4
+    assert [r["prompt"] for _, r in read_jsonl(out / "splits" / "prompts_train.jsonl")] == PROMPTS
     for name in ("ppo_beta0.05_seed1", "dpo_beta0.1_seed1"):  # the win rate, recomputed from the stored samples
         mine, sft = ([r["proxy"] for _, r in read_jsonl(out / "samples" / f"{n}.jsonl")] for n in (name, "sft"))
         want = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(mine, sft)) / len(sft)
@@ -121,7 +162,7 @@ def test_a_failing_method_leaves_the_others_reported_and_the_best_exported(tiny_
     assert report["best"] == best and sorted(os.listdir(out / "best")) == ["config.json", "model.safetensors"]
     md, page = (out / "results.md").read_text(), (out / "side_by_side.html").read_text()
     assert "| runs/ipo_beta0.1_seed1 |" in md and f"**{best}**" in md and (out / "frontier.png").exists()
-    assert f"<td>{PROMPTS[-2]}</td>" in page and "<td>Is &lt;b&gt;this&lt;/b&gt; &amp; that good?</td>" in page
+    assert "<td>\n\nHuman: Is &lt;b&gt;this&lt;/b&gt; &amp; that good?\n\nAssistant:</td>" in page
     assert page.count("<tr>") == 1 + 2 and page.count("<th>") == 1 + 3  # prompt + the 3 policies; 2 prompts
 
 
@@ -153,15 +194,18 @@ def test_dpo_alone_needs_no_reward_model(tmp_path, in_process):
     assert (tmp_path / "run" / "best" / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize("case", ["missing", "one_pair", "bad_line", "imdb_preset", "no_policy", "empty_prompts"])
+@pytest.mark.parametrize("case", ["missing", "one_pair", "bad_line", "imdb_preset", "no_policy", "empty_prompts",
+                                  "imdb_option", "no_pairs"])
 def test_bad_input_is_one_line_naming_the_file(tmp_path, in_process, case):
     prefs = write_pairs(tmp_path / "p.jsonl", "separate", questions(10))
     args = [f"--preferences={prefs}", f"--init_from={SFT_CPU_PATH}", f"--out_dir={tmp_path}/run",
             "--preset=own-tiny"]
     want = {"missing": f"--sft_data: {tmp_path}/nope.jsonl: no such file",
-            "one_pair": "1 preference pair; the held-out rule", "bad_line": f"{tmp_path}/b.jsonl:2:",
+            "one_pair": "1 preference pair of 1 distinct prompt; the held-out rule",
+            "bad_line": f"{tmp_path}/b.jsonl:2:",
             "imdb_preset": "--preset=gpu is an IMDb preset", "no_policy": "give --init_from",
-            "empty_prompts": "1 prompt; the held-out rule"}[case]
+            "empty_prompts": f"{tmp_path}/e.txt: empty file", "imdb_option": "--replicates is an option of the IMDb",
+            "no_pairs": "--preferences: no preference pairs given"}[case]
     if case == "missing":
         args.append(f"--sft_data={tmp_path}/nope.jsonl")
     elif case == "one_pair":
@@ -173,9 +217,13 @@ def test_bad_input_is_one_line_naming_the_file(tmp_path, in_process, case):
         args[3] = "--preset=gpu"
     elif case == "no_policy":
         args[1] = "--init_from="
-    else:
-        (tmp_path / "one.txt").write_text("just one prompt\n")
-        args.append(f"--prompts={tmp_path}/one.txt")
+    elif case == "empty_prompts":
+        (tmp_path / "e.txt").write_text("\n")
+        args.append(f"--eval_prompts={tmp_path}/e.txt")
+    elif case == "imdb_option":
+        args.append("--replicates=2")
+    else:  # SFT data alone is your data too, but not enough of it
+        args[0] = f"--sft_data={prefs}"
     code, out, err = in_process("pipeline", *args)
     assert code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1, err
     assert want in err, err
@@ -183,8 +231,8 @@ def test_bad_input_is_one_line_naming_the_file(tmp_path, in_process, case):
 
 @pytest.mark.skipif(not os.path.exists(own_data.HH.split(",")[0]), reason="no ../shared/data beside the checkout")
 def test_the_hh_preset_reads_the_shared_hh_pairs():
-    cfg = types.SimpleNamespace(preset="hh-cpu", methods="", preferences="", sft_data="", init_from="", prompts="",
-                                eval_preferences="", eval_prompts="")
+    cfg = types.SimpleNamespace(preset="hh-cpu", methods="", **dict.fromkeys(own_data.OWN_KEYS + own_data.IMDB_KEYS,
+                                                                           ""))
     preset, methods, inputs = own_data.resolve(cfg)
     assert methods == ["ppo", "dpo", "rloo", "grpo"] and inputs["init_from"] == SFT_CPU_PATH
     pairs = load_preferences(inputs["preferences"], limit=3)
