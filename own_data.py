@@ -21,10 +21,11 @@ rejected}; prompts also as .txt, one per line), several comma-separated. The ste
 3. One queue: the reward model, if a method needs one (ppo, rloo, grpo, online_dpo; DPO and its variants alone run
    without), then every method at the preset's strengths.
 4. Evaluation on the held-out prompts (report.Evaluator, one sample each at temperature 1): the reward model's
-   held-out accuracy; each policy's mean reward (normalised as in training: 0 mean, unit sd on SFT samples) and KL
-   to the SFT model; its win rate against the SFT model's response to the same prompt, judged by the reward model
-   (a tie counts half), with a 95% interval (Wilson's, over prompts); DPO's implicit-reward accuracy on
-   the held-out pairs (from its run's final evaluation).
+   accuracy on the held-out pairs with a 95% interval (Wilson's), and per file where there are several; each
+   policy's mean reward (normalised as in training: 0 mean, unit sd on SFT samples) and KL to the SFT model; its
+   win rate against the SFT model's response to the same prompt, judged by the reward model (a tie counts half),
+   with a 95% interval (over prompts); DPO's implicit-reward accuracy on the held-out pairs (from its run's final
+   evaluation).
 5. The report: results.json, results.md, side_by_side.html (the first prompts with every policy's response; a
    browser opens it), frontier.png (reward against KL), and the best policy as a Hugging Face GPT-2 folder, best/.
    The rule: the highest win rate against SFT (ties: the lower KL); without a reward model, the highest implicit-
@@ -45,6 +46,7 @@ import sys
 
 import torch
 
+import reward
 from checkpoint import ExportConfig, export, load_checkpoint
 from config import ConfigError, TrainingError, parse_config, plural
 from data import (DataError, files, heldout_split, load_preferences, load_prompts, load_sft, read_json, read_jsonl,
@@ -78,8 +80,8 @@ _SMALL = dict(
 # for a model of GPT-2 small's order (tens of millions of weights and up) on a GPU: smaller learning rates, longer
 # windows and responses, more held-out prompts
 _GPU = dict(
-    sft=dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=32, max_iters=300, learning_rate=1e-4,
-             warmup_iters=30, eval_interval=100),
+    sft=dict(n_layer=6, n_head=6, n_embd=384, block_size=512, batch_size=32, max_iters=400, learning_rate=3e-4,
+             warmup_iters=20, eval_interval=100),
     max_new_tokens=48, n_eval_prompts=512, n_side=8, jobs=5, seeds=[1],
     reward=dict(learning_rate=5e-5, epochs=2, batch_size=32),
     methods=dict(ppo=[0.05, 0.2], dpo=[0.1, 0.5], rloo=[0.05], grpo=[0.05]),
@@ -156,8 +158,9 @@ def spread(items, n):
 
 def make_splits(cfg, preset):
     """One held-out split for every step, written to OUT_DIR/splits/ (remade only when its sources change), so that
-    no held-out prompt is trained on by any step. Returns {pairs_train, pairs_eval, prompts_train, prompts_eval,
-    sft}: file paths (sft: the SFT data, rewritten only if some example's prompt is held out; '' without it).
+    no held-out prompt is trained on by any step. Returns {pairs_train, pairs_eval, pairs_eval_files, prompts_train,
+    prompts_eval, sft}: file paths (pairs_eval_files: {file: its number of held-out pairs}, in pairs_eval's order;
+    sft: the SFT data, rewritten only if some example's prompt is held out; '' without it).
     - held-out pairs: --eval_preferences, or else the pairs of the last 10% of each --preferences file's distinct
       prompts (data.heldout_split, per file: a file of helpful and one of harmless pairs both count);
     - the report's prompts: --eval_prompts, or else the held-out pairs' prompts (at most n_eval_prompts, evenly
@@ -166,6 +169,7 @@ def make_splits(cfg, preset):
       whose prompt is none of the above."""
     out = os.path.join(cfg.out_dir, "splits")
     paths = {k: os.path.join(out, f"{k}.jsonl") for k in ("pairs_train", "pairs_eval", "prompts_train", "prompts_eval")}
+    paths["pairs_eval_files"] = os.path.join(out, "pairs_eval_files.json")  # file -> its held-out pairs, in order
     sources = [f for k in ("preferences", "eval_preferences", "prompts", "eval_prompts", "sft_data")
                for f in files(getattr(cfg, k))]
     made_by = {**{k: getattr(cfg, k) for k in ("preferences", "eval_preferences", "prompts", "eval_prompts",
@@ -175,12 +179,15 @@ def make_splits(cfg, preset):
     if not stale(meta, read_json(meta) if os.path.exists(meta) else None, made_by, cfg.overwrite) and \
             all(map(os.path.exists, paths.values())):
         return {**paths, "sft": sft if os.path.exists(sft) else cfg.sft_data}
+    train, held, source = [], [], []  # source: the file of each held-out pair, for the accuracy per file
     if cfg.eval_preferences:
-        train, held = load_preferences(cfg.preferences), load_preferences(cfg.eval_preferences)
+        train = load_preferences(cfg.preferences)
+        for path in files(cfg.eval_preferences):
+            held += (pairs := load_preferences(path))
+            source += [path] * len(pairs)
         if not held:
             raise DataError(f"{cfg.eval_preferences}: no preference pairs")
     else:
-        train, held = [], []
         for path in files(cfg.preferences):
             pairs = load_preferences(path)
             distinct = list(dict.fromkeys(p.prompt for p in pairs))
@@ -192,6 +199,7 @@ def make_splits(cfg, preset):
             out_prompts = set(heldout_split(distinct)[1])
             train += [p for p in pairs if p.prompt not in out_prompts]
             held += [p for p in pairs if p.prompt in out_prompts]
+            source += [path] * (len(held) - len(source))
     report = load_prompts(cfg.eval_prompts) if cfg.eval_prompts else \
         spread(list(dict.fromkeys(p.prompt for p in held)), preset["n_eval_prompts"])
     if not report:
@@ -211,6 +219,7 @@ def make_splits(cfg, preset):
     os.makedirs(out, exist_ok=True)
     for key, rows in (("pairs_train", kept), ("pairs_eval", held)):
         write_jsonl(paths[key], [dict(prompt=p.prompt, chosen=p.chosen, rejected=p.rejected) for p in rows])
+    write_json(paths["pairs_eval_files"], {f: source.count(f) for f in dict.fromkeys(source)})
     for key, rows in (("prompts_train", rl), ("prompts_eval", report)):
         write_jsonl(paths[key], [dict(prompt=p) for p in rows])
     examples = load_sft(cfg.sft_data) if cfg.sft_data else []
@@ -259,17 +268,43 @@ def jobs_of(cfg, preset, methods, sft_ckpt, splits, block_size, dev):
     return jobs, after, names, rm_dir
 
 
-def win_rate(policy_rows, sft_rows, z=1.96):
-    """(win rate, 95% interval) of the policy's responses against SFT's to the same prompts, by the reward model's
-    scores: 1 for a higher score, 1/2 for a tie. The interval is Wilson's score interval for a proportion of n
-    prompts, which stays inside [0, 1] and keeps a width at 0/n and n/n (where mean +- 1.96 sd/sqrt(n) collapses
-    to a point); a tie counted as half a win has less variance than a win or a loss, so it errs wide."""
-    wins = [1.0 if p["proxy"] > s["proxy"] else 0.5 if p["proxy"] == s["proxy"] else 0.0
-            for p, s in zip(policy_rows, sft_rows)]
+def wilson(wins, z=1.96):
+    """(mean, 95% interval) of a proportion from n outcomes in [0, 1]: Wilson's score interval, which stays inside
+    [0, 1] and keeps a width at 0/n and n/n (where mean +- 1.96 sd/sqrt(n) collapses to a point); an outcome of 1/2
+    (a tie counted as half a win) has less variance than a win or a loss, so with ties it errs wide."""
     n = len(wins)
     mean = sum(wins) / n
     mid, half = mean + z * z / (2 * n), z * math.sqrt(mean * (1 - mean) / n + z * z / (4 * n * n))
     return mean, [max(0.0, (mid - half) / (1 + z * z / n)), min(1.0, (mid + half) / (1 + z * z / n))]
+
+
+def win_rate(policy_rows, sft_rows):
+    """(win rate, 95% interval) of the policy's responses against SFT's to the same prompts, by the reward model's
+    scores: 1 for a higher score, 1/2 for a tie; the interval over prompts (wilson)."""
+    return wilson([1.0 if p["proxy"] > s["proxy"] else 0.5 if p["proxy"] == s["proxy"] else 0.0
+                   for p, s in zip(policy_rows, sft_rows)])
+
+
+def reward_accuracy(evaluate, proxy, splits):
+    """The reward model's accuracy on the held-out pairs with its 95% interval (wilson), overall and per file of
+    pairs: {"all": [accuracy, [lo, hi], n], FILE: ...}. The chosen response scoring higher counts 1, as the reward
+    stage's eval/accuracy (raw scores, the normalisation changes no order). Per file, as one reward model trained on
+    several sources may learn one and not another (HH-RLHF: on helpful-base the longer response is chosen 60% of the
+    time, on harmless-base 44%)."""
+    rows = [row for _, row in read_jsonl(splits["pairs_eval"])]
+    model = evaluate.reward_model(proxy)
+    with evaluate.ctx:
+        scores = reward.score_texts(model, [r["prompt"] for r in rows] * 2, [r["chosen"] for r in rows] +
+                                    [r["rejected"] for r in rows], evaluate.device)
+    right = [float(c > r) for c, r in zip(scores[:len(rows)], scores[len(rows):])]
+    counts = read_json(splits["pairs_eval_files"])
+    names = [os.path.basename(p) for p in counts]
+    out, start = {"all": [*wilson(right), len(right)]}, 0
+    for (path, n), name in zip(counts.items(), names):
+        if n and len(counts) > 1:
+            out[name if names.count(name) == 1 else path] = [*wilson(right[start:start + n]), n]
+        start += n
+    return out
 
 
 def best_policy(policies):
@@ -342,11 +377,12 @@ def run_pipeline(cfg, run, queue, preset, methods):
     for n, p in policies.items():
         if proxy and n != "sft":
             p["win_rate"], p["win_interval"] = win_rate(sample_rows[n], sample_rows["sft"])
+    accuracy = reward_accuracy(evaluate, proxy, splits) if rm_dir and rm_dir not in failed else None
     report = dict(preset=cfg.preset, methods=methods, inputs={k: v for k, v in dict(
         preferences=cfg.preferences, eval_preferences=cfg.eval_preferences, sft_data=cfg.sft_data,
         init_from=cfg.init_from, prompts=cfg.prompts, eval_prompts=cfg.eval_prompts).items() if v},
-        reward_accuracy=read_json(os.path.join(rm_dir, "summary.json")).get("eval/accuracy")
-        if rm_dir and rm_dir not in failed else None, n_eval_prompts=len(eval_prompts),
+        reward_accuracy=accuracy["all"][0] if accuracy else None, reward_accuracy_by_file=accuracy,
+        n_eval_prompts=len(eval_prompts),
         policies=dict(sorted(policies.items(), key=lambda kv: (kv[0] != "sft", kv[0]))),
         failed={os.path.relpath(d, cfg.out_dir): why for d, why in failed.items()})
     report["best"] = best_policy(report["policies"])
@@ -373,12 +409,22 @@ def fmt(v, spec="{:.3f}"):
     return "-" if v is None else spec.format(v)
 
 
+def accuracy_text(by_file):
+    """'0.539 [0.494, 0.584] of 466 pairs (a.jsonl 0.600 [...] of 235, ...)' from reward_accuracy()'s dict."""
+    if not by_file:
+        return "-"
+    one = lambda a: f"{a[0]:.3f} [{a[1][0]:.3f}, {a[1][1]:.3f}] of {a[2]}"  # noqa: E731
+    per = [f"{k} {one(a)}" for k, a in by_file.items() if k != "all"]
+    return one(by_file["all"]) + " pairs" + (f" ({'; '.join(per)})" if per else "")
+
+
 def write_report(report, sample_rows, side_prompts, out):
     """results.md (the table, the rule and the best policy, the side-by-side samples), side_by_side.html and
     frontier.png; all from results.json's content and the samples."""
     pol = report["policies"]
     lines = [f"# Your data: {', '.join(f'{k} {v}' for k, v in report['inputs'].items())}", "",
-             f"Reward model's accuracy on held-out pairs: {fmt(report['reward_accuracy'])}. Each policy on "
+             f"Reward model's accuracy on held-out pairs: {accuracy_text(report['reward_accuracy_by_file'])}. "
+             f"Each policy on "
              f"{report['n_eval_prompts']} held-out prompts, one sample each at temperature {TEMPERATURE:g}: reward "
              f"(the reward model's, normalised on SFT samples), KL to the SFT model (nats per response), win rate "
              f"against the SFT model's response to the same prompt by the reward model (ties half; 95% interval), "

@@ -264,6 +264,11 @@ class Evaluator:
             model_from_checkpoint(ckpt, path, self.policy)
         return self.policy
 
+    def reward_model(self, path):
+        if path not in self.proxies:
+            self.proxies[path] = reward.load_reward_model(path, self.device)
+        return self.proxies[path]
+
     def __call__(self, name, path, proxy_path, out_dir, seed):
         record = os.path.join(out_dir, "samples", f"{name}.json")
         samples = os.path.join(out_dir, "samples", f"{name}.jsonl")
@@ -276,14 +281,12 @@ class Evaluator:
             return stored
         if self.ref is None:
             self.ref = load_policy(self.ref_path, self.device)[0]
-        if proxy_path and proxy_path not in self.proxies:
-            self.proxies[proxy_path] = reward.load_reward_model(proxy_path, self.device)
         policy = self.load(path)
         judge = (lambda p, r: torch.tensor(gold_reward(p, r))) if self.gold else (lambda p, r: torch.zeros(len(p)))
         with self.ctx:
             ev = ppo.evaluate_policy(policy, self.ref, self.prompts, judge, self.device, self.ctx,
                                      self.max_new_tokens, self.batch_size, TEMPERATURE, seed=seed)
-            prox = reward.score_texts(self.proxies[proxy_path], [s["prompt"] for s in ev["samples"]],
+            prox = reward.score_texts(self.reward_model(proxy_path), [s["prompt"] for s in ev["samples"]],
                                       [s["response"] for s in ev["samples"]], self.device) if proxy_path else None
         none = [float("nan")] * len(ev["samples"])
         x = torch.tensor([[s["score"], p, s["kl"]] for s, p in zip(ev["samples"], prox or none)], dtype=torch.float64)

@@ -48,7 +48,8 @@ def splits_of(tmp_path, name, n_eval=100, **kw):
     cfg = types.SimpleNamespace(**{k: kw.get(k, "") for k in own_data.OWN_KEYS}, out_dir=str(tmp_path / name),
                                 overwrite=False)
     paths = own_data.make_splits(cfg, dict(n_eval_prompts=n_eval))
-    rows = {k: [r for _, r in read_jsonl(p)] for k, p in paths.items() if k != "sft"}
+    rows = {k: [r for _, r in read_jsonl(p)] for k, p in paths.items() if p.endswith(".jsonl") and k != "sft"}
+    rows["pairs_eval_files"] = json.load(open(paths["pairs_eval_files"]))
     return rows, paths["sft"]
 
 
@@ -59,6 +60,7 @@ def test_every_pair_format_gives_the_same_pairs_and_the_same_splits(tmp_path):
         path = write_pairs(tmp_path / f"{fmt}.jsonl", fmt, qs)
         assert load_preferences(path) == load_preferences(str(tmp_path / "separate.jsonl")), fmt
         splits[fmt] = splits_of(tmp_path, fmt, preferences=path)[0]
+        assert splits[fmt].pop("pairs_eval_files") == {path: 3}
     assert all(s == splits["separate"] for s in splits.values())
     rows = splits["separate"]
     held = [r["prompt"] for r in rows["prompts_eval"]]
@@ -83,6 +85,7 @@ def test_no_step_trains_on_a_held_out_prompt(tmp_path):
     held = {r["prompt"] for r in rows["prompts_eval"]}
     assert held == {late, f"\n\nHuman: {a[-1]}\n\nAssistant:", f"\n\nHuman: {b[-1]}\n\nAssistant:"}
     assert {r["prompt"] for r in rows["pairs_eval"]} == held and len(rows["pairs_eval"]) == 4  # late's two pairs
+    assert rows["pairs_eval_files"] == {pa: 3, pb: 1}  # in pairs_eval's order, for the accuracy per file
     assert not held & {r["prompt"] for r in rows["pairs_train"]} and len(rows["pairs_train"]) == 27
     assert [r["prompt"] for r in rows["prompts_train"]] == ["fresh prompt"]
     assert sft.endswith("sft.jsonl") and sft != str(tmp_path / "sft.jsonl")
@@ -94,6 +97,28 @@ def test_no_step_trains_on_a_held_out_prompt(tmp_path):
                           eval_prompts=str(tmp_path / "e.txt"))
     assert [r["prompt"] for r in rows["prompts_eval"]] == [a[5]] and len(rows["pairs_eval"]) == 2
     assert len(rows["pairs_train"]) == 21 - 2 and sft == ""  # less a[0], a[1] (a[5] is no pair's prompt)
+    assert rows["pairs_eval_files"] == {held_file: 2}
+
+
+def test_reward_accuracy_per_file_counts_each_files_own_pairs(tmp_path, monkeypatch):
+    """Two files of held-out pairs, a reward that prefers the longer response: the accuracy of each file is the
+    share of its own pairs whose chosen response is the longer (a tie counts as wrong), the overall one of all."""
+    pa = write_pairs(tmp_path / "a.jsonl", "separate", questions(20, 1))  # chosen " yes, very good": longer
+    rows = [dict(prompt=f"q{i}", chosen="x" * (i % 3 + 1), rejected="xx") for i in range(20)]  # right at i % 3 == 2
+    with open(tmp_path / "b.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    cfg = {**dict.fromkeys(own_data.OWN_KEYS, ""), "preferences": f"{pa},{tmp_path / 'b.jsonl'}"}
+    splits = own_data.make_splits(types.SimpleNamespace(**cfg, overwrite=False, out_dir=str(tmp_path / "run")),
+                                  dict(n_eval_prompts=10))
+    monkeypatch.setattr(own_data.reward, "score_texts", lambda model, prompts, responses, device: list(map(len,
+                                                                                                          responses)))
+    evaluate = types.SimpleNamespace(reward_model=lambda path: None, ctx=contextlib.nullcontext(), device="cpu")
+    got = own_data.reward_accuracy(evaluate, "rm.pt", splits)
+    assert got["a.jsonl"][0] == 1.0 and got["a.jsonl"][2] == 2  # the last 2 of 20 prompts
+    assert got["b.jsonl"][0] == 0.0 and got["b.jsonl"][2] == 2  # q18 shorter, q19 a tie
+    assert got["all"][:3:2] == [0.5, 4] and got["all"][1][0] < 0.5 < got["all"][1][1]
+    text = own_data.accuracy_text(got)
+    assert text.startswith("0.500 [") and text.endswith("of 2)") and "; b.jsonl 0.000 [0.000, " in text
 
 
 def test_win_rate_counts_ties_half_and_its_interval_holds_it():
@@ -148,6 +173,9 @@ def test_a_failing_method_leaves_the_others_reported_and_the_best_exported(tiny_
     pol = report["policies"]
     assert set(pol) == {"sft", "ppo_beta0.05_seed1", "dpo_beta0.1_seed1"}
     assert pol["sft"]["kl"] == 0 and 0 <= report["reward_accuracy"] <= 1
+    assert report["reward_accuracy_by_file"]["all"][2] == 4  # the 4 held-out pairs, of one file
+    # scored again in the report, as in the reward stage's own evaluation
+    assert report["reward_accuracy"] == json.load(open(out / "reward" / "summary.json"))["eval/accuracy"]
     # the report's prompts: those of the held-out pairs (the last 10%); the RL runs train on the .txt file's
     held = [r["prompt"] for _, r in read_jsonl(out / "splits" / "prompts_eval.jsonl")]
     assert held == [f"\n\nHuman: {q}\n\nAssistant:" for q in QS[-4:]] and report["n_eval_prompts"] == 4
