@@ -287,16 +287,13 @@ def win_rate(policy_rows, sft_rows):
 
 def reward_accuracy(evaluate, proxy, splits):
     """The reward model's accuracy on the held-out pairs with its 95% interval (wilson), overall and per file of
-    pairs: {"all": [accuracy, [lo, hi], n], FILE: ...}. The chosen response scoring higher counts 1, as the reward
-    stage's eval/accuracy (raw scores, the normalisation changes no order). Per file, as one reward model trained on
-    several sources may learn one and not another (HH-RLHF: on helpful-base the longer response is chosen 60% of the
-    time, on harmless-base 44%)."""
-    rows = [row for _, row in read_jsonl(splits["pairs_eval"])]
+    pairs: {"all": [accuracy, [lo, hi], n], FILE: ...}. The chosen response scoring higher counts 1, scored as the
+    reward stage's eval/accuracy (reward.pair_scores: raw scores, both responses after the same prompt). Per file,
+    as one reward model trained on several sources may learn one and not another (HH-RLHF: on helpful-base the
+    longer response is chosen in 60% of pairs, on harmless-base in 44%)."""
     model = evaluate.reward_model(proxy)
-    with evaluate.ctx:
-        scores = reward.score_texts(model, [r["prompt"] for r in rows] * 2, [r["chosen"] for r in rows] +
-                                    [r["rejected"] for r in rows], evaluate.device)
-    right = [float(c > r) for c, r in zip(scores[:len(rows)], scores[len(rows):])]
+    rows = reward.load_pairs(splits["pairs_eval"], 0, model.config.block_size)[0]
+    right = [float(c > r) for c, r in zip(*reward.pair_scores(model, rows, evaluate.device, evaluate.ctx, 64).tolist())]
     counts = read_json(splits["pairs_eval_files"])
     names = [os.path.basename(p) for p in counts]
     out, start = {"all": [*wilson(right), len(right)]}, 0

@@ -407,15 +407,22 @@ def init_model(cfg):
 
 
 @torch.no_grad()
-def evaluate(model, rows, cfg, device, ctx):
+def pair_scores(model, rows, device, ctx, batch_size, limit=0):
+    """Raw scores (2, n) of tokenized pairs (load_pairs' rows): chosen, rejected, both after the same prompt tokens
+    (tokenize_pair truncates a pair's prompt once, for its longer response). The first `limit` batches, or all."""
+    training = model.training
     model.eval()
     scores = []
-    for idx in batches_in_order(len(rows), cfg.batch_size, cfg.eval_iters):
+    for idx in batches_in_order(len(rows), batch_size, limit):
         ids, mask, _ = pair_batch(rows, idx, device)
         with ctx:
             scores.append(model(ids, mask).float().view(2, -1))  # (2, b): chosen, rejected
-    model.train()
-    r_chosen, r_rejected = torch.cat(scores, 1)
+    model.train(training)
+    return torch.cat(scores, 1)
+
+
+def evaluate(model, rows, cfg, device, ctx):
+    r_chosen, r_rejected = pair_scores(model, rows, device, ctx, cfg.batch_size, cfg.eval_iters)
     loss = bradley_terry_loss(r_chosen, r_rejected, cfg.margin, cfg.center_coef).item()
     return pair_metrics(r_chosen, r_rejected, loss)
 

@@ -104,15 +104,16 @@ def test_reward_accuracy_per_file_counts_each_files_own_pairs(tmp_path, monkeypa
     """Two files of held-out pairs, a reward that prefers the longer response: the accuracy of each file is the
     share of its own pairs whose chosen response is the longer (a tie counts as wrong), the overall one of all."""
     pa = write_pairs(tmp_path / "a.jsonl", "separate", questions(20, 1))  # chosen " yes, very good": longer
-    rows = [dict(prompt=f"q{i}", chosen="x" * (i % 3 + 1), rejected="xx") for i in range(20)]  # right at i % 3 == 2
+    rows = [dict(prompt=f"q{i}", chosen=" a" * (i % 3 + 1), rejected=" a a") for i in range(20)]  # right: i % 3 == 2
     with open(tmp_path / "b.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     cfg = {**dict.fromkeys(own_data.OWN_KEYS, ""), "preferences": f"{pa},{tmp_path / 'b.jsonl'}"}
     splits = own_data.make_splits(types.SimpleNamespace(**cfg, overwrite=False, out_dir=str(tmp_path / "run")),
                                   dict(n_eval_prompts=10))
-    monkeypatch.setattr(own_data.reward, "score_texts", lambda model, prompts, responses, device: list(map(len,
-                                                                                                          responses)))
-    evaluate = types.SimpleNamespace(reward_model=lambda path: None, ctx=contextlib.nullcontext(), device="cpu")
+    monkeypatch.setattr(own_data.reward, "pair_scores", lambda model, rows, device, ctx, batch_size: torch.tensor(
+        [[len(r[1]) for r in rows], [len(r[2]) for r in rows]]))  # tokens of chosen, rejected
+    model = types.SimpleNamespace(config=types.SimpleNamespace(block_size=64))
+    evaluate = types.SimpleNamespace(reward_model=lambda path: model, ctx=contextlib.nullcontext(), device="cpu")
     got = own_data.reward_accuracy(evaluate, "rm.pt", splits)
     assert got["a.jsonl"][0] == 1.0 and got["a.jsonl"][2] == 2  # the last 2 of 20 prompts
     assert got["b.jsonl"][0] == 0.0 and got["b.jsonl"][2] == 2  # q18 shorter, q19 a tie
