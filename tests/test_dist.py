@@ -58,9 +58,17 @@ def tiny(tmp_path_factory):
 
 
 def tiny_files(d):
-    """A 1-layer, 32-wide random policy checkpoint, preference pairs, prompt/response pairs, a reward function."""
-    torch.manual_seed(0)
-    m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32))
+    """A 1-layer, 32-wide random policy checkpoint, preference pairs, prompt/response pairs, a reward function.
+    Its weights come from a generator of its own: torchrun_story makes it in a background thread, where a draw from
+    (or a seeding of) the global generator would change the random stream of a run in the main thread."""
+    with torch.device("meta"):  # no draws at all
+        m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32))
+    m, g = m.to_empty(device="cpu"), torch.Generator().manual_seed(0)
+    m.lm_head.weight = m.transformer.wte.weight  # tied again (to_empty makes a tensor per parameter)
+    with torch.no_grad():
+        for name, p in m.named_parameters():  # GPT's own initialisation, drawn from g
+            p.copy_(torch.ones_like(p) if "ln" in name and name.endswith("weight") else torch.zeros_like(p)
+                    if name.endswith("bias") else torch.randn(p.shape, generator=g) * 0.02)
     checkpoint.save_checkpoint(str(d / "policy.pt"), dict(kind="policy", stage="sft", step=0, model=m.state_dict(),
                                                      optimizer=None, model_args=dataclasses.asdict(m.config),
                                                      config={}, rng=runtime.rng_state()))
