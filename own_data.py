@@ -409,7 +409,7 @@ def fmt(v, spec="{:.3f}"):
 def accuracy_text(by_file):
     """'0.539 [0.494, 0.584] of 466 pairs (a.jsonl 0.600 [...] of 235, ...)' from reward_accuracy()'s dict."""
     if not by_file:
-        return "-"
+        return "none (no reward model)"
     one = lambda a: f"{a[0]:.3f} [{a[1][0]:.3f}, {a[1][1]:.3f}] of {a[2]}"  # noqa: E731
     per = [f"{k} {one(a)}" for k, a in by_file.items() if k != "all"]
     return one(by_file["all"]) + " pairs" + (f" ({'; '.join(per)})" if per else "")

@@ -218,6 +218,7 @@ def test_dpo_alone_needs_no_reward_model(tmp_path, in_process):
     report = json.load(open(tmp_path / "run" / "results.json"))
     assert not (tmp_path / "run" / "reward").exists() and not (tmp_path / "run" / "sft").exists()
     assert report["reward_accuracy"] is None and report["best"] == "dpo_beta0.1_seed1"
+    assert "accuracy on held-out pairs: none (no reward model)." in (tmp_path / "run" / "results.md").read_text()
     dpo = report["policies"]["dpo_beta0.1_seed1"]
     assert dpo["proxy"] is None and "win_rate" not in dpo and 0 <= dpo["implicit_accuracy"] <= 1 and dpo["kl"] > 0
     assert (tmp_path / "run" / "best" / "model.safetensors").exists()
