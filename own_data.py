@@ -39,6 +39,7 @@ gold reward (there is none); the win rate is judged by the same reward model the
 flatters them (reward hacking shows as a high win rate with a high KL: read the two together, and the samples).
 """
 import html
+import itertools
 import math
 import os
 import shutil
@@ -159,7 +160,8 @@ def spread(items, n):
 def make_splits(cfg, preset):
     """One held-out split for every step, written to OUT_DIR/splits/ (remade only when its sources change), so that
     no held-out prompt is trained on by any step. Returns {pairs_train, pairs_eval, pairs_eval_files, prompts_train,
-    prompts_eval, sft}: file paths (pairs_eval_files: {file: its number of held-out pairs}, in pairs_eval's order;
+    prompts_eval, sft}: file paths (pairs_eval_files: [[file, n], ...], the file of each run of n held-out pairs, in
+    pairs_eval's order;
     sft: the SFT data, rewritten only if some example's prompt is held out; '' without it).
     - held-out pairs: --eval_preferences, or else the pairs of the last 10% of each --preferences file's distinct
       prompts (data.heldout_split, per file: a file of helpful and one of harmless pairs both count);
@@ -169,7 +171,7 @@ def make_splits(cfg, preset):
       whose prompt is none of the above."""
     out = os.path.join(cfg.out_dir, "splits")
     paths = {k: os.path.join(out, f"{k}.jsonl") for k in ("pairs_train", "pairs_eval", "prompts_train", "prompts_eval")}
-    paths["pairs_eval_files"] = os.path.join(out, "pairs_eval_files.json")  # file -> its held-out pairs, in order
+    paths["pairs_eval_files"] = os.path.join(out, "pairs_eval_files.json")  # each pair's file, as runs
     sources = [f for k in ("preferences", "eval_preferences", "prompts", "eval_prompts", "sft_data")
                for f in files(getattr(cfg, k))]
     made_by = {**{k: getattr(cfg, k) for k in ("preferences", "eval_preferences", "prompts", "eval_prompts",
@@ -219,7 +221,7 @@ def make_splits(cfg, preset):
     os.makedirs(out, exist_ok=True)
     for key, rows in (("pairs_train", kept), ("pairs_eval", held)):
         write_jsonl(paths[key], [dict(prompt=p.prompt, chosen=p.chosen, rejected=p.rejected) for p in rows])
-    write_json(paths["pairs_eval_files"], {f: source.count(f) for f in dict.fromkeys(source)})
+    write_json(paths["pairs_eval_files"], [[f, len(list(run))] for f, run in itertools.groupby(source)])
     for key, rows in (("prompts_train", rl), ("prompts_eval", report)):
         write_jsonl(paths[key], [dict(prompt=p) for p in rows])
     examples = load_sft(cfg.sft_data) if cfg.sft_data else []
@@ -285,7 +287,7 @@ def win_rate(policy_rows, sft_rows):
                    for p, s in zip(policy_rows, sft_rows)])
 
 
-def reward_accuracy(evaluate, proxy, splits):
+def reward_accuracy(evaluate, proxy, splits, batch_size):
     """The reward model's accuracy on the held-out pairs with its 95% interval (wilson), overall and per file of
     pairs: {"all": [accuracy, [lo, hi], n], FILE: ...}. The chosen response scoring higher counts 1, scored as the
     reward stage's eval/accuracy (reward.pair_scores: raw scores, both responses after the same prompt). Per file,
@@ -293,14 +295,18 @@ def reward_accuracy(evaluate, proxy, splits):
     longer response is chosen in 60% of pairs, on harmless-base in 44%)."""
     model = evaluate.reward_model(proxy)
     rows = reward.load_pairs(splits["pairs_eval"], 0, model.config.block_size)[0]
-    right = [float(c > r) for c, r in zip(*reward.pair_scores(model, rows, evaluate.device, evaluate.ctx, 64).tolist())]
-    counts = read_json(splits["pairs_eval_files"])
-    names = [os.path.basename(p) for p in counts]
-    out, start = {"all": [*wilson(right), len(right)]}, 0
-    for (path, n), name in zip(counts.items(), names):
-        if n and len(counts) > 1:
-            out[name if names.count(name) == 1 else path] = [*wilson(right[start:start + n]), n]
-        start += n
+    scores = reward.pair_scores(model, rows, evaluate.device, evaluate.ctx, batch_size)
+    right = [float(c > r) for c, r in zip(*scores.tolist())]
+    source = [path for path, n in read_json(splits["pairs_eval_files"]) for _ in range(n)]
+    if len(source) != len(right):
+        raise TrainingError(f"{splits['pairs_eval']}: {plural(len(right), 'pair')} read back, where "
+                            f"{os.path.basename(splits['pairs_eval_files'])} counts {len(source)}; remake the splits "
+                            f"with --overwrite")
+    out, paths = {"all": [*wilson(right), len(right)]}, list(dict.fromkeys(source))
+    names = [os.path.basename(p) for p in paths]
+    for path, name in zip(paths if len(paths) > 1 else [], names):
+        mine = [r for r, s in zip(right, source) if s == path]
+        out[name if names.count(name) == 1 and name != "all" else path] = [*wilson(mine), len(mine)]
     return out
 
 
@@ -374,11 +380,13 @@ def run_pipeline(cfg, run, queue, preset, methods):
     for n, p in policies.items():
         if proxy and n != "sft":
             p["win_rate"], p["win_interval"] = win_rate(sample_rows[n], sample_rows["sft"])
-    accuracy = reward_accuracy(evaluate, proxy, splits) if rm_dir and rm_dir not in failed else None
+    rm_batch = preset["reward"].get("batch_size", reward.RewardConfig.batch_size)  # scored as the reward stage does
+    accuracy = reward_accuracy(evaluate, proxy, splits, rm_batch) if rm_dir and rm_dir not in failed else None
     report = dict(preset=cfg.preset, methods=methods, inputs={k: v for k, v in dict(
         preferences=cfg.preferences, eval_preferences=cfg.eval_preferences, sft_data=cfg.sft_data,
         init_from=cfg.init_from, prompts=cfg.prompts, eval_prompts=cfg.eval_prompts).items() if v},
-        reward_accuracy=accuracy["all"][0] if accuracy else None, reward_accuracy_by_file=accuracy,
+        reward_accuracy=accuracy["all"][0] if accuracy else None,
+        reward_accuracy_by_file=accuracy,
         n_eval_prompts=len(eval_prompts),
         policies=dict(sorted(policies.items(), key=lambda kv: (kv[0] != "sft", kv[0]))),
         failed={os.path.relpath(d, cfg.out_dir): why for d, why in failed.items()})
@@ -406,10 +414,11 @@ def fmt(v, spec="{:.3f}"):
     return "-" if v is None else spec.format(v)
 
 
-def accuracy_text(by_file):
-    """'0.539 [0.494, 0.584] of 466 pairs (a.jsonl 0.600 [...] of 235, ...)' from reward_accuracy()'s dict."""
+def accuracy_text(by_file, failed=False):
+    """'0.539 [0.494, 0.584] of 466 pairs (a.jsonl 0.600 [...] of 235, ...)' from reward_accuracy()'s dict (None: no
+    reward model, as no method needed one, or as its run failed)."""
     if not by_file:
-        return "none (no reward model)"
+        return "none (the reward model's run failed)" if failed else "none (no reward model)"
     one = lambda a: f"{a[0]:.3f} [{a[1][0]:.3f}, {a[1][1]:.3f}] of {a[2]}"  # noqa: E731
     per = [f"{k} {one(a)}" for k, a in by_file.items() if k != "all"]
     return one(by_file["all"]) + " pairs" + (f" ({'; '.join(per)})" if per else "")
@@ -419,9 +428,9 @@ def write_report(report, sample_rows, side_prompts, out):
     """results.md (the table, the rule and the best policy, the side-by-side samples), side_by_side.html and
     frontier.png; all from results.json's content and the samples."""
     pol = report["policies"]
+    accuracy = accuracy_text(report["reward_accuracy_by_file"], "reward" in report["failed"])
     lines = [f"# Your data: {', '.join(f'{k} {v}' for k, v in report['inputs'].items())}", "",
-             f"Reward model's accuracy on held-out pairs: {accuracy_text(report['reward_accuracy_by_file'])}. "
-             f"Each policy on "
+             f"Reward model's accuracy on held-out pairs: {accuracy}. Each policy on "
              f"{report['n_eval_prompts']} held-out prompts, one sample each at temperature {TEMPERATURE:g}: reward "
              f"(the reward model's, normalised on SFT samples), KL to the SFT model (nats per response), win rate "
              f"against the SFT model's response to the same prompt by the reward model (ties half; 95% interval), "

@@ -413,11 +413,13 @@ def pair_scores(model, rows, device, ctx, batch_size, limit=0):
     training = model.training
     model.eval()
     scores = []
-    for idx in batches_in_order(len(rows), batch_size, limit):
-        ids, mask, _ = pair_batch(rows, idx, device)
-        with ctx:
-            scores.append(model(ids, mask).float().view(2, -1))  # (2, b): chosen, rejected
-    model.train(training)
+    try:
+        for idx in batches_in_order(len(rows), batch_size, limit):
+            ids, mask, _ = pair_batch(rows, idx, device)
+            with ctx:
+                scores.append(model(ids, mask).float().view(2, -1))  # (2, b): chosen, rejected
+    finally:
+        model.train(training)
     return torch.cat(scores, 1)
 
 

@@ -66,7 +66,7 @@ def tiny_files(d):
     m, g = m.to_empty(device="cpu"), torch.Generator().manual_seed(0)
     m.lm_head.weight = m.transformer.wte.weight  # tied again (to_empty makes a tensor per parameter)
     with torch.no_grad():
-        for name, p in m.named_parameters():  # GPT's own initialisation, drawn from g
+        for name, p in m.named_parameters():  # N(0, 0.02) as GPT's, drawn from g (c_proj unscaled)
             p.copy_(torch.ones_like(p) if "ln" in name and name.endswith("weight") else torch.zeros_like(p)
                     if name.endswith("bias") else torch.randn(p.shape, generator=g) * 0.02)
     checkpoint.save_checkpoint(str(d / "policy.pt"), dict(kind="policy", stage="sft", step=0, model=m.state_dict(),

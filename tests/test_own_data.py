@@ -4,6 +4,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import types
 
 import pytest
@@ -60,7 +61,7 @@ def test_every_pair_format_gives_the_same_pairs_and_the_same_splits(tmp_path):
         path = write_pairs(tmp_path / f"{fmt}.jsonl", fmt, qs)
         assert load_preferences(path) == load_preferences(str(tmp_path / "separate.jsonl")), fmt
         splits[fmt] = splits_of(tmp_path, fmt, preferences=path)[0]
-        assert splits[fmt].pop("pairs_eval_files") == {path: 3}
+        assert splits[fmt].pop("pairs_eval_files") == [[path, 3]]
     assert all(s == splits["separate"] for s in splits.values())
     rows = splits["separate"]
     held = [r["prompt"] for r in rows["prompts_eval"]]
@@ -85,7 +86,7 @@ def test_no_step_trains_on_a_held_out_prompt(tmp_path):
     held = {r["prompt"] for r in rows["prompts_eval"]}
     assert held == {late, f"\n\nHuman: {a[-1]}\n\nAssistant:", f"\n\nHuman: {b[-1]}\n\nAssistant:"}
     assert {r["prompt"] for r in rows["pairs_eval"]} == held and len(rows["pairs_eval"]) == 4  # late's two pairs
-    assert rows["pairs_eval_files"] == {pa: 3, pb: 1}  # in pairs_eval's order, for the accuracy per file
+    assert rows["pairs_eval_files"] == [[pa, 3], [pb, 1]]  # in pairs_eval's order, for the accuracy per file
     assert not held & {r["prompt"] for r in rows["pairs_train"]} and len(rows["pairs_train"]) == 27
     assert [r["prompt"] for r in rows["prompts_train"]] == ["fresh prompt"]
     assert sft.endswith("sft.jsonl") and sft != str(tmp_path / "sft.jsonl")
@@ -97,7 +98,7 @@ def test_no_step_trains_on_a_held_out_prompt(tmp_path):
                           eval_prompts=str(tmp_path / "e.txt"))
     assert [r["prompt"] for r in rows["prompts_eval"]] == [a[5]] and len(rows["pairs_eval"]) == 2
     assert len(rows["pairs_train"]) == 21 - 2 and sft == ""  # less a[0], a[1] (a[5] is no pair's prompt)
-    assert rows["pairs_eval_files"] == {held_file: 2}
+    assert rows["pairs_eval_files"] == [[held_file, 2]]
 
 
 def test_reward_accuracy_per_file_counts_each_files_own_pairs(tmp_path, monkeypatch):
@@ -114,12 +115,26 @@ def test_reward_accuracy_per_file_counts_each_files_own_pairs(tmp_path, monkeypa
         [[len(r[1]) for r in rows], [len(r[2]) for r in rows]]))  # tokens of chosen, rejected
     model = types.SimpleNamespace(config=types.SimpleNamespace(block_size=64))
     evaluate = types.SimpleNamespace(reward_model=lambda path: model, ctx=contextlib.nullcontext(), device="cpu")
-    got = own_data.reward_accuracy(evaluate, "rm.pt", splits)
+    got = own_data.reward_accuracy(evaluate, "rm.pt", splits, 8)
     assert got["a.jsonl"][0] == 1.0 and got["a.jsonl"][2] == 2  # the last 2 of 20 prompts
     assert got["b.jsonl"][0] == 0.0 and got["b.jsonl"][2] == 2  # q18 shorter, q19 a tie
     assert got["all"][:3:2] == [0.5, 4] and got["all"][1][0] < 0.5 < got["all"][1][1]
     text = own_data.accuracy_text(got)
     assert text.startswith("0.500 [") and text.endswith("of 2)") and "; b.jsonl 0.000 [0.000, " in text
+    # held-out files given as a, all, a: a's pairs from both places count as a's; a file named "all" is not the total
+    shutil.copy(tmp_path / "b.jsonl", tmp_path / "all")
+    cfg.update(preferences=write_pairs(tmp_path / "c.jsonl", "separate", questions(20, 3)),
+               eval_preferences=f"{pa},{tmp_path / 'all'},{pa}")
+    splits = own_data.make_splits(types.SimpleNamespace(**cfg, overwrite=False, out_dir=str(tmp_path / "given")),
+                                  dict(n_eval_prompts=10))
+    got = own_data.reward_accuracy(evaluate, "rm.pt", splits, 8)
+    assert got["a.jsonl"][::2] == [1.0, 40] and got[str(tmp_path / "all")][::2] == [0.3, 20]
+    assert got["all"][2] == 60 and got["all"][0] == pytest.approx(46 / 60)
+    with open(splits["pairs_eval_files"], "w") as f:  # counts that do not match the pairs: refused, not misread
+        json.dump([[pa, 59]], f)
+    with pytest.raises(own_data.TrainingError, match="60 pairs read back"):
+        own_data.reward_accuracy(evaluate, "rm.pt", splits, 8)
+    assert own_data.accuracy_text(None, failed=True) == "none (the reward model's run failed)"
 
 
 def test_win_rate_counts_ties_half_and_its_interval_holds_it():
