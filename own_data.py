@@ -50,8 +50,8 @@ import torch
 import reward
 from checkpoint import ExportConfig, export, load_checkpoint
 from config import ConfigError, TrainingError, parse_config, plural
-from data import (DataError, files, heldout_split, load_preferences, load_prompts, load_sft, read_json, read_jsonl,
-                  write_json, write_jsonl)
+from data import (PAD, DataError, encode, files, heldout_split, load_preferences, load_prompts, load_sft, read_json,
+                  read_jsonl, write_json, write_jsonl)
 from imdb import ROOT, SFT_CPU_PATH, TEMPERATURE, fingerprint
 from pipeline import METHODS, run_name, snapshots, stale, with_queue
 from report import Evaluator, color, method_of, pyplot
@@ -60,6 +60,7 @@ HH = ",".join(os.path.join(ROOT, "..", "shared", "data", "hh-rlhf", f"{s}-base-t
               for s in ("helpful", "harmless"))
 NEEDS_REWARD = ("ppo", "rloo", "grpo", "online_dpo")
 OWN_METHODS = ("ppo", "rloo", "grpo", "online_dpo", "dpo", "ipo", "unlikelihood")
+LENGTH = PAD  # the bag-of-words reference's feature after the token ids (all below PAD): the length difference
 OPTIONAL = dict(ipo=[0.1], unlikelihood=[0.5], online_dpo=[0.1])  # strengths of the methods a preset may leave out
 
 # The own-data presets: "own" for any --preferences (when --preset is left at the IMDb default), hh-cpu on the
@@ -288,15 +289,50 @@ def win_rate(policy_rows, sft_rows):
 
 
 def reward_accuracy(evaluate, proxy, splits, batch_size):
-    """The reward model's accuracy on the held-out pairs with its 95% interval (wilson), overall and per file of
-    pairs: {"all": [accuracy, [lo, hi], n], FILE: ...}. The chosen response scoring higher counts 1, scored as the
-    reward stage's eval/accuracy (reward.pair_scores: raw scores, both responses after the same prompt). Per file,
-    as one reward model trained on several sources may learn one and not another (HH-RLHF: on helpful-base the
-    longer response is chosen in 60% of pairs, on harmless-base in 44%)."""
+    """The reward model's accuracy on the held-out pairs with its 95% interval, overall and per file (by_file). The
+    chosen response scoring higher counts 1, scored as the reward stage's eval/accuracy (reward.pair_scores: raw
+    scores, both responses after the same prompt)."""
     model = evaluate.reward_model(proxy)
     rows = reward.load_pairs(splits["pairs_eval"], 0, model.config.block_size)[0]
     scores = reward.pair_scores(model, rows, evaluate.device, evaluate.ctx, batch_size)
-    right = [float(c > r) for c, r in zip(*scores.tolist())]
+    return by_file([float(c > r) for c, r in zip(*scores.tolist())], splits)
+
+
+def bag_of_words(splits, l2=0.01, steps=300):
+    """The accuracy on the held-out pairs (by_file) of a reference for the reward model: a linear Bradley-Terry model
+    of which tokens a response holds and of its length, blind to the prompt and to word order, fitted on the training
+    pairs (full-batch Adam, an L2 penalty l2 on the weights). A reward model no better than this has learnt no more
+    from the pairs than which words win."""
+    def features(path):  # a function of the weights: each pair's score, chosen's tokens' weights minus rejected's
+        pair, index, value = [], [], []  # plus the length difference's
+        for i, p in enumerate(load_preferences(path)):
+            chosen, rejected = encode(p.chosen), encode(p.rejected)
+            for tokens, sign in ((set(chosen), 1.0), (set(rejected), -1.0)):
+                index += tokens
+                value += [sign] * len(tokens)
+            index.append(LENGTH)
+            value.append((len(chosen) - len(rejected)) / 50)  # in units of 50 tokens
+            pair += [i] * (len(index) - len(pair))
+        pair, index, value = torch.tensor(pair), torch.tensor(index), torch.tensor(value)
+        return lambda w: torch.zeros(i + 1).index_add(0, pair, w[index] * value)
+
+    train, held = features(splits["pairs_train"]), features(splits["pairs_eval"])
+    w = torch.zeros(LENGTH + 1, requires_grad=True)
+    opt = torch.optim.Adam([w], lr=1e-2)
+    for _ in range(steps):
+        loss = torch.nn.functional.softplus(-train(w)).mean() + l2 * w.square().sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return by_file((held(w) > 0).float().tolist(), splits)
+
+
+def by_file(right, splits):
+    """{"all": [accuracy, [lo, hi], n], FILE: ...} of right (1 or 0 per held-out pair, in pairs_eval's order): the
+    accuracy with its 95% interval (wilson), overall and per file of pairs where there are several, as one model
+    trained on several sources may learn one and not another (HH-RLHF: on helpful-base the longer response is chosen
+    in 60% of pairs, on harmless-base in 44%). A file's key is its name, or its path where names clash."""
     source = [path for path, n in read_json(splits["pairs_eval_files"]) for _ in range(n)]
     if len(source) != len(right):
         raise TrainingError(f"{splits['pairs_eval']}: {plural(len(right), 'pair')} read back, where "
@@ -382,11 +418,12 @@ def run_pipeline(cfg, run, queue, preset, methods):
             p["win_rate"], p["win_interval"] = win_rate(sample_rows[n], sample_rows["sft"])
     rm_batch = preset["reward"].get("batch_size", reward.RewardConfig.batch_size)  # scored as the reward stage does
     accuracy = reward_accuracy(evaluate, proxy, splits, rm_batch) if rm_dir and rm_dir not in failed else None
+    reference = bag_of_words(splits)
     report = dict(preset=cfg.preset, methods=methods, inputs={k: v for k, v in dict(
         preferences=cfg.preferences, eval_preferences=cfg.eval_preferences, sft_data=cfg.sft_data,
         init_from=cfg.init_from, prompts=cfg.prompts, eval_prompts=cfg.eval_prompts).items() if v},
         reward_accuracy=accuracy["all"][0] if accuracy else None,
-        reward_accuracy_by_file=accuracy,
+        reward_accuracy_by_file=accuracy, bag_of_words_accuracy_by_file=reference,
         n_eval_prompts=len(eval_prompts),
         policies=dict(sorted(policies.items(), key=lambda kv: (kv[0] != "sft", kv[0]))),
         failed={os.path.relpath(d, cfg.out_dir): why for d, why in failed.items()})
@@ -430,7 +467,9 @@ def write_report(report, sample_rows, side_prompts, out):
     pol = report["policies"]
     accuracy = accuracy_text(report["reward_accuracy_by_file"], "reward" in report["failed"])
     lines = [f"# Your data: {', '.join(f'{k} {v}' for k, v in report['inputs'].items())}", "",
-             f"Reward model's accuracy on held-out pairs: {accuracy}. Each policy on "
+             f"Reward model's accuracy on held-out pairs: {accuracy}; a bag-of-words reference's (a linear model of "
+             f"which tokens a response holds and its length, fitted on the same training pairs): "
+             f"{accuracy_text(report['bag_of_words_accuracy_by_file'])}. Each policy on "
              f"{report['n_eval_prompts']} held-out prompts, one sample each at temperature {TEMPERATURE:g}: reward "
              f"(the reward model's, normalised on SFT samples), KL to the SFT model (nats per response), win rate "
              f"against the SFT model's response to the same prompt by the reward model (ties half; 95% interval), "

@@ -137,6 +137,24 @@ def test_reward_accuracy_per_file_counts_each_files_own_pairs(tmp_path, monkeypa
     assert own_data.accuracy_text(None, failed=True) == "none (the reward model's run failed)"
 
 
+def test_bag_of_words_reference_learns_which_words_win_and_nothing_of_the_prompt(tmp_path):
+    """words.jsonl: the chosen response always holds ' yes' (the reference gets every held-out pair right); asked.jsonl:
+    the prompt says which of ' yes' and ' no' wins, alternately, which no weighting of words can follow: whatever it
+    learns, one kind of pair is right and the other wrong, so at most half of the balanced held-out pairs."""
+    words = write_pairs(tmp_path / "words.jsonl", "separate", questions(40, 6))
+    with open(tmp_path / "asked.jsonl", "w") as f:
+        for i in range(40):
+            yes = i % 2 == 0
+            f.write(json.dumps(dict(prompt=f"Say {'yes' if yes else 'no'}, {i}:", chosen=" yes" if yes else " no",
+                                    rejected=" no" if yes else " yes")) + "\n")
+    cfg = {**dict.fromkeys(own_data.OWN_KEYS, ""), "preferences": f"{words},{tmp_path / 'asked.jsonl'}"}
+    splits = own_data.make_splits(types.SimpleNamespace(**cfg, overwrite=False, out_dir=str(tmp_path / "run")),
+                                  dict(n_eval_prompts=10))
+    got = own_data.bag_of_words(splits)
+    assert got["words.jsonl"][::2] == [1.0, 4] and got["asked.jsonl"][2] == 4 and got["asked.jsonl"][0] <= 0.5
+    assert got["all"][2] == 8
+
+
 def test_win_rate_counts_ties_half_and_its_interval_holds_it():
     rows = lambda xs: [dict(proxy=x) for x in xs]  # noqa: E731
     rate, (lo, hi) = own_data.win_rate(rows([1, 2, 3, 0]), rows([0, 2, 4, -1]))
@@ -233,7 +251,9 @@ def test_dpo_alone_needs_no_reward_model(tmp_path, in_process):
     report = json.load(open(tmp_path / "run" / "results.json"))
     assert not (tmp_path / "run" / "reward").exists() and not (tmp_path / "run" / "sft").exists()
     assert report["reward_accuracy"] is None and report["best"] == "dpo_beta0.1_seed1"
-    assert "accuracy on held-out pairs: none (no reward model)." in (tmp_path / "run" / "results.md").read_text()
+    text = (tmp_path / "run" / "results.md").read_text()
+    assert "accuracy on held-out pairs: none (no reward model); a bag-of-words reference's" in text
+    assert report["bag_of_words_accuracy_by_file"]["all"][2] == len(load_preferences(held))
     dpo = report["policies"]["dpo_beta0.1_seed1"]
     assert dpo["proxy"] is None and "win_rate" not in dpo and 0 <= dpo["implicit_accuracy"] <= 1 and dpo["kl"] > 0
     assert (tmp_path / "run" / "best" / "model.safetensors").exists()
