@@ -25,18 +25,20 @@ rejected}; prompts also as .txt, one per line), several comma-separated. The ste
    policy's mean reward (normalised as in training: 0 mean, unit sd on SFT samples) and KL to the SFT model; its
    win rate against the SFT model's response to the same prompt, judged by the reward model (a tie counts half),
    with a 95% interval (over prompts); DPO's implicit-reward accuracy on the held-out pairs (from its run's final
-   evaluation).
+   evaluation). Beside the reward model's accuracy, a bag-of-words reference's (bag_of_words). With --gold (a judge
+   of your own, FILE.py:FUNCTION or a reward checkpoint, that no method trains on) each policy's mean gold score and
+   win rate by it too: the IMDb benchmark's gold reward is such a judge (--gold=imdb.py:gold_reward).
 5. The report: results.json, results.md, side_by_side.html (the first prompts with every policy's response; a
    browser opens it), frontier.png (reward against KL), and the best policy as a Hugging Face GPT-2 folder, best/.
-   The rule: the highest win rate against SFT (ties: the lower KL); without a reward model, the highest implicit-
-   reward accuracy.
+   The rule: the highest win rate against SFT by --gold's judge where there is one, else by the reward model (ties:
+   the lower KL); with neither, the highest implicit-reward accuracy.
 
 Re-running the same command reuses what the same inputs made (sub-runs, splits, evaluations), as pipeline.py's.
 A method that fails leaves the others: the report names it and why, and the pipeline exits with status 1.
 
-Simplifications, on purpose: one replicate (the IMDb benchmark measures the spread); no Preferred-FT or PPO on a
-gold reward (there is none); the win rate is judged by the same reward model the RL methods optimise, so it
-flatters them (reward hacking shows as a high win rate with a high KL: read the two together, and the samples).
+Simplifications, on purpose: one replicate (the IMDb benchmark measures the spread); no Preferred-FT or PPO on
+--gold; without --gold the win rate is judged by the same reward model the RL methods optimise, so it flatters them
+(reward hacking shows as a high win rate with a high KL: read the two together, and the samples).
 """
 import html
 import itertools
@@ -110,7 +112,7 @@ PRESETS = {
 }
 
 
-OWN_KEYS = ("preferences", "eval_preferences", "sft_data", "init_from", "prompts", "eval_prompts")
+OWN_KEYS = ("preferences", "eval_preferences", "sft_data", "init_from", "prompts", "eval_prompts", "gold")
 IMDB_KEYS = ("sft", "replicates", "imdb_dir", "rl_batch_size")  # options of the IMDb benchmark alone
 
 
@@ -143,6 +145,10 @@ def resolve(cfg):
                 raise DataError(f"--{key}: {path}: no such file")
     if inputs["init_from"] and not os.path.exists(inputs["init_from"]):
         raise DataError(f"--init_from: {inputs['init_from']}: no such file or folder")
+    if ".py:" in cfg.gold:
+        reward.load_function(cfg.gold, "gold")  # a bad file or function fails here, in one line, before any training
+    elif cfg.gold and not os.path.isfile(cfg.gold):
+        raise DataError(f"--gold: {cfg.gold}: no such file (a reward checkpoint, or FILE.py:FUNCTION)")
     methods = list(dict.fromkeys(files(cfg.methods))) if cfg.methods else list(preset["methods"])
     for m in methods:
         if m not in OWN_METHODS:
@@ -281,10 +287,10 @@ def wilson(wins, z=1.96):
     return mean, [max(0.0, (mid - half) / (1 + z * z / n)), min(1.0, (mid + half) / (1 + z * z / n))]
 
 
-def win_rate(policy_rows, sft_rows):
-    """(win rate, 95% interval) of the policy's responses against SFT's to the same prompts, by the reward model's
-    scores: 1 for a higher score, 1/2 for a tie; the interval over prompts (wilson)."""
-    return wilson([1.0 if p["proxy"] > s["proxy"] else 0.5 if p["proxy"] == s["proxy"] else 0.0
+def win_rate(policy_rows, sft_rows, judge="proxy"):
+    """(win rate, 95% interval) of the policy's responses against SFT's to the same prompts, by the judge's scores
+    (proxy: the reward model's; gold: --gold's): 1 for a higher score, 1/2 for a tie; the interval over prompts."""
+    return wilson([1.0 if p[judge] > s[judge] else 0.5 if p[judge] == s[judge] else 0.0
                    for p, s in zip(policy_rows, sft_rows)])
 
 
@@ -347,12 +353,14 @@ def by_file(right, splits):
 
 
 def best_policy(policies):
-    """The report's rule: the final policy (not a kept snapshot) with the highest win rate against SFT, ties broken
-    by the lower KL; without a reward model, the highest implicit-reward accuracy. None if no policy qualifies."""
+    """The report's rule: the final policy (not a kept snapshot) with the highest win rate against SFT by --gold's
+    judge where there is one, else by the reward model, ties broken by the lower KL; with neither, the highest
+    implicit-reward accuracy. None if no policy qualifies."""
     finals = {n: p for n, p in policies.items() if n != "sft" and "@" not in n}
-    if any(p.get("win_rate") is not None for p in finals.values()):
-        return max((n for n in finals if finals[n].get("win_rate") is not None),
-                   key=lambda n: (finals[n]["win_rate"], -abs(finals[n]["kl"])))  # an estimate can be < 0
+    for key in ("gold_win_rate", "win_rate"):
+        if any(p.get(key) is not None for p in finals.values()):
+            return max((n for n in finals if finals[n].get(key) is not None),
+                       key=lambda n: (finals[n][key], -abs(finals[n]["kl"])))  # an estimate can be < 0
     scored = [n for n in finals if finals[n].get("implicit_accuracy") is not None]
     return max(scored, key=lambda n: finals[n]["implicit_accuracy"]) if scored else None
 
@@ -361,7 +369,8 @@ def pipeline(cfg):
     preset, methods, inputs = resolve(cfg)
     cfg.preset = "own" if cfg.preset == "cpu" else cfg.preset
     cfg.preferences, cfg.sft_data, cfg.init_from = inputs["preferences"], inputs["sft_data"], inputs["init_from"]
-    for key in ("preferences", "eval_preferences", "sft_data", "prompts", "eval_prompts", "init_from", "out_dir"):
+    for key in ("preferences", "eval_preferences", "sft_data", "prompts", "eval_prompts", "init_from", "gold",
+                "out_dir"):
         # absolute, as the sub-runs start in the repository's folder, not the caller's
         setattr(cfg, key, ",".join(os.path.abspath(f) for f in files(getattr(cfg, key))))
     return with_queue(cfg, lambda run, queue: run_pipeline(cfg, run, queue, preset, methods))
@@ -388,7 +397,7 @@ def run_pipeline(cfg, run, queue, preset, methods):
     # 3. the queue, 4. the evaluation of each policy as its run finishes (on the CPU after them all)
     jobs, after, names, rm_dir = jobs_of(cfg, preset, methods, sft_ckpt, splits, block_size, dev)
     proxy = rm_dir and os.path.join(rm_dir, "ckpt.pt")
-    evaluate = Evaluator(sft_ckpt, eval_prompts, cfg, preset["max_new_tokens"], gold=False)
+    evaluate = Evaluator(sft_ckpt, eval_prompts, cfg, preset["max_new_tokens"], gold=cfg.gold or False)
     policies = {}
 
     def on_done(out_dir):
@@ -416,12 +425,14 @@ def run_pipeline(cfg, run, queue, preset, methods):
     for n, p in policies.items():
         if proxy and n != "sft":
             p["win_rate"], p["win_interval"] = win_rate(sample_rows[n], sample_rows["sft"])
+        if cfg.gold and n != "sft":
+            p["gold_win_rate"], p["gold_win_interval"] = win_rate(sample_rows[n], sample_rows["sft"], "gold")
     rm_batch = preset["reward"].get("batch_size", reward.RewardConfig.batch_size)  # scored as the reward stage does
     accuracy = reward_accuracy(evaluate, proxy, splits, rm_batch) if rm_dir and rm_dir not in failed else None
     reference = bag_of_words(splits)
     report = dict(preset=cfg.preset, methods=methods, inputs={k: v for k, v in dict(
         preferences=cfg.preferences, eval_preferences=cfg.eval_preferences, sft_data=cfg.sft_data,
-        init_from=cfg.init_from, prompts=cfg.prompts, eval_prompts=cfg.eval_prompts).items() if v},
+        init_from=cfg.init_from, prompts=cfg.prompts, eval_prompts=cfg.eval_prompts, gold=cfg.gold).items() if v},
         reward_accuracy=accuracy["all"][0] if accuracy else None,
         reward_accuracy_by_file=accuracy, bag_of_words_accuracy_by_file=reference,
         n_eval_prompts=len(eval_prompts),
@@ -464,7 +475,7 @@ def accuracy_text(by_file, failed=False):
 def write_report(report, sample_rows, side_prompts, out):
     """results.md (the table, the rule and the best policy, the side-by-side samples), side_by_side.html and
     frontier.png; all from results.json's content and the samples."""
-    pol = report["policies"]
+    pol, gold = report["policies"], report["inputs"].get("gold")
     accuracy = accuracy_text(report["reward_accuracy_by_file"], "reward" in report["failed"])
     lines = [f"# Your data: {', '.join(f'{k} {v}' for k, v in report['inputs'].items())}", "",
              f"Reward model's accuracy on held-out pairs: {accuracy}; a bag-of-words reference's (a linear model of "
@@ -473,16 +484,21 @@ def write_report(report, sample_rows, side_prompts, out):
              f"{report['n_eval_prompts']} held-out prompts, one sample each at temperature {TEMPERATURE:g}: reward "
              f"(the reward model's, normalised on SFT samples), KL to the SFT model (nats per response), win rate "
              f"against the SFT model's response to the same prompt by the reward model (ties half; 95% interval), "
-             f"DPO's implicit-reward accuracy on held-out pairs (Unlikelihood: the chosen response more likely).", "",
-             "| policy | reward | KL | win rate vs SFT | 95% interval | implicit accuracy | length |",
-             "|---|---|---|---|---|---|---|"]
+             f"DPO's implicit-reward accuracy on held-out pairs (Unlikelihood: the chosen response more likely)" +
+             (f"; gold: the mean score of --gold's judge, {report['inputs']['gold']}, and its win rate against SFT."
+              if gold else "."), "",
+             "| policy | reward | KL | win rate vs SFT | 95% interval | implicit accuracy | length |" +
+             (" gold | gold win rate | 95% interval |" if gold else ""), "|---|---|---|---|---|---|---|" +
+             ("---|---|---|" if gold else "")]
+    interval = lambda i: "-" if i is None else f"{i[0]:.3f}-{i[1]:.3f}"  # noqa: E731
     for n, p in pol.items():
-        interval = "-" if p.get("win_interval") is None else f"{p['win_interval'][0]:.3f}-{p['win_interval'][1]:.3f}"
         lines.append(f"| {n} | {fmt(p['proxy'], '{:+.3f}')} | {p['kl']:.2f} | {fmt(p.get('win_rate'))} | "
-                     f"{interval} | {fmt(p.get('implicit_accuracy'))} | {p['length']:.1f} |")
-    lines += ["", "Best policy (the highest win rate against SFT, ties to the lower KL; without a reward model the "
-              "highest implicit accuracy): " + (f"**{report['best']}**, exported as a Hugging Face GPT-2 folder to "
-                                                 f"best/" if report["best"] else "none")]
+                     f"{interval(p.get('win_interval'))} | {fmt(p.get('implicit_accuracy'))} | {p['length']:.1f} |" +
+                     (f" {p['gold']:.3f} | {fmt(p.get('gold_win_rate'))} | {interval(p.get('gold_win_interval'))} |"
+                      if gold else ""))
+    lines += ["", "Best policy (the highest win rate against SFT by --gold's judge where there is one, else by the "
+              "reward model, ties to the lower KL; with neither, the highest implicit accuracy): " +
+              (f"**{report['best']}**, exported as a Hugging Face GPT-2 folder to best/" if report["best"] else "none")]
     if report["failed"]:
         lines += ["", "| failed sub-run | why |", "|---|---|", *(f"| {d} | {w} |" for d, w in report["failed"].items())]
     finals = [n for n in pol if "@" not in n]
@@ -503,18 +519,21 @@ def write_report(report, sample_rows, side_prompts, out):
                 f"collapse;font:14px sans-serif}}</style><table><tr><th>prompt</th>{head}</tr>{body}</table>\n")
     if os.path.exists(os.path.join(out, "frontier.png")):
         os.remove(os.path.join(out, "frontier.png"))  # not a previous run's
-    if pol["sft"]["proxy"] is None:
+    judges = [(k, label) for k, label in (("proxy", "reward (reward model, normalised)"), ("gold", "gold (--gold)"))
+              if pol["sft"][k] is not None]
+    if not judges:
         return
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for m in sorted({method_of(n) for n in pol if n != "sft"}):
-        pts = sorted((p["kl"], p["proxy"]) for n, p in pol.items() if method_of(n) == m)
-        ax.plot(*zip(*pts), "o-", color=color(m), label=m)
-    ax.plot([0], [pol["sft"]["proxy"]], "ks", label="sft")
-    ax.set_xlabel("KL to the SFT model (nats)")
-    ax.set_ylabel("reward (reward model, normalised)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(judges), figsize=(6 * len(judges), 4), squeeze=False)
+    for ax, (key, label) in zip(axes[0], judges):
+        for m in sorted({method_of(n) for n in pol if n != "sft"}):
+            pts = sorted((p["kl"], p[key]) for n, p in pol.items() if method_of(n) == m)
+            ax.plot(*zip(*pts), "o-", color=color(m), label=m)
+        ax.plot([0], [pol["sft"][key]], "ks", label="sft")
+        ax.set_xlabel("KL to the SFT model (nats)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "frontier.png"), dpi=120)
     plt.close(fig)

@@ -100,6 +100,8 @@ class PipelineConfig(RunConfig):
                              "without it and with --sft_data, from scratch)")
     prompts: str = opt("", "prompts of the RL methods (default: those of --preferences)")
     eval_prompts: str = opt("", "held-out prompts of the report (default: the last 10% of the prompts)")
+    gold: str = opt("", "a judge of your own, independent of the reward model: FILE.py:FUNCTION (prompts, responses "
+                        "-> one float each) or a reward checkpoint; the report adds its score and win rate")
 
 
 # -----------------------------------------------------------------------------

@@ -244,7 +244,8 @@ class Evaluator:
     NAME.json (stored_result). The result holds the means, n and the samples' variances and covariances with the KL
     (var), from which objective_gaps() takes the standard error of E[r] - beta KL.
 
-    Your own data (own_data.py) has no gold judge (gold=False: its gold is None) and, for DPO alone, no proxy
+    gold: True, IMDb's gold reward; your own data's (own_data.py) --gold, a judge's spec (FILE.py:FUNCTION or a
+    reward checkpoint, as --reward); or False, none (its gold is None). For DPO alone there is no proxy either
     (proxy_path None: its proxy is None); what is left is always measured: the KL and the samples."""
 
     def __init__(self, ref_path, eval_prompts, cfg, max_new_tokens, gold=True):
@@ -253,6 +254,13 @@ class Evaluator:
         self.ref_path, self.prompts, self.max_new_tokens = ref_path, eval_prompts, max_new_tokens
         self.prompts_sha = hashlib.sha256(json.dumps(eval_prompts).encode()).hexdigest()
         self.ref, self.policy, self.proxies, self.gold = None, None, {}, gold
+        if gold is True:  # IMDb's, what made its scores recorded as before
+            self.judge, self.gold_by = (lambda p, r: torch.tensor(gold_reward(p, r))), {}
+        elif gold:  # a judge's spec and its file's bytes, for the reuse check
+            self.judge = reward.reward_component(gold, self.device, 64, option="gold")
+            self.gold_by = dict(gold=[gold, fingerprint(gold.partition(".py:")[0] + ".py" if ".py:" in gold else gold)])
+        else:
+            self.judge, self.gold_by = (lambda p, r: torch.zeros(len(p))), dict(gold=None)
 
     def load(self, path):
         if path == self.ref_path:
@@ -275,16 +283,15 @@ class Evaluator:
         made_by = dict(policy=fingerprint(path), proxy=proxy_path and fingerprint(proxy_path),
                        ref=fingerprint(self.ref_path), prompts=self.prompts_sha, seed=seed,
                        max_new_tokens=self.max_new_tokens, temperature=TEMPERATURE, device=str(self.device),
-                       dtype=self.dtype, batch_size=self.batch_size, **({} if self.gold else dict(gold=None)))
+                       dtype=self.dtype, batch_size=self.batch_size, **self.gold_by)
         stored = stored_result(record, samples, made_by)
         if stored is not None:
             return stored
         if self.ref is None:
             self.ref = load_policy(self.ref_path, self.device)[0]
         policy = self.load(path)
-        judge = (lambda p, r: torch.tensor(gold_reward(p, r))) if self.gold else (lambda p, r: torch.zeros(len(p)))
         with self.ctx:
-            ev = ppo.evaluate_policy(policy, self.ref, self.prompts, judge, self.device, self.ctx,
+            ev = ppo.evaluate_policy(policy, self.ref, self.prompts, self.judge, self.device, self.ctx,
                                      self.max_new_tokens, self.batch_size, TEMPERATURE, seed=seed)
             prox = reward.score_texts(self.reward_model(proxy_path), [s["prompt"] for s in ev["samples"]],
                                       [s["response"] for s in ev["samples"]], self.device) if proxy_path else None

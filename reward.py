@@ -220,59 +220,59 @@ def user_frame(exc, path):
     return f"{mine[-1].filename}:{mine[-1].lineno}" if mine else path
 
 
-def load_function(spec):
+def load_function(spec, option="reward"):
     """FILE.py:FUNCTION -> the function, its file run as a fresh module. Every failure is one ConfigError."""
     path, _, name = spec.rpartition(":")
     if not os.path.isfile(path):
-        raise ConfigError(f"--reward={spec}: {path} is not a file")
+        raise ConfigError(f"--{option}={spec}: {path} is not a file")
     module_spec = importlib.util.spec_from_file_location("reward_fn_" + os.path.splitext(os.path.basename(path))[0],
                                                          path)
     module = importlib.util.module_from_spec(module_spec)
     try:
         module_spec.loader.exec_module(module)
     except Exception as e:  # the user's file failed to import: its own error, at its own line
-        raise ConfigError(f"--reward={spec}: importing {path} failed at {user_frame(e, path)}: "
+        raise ConfigError(f"--{option}={spec}: importing {path} failed at {user_frame(e, path)}: "
                           f"{type(e).__name__}: {str(e)[:200]}") from None
     fn = getattr(module, name, None)
     if not callable(fn):
-        raise ConfigError(f"--reward={spec}: {path} has no function {name!r}")
+        raise ConfigError(f"--{option}={spec}: {path} has no function {name!r}")
     try:
         inspect.signature(fn).bind([], [])
     except TypeError:
-        raise ConfigError(f"--reward={spec}: {name}{inspect.signature(fn)} must take two arguments, "
+        raise ConfigError(f"--{option}={spec}: {name}{inspect.signature(fn)} must take two arguments, "
                           f"(prompts, responses)") from None
     except ValueError:  # a builtin without a signature: let the call decide
         pass
     return fn
 
 
-def call_user_reward(fn, spec, prompts, responses):
+def call_user_reward(fn, spec, prompts, responses, option="reward"):
     """A user's reward function, called and checked: one float per response, finite. Its failures are one line
     naming the user's file and line, never a traceback of ours."""
     path = spec.rpartition(":")[0]
     try:
         out = fn(prompts, responses)
     except Exception as e:
-        raise ConfigError(f"--reward={spec}: raised {type(e).__name__} at {user_frame(e, path)}: "
+        raise ConfigError(f"--{option}={spec}: raised {type(e).__name__} at {user_frame(e, path)}: "
                           f"{str(e)[:200]}") from None
     try:
         values = torch.as_tensor(out, dtype=torch.float32).flatten() if out is not None else None
     except (TypeError, ValueError, RuntimeError):
         values = None
     if values is None:
-        raise ConfigError(f"--reward={spec}: returned {type(out).__name__} {str(out)[:60]!r}; expected one float per "
+        raise ConfigError(f"--{option}={spec}: returned {type(out).__name__} {str(out)[:60]!r}; expected one float per "
                           f"response (a list or a tensor)")
     return values
 
 
-def reward_component(spec, device, batch_size, dtype=None):
+def reward_component(spec, device, batch_size, dtype=None, option="reward"):
     """One reward, checked: its scores as a float32 tensor (B,) on device. dtype: a reward model's weights'
-    (load_reward_model)."""
+    (load_reward_model); option: the command-line option named in errors."""
     if spec.endswith(".py"):
-        raise ConfigError(f"--reward={spec}: name the function too, as FILE.py:FUNCTION")
+        raise ConfigError(f"--{option}={spec}: name the function too, as FILE.py:FUNCTION")
     if ".py:" in spec:
-        fn = load_function(spec)
-        get = lambda prompts, responses: call_user_reward(fn, spec, prompts, responses)
+        fn = load_function(spec, option)
+        get = lambda prompts, responses: call_user_reward(fn, spec, prompts, responses, option)
     else:
         model = load_reward_model(spec, device, dtype)
         get = lambda prompts, responses: torch.tensor(score_texts(model, prompts, responses, device, batch_size))
@@ -280,9 +280,9 @@ def reward_component(spec, device, batch_size, dtype=None):
     def scores(prompts, responses):
         out = get(prompts, responses).to(device)
         if out.numel() != len(responses):
-            raise ConfigError(f"--reward={spec}: returned {out.numel()} scores for {len(responses)} responses")
+            raise ConfigError(f"--{option}={spec}: returned {out.numel()} scores for {len(responses)} responses")
         if not torch.isfinite(out).all():
-            raise ConfigError(f"--reward={spec}: returned a non-finite score")
+            raise ConfigError(f"--{option}={spec}: returned a non-finite score")
         return out
     return scores
 

@@ -166,6 +166,7 @@ def test_win_rate_counts_ties_half_and_its_interval_holds_it():
 
 
 PROMPTS = questions(20, 2)  # the RL prompts
+JUDGE = "def letters(prompts, responses):\n    return [float(sum(c.isalpha() for c in r)) for r in responses]\n"
 QS = questions(36) + ["Is <b>this</b> & that good?"] + questions(3, 6)  # the first held out shows the escaping
 
 
@@ -181,6 +182,7 @@ def tiny_pipeline(tmp_path_factory):
                                               dict(role="assistant", content="yes, very good")])) + "\n")
     (d / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     (d / "bad.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n\n{"prompt": \n')
+    (d / "judge.py").write_text(JUDGE)
     real = own_data.jobs_of
 
     def with_a_bad_ipo_run(*args):
@@ -192,7 +194,7 @@ def tiny_pipeline(tmp_path_factory):
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = train.main(["pipeline", "--preset=own-tiny", f"--preferences={prefs}", f"--sft_data={d}/sft.jsonl",
                                f"--init_from={SFT_CPU_PATH}", f"--prompts={d}/prompts.txt", "--methods=ppo,dpo,ipo",
-                               f"--out_dir={d}/run"])
+                               f"--gold={d}/judge.py:letters", f"--out_dir={d}/run"])
     finally:
         own_data.jobs_of = real
     return code, err.getvalue(), d / "run"
@@ -220,7 +222,16 @@ def test_a_failing_method_leaves_the_others_reported_and_the_best_exported(tiny_
         assert pol[name]["win_rate"] == pytest.approx(want)
         assert pol[name]["win_interval"][0] <= want <= pol[name]["win_interval"][1]
     assert pol["dpo_beta0.1_seed1"]["implicit_accuracy"] is not None and "implicit_accuracy" not in pol["sft"]
-    best = max(("ppo_beta0.05_seed1", "dpo_beta0.1_seed1"), key=lambda n: (pol[n]["win_rate"], -pol[n]["kl"]))
+    # --gold's judge: each policy's mean score and its win rate against SFT, recounted from the stored samples
+    letters = lambda name: [sum(c.isalpha() for c in r["response"])  # noqa: E731
+                            for _, r in read_jsonl(out / "samples" / f"{name}.jsonl")]
+    for name in ("sft", "ppo_beta0.05_seed1", "dpo_beta0.1_seed1"):
+        assert pol[name]["gold"] == pytest.approx(sum(letters(name)) / len(letters(name)))
+    for name in ("ppo_beta0.05_seed1", "dpo_beta0.1_seed1"):
+        want = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(letters(name), letters("sft"))) / 4
+        assert pol[name]["gold_win_rate"] == pytest.approx(want)
+    # the best: by the gold judge's win rate where there is one
+    best = max(("ppo_beta0.05_seed1", "dpo_beta0.1_seed1"), key=lambda n: (pol[n]["gold_win_rate"], -pol[n]["kl"]))
     assert report["best"] == best and sorted(os.listdir(out / "best")) == ["config.json", "model.safetensors"]
     md, page = (out / "results.md").read_text(), (out / "side_by_side.html").read_text()
     assert "| runs/ipo_beta0.1_seed1 |" in md and f"**{best}**" in md and (out / "frontier.png").exists()
@@ -260,7 +271,7 @@ def test_dpo_alone_needs_no_reward_model(tmp_path, in_process):
 
 
 @pytest.mark.parametrize("case", ["missing", "one_pair", "bad_line", "imdb_preset", "no_policy", "empty_prompts",
-                                  "imdb_option", "no_pairs"])
+                                  "imdb_option", "no_pairs", "bad_gold"])
 def test_bad_input_is_one_line_naming_the_file(tmp_path, in_process, case):
     prefs = write_pairs(tmp_path / "p.jsonl", "separate", questions(10))
     args = [f"--preferences={prefs}", f"--init_from={SFT_CPU_PATH}", f"--out_dir={tmp_path}/run",
@@ -270,7 +281,8 @@ def test_bad_input_is_one_line_naming_the_file(tmp_path, in_process, case):
             "bad_line": f"{tmp_path}/b.jsonl:2:",
             "imdb_preset": "--preset=gpu is an IMDb preset", "no_policy": "give --init_from",
             "empty_prompts": f"{tmp_path}/e.txt: empty file", "imdb_option": "--replicates is an option of the IMDb",
-            "no_pairs": "--preferences: no preference pairs given"}[case]
+            "no_pairs": "--preferences: no preference pairs given",
+            "bad_gold": f"--gold={tmp_path}/judge.py:nope: {tmp_path}/judge.py has no function 'nope'"}[case]
     if case == "missing":
         args.append(f"--sft_data={tmp_path}/nope.jsonl")
     elif case == "one_pair":
@@ -287,6 +299,9 @@ def test_bad_input_is_one_line_naming_the_file(tmp_path, in_process, case):
         args.append(f"--eval_prompts={tmp_path}/e.txt")
     elif case == "imdb_option":
         args.append("--replicates=2")
+    elif case == "bad_gold":
+        (tmp_path / "judge.py").write_text("def yes(prompts, responses):\n    return [0.0] * len(responses)\n")
+        args.append(f"--gold={tmp_path}/judge.py:nope")
     else:  # SFT data alone is your data too, but not enough of it
         args[0] = f"--sft_data={prefs}"
     code, out, err = in_process("pipeline", *args)
