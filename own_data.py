@@ -186,8 +186,8 @@ def make_splits(cfg, preset):
                "files": {f: fingerprint(f) for f in sources}}
     meta, sft = os.path.join(out, "made_by.json"), os.path.join(out, "sft.jsonl")
     if not stale(meta, read_json(meta) if os.path.exists(meta) else None, made_by, cfg.overwrite) and \
-            all(map(os.path.exists, paths.values())):
-        return {**paths, "sft": sft if os.path.exists(sft) else cfg.sft_data}
+            all(map(os.path.exists, paths.values())) and isinstance(read_json(paths["pairs_eval_files"]), list):
+        return {**paths, "sft": sft if os.path.exists(sft) else cfg.sft_data}  # (a dict there: an older folder's)
     train, held, source = [], [], []  # source: the file of each held-out pair, for the accuracy per file
     if cfg.eval_preferences:
         train = load_preferences(cfg.preferences)

@@ -87,6 +87,10 @@ def test_no_step_trains_on_a_held_out_prompt(tmp_path):
     assert held == {late, f"\n\nHuman: {a[-1]}\n\nAssistant:", f"\n\nHuman: {b[-1]}\n\nAssistant:"}
     assert {r["prompt"] for r in rows["pairs_eval"]} == held and len(rows["pairs_eval"]) == 4  # late's two pairs
     assert rows["pairs_eval_files"] == [[pa, 3], [pb, 1]]  # in pairs_eval's order, for the accuracy per file
+    with open(tmp_path / "two" / "splits" / "pairs_eval_files.json", "w") as f:  # an older folder's form: remade
+        json.dump({pa: 3, pb: 1}, f)
+    assert splits_of(tmp_path, "two", preferences=f"{pa},{pb}", prompts=str(tmp_path / "p.jsonl"),
+                     sft_data=str(tmp_path / "sft.jsonl"))[0]["pairs_eval_files"] == [[pa, 3], [pb, 1]]
     assert not held & {r["prompt"] for r in rows["pairs_train"]} and len(rows["pairs_train"]) == 27
     assert [r["prompt"] for r in rows["prompts_train"]] == ["fresh prompt"]
     assert sft.endswith("sft.jsonl") and sft != str(tmp_path / "sft.jsonl")
