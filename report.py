@@ -258,7 +258,7 @@ class Evaluator:
             self.judge, self.gold_by = (lambda p, r: torch.tensor(gold_reward(p, r))), {}
         elif gold:  # a judge's spec and its file's bytes, for the reuse check
             self.judge = reward.reward_component(gold, self.device, 64, option="gold")
-            self.gold_by = dict(gold=[gold, fingerprint(gold.partition(".py:")[0] + ".py" if ".py:" in gold else gold)])
+            self.gold_by = dict(gold=[gold, fingerprint(gold.rpartition(":")[0] if ".py:" in gold else gold)])
         else:
             self.judge, self.gold_by = (lambda p, r: torch.zeros(len(p))), dict(gold=None)
 
