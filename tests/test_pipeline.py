@@ -342,10 +342,13 @@ def test_each_gpu_preset_job_parses_and_waits_for_the_reward_model_it_reads(tmp_
     lr = pipeline.PRESETS["gpu-lr"]
     jobs, _, owner = pipeline.queue_jobs(lr, list(lr["methods"]), [rep], "sft.pt", "prompts.jsonl", 128, [])
     runs = {owner[job[1]][1]: job for job in jobs if owner[job[1]][1]}
-    assert sorted(runs) == sorted(f"{m}_beta0.1_lr{r:g}_seed1" for m in ("ppo", "dpo") for r in lr["learning_rates"][m])
+    assert sorted(runs) == sorted(f"{m}_beta{b}_lr{r:g}_seed1" for m, bs in lr["methods"].items() for b in bs
+                                  for r in lr["learning_rates"][m])
     for name, (stage, out_dir, args) in runs.items():
         cfg = parse_config(pipeline.SUB_RUN_CONFIGS[stage], [*args, f"--out_dir={out_dir}"])
-        assert f"{report.method_of(name)}_seed1" == name.replace("_beta0.1", "") and report.strength_of(name) == 0.1
+        beta = lr["methods"][report.method_of(name).split("_lr")[0]][0]
+        assert f"{report.method_of(name)}_seed1" == name.replace(f"_beta{beta}", "")
+        assert report.strength_of(name) == beta
         assert report.method_of(name + "@5") == report.method_of(name) and f"lr{cfg.learning_rate:g}" in name
 
 
