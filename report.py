@@ -346,7 +346,7 @@ def pool_curves(gold, proxy, betas):
 # -----------------------------------------------------------------------------
 # the report, and stage `plot` for any run folder
 
-COLORS = dict(ppo="C0", ppo_gt="C1", dpo="C2", online_dpo="darkgreen", rloo="C3", grpo="C4", ipo="C5", pft="C6",
+COLORS = dict(ppo="C0", ppo_gt="C1", dpo="C2", online_dpo="teal", rloo="C3", grpo="C4", ipo="C5", pft="C6",
               unlikelihood="C8", bon_proxy="C7", bon_gold="C9", sft="k")
 
 
