@@ -176,10 +176,13 @@ _sha = {}
 
 def fingerprint(path):
     """size and sha256 of a file (memoised by path, size and mtime); of a folder (a GPT-2 folder, --sft=DIR), those
-    of its files."""
+    of its files; of a snapshot whose weights went once evaluated, those it had."""
     if os.path.isdir(path):
         return {f: fingerprint(os.path.join(path, f)) for f in sorted(os.listdir(path))
                 if os.path.isfile(os.path.join(path, f))}
+    if not os.path.exists(path) and os.path.exists(path + ".removed.json"):  # weights gone once evaluated
+        with open(path + ".removed.json") as f:  # (pipeline.evaluate_run)
+            return json.load(f)
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
     if key not in _sha:

@@ -55,7 +55,7 @@ from config import ConfigError, TrainingError, parse_config, plural
 from data import (PAD, DataError, encode, files, heldout_split, load_preferences, load_prompts, load_sft, read_json,
                   read_jsonl, write_json, write_jsonl)
 from imdb import ROOT, SFT_CPU_PATH, TEMPERATURE, fingerprint
-from pipeline import METHODS, run_name, snapshots, stale, with_queue
+from pipeline import METHODS, evaluate_run, run_name, stale, with_queue
 from report import Evaluator, color, method_of, pyplot
 
 HH = ",".join(os.path.join(ROOT, "..", "shared", "data", "hh-rlhf", f"{s}-base-test.jsonl.gz")
@@ -405,9 +405,8 @@ def run_pipeline(cfg, run, queue, preset, methods):
         if out_dir == rm_dir:
             policies["sft"] = evaluate("sft", sft_ckpt, proxy, cfg.out_dir, cfg.seed)
             return
-        for label, path in [*((f"{names[out_dir]}@{s}", p) for s, p in snapshots(out_dir).items()),
-                            (names[out_dir], os.path.join(out_dir, "ckpt.pt"))]:
-            policies[label] = evaluate(label, path, proxy, cfg.out_dir, cfg.seed)
+        policies.update(evaluate_run(evaluate, names[out_dir], out_dir, proxy, cfg.out_dir, cfg.seed,
+                                     cfg.keep_snapshots))
         policies[names[out_dir]]["implicit_accuracy"] = read_json(os.path.join(out_dir, "summary.json")).get(
             "eval/rewards/accuracies")
 

@@ -90,6 +90,8 @@ class PipelineConfig(RunConfig):
                        "preset's: cpu and tiny start from the committed assets/sft-imdb-cpu.pt, gpu trains)")
     rl_batch_size: int = opt(0, "responses per step of the RL methods (ppo, ppo_gt, rloo, grpo; 0: the preset's, "
                                 "128 in gpu; the DPO paper's PPO: 1,024)", min=0)
+    keep_snapshots: bool = opt(False, "keep the weights kept along training (ckpt-STEP.pt) once evaluated (default: "
+                                      "only their samples and numbers stay; the final policies' weights always do)")
     gpus: str = opt("", "GPUs for the sub-runs, comma-separated (0,1): each sub-run gets the least busy one as its "
                         "only GPU (CUDA_VISIBLE_DEVICES); --jobs counts over all (default: they share the current one)")
     # your own data (own_data.py): --preferences, or an own-data preset, runs it instead of the IMDb benchmark
@@ -340,9 +342,26 @@ def run_name(method, strength, seed, lr=None):
 
 
 def snapshots(run_dir):
-    """{step: path} of the ckpt-STEP.pt files a sub-run kept (--snapshot_interval, --snapshot_steps), by step."""
-    steps = sorted(int(f[5:-3]) for f in os.listdir(run_dir) if re.fullmatch(r"ckpt-\d+\.pt", f))
-    return {step: os.path.join(run_dir, f"ckpt-{step}.pt") for step in steps}
+    """{step: path} of the ckpt-STEP.pt files a sub-run kept (--snapshot_interval, --snapshot_steps), by step, those
+    whose weights went once evaluated (evaluate_run) included."""
+    kept = (re.fullmatch(r"ckpt-(\d+)\.pt(\.removed\.json)?", f) for f in os.listdir(run_dir))
+    steps = sorted(int(m[1]) for m in kept if m)
+    return {step: os.path.join(run_dir, f"ckpt-{step}.pt") for step in dict.fromkeys(steps)}
+
+
+def evaluate_run(evaluate, name, run_dir, proxy, out_dir, seed, keep_snapshots):
+    """{label: result} of a finished sub-run's policies, evaluated (report.Evaluator): each snapshot (NAME@STEP) and
+    the final one (NAME). Unless keep_snapshots, a snapshot's weights go once evaluated, leaving
+    ckpt-STEP.pt.removed.json with their fingerprint (imdb.fingerprint reads it): a re-run with the same inputs reuses
+    the stored result, and one that would need the weights again says so (train the run again)."""
+    out = {}
+    for step, path in snapshots(run_dir).items():
+        out[f"{name}@{step}"] = evaluate(f"{name}@{step}", path, proxy, out_dir, seed)
+        if not keep_snapshots and os.path.exists(path):
+            write_json(path + ".removed.json", fingerprint(path))
+            os.remove(path)
+    out[name] = evaluate(name, os.path.join(run_dir, "ckpt.pt"), proxy, out_dir, seed)
+    return out
 
 
 @dataclass
@@ -546,9 +565,8 @@ def run_pipeline(cfg, run, queue, preset, methods, files, sft_arg):
                                       preset["bon_pool"], cfg, preset["max_new_tokens"], rep.seed, rep.dir)
             rep.best_of_n, rep.optimum = pool_curves(gold, proxy, betas)
             return
-        for label, path in [*((f"{name}@{step}", p) for step, p in snapshots(out_dir).items()),
-                            (name, os.path.join(out_dir, "ckpt.pt"))]:
-            rep.policies[label] = evaluate(label, path, rep.path("reward", "ckpt.pt"), rep.dir, rep.seed)
+        rep.policies.update(evaluate_run(evaluate, name, out_dir, rep.path("reward", "ckpt.pt"), rep.dir, rep.seed,
+                                         cfg.keep_snapshots))
 
     evaluated_after = {d: [rep.path("reward")] for d, (rep, name) in owner.items() if name is not None}
     failed = queue.run_all(jobs, "2/3 reward models, methods, evaluation", cfg.jobs or preset["jobs"], cfg.overwrite,

@@ -25,7 +25,7 @@ import torch
 import ppo
 import reward
 from checkpoint import disable_dropout, load_checkpoint, load_policy, model_from_checkpoint
-from config import ConfigError, opt, plural
+from config import ConfigError, TrainingError, opt, plural
 from data import atomic_write, read_json, read_jsonl, write_json, write_jsonl
 from imdb import TEMPERATURE, fingerprint, gold_reward, sft_samples
 from runtime import setup_device
@@ -287,6 +287,9 @@ class Evaluator:
         stored = stored_result(record, samples, made_by)
         if stored is not None:
             return stored
+        if not os.path.exists(path):
+            raise TrainingError(f"{path}: its weights went once evaluated (--keep_snapshots off), and evaluating it "
+                                f"again needs them: delete {os.path.dirname(path)} to train that run again")
         if self.ref is None:
             self.ref = load_policy(self.ref_path, self.device)[0]
         policy = self.load(path)

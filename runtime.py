@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from checkpoint import in_dtype, load_checkpoint, model_from_checkpoint, save_checkpoint
 from config import ConfigError, TrainingError, check_config, given_keys, plural, snapshot_steps
 from data import atomic_write, read_json, write_json
 from dist import (GradSum, any_rank, broadcast_from_rank0, from_rank0, is_main, rank, rank_seed, world)
@@ -314,13 +314,8 @@ class Run:
         if snapshot and is_main():  # the weights (in the training dtype: bfloat16 halves them) and shape alone, no
             # optimizer or RNG state: a policy to evaluate
             ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-            dtype, cast = getattr(torch, cfg.dtype), {}  # tied weights (lm_head, wte) stay one tensor, saved once
-            for k, v in ckpt["model"].items():
-                if v.is_floating_point():
-                    key = (v.data_ptr(), v.shape)
-                    ckpt["model"][k] = cast[key] = cast[key] if key in cast else v.to(dtype)
-            save_checkpoint(os.path.join(self.dir, f"ckpt-{done}.pt"),
-                            {k: ckpt[k] for k in ("kind", "stage", "step", "model", "model_args")})
+            save_checkpoint(os.path.join(self.dir, f"ckpt-{done}.pt"), {"model": in_dtype(ckpt["model"], cfg.dtype),
+                            **{k: ckpt[k] for k in ("kind", "stage", "step", "model_args")}})
         if self.stop_requested and is_main():  # the command that continues it (torchrun: as many processes again)
             local = int(os.environ.get("LOCAL_WORLD_SIZE", world()))
             launcher = ("python" if world() == 1 else f"torchrun --nproc_per_node={local}" if local == world() else

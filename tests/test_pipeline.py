@@ -21,6 +21,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import report  # noqa: E402
 import sft  # noqa: E402
 import pipeline  # noqa: E402
+import checkpoint  # noqa: E402
+import imdb  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
 import conftest  # noqa: E402
 from conftest import ROOT, child_env, read_json, run_cli  # noqa: E402
 from config import ConfigError, parse_config  # noqa: E402
@@ -357,9 +360,41 @@ def test_method_names_and_snapshots(tmp_path):
                                             "unlikelihood_alpha0.5_seed1001@2", "sft")] == \
         ["ppo_gt", "ppo", "pft", "unlikelihood", "sft"]
     assert pipeline.run_name("pft", None, 1) == "pft_seed1"
-    for f in ("ckpt.pt", "ckpt-20.pt", "ckpt-100.pt", "ckpt-x.pt", ".ckpt-5.pt.tmp1"):
+    for f in ("ckpt.pt", "ckpt-20.pt", "ckpt-100.pt", "ckpt-x.pt", ".ckpt-5.pt.tmp1", "ckpt-7.pt.removed.json"):
         (tmp_path / f).write_bytes(b"")
-    assert list(pipeline.snapshots(tmp_path)) == [20, 100]
+    assert list(pipeline.snapshots(tmp_path)) == [7, 20, 100]
+
+
+def test_evaluated_snapshots_lose_their_weights_and_keep_their_fingerprint(tmp_path):
+    for keep in (False, True):
+        run = tmp_path / str(keep)
+        run.mkdir()
+        for f, data in (("ckpt.pt", b"final"), ("ckpt-5.pt", b"five"), ("ckpt-10.pt", b"ten")):
+            (run / f).write_bytes(data)
+        seen = {f: imdb.fingerprint(str(run / f)) for f in ("ckpt.pt", "ckpt-5.pt", "ckpt-10.pt")}
+        evaluate = lambda name, path, proxy, out_dir, seed: dict(name=name, fingerprint=imdb.fingerprint(path))
+        got = pipeline.evaluate_run(evaluate, "ppo", str(run), "rm.pt", str(tmp_path), 1, keep)
+        assert got == {"ppo@5": dict(name="ppo@5", fingerprint=seen["ckpt-5.pt"]),
+                       "ppo@10": dict(name="ppo@10", fingerprint=seen["ckpt-10.pt"]),
+                       "ppo": dict(name="ppo", fingerprint=seen["ckpt.pt"])}
+        assert (run / "ckpt-5.pt").exists() == keep and (run / "ckpt.pt").exists()
+        # a re-run sees the same snapshots with the same fingerprints, so it reuses their stored results
+        assert pipeline.evaluate_run(evaluate, "ppo", str(run), "rm.pt", str(tmp_path), 1, keep) == got
+        assert list(pipeline.snapshots(run)) == [5, 10]
+
+
+def test_a_finished_run_keeps_a_policy_in_its_training_dtype_and_a_reward_model_in_float32(tmp_path):
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=32))
+    for kind, dtype in (("policy", torch.bfloat16), ("reward", torch.float32)):
+        path = tmp_path / f"{kind}.pt"
+        checkpoint.save_checkpoint(path, dict(kind=kind, stage="x", step=3, model=model.state_dict(), model_args={},
+                                              optimizer={"state": {}}, config=dict(dtype="bfloat16")))
+        checkpoint.drop_resume_state(path)
+        ckpt = torch.load(path, weights_only=True)
+        assert ckpt["optimizer"] is None and {v.dtype for v in ckpt["model"].values()} == {dtype}
+        assert torch.equal(ckpt["model"]["lm_head.weight"], model.state_dict()["lm_head.weight"].to(dtype))
+        if kind == "policy":  # the tied embedding is one tensor still
+            assert ckpt["model"]["lm_head.weight"].data_ptr() == ckpt["model"]["transformer.wte.weight"].data_ptr()
 
 
 # -----------------------------------------------------------------------------
@@ -431,7 +466,9 @@ def tiny_story(tmp):
                  sft_samples=(out / "rep1" / "samples" / "sft.jsonl").read_text().splitlines(),
                  pft_inputs=read_json(runs / "pft_seed1" / "inputs.json"),
                  optimizer_kept=[d.name for d in [*runs.iterdir(), out / "rep1" / "reward"]
-                                 if torch.load(d / "ckpt.pt", weights_only=True)["optimizer"] is not None])
+                                 if torch.load(d / "ckpt.pt", weights_only=True)["optimizer"] is not None],
+                 snapshots=dict(kept=[f.name for f in runs.glob("*/ckpt-*.pt")],
+                                removed=sorted(f.name for f in runs.glob("*/ckpt-*.pt.removed.json"))))
     # 2. again: every sub-run and every evaluation reused (no samples drawn again)
     written = {f: f.stat().st_mtime_ns for f in (out / "rep1" / "samples").iterdir()}
     run_cli("pipeline", "--preset=tiny", f"--out_dir={out}", timeout=600)
@@ -476,6 +513,8 @@ def test_ctrl_c_stops_the_sub_runs_and_the_same_command_continues(tiny):
         assert alive == []  # no sub-run outlives the pipeline
     assert "Traceback" not in tiny["stops"][0][1]
     assert tiny["optimizer_kept"] == []  # each finished sub-run's checkpoint dropped its optimizer state
+    # and each snapshot's weights went once evaluated (the re-run below reuses their results: the same numbers)
+    assert tiny["snapshots"]["kept"] == [] and len(tiny["snapshots"]["removed"]) >= 5, tiny["snapshots"]
     # the sub-runs stopped by the first Ctrl-C saved a checkpoint and were resumed, not started again
     assert any("--resume" in log for log in tiny["logs"]), tiny["logs"]
 
