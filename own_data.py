@@ -1,8 +1,9 @@
 """
 The pipeline on your own data (stage `pipeline` given --preferences, or an own-data preset): supervised fine-tuning on
 your examples, a reward model on your preference pairs, every method on your prompts, and a report judged by that
-reward model, as your data has no gold judge. The IMDb benchmark (pipeline.py) is the same pipeline with a task that
-supplies the data and a gold judge; both use pipeline.Queue for the sub-runs and report.Evaluator for the samples.
+reward model, as your data has no gold judge. The IMDb benchmark (pipeline.py) shares its parts: pipeline.Queue and
+with_queue for the sub-runs, evaluate_run and report.Evaluator for the samples. It keeps a run_pipeline of its own (a
+scope cut, on purpose): its replicates, gold-labelled pairs, best-of-N pool and exact optimum would be callbacks here.
 
     python train.py pipeline --preferences=pairs.jsonl --init_from=out/sft/ckpt.pt --out_dir=out/mine
     python train.py pipeline --preferences=pairs.jsonl --sft_data=chat.jsonl --prompts=prompts.txt \\
