@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -118,7 +119,10 @@ def test_sft_two_processes_give_the_loss_curve_of_one(tiny, tmp_path):
     assert one[-1] < one[0]  # it learned something, so the curves are not flat by accident
 
 
-DPO_STEPS = 40  # enough that the SIGTERM lands before the end: at 14 a loaded CI machine once finished them all first
+# enough that the SIGTERM lands before the end: at 14 a loaded CI machine once finished them all first; at 40 the
+# test failed once more under the full suite on 2 cores (its values unrecorded), so the story now tries again when
+# the run finished before the signal, and the assertion shows the values
+DPO_STEPS = 40
 
 
 def torchrun_story(tmp):
@@ -137,14 +141,18 @@ def torchrun_story(tmp):
             "--learning_rate=3e-3", "--warmup_iters=0", "--log_interval=1", "--eval_interval=1000", "--device=cpu"]
     run_cli(*args, "--micro_batch_size=4", f"--out_dir={tmp / 'one'}")
     two = tmp / "two"
-    p = torchrun(*args, f"--out_dir={two}", wait=False)
-    t0 = time.time()
-    while p.poll() is None and not (two / "metrics.jsonl").exists() and time.time() - t0 < 120:
-        time.sleep(0.02)
-    os.kill(p.pid, signal.SIGTERM)
-    _, err = p.communicate(timeout=120)
-    story["dpo"] = dict(two=two, returncode=p.returncode, err=err, rows_when_stopped=len(read_metrics(two)),
-                        stopped=torch.load(two / "ckpt.pt", weights_only=True)["step"])
+    for _ in range(3):  # a loaded machine may finish every step before the signal lands: then again, from scratch
+        shutil.rmtree(two, ignore_errors=True)
+        p = torchrun(*args, f"--out_dir={two}", wait=False)
+        t0 = time.time()
+        while p.poll() is None and not (two / "metrics.jsonl").exists() and time.time() - t0 < 120:
+            time.sleep(0.02)
+        os.kill(p.pid, signal.SIGTERM)
+        _, err = p.communicate(timeout=120)
+        story["dpo"] = dict(two=two, returncode=p.returncode, err=err, rows_when_stopped=len(read_metrics(two)),
+                            stopped=torch.load(two / "ckpt.pt", weights_only=True)["step"])
+        if story["dpo"]["stopped"] < DPO_STEPS:
+            break
     torchrun(*args, f"--out_dir={two}", "--resume")
     story["dpo"].update(one=curve(tmp / "one"), one_accuracy=curve(tmp / "one", "rewards/accuracies"),
                         resumed=curve(two), resumed_accuracy=curve(two, "rewards/accuracies"),
@@ -169,7 +177,8 @@ def test_dpo_two_processes_killed_and_resumed_give_the_loss_curve_of_one(launche
     and resumes under torchrun; its whole curve is still the one-process curve."""
     s = launched["dpo"]
     assert s["returncode"] != 0, "the run finished before it was stopped: nothing was tested"
-    assert 1 <= s["stopped"] < DPO_STEPS and s["rows_when_stopped"] == s["stopped"], s["err"][-2000:]
+    assert 1 <= s["stopped"] < DPO_STEPS and s["rows_when_stopped"] == s["stopped"], \
+        (s["stopped"], s["rows_when_stopped"], s["err"][-2000:])
     assert f"continue with: torchrun --nproc_per_node=2 train.py dpo --resume --out_dir={s['two']}" in s["err"], \
         s["err"][-2000:]
     assert s["resumed"] == pytest.approx(s["one"], **TOL)
