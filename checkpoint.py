@@ -83,7 +83,8 @@ def drop_resume_state(path):
     ckpt = safe_torch_load(path)
     drop = [key for key in ("optimizer", "critic") if ckpt.get(key) is not None]
     dtype = (ckpt.get("config") or {}).get("dtype", "float32") if ckpt["kind"] == "policy" else "float32"
-    if drop or any(v.is_floating_point() and v.dtype != getattr(torch, dtype) for v in ckpt["model"].values()):
+    want = getattr(torch, dtype)
+    if drop or any(v.is_floating_point() and v.dtype != want for v in ckpt["model"].values()):
         save_checkpoint(path, {**ckpt, **dict.fromkeys(drop), "model": in_dtype(ckpt["model"], dtype)})
 
 

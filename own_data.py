@@ -485,7 +485,7 @@ def write_report(report, sample_rows, side_prompts, out):
              f"(the reward model's, normalised on SFT samples), KL to the SFT model (nats per response), win rate "
              f"against the SFT model's response to the same prompt by the reward model (ties half; 95% interval), "
              f"DPO's implicit-reward accuracy on held-out pairs (Unlikelihood: the chosen response more likely)" +
-             (f"; gold: the mean score of --gold's judge, {report['inputs']['gold']}, and its win rate against SFT."
+             (f"; gold: the mean score of --gold's judge, {gold}, and its win rate against SFT."
               if gold else "."), "",
              "| policy | reward | KL | win rate vs SFT | 95% interval | implicit accuracy | length |" +
              (" gold | gold win rate | 95% interval |" if gold else ""), "|---|---|---|---|---|---|---|" +
