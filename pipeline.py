@@ -37,6 +37,7 @@ Simplifications, on purpose:
 """
 import dataclasses
 import itertools
+import json
 import os
 import re
 import shutil
@@ -180,9 +181,17 @@ class Queue:
     starts what became ready and evaluates what finished. First SIGINT/SIGTERM, or a failed sub-run: one SIGTERM to
     each running child (it saves a checkpoint and exits) and nothing new starts; a second signal kills them all."""
 
-    def __init__(self, gpus=()):
+    def __init__(self, gpus=(), profile=None):
         self.gpus, self.procs, self.lock = list(gpus), {}, threading.RLock()  # procs: {out_dir: Popen}, running
         self.signals, self.closed = 0, False
+        self.profile = profile  # a JSONL file: one row per sub-run and evaluation as it ends (where the time went)
+
+    def note(self, what, name, t0):
+        """A row of the profile: what (run/evaluate) of name took from t0 (time.time()) to now."""
+        if self.profile:
+            with self.lock, open(self.profile, "a") as f:
+                f.write(json.dumps(dict(what=what, name=name, start=round(t0, 2),
+                                        seconds=round(time.time() - t0, 2))) + "\n")
 
     def on_signal(self, signum, frame):
         if self.closed:  # the pipeline is already on its way out: nothing left to stop
@@ -232,6 +241,7 @@ class Queue:
         write_json(os.path.join(out_dir, "inputs.json"), inputs)
         extra = {"resume": ["--resume"], "overwrite": ["--overwrite"]}.get(plan, [])
         cmd = [sys.executable, os.path.join(ROOT, "train.py"), stage, *args, f"--out_dir={out_dir}", *extra]
+        t0 = time.time()
         with open(os.path.join(out_dir, "log.txt"), "a") as log, self.lock:
             log.write(" ".join(cmd) + "\n")
             log.flush()
@@ -247,6 +257,7 @@ class Queue:
         code = p.wait()
         with self.lock:
             del self.procs[out_dir]
+        self.note("run", os.path.relpath(out_dir, os.path.dirname(self.profile or out_dir)), t0)
         if code == 0:  # finished: nothing will resume it, so its optimizer state only fills the disk
             drop_resume_state(os.path.join(out_dir, "ckpt.pt"))
         return code
@@ -291,7 +302,10 @@ class Queue:
                     if ready and not self.signals:
                         unevaluated.remove(ready[0]), evaluated.add(ready[0])
                         if on_done:
+                            t0 = time.time()
                             on_done(ready[0])
+                            self.note("evaluate", os.path.relpath(ready[0], os.path.dirname(self.profile or
+                                                                                          ready[0])), t0)
                         continue
                     if not running:
                         if waiting or unevaluated:  # nothing runs, nothing can start: a bug, not input
@@ -515,7 +529,7 @@ def with_queue(cfg, body):
     """body(run, queue) in the pipeline's run folder (this one and own_data.py's), with a Queue that takes Ctrl-C and
     SIGTERM: the sub-runs save and stop, and the pipeline exits with status 130."""
     run = Run(cfg, "pipeline")
-    queue = Queue(check_gpus(cfg))
+    queue = Queue(check_gpus(cfg), os.path.join(cfg.out_dir, "profile.jsonl"))
     run.begin()
     for sig in (signal.SIGINT, signal.SIGTERM):  # in place of Run's handler, as Run's stays for its process's life
         signal.signal(sig, queue.on_signal)
