@@ -454,7 +454,12 @@ def write_report(report, out):
                 ax.plot([r["kl"] for r in rep["optimum"][sel]], [r[key] for r in rep["optimum"][sel]], style,
                         color="k", alpha=0.5, lw=1, label=f"optimum tilted by {sel}" if i == 0 else None)
             ax.plot([0], [res["sft"][key]], "k*", label="SFT" if i == 0 else None)
-        ax.set_xlabel("KL(π ‖ π_ref), nats per response")
+        # linear below 1 nat, logarithmic above: the low-KL stretch, where the methods part, is not squeezed by a
+        # run that ends at 60+ nats
+        ax.set_xscale("symlog", linthresh=1, linscale=0.5)
+        ticks = [t for t in (0, 1, 2.5, 5, 10, 25, 50, 100, 250) if t <= ax.get_xlim()[1]]
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.set_xlabel("KL(π ‖ π_ref), nats per response (log scale above 1)")
         ax.set_ylabel(f"{key} reward" + (" (P(positive))" if key == "gold" else " (normalised)"))
         ax.set_title(f"{key} reward vs KL, {plural(R, 'replicate')}\n(small dots: checkpoints along training"
                      + ("; lines: each method's frontier of unbeaten points)" if key == "gold" else ")"), fontsize=10)
