@@ -496,10 +496,11 @@ def queue_jobs(preset, methods, reps, sft_ckpt, prompts_file, block_size, dev):
                 owner[run_dir] = (rep, name)
                 if f"--reward={rep.path('reward', 'ckpt.pt')}" in args[m]:
                     after[run_dir] = [rep.path("reward")]
-    # the longest runs start first (the DPO-like ones: ~690 optimizer steps each in the gpu preset), after the
-    # reward models the RL runs wait for: a queue ordered replicate by replicate ended, on 2 GPUs, with two of them
-    # still running alone
-    jobs[len(reps):] = sorted(jobs[len(reps):], key=lambda job: job[0] not in ("dpo", "sft"))
+    # the longest runs start first, after the reward models the RL runs wait for: the DPO-like ones (~690 optimizer
+    # steps each in the gpu preset; 227 s beside 7 others on one H100), then online DPO (125 s; it waits for its
+    # reward model), then the RL runs (75-113 s). A queue ordered replicate by replicate ended, on 2 GPUs, with two
+    # of them still running alone
+    jobs[len(reps):] = sorted(jobs[len(reps):], key=lambda job: {"dpo": 0, "sft": 0, "online_dpo": 1}.get(job[0], 2))
     return jobs, after, owner
 
 
