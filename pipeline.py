@@ -91,8 +91,8 @@ class PipelineConfig(RunConfig):
                        "preset's: cpu and tiny start from the committed assets/sft-imdb-cpu.pt, gpu trains)")
     rl_batch_size: int = opt(0, "responses per step of the RL methods (ppo, ppo_gt, rloo, grpo; 0: the preset's, "
                                 "128 in gpu; the DPO paper's PPO: 1,024)", min=0)
-    keep_snapshots: bool = opt(False, "keep the weights kept along training (ckpt-STEP.pt) once evaluated (default: "
-                                      "only their samples and numbers stay; the final policies' weights always do)")
+    keep_snapshots: bool = opt(False, "keep every policy's weights once evaluated (default: only their samples and "
+                                      "numbers stay, and the final policies' weights of replicate 1)")
     gpus: str = opt("", "GPUs for the sub-runs, comma-separated (0,1): each sub-run gets the least busy one as its "
                         "only GPU (CUDA_VISIBLE_DEVICES); --jobs counts over all (default: they share the current one)")
     # your own data (own_data.py): --preferences, or an own-data preset, runs it instead of the IMDb benchmark
@@ -363,18 +363,22 @@ def snapshots(run_dir):
     return {step: os.path.join(run_dir, f"ckpt-{step}.pt") for step in dict.fromkeys(steps)}
 
 
-def evaluate_run(evaluate, name, run_dir, proxy, out_dir, seed, keep_snapshots):
+def evaluate_run(evaluate, name, run_dir, proxy, out_dir, seed, keep_snapshots, keep_final=True):
     """{label: result} of a finished sub-run's policies, evaluated (report.Evaluator): each snapshot (NAME@STEP) and
-    the final one (NAME). Unless keep_snapshots, a snapshot's weights go once evaluated, leaving
-    ckpt-STEP.pt.removed.json with their fingerprint (imdb.fingerprint reads it): a re-run with the same inputs reuses
-    the stored result, and one that would need the weights again says so (train the run again)."""
+    the final one (NAME). Unless keep_snapshots, a snapshot's weights go once evaluated, and unless keep_final too,
+    the final weights (ckpt.pt), each leaving PATH.removed.json with their fingerprint (imdb.fingerprint reads it): a
+    re-run with the same inputs reuses the stored result (a run is done by its summary.json), and one that would
+    need the weights again says so (train the run again)."""
     out = {}
+    gone = lambda path: write_json(path + ".removed.json", fingerprint(path)) or os.remove(path)
     for step, path in snapshots(run_dir).items():
         out[f"{name}@{step}"] = evaluate(f"{name}@{step}", path, proxy, out_dir, seed)
         if not keep_snapshots and os.path.exists(path):
-            write_json(path + ".removed.json", fingerprint(path))
-            os.remove(path)
-    out[name] = evaluate(name, os.path.join(run_dir, "ckpt.pt"), proxy, out_dir, seed)
+            gone(path)
+    final = os.path.join(run_dir, "ckpt.pt")
+    out[name] = evaluate(name, final, proxy, out_dir, seed)
+    if not (keep_snapshots or keep_final) and os.path.exists(final):
+        gone(final)
     return out
 
 
@@ -580,8 +584,10 @@ def run_pipeline(cfg, run, queue, preset, methods, files, sft_arg):
                                       preset["bon_pool"], cfg, preset["max_new_tokens"], rep.seed, rep.dir)
             rep.best_of_n, rep.optimum = pool_curves(gold, proxy, betas)
             return
+        # the first replicate keeps its final policies; the others exist for the spread and keep only their numbers
+        # and samples (two replicates of the gpu preset: 1.6 GB instead of 2.6)
         rep.policies.update(evaluate_run(evaluate, name, out_dir, rep.path("reward", "ckpt.pt"), rep.dir, rep.seed,
-                                         cfg.keep_snapshots))
+                                         cfg.keep_snapshots, keep_final=rep.number == 1))
 
     evaluated_after = {d: [rep.path("reward")] for d, (rep, name) in owner.items() if name is not None}
     failed = queue.run_all(jobs, "2/3 reward models, methods, evaluation", cfg.jobs or preset["jobs"], cfg.overwrite,

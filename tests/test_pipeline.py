@@ -366,20 +366,21 @@ def test_method_names_and_snapshots(tmp_path):
 
 
 def test_evaluated_snapshots_lose_their_weights_and_keep_their_fingerprint(tmp_path):
-    for keep in (False, True):
-        run = tmp_path / str(keep)
+    for keep, keep_final in ((False, True), (True, True), (False, False), (True, False)):
+        run = tmp_path / f"{keep}-{keep_final}"
         run.mkdir()
         for f, data in (("ckpt.pt", b"final"), ("ckpt-5.pt", b"five"), ("ckpt-10.pt", b"ten")):
             (run / f).write_bytes(data)
         seen = {f: imdb.fingerprint(str(run / f)) for f in ("ckpt.pt", "ckpt-5.pt", "ckpt-10.pt")}
         evaluate = lambda name, path, proxy, out_dir, seed: dict(name=name, fingerprint=imdb.fingerprint(path))
-        got = pipeline.evaluate_run(evaluate, "ppo", str(run), "rm.pt", str(tmp_path), 1, keep)
+        got = pipeline.evaluate_run(evaluate, "ppo", str(run), "rm.pt", str(tmp_path), 1, keep, keep_final)
         assert got == {"ppo@5": dict(name="ppo@5", fingerprint=seen["ckpt-5.pt"]),
                        "ppo@10": dict(name="ppo@10", fingerprint=seen["ckpt-10.pt"]),
                        "ppo": dict(name="ppo", fingerprint=seen["ckpt.pt"])}
-        assert (run / "ckpt-5.pt").exists() == keep and (run / "ckpt.pt").exists()
+        # --keep_snapshots keeps every weight; the final ones stay in replicate 1 (keep_final) either way
+        assert (run / "ckpt-5.pt").exists() == keep and (run / "ckpt.pt").exists() == (keep or keep_final)
         # a re-run sees the same snapshots with the same fingerprints, so it reuses their stored results
-        assert pipeline.evaluate_run(evaluate, "ppo", str(run), "rm.pt", str(tmp_path), 1, keep) == got
+        assert pipeline.evaluate_run(evaluate, "ppo", str(run), "rm.pt", str(tmp_path), 1, keep, keep_final) == got
         assert list(pipeline.snapshots(run)) == [5, 10]
 
 
