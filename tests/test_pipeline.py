@@ -498,7 +498,9 @@ def tiny_story(tmp):
                                                                            for r in (1, 2)],
         pft_inputs=rep(1, "runs", "pft_seed1", "inputs.json"), pft2_seed=rep(2, "runs", "pft_seed1001",
                                                                              "config.json")["seed"],
-        same_pairs=(out / "rep1" / "preferences.jsonl").read_bytes() == (out / "rep2" / "preferences.jsonl").read_bytes())
+        same_pairs=len({(out / f"rep{r}" / "preferences.jsonl").read_bytes() for r in (1, 2)}) == 1,
+        final_weights=[(out / f"rep{r}" / "runs" / n / "ckpt.pt").exists() for r, n in ((1, "pft_seed1"),
+                                                                                      (2, "pft_seed1001"))])
     return story
 
 
@@ -586,6 +588,7 @@ def test_tiny_pipeline_reuses_what_it_made_and_never_mixes_runs(tiny):
     assert second["sft"]["gold"] != new["sft"]["gold"]  # the SFT model is shared, its evaluation samples are not
     assert second["pft_seed1001"] != new["pft_seed1"]
     assert len(o["results"]["gold_at_kl"]["pft"]["2.5"]["per_replicate"]) == 2
+    assert o["final_weights"] == [True, False]  # replicate 2 keeps its numbers and samples, not its weights
 
 
 def test_plot_stage_draws_a_png_and_names_a_missing_key(tmp_path):
