@@ -12,8 +12,7 @@ sub-run of train.py.
     python train.py pipeline --preset=gpu --imdb_dir=../shared/data/imdb --out_dir=out/imdb-gpu   # one H200
     python train.py pipeline --preset=tiny --out_dir=/tmp/imdb    # the tests' size
 
-To read it: pipeline() at the bottom runs the steps above it in order: sft, prompts, preferences, one queue of reward
-models, methods and evaluations, and the report.
+To read it: pipeline() at the bottom runs the steps above it in order: sft, prompts, preferences, one queue, report.
 
 Re-running: run the same command again after a stop or a crash, and finished sub-runs are reused, killed ones resumed.
 A sub-run is reused only if its config.json equals the config the new command gives it and the files it read are the
@@ -28,8 +27,8 @@ covers the rest and names the failures, and the pipeline then exits with status 
 Simplifications, on purpose:
 - Every policy, the preference pairs, the reward model's normalisation and best-of-N sample at one temperature
   (TEMPERATURE, 1): the policy's own distribution, the one whose KL to the reference is reported.
-- Continuations are cut at max_new_tokens (as in the DPO paper) and never end with EOS: the RL stages keep cut
-  responses as they are (--no_eos_rule=keep), and DPO appends no EOS to its pairs (--append_eos=false).
+- Continuations are cut at max_new_tokens (as in the DPO paper): the RL stages keep cut responses as they are
+  (--no_eos_rule=keep), DPO appends no EOS to its pairs (--append_eos=false); a policy may still sample EOS early.
 - Best-of-N is read off one pool of SFT samples per prompt as an exact expectation over the pool, not by drawing N.
 - One machine: sub-runs share its cores or GPUs; evaluations run in the pipeline's process, one at a time, while the
   sub-runs train. Replicates share the SFT model and the prefixes.
@@ -78,10 +77,9 @@ REPLICATE_STRIDE = 1000  # replicate r's seeds are the first's plus 1000 (r - 1)
 class PipelineConfig(RunConfig):
     out_dir: str = opt("out/imdb", "run folder of the whole benchmark; each sub-run gets a folder inside it")
     preset: str = opt("cpu", "IMDb: cpu (the main job: ~4 min on 2 cores, committed sample), gpu (the DPO paper's "
-                             "set-up, 2 replicates; one takes 455 s on one H100), gpu-bt (gpu with simulated BT "
-                             "labels), gpu-lr (PPO and DPO at 4 learning rates each) or tiny (the tests'); your data "
-                             "(own_data.py): own (the default with --preferences), hh-cpu (HH-RLHF's test pairs, "
-                             "~4 min on 2 cores) or own-tiny")
+                             "set-up, 2 replicates), gpu-bt (gpu with simulated BT labels), gpu-lr (PPO and DPO at "
+                             "4 learning rates each) or tiny (the tests'); your data (own_data.py): own (the default "
+                             "with --preferences), hh-cpu (HH-RLHF's test pairs, ~4 min on 2 cores) or own-tiny")
     imdb_dir: str = opt("", "folder with IMDb {train,test,unsup}.jsonl.gz (default: the preset's; cpu: the "
                             "committed sample)")
     jobs: int = opt(0, "sub-runs at once (0: the preset's; several share one GPU well)", min=0)
@@ -183,15 +181,13 @@ class Queue:
 
     def __init__(self, gpus=(), profile=None):
         self.gpus, self.procs, self.lock = list(gpus), {}, threading.RLock()  # procs: {out_dir: Popen}, running
-        self.signals, self.closed = 0, False
-        self.profile = profile  # a JSONL file: one row per sub-run and evaluation as it ends (where the time went)
+        self.signals, self.closed, self.profile = 0, False, profile  # profile: JSONL, where the time went
 
-    def note(self, what, name, t0):
-        """A row of the profile: what (run/evaluate) of name took from t0 (time.time()) to now."""
+    def note(self, what, out_dir, t0):  # a row of the profile: a sub-run's or evaluation's wall seconds from t0
         if self.profile:
             with self.lock, open(self.profile, "a") as f:
-                f.write(json.dumps(dict(what=what, name=name, start=round(t0, 2),
-                                        seconds=round(time.time() - t0, 2))) + "\n")
+                f.write(json.dumps(dict(what=what, name=os.path.relpath(out_dir, os.path.dirname(self.profile)),
+                                        start=round(t0, 2), seconds=round(time.time() - t0, 2))) + "\n")
 
     def on_signal(self, signum, frame):
         if self.closed:  # the pipeline is already on its way out: nothing left to stop
@@ -257,7 +253,7 @@ class Queue:
         code = p.wait()
         with self.lock:
             del self.procs[out_dir]
-        self.note("run", os.path.relpath(out_dir, os.path.dirname(self.profile or out_dir)), t0)
+        self.note("run", out_dir, t0)
         if code == 0:  # finished: nothing will resume it, so its optimizer state only fills the disk
             drop_resume_state(os.path.join(out_dir, "ckpt.pt"))
         return code
@@ -304,8 +300,7 @@ class Queue:
                         if on_done:
                             t0 = time.time()
                             on_done(ready[0])
-                            self.note("evaluate", os.path.relpath(ready[0], os.path.dirname(self.profile or
-                                                                                          ready[0])), t0)
+                            self.note("evaluate", ready[0], t0)
                         continue
                     if not running:
                         if waiting or unevaluated:  # nothing runs, nothing can start: a bug, not input
@@ -365,18 +360,16 @@ def snapshots(run_dir):
 
 def evaluate_run(evaluate, name, run_dir, proxy, out_dir, seed, keep_snapshots, keep_final=True):
     """{label: result} of a finished sub-run's policies, evaluated (report.Evaluator): each snapshot (NAME@STEP) and
-    the final one (NAME). Unless keep_snapshots, a snapshot's weights go once evaluated, and unless keep_final too,
-    the final weights (ckpt.pt), each leaving PATH.removed.json with their fingerprint (imdb.fingerprint reads it): a
-    re-run with the same inputs reuses the stored result (a run is done by its summary.json), and one that would
-    need the weights again says so (train the run again)."""
+    the final one (NAME). Unless keep_snapshots, a snapshot's weights go once evaluated, and unless keep_final the
+    final ones, each leaving PATH.removed.json with their fingerprint (imdb.fingerprint reads it): a re-run with the
+    same inputs reuses the stored result, and one that would need the weights again says so."""
     out = {}
     gone = lambda path: write_json(path + ".removed.json", fingerprint(path)) or os.remove(path)
     for step, path in snapshots(run_dir).items():
         out[f"{name}@{step}"] = evaluate(f"{name}@{step}", path, proxy, out_dir, seed)
         if not keep_snapshots and os.path.exists(path):
             gone(path)
-    final = os.path.join(run_dir, "ckpt.pt")
-    out[name] = evaluate(name, final, proxy, out_dir, seed)
+    out[name] = evaluate(name, final := os.path.join(run_dir, "ckpt.pt"), proxy, out_dir, seed)
     if not (keep_snapshots or keep_final) and os.path.exists(final):
         gone(final)
     return out
@@ -500,10 +493,8 @@ def queue_jobs(preset, methods, reps, sft_ckpt, prompts_file, block_size, dev):
                 owner[run_dir] = (rep, name)
                 if f"--reward={rep.path('reward', 'ckpt.pt')}" in args[m]:
                     after[run_dir] = [rep.path("reward")]
-    # the longest runs start first, after the reward models the RL runs wait for: the DPO-like ones (~690 optimizer
-    # steps each in the gpu preset; 227 s beside 7 others on one H100), then online DPO (125 s; it waits for its
-    # reward model), then the RL runs (75-113 s). A queue ordered replicate by replicate ended, on 2 GPUs, with two
-    # of them still running alone
+    # the longest runs first, after the reward models: the DPO-like ones (227 s in the gpu preset on one H100), online
+    # DPO (125 s), the RL runs (75-113 s); in replicate order, the queue ended with two runs alone on 2 GPUs
     jobs[len(reps):] = sorted(jobs[len(reps):], key=lambda job: {"dpo": 0, "sft": 0, "online_dpo": 1}.get(job[0], 2))
     return jobs, after, owner
 
@@ -584,23 +575,21 @@ def run_pipeline(cfg, run, queue, preset, methods, files, sft_arg):
                                       preset["bon_pool"], cfg, preset["max_new_tokens"], rep.seed, rep.dir)
             rep.best_of_n, rep.optimum = pool_curves(gold, proxy, betas)
             return
-        # the first replicate keeps its final policies; the others exist for the spread and keep only their numbers
-        # and samples (two replicates of the gpu preset: 1.6 GB instead of 2.6)
+        # replicate 1 keeps its final weights; the others, there for the spread, numbers and samples (1.6 GB, not 2.6)
         rep.policies.update(evaluate_run(evaluate, name, out_dir, rep.path("reward", "ckpt.pt"), rep.dir, rep.seed,
                                          cfg.keep_snapshots, keep_final=rep.number == 1))
 
     evaluated_after = {d: [rep.path("reward")] for d, (rep, name) in owner.items() if name is not None}
     failed = queue.run_all(jobs, "2/3 reward models, methods, evaluation", cfg.jobs or preset["jobs"], cfg.overwrite,
-                           cpu=on_cpu, after=after, on_done=None if on_cpu else on_done,
-                           on_done_after=evaluated_after)
+                           cpu=on_cpu, after=after, on_done=None if on_cpu else on_done, on_done_after=evaluated_after)
     if on_cpu:
         for out_dir in (d for d in owner if d not in failed):
             on_done(out_dir)
     # a replicate whose reward model failed has nothing evaluated: it leaves the report, named among the failures
     reps = [rep for rep in reps if rep.path("reward") not in failed]
     if not reps:
-        raise TrainingError("every replicate's reward model failed: " + "; ".join(f"{d}: {w}"
-                                                                                  for d, w in failed.items()))
+        why = "; ".join(f"{d}: {w}" for d, w in failed.items())
+        raise TrainingError(f"every replicate's reward model failed: {why}")
     for rep in reps:
         rep.policies = dict(sorted(rep.policies.items(), key=lambda kv: (kv[0] != "sft", kv[0])))
     phase("train_and_evaluate")
