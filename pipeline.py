@@ -575,7 +575,7 @@ def run_pipeline(cfg, run, queue, preset, methods, files, sft_arg):
                                       preset["bon_pool"], cfg, preset["max_new_tokens"], rep.seed, rep.dir)
             rep.best_of_n, rep.optimum = pool_curves(gold, proxy, betas)
             return
-        # replicate 1 keeps its final weights; the others (for the spread) only numbers and samples: 1.6 GB, not 2.6
+        # replicate 1 keeps its final weights; the others (for the spread) only numbers and samples (~1.6 GB, not 2.6)
         rep.policies.update(evaluate_run(evaluate, name, out_dir, rep.path("reward", "ckpt.pt"), rep.dir, rep.seed,
                                          cfg.keep_snapshots, keep_final=rep.number == 1))
 
