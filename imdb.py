@@ -129,6 +129,7 @@ PRESETS = {
         methods=dict(ppo=[0.05, 0.1, 0.5, 1.0], ppo_gt=[0.005, 0.02, 0.1], dpo=[0.05, 0.1, 1.0, 5.0],
                      online_dpo=[0.1, 1.0], rloo=[0.1, 0.5], grpo=[0.1, 0.5], pft=[None], unlikelihood=[0.5]),
         # weights kept early and densely, where the KL moves fastest, so that each run traces the low-KL stretch
+        # (sub-runs without --compile: 8 at once, compiling cost more than it gained, RESULTS.md)
         rl=dict(batch_size=128, minibatch_size=32, micro_batch_size=64, max_iters=40, learning_rate=2e-5,
                 eval_interval=1000, snapshot_steps="2,5,10,20"),
         # online DPO: 64 prompts x 2 samples of the policy per step, labelled by the proxy (at beta 1, step 10 was
