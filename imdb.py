@@ -162,6 +162,14 @@ PRESETS["gpu-lr"] = dict(PRESETS["gpu"], methods=dict(ppo=[0.5], ppo_gt=[0.1], d
                          learning_rates=dict(ppo=[2e-5, 5e-5, 1e-4, 2e-4], ppo_gt=[2e-5, 5e-5, 1e-4, 2e-4],
                                              dpo=[1e-5, 5e-5, 2e-4]))
 
+
+def with_rl_batch(preset, batch_size):
+    """The preset with batch_size responses per RL step (--rl_batch_size) and its minibatches grown alike: as many
+    optimizer steps per RL step as the preset's, each on more responses (the gradient's noise, not the number of
+    updates, is what changes)."""
+    grown = max(1, preset["rl"]["minibatch_size"] * batch_size // preset["rl"]["batch_size"])
+    return dict(preset, rl=dict(preset["rl"], batch_size=batch_size, minibatch_size=grown))
+
 # -----------------------------------------------------------------------------
 # data: the full dataset from a folder, or from the official archive
 

@@ -59,7 +59,7 @@ from checkpoint import drop_resume_state, load_checkpoint
 from config import ConfigError, RunConfig, TrainingError, opt, parse_config, plural
 from data import load_imdb, read_json, read_jsonl, write_json
 from imdb import (PRESETS, ROOT, SFT_CPU_PATH, SFT_CPU_SHA256, SPLITS, TEMPERATURE, check_sha256, fingerprint,
-                  imdb_files, simulate_preferences, write_prompts)
+                  imdb_files, simulate_preferences, with_rl_batch, write_prompts)
 from report import (OBJECTIVE, OPTIMUM_BETAS, Evaluator, gao_fits, gold_at_kl, objective_gaps, pool_curves,
                     sample_pool, write_report)
 from runtime import RESTART_KEYS, Run, as_stored, effective_config
@@ -88,7 +88,7 @@ class PipelineConfig(RunConfig):
     sft: str = opt("", "the SFT model: train (train it in this run), a policy checkpoint to start from, or '' (the "
                        "preset's: cpu and tiny start from the committed assets/sft-imdb-cpu.pt, gpu trains)")
     rl_batch_size: int = opt(0, "responses per step of the RL methods (ppo, ppo_gt, rloo, grpo; 0: the preset's, "
-                                "128 in gpu; the DPO paper's PPO: 1,024)", min=0)
+                                "128 in gpu; the DPO paper's PPO: 1,024), their minibatches grown alike", min=0)
     keep_snapshots: bool = opt(False, "keep every policy's weights once evaluated (default: only their samples and "
                                       "numbers stay, and the final policies' weights of replicate 1)")
     gpus: str = opt("", "GPUs for the sub-runs, comma-separated (0,1): each sub-run gets the least busy one as its "
@@ -321,7 +321,6 @@ class Queue:
         return failed
 
 
-
 # -----------------------------------------------------------------------------
 # the pipeline, step by step
 
@@ -510,8 +509,7 @@ def pipeline(cfg):
         if m not in preset["methods"]:
             raise ConfigError(f"--methods: the {cfg.preset} preset has no strengths for {m} (add them to "
                               f"PRESETS[{cfg.preset!r}]['methods'] in imdb.py)")
-    if cfg.rl_batch_size:
-        preset = dict(preset, rl=dict(preset["rl"], batch_size=cfg.rl_batch_size))
+    preset = with_rl_batch(preset, cfg.rl_batch_size) if cfg.rl_batch_size else preset
     imdb_dir = cfg.imdb_dir or preset["imdb_dir"]
     files = imdb_files(imdb_dir) if imdb_dir else \
         {s: os.path.join(ROOT, "assets", f"imdb-{s}-sample.jsonl.gz") for s in SPLITS}

@@ -355,6 +355,21 @@ def test_each_gpu_preset_job_parses_and_waits_for_the_reward_model_it_reads(tmp_
         assert report.method_of(name + "@5") == report.method_of(name) and f"lr{cfg.learning_rate:g}" in name
 
 
+def test_rl_batch_size_grows_the_minibatch_so_each_rl_step_keeps_its_optimizer_steps(tmp_path):
+    gpu = pipeline.PRESETS["gpu"]
+    rep = pipeline.Replicate(1, 1, str(tmp_path / "rep1"))
+    for batch in (1024, 256, 64):
+        preset = pipeline.with_rl_batch(gpu, batch)
+        jobs, _, _ = pipeline.queue_jobs(preset, ["ppo_gt", "dpo"], [rep], "sft.pt", "prompts.jsonl", 128, [])
+        for stage, out_dir, args in jobs[1:]:
+            cfg = parse_config(pipeline.SUB_RUN_CONFIGS[stage], [*args, f"--out_dir={out_dir}"])
+            if stage == "ppo":
+                assert (cfg.batch_size, cfg.batch_size // cfg.minibatch_size) == (batch, 128 // 32)
+            else:  # DPO's batch is its own
+                assert cfg.batch_size == gpu["dpo"]["batch_size"]
+    assert gpu["rl"]["batch_size"] == 128 and gpu["rl"]["minibatch_size"] == 32  # the preset itself unchanged
+
+
 def test_method_names_and_snapshots(tmp_path):
     assert [report.method_of(n) for n in ("ppo_gt_beta0.05_seed1@10", "ppo_beta0.05_seed1", "pft_seed1",
                                             "unlikelihood_alpha0.5_seed1001@2", "sft")] == \
