@@ -241,6 +241,30 @@ def test_graph_sampler_draws_the_eager_samplers_tokens_on_a_gpu(sampling):
         assert not torch.equal(a[0], other[0])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-graph sampler needs a CUDA GPU")
+def test_graph_sampler_under_autocast_follows_the_weights_as_they_change_on_a_gpu():
+    """Under bf16 autocast with float32 weights (a policy in training) the graph reads bfloat16 copies of the Linear
+    weights (GPT._graph_weights), refreshed at each generate(): after the weights change it draws what a fresh
+    model with the changed weights draws, and what the eager sampler draws (prompt + new = 64: the same shapes, so
+    the same kernels), not the tokens from before the change."""
+    m = tiny(5, block_size=128).cuda()
+    ids = torch.randint(0, 50257, (32, 16), generator=torch.Generator().manual_seed(0)).cuda()
+
+    def sample(model, graph=True):
+        with torch.autocast("cuda", torch.bfloat16):
+            return model.generate(ids, torch.ones_like(ids), 48, cuda_graph=graph,
+                                  generator=torch.Generator(device="cuda").manual_seed(3))[0]
+    before = sample(m)
+    assert torch.equal(before, sample(m, graph=False))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    after, fresh = sample(m), tiny(6, block_size=128).cuda()
+    fresh.load_state_dict(m.state_dict())
+    assert torch.equal(after, sample(fresh)) and torch.equal(after, sample(m, graph=False))
+    assert not torch.equal(after, before)
+
+
 def test_last_real_index_and_scalar_head_init():
     mask = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1], [1, 1, 1, 1]])
     assert last_real_index(mask).tolist() == [1, 3, 3]
