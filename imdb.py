@@ -166,11 +166,9 @@ PRESETS["gpu-lr"] = dict(PRESETS["gpu"], methods=dict(ppo=[0.5], ppo_gt=[0.1], d
 def with_rl_batch(preset, batch_size):
     """The preset with batch_size responses per RL step (--rl_batch_size) and its minibatches grown alike: as many
     optimizer steps per RL step as the preset's, each on more responses (the gradient's noise, not the number of
-    updates, is what changes). The micro-batches grow alike too: as many forward passes per minibatch, each larger
-    (the same gradients up to rounding; at 30M parameters a pass is mostly kernel launches, not arithmetic)."""
-    rl = preset["rl"]
-    grown = {key: max(1, rl[key] * batch_size // rl["batch_size"]) for key in ("minibatch_size", "micro_batch_size")}
-    return dict(preset, rl=dict(rl, batch_size=batch_size, **grown))
+    updates, is what changes)."""
+    grown = max(1, preset["rl"]["minibatch_size"] * batch_size // preset["rl"]["batch_size"])
+    return dict(preset, rl=dict(preset["rl"], batch_size=batch_size, minibatch_size=grown))
 
 # -----------------------------------------------------------------------------
 # data: the full dataset from a folder, or from the official archive

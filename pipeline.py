@@ -88,7 +88,7 @@ class PipelineConfig(RunConfig):
     sft: str = opt("", "the SFT model: train (train it in this run), a policy checkpoint to start from, or '' (the "
                        "preset's: cpu and tiny start from the committed assets/sft-imdb-cpu.pt, gpu trains)")
     rl_batch_size: int = opt(0, "responses per step of the RL methods (ppo, ppo_gt, rloo, grpo; 0: the preset's, "
-                                "128 in gpu; the DPO paper's PPO: 1,024), their mini- and micro-batches grown alike", min=0)
+                                "128 in gpu; the DPO paper's PPO: 1,024), their minibatches grown alike", min=0)
     keep_snapshots: bool = opt(False, "keep every policy's weights once evaluated (default: only their samples and "
                                       "numbers stay, and the final policies' weights of replicate 1)")
     gpus: str = opt("", "GPUs for the sub-runs, comma-separated (0,1): each sub-run gets the least busy one as its "
