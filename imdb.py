@@ -170,6 +170,7 @@ def with_rl_batch(preset, batch_size):
     grown = max(1, preset["rl"]["minibatch_size"] * batch_size // preset["rl"]["batch_size"])
     return dict(preset, rl=dict(preset["rl"], batch_size=batch_size, minibatch_size=grown))
 
+
 # -----------------------------------------------------------------------------
 # data: the full dataset from a folder, or from the official archive
 
