@@ -7,7 +7,8 @@ Speed of this project against the libraries a user would otherwise pick, measure
 Rows, all at GPT-2-small shape (12 layers, 768 wide, 124M parameters, random weights: throughput does not depend on
 them), bf16, at the peers' exact settings (../shared/peers/README.md):
 - sample: GPT.generate(), prompt 64, 128 new tokens, batch 64 and 256, weights in bf16 as generate()'s peer; also
-  the eager decoder (no CUDA graph) and a check that both draw the same tokens from the same seed.
+  the eager decoder (no CUDA graph), float32 weights under bf16 autocast (graph_autocast: how a policy in training
+  samples its rollouts) and a check that graph and eager draw the same tokens from the same seed.
 - train: the sft stage's step (sft_loss, AdamW, clipping), batch 16 x 1024, torch.compile; tokens/s and model
   FLOP utilisation (6 N FLOPs per token, as the peer counts, against 790 TFLOP/s, the bf16 dense matrix product
   measured on the H100 and H200).
@@ -91,18 +92,20 @@ def write_inputs(folder, seed=0):
 
 @torch.no_grad()
 def bench_sample(folder, batch, new=128, prompt=64, calls=5, warmup=2):
+    training = load_policy(os.path.join(folder, "policy.pt"), "cuda")[0]  # float32, as a policy in training
     model = load_policy(os.path.join(folder, "policy.pt"), "cuda")[0].to(torch.bfloat16)
     ids = torch.randint(0, 50257, (batch, prompt), device="cuda")
     mask = torch.ones_like(ids)
     out = {}
-    for name, graph in (("graph", True), ("eager", False)):
+    for name, m, graph in (("graph", model, True), ("eager", model, False), ("graph_autocast", training, True)):
         torch.cuda.reset_peak_memory_stats()
         times = []
         for i in range(warmup + calls):
             g = torch.Generator(device="cuda").manual_seed(i)
             sync()
             t = time.perf_counter()
-            tokens, tmask = model.generate(ids, mask, new, generator=g, cuda_graph=graph)
+            with torch.autocast("cuda", torch.bfloat16, enabled=m is training):
+                tokens, tmask = m.generate(ids, mask, new, generator=g, cuda_graph=graph)
             sync()
             times.append(time.perf_counter() - t)
         n_new = int(tmask.sum())  # real tokens of the last call (random weights: nearly every row runs to the end)

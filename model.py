@@ -225,6 +225,8 @@ class GPT(nn.Module):
         length = -(-(P + max_new_tokens) // 64) * 64 if graph else P + max_new_tokens
         d = self._decoder(B, length, max_new_tokens, prompt.device, (temperature, top_k, top_p, eos_id, pad_id), graph)
         gen = d.lend(generator) if graph else generator  # the graph draws from its own generator, in our state
+        for name, copy in self._graph_weights(matmul_dtype(self, "cuda")).items() if graph else ():
+            copy.copy_(self.get_parameter(name))  # the graph's weights in autocast's dtype, as the model's are now
         d.cache.valid.zero_()
         h = self.hidden(prompt, prompt_mask, d.cache, torch.arange(P, device=prompt.device))[:, -1]  # prefill
         first = sample_token(self.logits(h).float(), temperature, top_k, top_p, gen)  # (B,)
@@ -265,8 +267,37 @@ class GPT(nn.Module):
                 decoders.pop(next(iter(decoders)))  # the oldest: its graph and KV cache are freed
             d = decoders[key] = Decoder(self.config, B, length, max_new_tokens, device, dtype, graph)
             if graph:
-                d.capture(lambda: self.decode_step(d, *sampling, d.gen))
+                d.capture(self.graph_step(d, sampling, dtype))
         return decoders[key]
+
+    def graph_step(self, d, sampling, dtype):
+        """The step a graph captures: decode_step on the Linear weights' copies in dtype (_graph_weights)."""
+        weights = {f"model.{name}": copy for name, copy in self._graph_weights(dtype).items()}
+        return lambda: torch.func.functional_call(DecodeStep(self), weights, (d, *sampling, d.gen), tie_weights=False)
+
+    def _graph_weights(self, dtype):
+        """name -> copy of every Linear's weight and bias in dtype, which the captured step reads instead: under
+        autocast a graph would otherwise cast them all again at every token (its weight cache is off in a graph),
+        8 more kernels a layer and the float32 weights read each time. generate() refreshes the copies from the
+        model at each call, so they follow training; one set serves every shape. Empty where the weights are in
+        dtype already (the tied embedding keeps its own: autocast never casts a lookup)."""
+        copies = self.__dict__.setdefault("_weight_copies", {}).setdefault(dtype, {})
+        for name, m in self.named_modules():
+            for p_name, p in m.named_parameters(prefix=name, recurse=False) if isinstance(m, nn.Linear) else ():
+                if p.dtype != dtype and p.is_floating_point() and p_name not in copies:
+                    copies[p_name] = p.detach().to(dtype)
+        return copies
+
+
+class DecodeStep(nn.Module):
+    """GPT.decode_step as a module's forward, so that torch.func.functional_call can run it on other weights."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, d, *sampling_and_generator):
+        self.model.decode_step(d, *sampling_and_generator)
 
 
 class Decoder:

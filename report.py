@@ -130,23 +130,29 @@ def interpolate(points, x):
     return pts[0][1]  # a single point, at x
 
 
-def unbeaten(points):
-    """A method's frontier from points [(kl, gold)] (points at one KL averaged): the points that no other beats (none
-    has less or equal KL and more or equal gold), sorted by KL, then flat to the largest KL of any point. Each point on
-    the piecewise-linear curve through them is attainable: mixing two policies per prompt (w, 1 - w) gets their gold
-    mixed and a KL at most theirs mixed (KL is convex), so the chord between two points is reached at or below its
-    KL. A beaten point (an early checkpoint of a low-beta run, say) changes nothing, so evaluating more checkpoints
-    can only raise a method's frontier, never lower it."""
-    pts = by_kl(points)
-    front = [(kl, v) for kl, v in pts if not any(k <= kl and w >= v and (k, w) != (kl, v) for k, w in pts)]
+def attainable(points):
+    """A method's frontier from points [(kl, gold)] (points at one KL averaged): the upper concave hull of the
+    points, up to the one of most gold, sorted by KL, then flat to the largest KL of any point. Mixing two policies per
+    prompt (w, 1 - w) gets their gold mixed and a KL at most theirs mixed (KL is convex), so the chord between any two
+    points is attained at or below its KL; the hull is the best such chord at each KL (a mix of more than two never
+    does better: one constraint, so two policies suffice). So a point added (another checkpoint evaluated) can only
+    raise a method's frontier, never lower it, and a checkpoint that happens to fall just under a chord does not
+    drag the reading at its KL down."""
+    pts, hull = by_kl(points), []
+    for kl, v in pts:  # Andrew's monotone chain, upper half: drop the last point while it is on or under the chord
+        while len(hull) >= 2 and (hull[-1][0] - hull[-2][0]) * (v - hull[-2][1]) >= \
+                (hull[-1][1] - hull[-2][1]) * (kl - hull[-2][0]):
+            hull.pop()
+        hull.append((kl, v))
+    front = hull[:max(range(len(hull)), key=lambda i: hull[i][1]) + 1] if hull else []
     if pts and pts[-1][0] > front[-1][0]:
         front.append((pts[-1][0], front[-1][1]))
     return front
 
 
 def best_at(points, x):
-    """The gold reward at KL x on the frontier of `points` (unbeaten); None outside [smallest KL, largest KL]."""
-    return interpolate(unbeaten(points), x)  # the frontier spans the points' KLs: None outside them
+    """The gold reward at KL x on the frontier of `points` (attainable); None outside [smallest KL, largest KL]."""
+    return interpolate(attainable(points), x)  # the frontier spans the points' KLs: None outside them
 
 
 def frontier(policies, method):
@@ -379,10 +385,10 @@ def write_report(report, out):
          f"{rep['preference_agreement']:.1%} of pairs; proxy reward model eval accuracy {rep['reward_accuracy']:.1%}"
          for rep in reps]
     lines += ["", f"Gold reward at fixed KL (nats per sequence; per token: divide by the response length, {T} tokens "
-              f"when a continuation runs to the end), read off each method's frontier: piecewise linear from the "
-              f"SFT model (KL 0) through its strengths and checkpoints that no other beats on both KL and gold, "
-              f"flat after the last (each value is attainable by mixing two policies); mean ± spread (max - min) over "
-              f"replicates; '-': no run reaches that KL.", "",
+              f"when a continuation runs to the end), read off each method's frontier: the upper concave hull of the "
+              f"SFT model (KL 0) and its strengths and checkpoints, flat after its highest point (each value is "
+              f"attained, at or below its KL, by mixing two policies); mean ± spread (max - min) over replicates; "
+              f"'-': no run reaches that KL.", "",
               "| method | " + " | ".join(f"gold @ KL {x:g} ({x / T:.3f}/token)" for x in KL_POINTS) + " |",
               "|---|" + "---|" * len(KL_POINTS)]
     for m, row in report["gold_at_kl"].items():
@@ -446,7 +452,7 @@ def write_report(report, out):
                 if along:
                     ax.plot(*zip(*along), ".", color=color(m), alpha=0.6)
                 if key == "gold":  # the frontier gold@KL reads
-                    ax.plot(*zip(*unbeaten(frontier(res, m))), "-", color=color(m), alpha=0.4, lw=1)
+                    ax.plot(*zip(*attainable(frontier(res, m))), "-", color=color(m), alpha=0.4, lw=1)
             for sel, style in (("proxy", "--"), ("gold", ":")):
                 ax.plot([r["kl"] for r in rep["best_of_n"][sel]], [r[key] for r in rep["best_of_n"][sel]], style,
                         color="C7", label=f"best-of-N by {sel}" if i == 0 else None)
@@ -462,7 +468,7 @@ def write_report(report, out):
         ax.set_xlabel("KL(π ‖ π_ref), nats per response (log scale above 1)")
         ax.set_ylabel(f"{key} reward" + (" (P(positive))" if key == "gold" else " (normalised)"))
         ax.set_title(f"{key} reward vs KL, {plural(R, 'replicate')}\n(small dots: checkpoints along training"
-                     + ("; lines: each method's frontier of unbeaten points)" if key == "gold" else ")"), fontsize=10)
+                     + ("; lines: each method's frontier, its points' hull)" if key == "gold" else ")"), fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()

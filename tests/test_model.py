@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
-from model import (GPT, GPTConfig, KVCache, N_REAL_TOKENS, ScalarHead, last_real_index, response_logprobs,
-                   sample_token, sampling_cdf)
+from data import EOS, PAD
+from model import (GPT, Decoder, GPTConfig, KVCache, N_REAL_TOKENS, ScalarHead, last_real_index,
+                   response_logprobs, sample_token, sampling_cdf)
 
 
 def tiny(seed=0, **kw):
@@ -239,6 +240,57 @@ def test_graph_sampler_draws_the_eager_samplers_tokens_on_a_gpu(sampling):
             assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), (P, new, call)
         other = m.generate(ids, mask, new, generator=torch.Generator(device="cuda").manual_seed(4), **sampling)
         assert not torch.equal(a[0], other[0])
+
+
+def test_the_graphs_step_reads_bfloat16_copies_of_the_linear_weights_and_draws_the_same_tokens():
+    """What a graph captures under autocast (GPT.graph_step), run eagerly on the CPU: it reads bfloat16 copies of
+    every Linear's weight and bias (the embedding and LayerNorms stay float32) and draws the tokens of the plain
+    step, which casts them itself."""
+    m = tiny(3)
+    ids = torch.randint(0, 50257, (6, 8), generator=torch.Generator().manual_seed(0))
+    copies = m._graph_weights(torch.bfloat16)
+    linear = {f"{n}.{p}" for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear) for p, _ in
+              mod.named_parameters()}
+    assert set(copies) == linear and all(c.dtype == torch.bfloat16 for c in copies.values())
+    assert m.transformer.wte.weight.dtype == torch.float32 and not m._graph_weights(torch.float32)
+    outs = []
+    for graph_step in (False, True):
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+            d = Decoder(m.config, 6, 24, 16, torch.device("cpu"), torch.bfloat16, graph=False)
+            d.gen = torch.Generator().manual_seed(1)
+            d.cache.valid.zero_()
+            h = m.hidden(ids, torch.ones_like(ids), d.cache, torch.arange(8))[:, -1]
+            d.start(sample_token(m.logits(h).float(), generator=d.gen), 8, EOS, PAD)
+            step = m.graph_step(d, (1.0, 0, 1.0, EOS, PAD), torch.bfloat16) if graph_step else \
+                (lambda: m.decode_step(d, 1.0, 0, 1.0, EOS, PAD, d.gen))
+            for _ in range(15):
+                step()
+        outs.append(d.out)
+    assert torch.equal(outs[0], outs[1]) and len(set(outs[0][0].tolist())) > 8
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-graph sampler needs a CUDA GPU")
+def test_graph_sampler_under_autocast_follows_the_weights_as_they_change_on_a_gpu():
+    """Under bf16 autocast with float32 weights (a policy in training) the graph reads bfloat16 copies of the Linear
+    weights (GPT._graph_weights), refreshed at each generate(): after the weights change it draws what a fresh
+    model with the changed weights draws, and what the eager sampler draws (prompt + new = 64: the same shapes, so
+    the same kernels), not the tokens from before the change."""
+    m = tiny(5, block_size=128).cuda()
+    ids = torch.randint(0, 50257, (32, 16), generator=torch.Generator().manual_seed(0)).cuda()
+
+    def sample(model, graph=True):
+        with torch.autocast("cuda", torch.bfloat16):
+            return model.generate(ids, torch.ones_like(ids), 48, cuda_graph=graph,
+                                  generator=torch.Generator(device="cuda").manual_seed(3))[0]
+    before = sample(m)
+    assert torch.equal(before, sample(m, graph=False))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    after, fresh = sample(m), tiny(6, block_size=128).cuda()
+    fresh.load_state_dict(m.state_dict())
+    assert torch.equal(after, sample(fresh)) and torch.equal(after, sample(m, graph=False))
+    assert not torch.equal(after, before)
 
 
 def test_last_real_index_and_scalar_head_init():

@@ -198,17 +198,41 @@ def test_interpolation_is_exact_on_a_hand_made_frontier_and_none_outside():
     assert report.interpolate([(0.0, 0.5), (4.0, 0.6), (4.0, 0.8)], 2.0) == pytest.approx(0.6)  # ties averaged
 
 
-def test_best_at_reads_the_frontier_of_unbeaten_points_flat_to_the_largest_kl():
+def test_best_at_reads_the_hull_of_the_points_flat_to_the_largest_kl():
     pts = [(0.0, 0.5), (4.0, 0.7), (2.0, 0.8), (8.0, 0.85), (6.0, 0.9)]  # (4, 0.7) and (8, 0.85) are beaten
-    assert report.unbeaten(pts) == [(0.0, 0.5), (2.0, 0.8), (6.0, 0.9), (8.0, 0.9)]  # flat to the largest KL
+    assert report.attainable(pts) == [(0.0, 0.5), (2.0, 0.8), (6.0, 0.9), (8.0, 0.9)]  # flat to the largest KL
     assert report.best_at(pts, 1.0) == pytest.approx(0.65)
     assert report.best_at(pts, 3.0) == pytest.approx(0.8 + 0.1 * 1 / 4)  # the line through all would say 0.75
     assert report.best_at(pts, 7.0) == pytest.approx(0.9) and report.best_at(pts, 8.0) == pytest.approx(0.9)
     assert report.best_at(pts, 8.5) is None and report.best_at(pts, -0.5) is None
-    for extra in ((5.0, 0.6), (7.5, 0.1)):  # a beaten point added changes nothing
+    for extra in ((5.0, 0.6), (7.5, 0.1), (4.0, 0.84)):  # beaten, or unbeaten but under the chord: nothing changes
         assert [report.best_at(pts + [extra], x) for x in (1, 3, 5, 7)] == \
             [report.best_at(pts, x) for x in (1, 3, 5, 7)]
-    assert report.best_at(pts + [(3.0, 0.95)], 3.0) == pytest.approx(0.95)  # one that beats others raises it
+    assert report.best_at(pts + [(3.0, 0.95)], 3.0) == pytest.approx(0.95)  # one above the hull raises it
+
+
+def best_mix_of_two(pts, x):
+    """The most gold at KL <= x from mixing two of the points (w, 1 - w), found by trying every pair and weight:
+    what attainable() should read at x, by brute force."""
+    best = None
+    for (k0, g0), (k1, g1) in itertools.product(pts, repeat=2):
+        for w in [i / 400 for i in range(401)]:
+            if w * k0 + (1 - w) * k1 <= x + 1e-12:
+                best = max(best or -1.0, w * g0 + (1 - w) * g1)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_frontier_is_the_best_mix_of_two_points_and_more_points_never_lower_it(seed):
+    g = torch.Generator().manual_seed(seed)
+    kls, golds = torch.randperm(999, generator=g)[:8] / 100 + 0.01, 0.5 + 0.5 * torch.rand(8, generator=g)
+    points = [(round(float(k), 2), round(float(v), 3)) for k, v in zip(kls, golds)]  # distinct KLs: ties averaged
+    pts, more = [(0.0, 0.5)] + points[:7], [(0.0, 0.5)] + points
+    for x in (0.5, 1.0, 2.5, 4.0, 5.0, 7.5):
+        if x <= max(k for k, _ in pts):
+            # the brute force's weights are a grid of 1/400: it may fall short of the hull by a little, never exceed it
+            assert best_mix_of_two(pts, x) - 1e-9 <= report.best_at(pts, x) <= best_mix_of_two(pts, x) + 2e-3
+            assert report.best_at(more, x) >= report.best_at(pts, x) - 1e-12
 
 
 def policy(gold, kl, proxy=0.0):
