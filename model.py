@@ -225,8 +225,8 @@ class GPT(nn.Module):
         length = -(-(P + max_new_tokens) // 64) * 64 if graph else P + max_new_tokens
         d = self._decoder(B, length, max_new_tokens, prompt.device, (temperature, top_k, top_p, eos_id, pad_id), graph)
         gen = d.lend(generator) if graph else generator  # the graph draws from its own generator, in our state
-        for name, copy in self._graph_weights(matmul_dtype(self, "cuda")).items() if graph else ():
-            copy.copy_(self.get_parameter(name))  # the graph's weights in autocast's dtype, as the model's are now
+        for name, copy in self._graph_weights(d.cache.k.dtype).items() if graph else ():
+            copy.copy_(self.get_parameter(name))  # the copies the graph reads (in its dtype), as the weights are now
         d.cache.valid.zero_()
         h = self.hidden(prompt, prompt_mask, d.cache, torch.arange(P, device=prompt.device))[:, -1]  # prefill
         first = sample_token(self.logits(h).float(), temperature, top_k, top_p, gen)  # (B,)

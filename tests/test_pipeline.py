@@ -214,11 +214,11 @@ def test_best_at_reads_the_hull_of_the_points_flat_to_the_largest_kl():
 def best_mix_of_two(pts, x):
     """The most gold at KL <= x from mixing two of the points (w, 1 - w), found by trying every pair and weight:
     what attainable() should read at x, by brute force."""
-    best = None
+    best = -math.inf
     for (k0, g0), (k1, g1) in itertools.product(pts, repeat=2):
         for w in [i / 400 for i in range(401)]:
             if w * k0 + (1 - w) * k1 <= x + 1e-12:
-                best = max(best or -1.0, w * g0 + (1 - w) * g1)
+                best = max(best, w * g0 + (1 - w) * g1)
     return best
 
 
