@@ -101,6 +101,8 @@ TEMPERATURE = 1.0
 #   replicates: everything after the SFT model (samples, labels, reward model, methods, evaluation) repeated with
 #     another seed; seeds: RL/DPO seeds inside each replicate
 #   methods: the KL strengths of each method (beta; alpha for unlikelihood; [None]: one run, for pft)
+#   sft_samples: samples per held-out prefix of the SFT model's evaluation, where every method's frontier starts (at
+#     1 its noise, about 0.02 gold on 512 prefixes, moved each replicate's frontiers together: RESULTS.md)
 #   rl / dpo / pft: keys of the sub-runs (snapshot_interval / snapshot_steps: keep weights every N steps / at these
 #     steps, evaluated along training)
 PRESETS = {
@@ -139,7 +141,7 @@ PRESETS = {
         dpo=dict(batch_size=64, learning_rate=5e-5, eval_interval=1000, snapshot_steps="5,10,25,50,100,200,400"),
         pft=dict(batch_size=64, max_iters=690, learning_rate=5e-5, warmup_iters=10, eval_interval=1000,
                  snapshot_steps="50,200"),
-        bon_prompts=128, bon_pool=128),
+        bon_prompts=128, bon_pool=128, sft_samples=16),
     "tiny": dict(
         imdb_dir="", sft=dict(n_layer=1, n_head=2, n_embd=32, block_size=48, batch_size=8, max_iters=10,
                                learning_rate=3e-3, warmup_iters=2, eval_interval=10, eval_iters=2),
@@ -153,7 +155,7 @@ PRESETS = {
                 warmup_iters=0, whiten_rewards=True, eval_interval=1000, snapshot_steps="3,6"),
         dpo=dict(batch_size=32, max_iters=32, learning_rate=5e-4, warmup_iters=0, snapshot_interval=16),
         pft=dict(batch_size=32, max_iters=16, learning_rate=5e-4, warmup_iters=0),
-        bon_prompts=8, bon_pool=16),
+        bon_prompts=8, bon_pool=16, sft_samples=2),
 }
 PRESETS["gpu-bt"] = dict(PRESETS["gpu"], labels="bt")
 # a learning-rate sweep at one strength each: is a method's distance to the optimum its own, or its settings'? The

@@ -568,7 +568,8 @@ def run_pipeline(cfg, run, queue, preset, methods, files, sft_arg):
         rep, name = owner[out_dir]
         if name is None:  # a reward model: the SFT policy and best-of-N, scored by it
             rep.accuracy = read_json(os.path.join(out_dir, "summary.json")).get("eval/accuracy")
-            rep.policies["sft"] = evaluate("sft", sft_ckpt, rep.path("reward", "ckpt.pt"), rep.dir, rep.seed)
+            rep.policies["sft"] = evaluate("sft", sft_ckpt, rep.path("reward", "ckpt.pt"), rep.dir, rep.seed,
+                                           preset.get("sft_samples", 1))
             gold, proxy = sample_pool(sft_ckpt, rep.path("reward", "ckpt.pt"), eval_prompts[:preset["bon_prompts"]],
                                       preset["bon_pool"], cfg, preset["max_new_tokens"], rep.seed, rep.dir)
             rep.best_of_n, rep.optimum = pool_curves(gold, proxy, betas)

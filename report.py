@@ -283,13 +283,17 @@ class Evaluator:
             self.proxies[path] = reward.load_reward_model(path, self.device)
         return self.proxies[path]
 
-    def __call__(self, name, path, proxy_path, out_dir, seed):
+    def __call__(self, name, path, proxy_path, out_dir, seed, per_prefix=1):
+        """The result of policy `name` (checkpoint path): per_prefix samples of each held-out prefix (more for the SFT
+        model, every frontier's start, so that its evaluation noise does not move them all)."""
         record = os.path.join(out_dir, "samples", f"{name}.json")
         samples = os.path.join(out_dir, "samples", f"{name}.jsonl")
         made_by = dict(policy=fingerprint(path), proxy=proxy_path and fingerprint(proxy_path),
                        ref=fingerprint(self.ref_path), prompts=self.prompts_sha, seed=seed,
                        max_new_tokens=self.max_new_tokens, temperature=TEMPERATURE, device=str(self.device),
                        dtype=self.dtype, batch_size=self.batch_size, **self.gold_by)
+        if per_prefix != 1:  # (records made before the option stay valid)
+            made_by["per_prefix"] = per_prefix
         stored = stored_result(record, samples, made_by)
         if stored is not None:
             return stored
@@ -300,7 +304,8 @@ class Evaluator:
             self.ref = load_policy(self.ref_path, self.device)[0]
         policy = self.load(path)
         with self.ctx:
-            ev = ppo.evaluate_policy(policy, self.ref, self.prompts, self.judge, self.device, self.ctx,
+            prompts = [p for p in self.prompts for _ in range(per_prefix)]
+            ev = ppo.evaluate_policy(policy, self.ref, prompts, self.judge, self.device, self.ctx,
                                      self.max_new_tokens, self.batch_size, TEMPERATURE, seed=seed)
             prox = reward.score_texts(self.reward_model(proxy_path), [s["prompt"] for s in ev["samples"]],
                                       [s["response"] for s in ev["samples"]], self.device) if proxy_path else None

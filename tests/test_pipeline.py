@@ -441,6 +441,7 @@ def test_a_finished_run_keeps_a_policy_in_its_training_dtype_and_a_reward_model_
 # end to end
 
 MARGIN = 0.03  # gold reward above the SFT model's
+PROXY_MARGIN = 0.1  # proxy reward above the SFT model's (its sd about 1: one standard error of the difference)
 
 
 def sub_runs_alive(folder):
@@ -562,15 +563,16 @@ def test_ctrl_c_stops_the_sub_runs_and_the_same_command_continues(tiny):
 
 
 def test_tiny_pipeline_raises_the_gold_reward(tiny):
-    """The main job's learning, at tiny size, on 128 held-out prefixes (standard error of a difference of mean gold
-    rewards about 0.04). Gold reward minus the SFT model's, seen by hand with --seed=1337 (the default) / 1 / 2
-    (2026-12-04, the preset's 2 RL epochs per rollout at learning rate 7e-4, 512 training prompts):
-        ppo_gt +0.095 / +0.058 / +0.127    dpo  +0.146 / +0.148 / +0.272    grpo -0.014 / +0.102 / +0.068
-        ppo    -0.012 / +0.065 / -0.009    rloo +0.026 / +0.081 / +0.058    mean of the five +0.048 / +0.091 / +0.103
-    The methods that learn from the gold reward itself (PPO-GT) or from its labels (DPO) gain on every seed; those
-    that optimise the proxy gain only as far as the tiny proxy is right (it ranks 46% / 57% / 59% of held-out pairs
-    right on those seeds), so for them only the mean over the five methods is asserted. Preferred-FT (+0.020 with
-    seed 1337) runs at this size but is not asserted to learn."""
+    """The main job's learning, at tiny size, on 128 held-out prefixes (the SFT model on 256 samples: standard error
+    of a difference of mean gold rewards about 0.03). Gold / proxy reward minus the SFT model's, seen by hand with
+    `train.py pipeline --preset=tiny --seed=S` for S = 1337 (the default) / 1 / 2 (2026-12-07):
+        ppo_gt gold +0.063 / +0.059 / +0.122    dpo  gold +0.094 / +0.181 / +0.266
+        ppo   proxy +0.269 / +0.351 / +0.212    rloo proxy +0.223 / +0.483 / +0.396    grpo proxy +0.229 / +0.366 / +0.299
+    The methods that learn from the gold reward itself (PPO-GT) or from its labels (DPO) gain gold on every seed.
+    Those that optimise the proxy raise the proxy on every seed, and gold only as far as the tiny proxy is right (it
+    ranks 46% / 57% / 59% of held-out pairs right on those seeds: with 1337 their gold falls by 0.03-0.07). Before
+    the SFT model had 2 samples per prefix, its reading on 128 was 0.03 low with 1337, and the mean gold gain of the
+    five methods, asserted then, passed by that luck. Preferred-FT runs at this size but is not asserted to learn."""
     results = tiny["results"]
     (rep,) = results["replicates"]
     res = rep["policies"]
@@ -581,8 +583,8 @@ def test_tiny_pipeline_raises_the_gold_reward(tiny):
     final = {report.method_of(name): r for name, r in res.items() if name != "sft" and "@" not in name}
     gain = {m: r["gold"] - sft for m, r in final.items()}
     assert gain["ppo_gt"] > MARGIN and gain["dpo"] > MARGIN, gain
-    five = [gain[m] for m in ("ppo", "ppo_gt", "dpo", "rloo", "grpo")]
-    assert sum(five) / len(five) > MARGIN, gain
+    proxy_gain = {m: final[m]["proxy"] - res["sft"]["proxy"] for m in ("ppo", "rloo", "grpo")}
+    assert all(g > PROXY_MARGIN for g in proxy_gain.values()), proxy_gain
     assert all(0 < r["kl"] < 30 for r in res.values() if r is not res["sft"]), res
     # checkpoints along training were evaluated too: RL at steps 3 and 6 of 12, DPO at 16 of 32
     # (the tiny preset keeps none for Preferred-FT)
@@ -600,8 +602,11 @@ def test_tiny_pipeline_raises_the_gold_reward(tiny):
     assert set(results["fits"]) == methods | {"bon_proxy"}
     assert "gold @ KL 2.5" in tiny["results_md"] and "| dpo |" in tiny["results_md"]
     assert all(head == b"\x89PNG\r\n\x1a\n" for head in tiny["pngs"].values())
-    samples = tiny["sft_samples"]
-    assert len(samples) == 128 and {"prefix", "response", "gold", "proxy", "kl"} <= set(json.loads(samples[0]))
+    samples = tiny["sft_samples"]  # the SFT model, every frontier's start: 2 samples per held-out prefix
+    assert len(samples) == res["sft"]["n"] == 256 and {"prefix", "response", "gold", "proxy", "kl"} <= set(
+        json.loads(samples[0]))
+    assert [json.loads(s)["prefix"] for s in samples[:4:2]] == [json.loads(s)["prefix"] for s in samples[1:4:2]]
+    assert all(r["n"] == 128 for name, r in res.items() if name != "sft")  # a policy: one each
 
 
 def test_tiny_pipeline_reuses_what_it_made_and_never_mixes_runs(tiny):
