@@ -32,6 +32,7 @@ Beside each row, the fraction of the hardware limit it reaches, so that the next
   in one launch, but each still runs: at these sizes a step's time is mostly its kernel count x a few us).
 """
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -93,7 +94,7 @@ def write_inputs(folder, seed=0):
 @torch.no_grad()
 def bench_sample(folder, batch, new=128, prompt=64, calls=5, warmup=2):
     training = load_policy(os.path.join(folder, "policy.pt"), "cuda")[0]  # float32, as a policy in training
-    model = load_policy(os.path.join(folder, "policy.pt"), "cuda")[0].to(torch.bfloat16)
+    model = copy.deepcopy(training).to(torch.bfloat16)  # bf16 weights, as the peer's
     ids = torch.randint(0, 50257, (batch, prompt), device="cuda")
     mask = torch.ones_like(ids)
     out = {}
