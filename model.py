@@ -108,7 +108,7 @@ class KVCache:
 def attention_mask(valid, q_idx, dtype):
     """(B, 1, Tq, Tk) additive bias in dtype: 0 where query at absolute slot q_idx[i] sees a real key at a slot <= its
     own, -inf elsewhere. (A boolean mask is the same numbers, but scaled_dot_product_attention converts it to this in
-    every layer, two or three kernels each; made here, it is made once per forward.)
+    every layer, three kernels each; made here, it is made once per forward.)
 
     Each query also always sees itself, so a padding query (left padding has no real key before it) gets a
     well-defined softmax instead of NaN; its output is never used."""
