@@ -105,18 +105,15 @@ class KVCache:
         self.valid = torch.zeros(batch_size, length, dtype=torch.bool, device=device)
 
 
-def attention_mask(valid, q_idx, dtype):
-    """(B, 1, Tq, Tk) additive bias in dtype: 0 where query at absolute slot q_idx[i] sees a real key at a slot <= its
-    own, -inf elsewhere. (A boolean mask is the same numbers, but scaled_dot_product_attention converts it to this in
-    every layer, three kernels each; made here, it is made once per forward.)
+def attention_mask(valid, q_idx):
+    """(B, 1, Tq, Tk) bool: query at absolute slot q_idx[i] sees real keys at slots <= its own.
 
     Each query also always sees itself, so a padding query (left padding has no real key before it) gets a
     well-defined softmax instead of NaN; its output is never used."""
     k_idx = torch.arange(valid.size(1), device=valid.device)
     causal = k_idx[None, :] <= q_idx[:, None]  # (Tq, Tk)
     self_ = k_idx[None, :] == q_idx[:, None]
-    sees = (causal[None] & (valid[:, None, :] | self_[None]))[:, None]
-    return torch.zeros(sees.shape, dtype=dtype, device=valid.device).masked_fill_(~sees, float("-inf"))
+    return (causal[None] & (valid[:, None, :] | self_[None]))[:, None]
 
 
 class GPT(nn.Module):
@@ -178,13 +175,12 @@ class GPT(nn.Module):
             else:
                 valid, q_idx = mask.bool(), torch.arange(T, device=idx.device)
                 pos = (valid.long().cumsum(1) - 1).clamp(min=0)
-                attn_mask = attention_mask(valid, q_idx, matmul_dtype(self, idx.device.type))
-                kv = [None] * len(self.transformer.h)
+                attn_mask, kv = attention_mask(valid, q_idx), [None] * len(self.transformer.h)
         else:
             real = torch.ones(B, T, dtype=torch.bool, device=idx.device) if mask is None else mask.bool()
             cache.valid.index_copy_(1, cache_idx, real)
             pos = (cache.valid.long().cumsum(1) - 1).clamp(min=0).index_select(1, cache_idx)
-            attn_mask, q_idx = attention_mask(cache.valid, cache_idx, matmul_dtype(self, idx.device.type)), cache_idx
+            attn_mask, q_idx = attention_mask(cache.valid, cache_idx), cache_idx
             kv = [(cache.k[i], cache.v[i]) for i in range(len(self.transformer.h))]
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block, layer_kv in zip(self.transformer.h, kv):
