@@ -158,11 +158,12 @@ PRESETS = {
         bon_prompts=8, bon_pool=16, sft_samples=2),
 }
 PRESETS["gpu-bt"] = dict(PRESETS["gpu"], labels="bt")
-# a learning-rate sweep at one strength each: is a method's distance to the optimum its own, or its settings'? The
-# RL strengths are those whose optimum the pool of 128 holds (about 0.4-1.5 nats), so the objective gap is measured
-PRESETS["gpu-lr"] = dict(PRESETS["gpu"], methods=dict(ppo=[0.5], ppo_gt=[0.1], dpo=[1.0]),
+# a learning-rate sweep: is a method's distance to the optimum its own, or its settings'? The RL strengths are those
+# whose optimum the pool of 128 holds (about 0.4-1.5 nats), so the objective gap is measured; DPO at three betas, as
+# a smaller rate spends less KL (2e-4 was worse than 5e-5 at every KL: RESULTS.md, "The learning rate of DPO")
+PRESETS["gpu-lr"] = dict(PRESETS["gpu"], methods=dict(ppo=[0.5], ppo_gt=[0.1], dpo=[0.05, 0.1, 1.0]),
                          learning_rates=dict(ppo=[2e-5, 5e-5, 1e-4, 2e-4], ppo_gt=[2e-5, 5e-5, 1e-4, 2e-4],
-                                             dpo=[1e-5, 5e-5, 2e-4]))
+                                             dpo=[1e-5, 2e-5, 5e-5]))
 
 
 def with_rl_batch(preset, batch_size):

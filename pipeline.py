@@ -77,9 +77,9 @@ REPLICATE_STRIDE = 1000  # replicate r's seeds are the first's plus 1000 (r - 1)
 class PipelineConfig(RunConfig):
     out_dir: str = opt("out/imdb", "run folder of the whole benchmark; each sub-run gets a folder inside it")
     preset: str = opt("cpu", "IMDb: cpu (the main job: ~4 min on 2 cores, committed sample), gpu (the DPO paper's "
-                             "set-up, 2 replicates), gpu-bt (gpu with simulated BT labels), gpu-lr (PPO and DPO at "
-                             "4 learning rates each) or tiny (the tests'); your data (own_data.py): own (the default "
-                             "with --preferences), hh-cpu (HH-RLHF's test pairs, ~4 min on 2 cores) or own-tiny")
+                             "set-up, 2 replicates), gpu-bt (gpu with simulated BT labels), gpu-lr (PPO at 4 rates, "
+                             "DPO at 3 rates x 3 betas) or tiny (the tests'); your data (own_data.py): own (the "
+                             "default with --preferences), hh-cpu (HH-RLHF's test pairs, ~4 min on 2 cores), own-tiny")
     imdb_dir: str = opt("", "folder with IMDb {train,test,unsup}.jsonl.gz (default: the preset's; cpu: the "
                             "committed sample)")
     jobs: int = opt(0, "sub-runs at once (0: the preset's; several share one GPU well)", min=0)
