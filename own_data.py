@@ -395,7 +395,7 @@ def run_pipeline(cfg, run, queue, preset, methods):
         sft_ckpt = os.path.join(sft_dir, "ckpt.pt")
     block_size = load_checkpoint(sft_ckpt, "policy")["model_args"]["block_size"]
     eval_prompts = [row["prompt"] for _, row in read_jsonl(splits["prompts_eval"])]
-    # 3. the queue, 4. the evaluation of each policy as its run finishes (on the CPU after them all)
+    # 3. the queue, 4. the evaluation of each policy as its run finishes (on the CPU once a core is idle)
     jobs, after, names, rm_dir = jobs_of(cfg, preset, methods, sft_ckpt, splits, block_size, dev)
     proxy = rm_dir and os.path.join(rm_dir, "ckpt.pt")
     evaluate = Evaluator(sft_ckpt, eval_prompts, cfg, preset["max_new_tokens"], gold=cfg.gold or False)
@@ -413,10 +413,7 @@ def run_pipeline(cfg, run, queue, preset, methods):
 
     then = {d: [rm_dir] for d in names} if rm_dir else {}
     failed = queue.run_all(jobs, "2/3 reward model, methods, evaluation", cfg.jobs or preset["jobs"], cfg.overwrite,
-                           cpu=on_cpu, after=after, on_done=None if on_cpu else on_done, on_done_after=then)
-    if on_cpu:
-        for out_dir in [d for d in [rm_dir, *names] if d and d not in failed]:
-            on_done(out_dir)
+                           cpu=on_cpu, after=after, on_done=on_done, on_done_after=then)
     if "sft" not in policies:  # no reward model: the SFT model's KL is 0, its samples still shown beside the others
         policies["sft"] = evaluate("sft", sft_ckpt, None, cfg.out_dir, cfg.seed)
     # 5. the report

@@ -263,7 +263,8 @@ class Queue:
         for (PPO for its reward model; its folder is checked when it starts, as its inputs exist only then).
         on_done(out_dir) runs here as each job finishes or is found done, while the others train, after the on_done
         of on_done_after[out_dir] (a DPO run is evaluated with its reward model). cpu: each sub-run gets
-        cores // max_jobs threads. A sub-run that fails leaves the others running: returns {out_dir: why} of each
+        cores // max_jobs threads, and on_done waits for a core the sub-runs leave idle (nothing left to start, fewer
+        than max_jobs running), so the evaluation fills the queue's tail instead of slowing the sub-runs. A sub-run that fails leaves the others running: returns {out_dir: why} of each
         one that failed, could not start (a prerequisite failed) or cannot be evaluated (the same), {} if none."""
         self.check()
         threads = max(1, (os.cpu_count() or 1) // max_jobs) if cpu else 0
@@ -295,7 +296,7 @@ class Queue:
                             running[pool.submit(self.run, *job, plan, inputs, threads)] = job[1]
                     # 2. evaluate one finished run whose prerequisites are evaluated, while the others train
                     ready = [d for d in unevaluated if set(then.get(d, ())) <= evaluated]
-                    if ready and not self.signals:
+                    if ready and not self.signals and not (cpu and (waiting or len(running) >= max_jobs)):
                         unevaluated.remove(ready[0]), evaluated.add(ready[0])
                         if on_done:
                             t0 = time.time()
@@ -557,8 +558,8 @@ def run_pipeline(cfg, run, queue, preset, methods, files, sft_arg):
     # 4. one queue: the reward models, every method's runs, and the evaluation on the held-out prefixes of the SFT
     # model, every run's final policy and the weights it kept along training (NAME@STEP), and best-of-N from the SFT
     # policy. A method that needs no reward model (DPO, PPO on the gold reward, ...) starts beside the reward models,
-    # and each run is evaluated as it finishes, while the others train (on the CPU, whose cores the sub-runs already
-    # fill, after them)
+    # and each run is evaluated as it finishes, while the others train (on the CPU, whose cores the sub-runs fill,
+    # once a core is idle: Queue.run_all)
     jobs, after, owner = queue_jobs(preset, methods, reps, sft_ckpt, prompts_files[0], block_size, dev)
     evaluate = Evaluator(sft_ckpt, eval_prompts, cfg, preset["max_new_tokens"])
     betas = sorted({*OPTIMUM_BETAS, *(b for m in methods if m in OBJECTIVE for b in preset["methods"][m])})
@@ -580,10 +581,7 @@ def run_pipeline(cfg, run, queue, preset, methods, files, sft_arg):
 
     evaluated_after = {d: [rep.path("reward")] for d, (rep, name) in owner.items() if name is not None}
     failed = queue.run_all(jobs, "2/3 reward models, methods, evaluation", cfg.jobs or preset["jobs"], cfg.overwrite,
-                           cpu=on_cpu, after=after, on_done=None if on_cpu else on_done, on_done_after=evaluated_after)
-    if on_cpu:
-        for out_dir in (d for d in owner if d not in failed):
-            on_done(out_dir)
+                           cpu=on_cpu, after=after, on_done=on_done, on_done_after=evaluated_after)
     # a replicate whose reward model failed has nothing evaluated: it leaves the report, named among the failures
     reps = [rep for rep in reps if rep.path("reward") not in failed]
     if not reps:

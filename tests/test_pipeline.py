@@ -319,6 +319,29 @@ def test_queue_starts_dependents_after_and_evaluates_in_dependency_order(monkeyp
     assert running[1] == 2
 
 
+
+def test_on_the_cpu_a_run_is_evaluated_once_a_core_is_idle(monkeypatch):
+    """b ends first and c takes its place beside a: on a GPU b is evaluated at once, while a and c train; on the CPU,
+    whose cores the two sub-runs fill, only once a has ended and a core is idle."""
+    seconds = dict(a=0.4, b=0.05, c=0.8)
+    for cpu in (False, True):
+        q, events, lock = pipeline.Queue(), [], threading.Lock()
+
+        def run(stage, out_dir, args, plan, inputs, threads):
+            with lock:
+                events.append(("start", out_dir))
+            time.sleep(seconds[out_dir])
+            with lock:
+                events.append(("end", out_dir))
+            return 0
+
+        monkeypatch.setattr(q, "run", run)
+        monkeypatch.setattr(pipeline, "sub_run_plan", lambda *job: ("fresh", {}))
+        q.run_all([(name, name, []) for name in seconds], "test", 2, False, cpu=cpu,
+                  on_done=lambda d: events.append(("on_done", d)))
+        assert (events.index(("on_done", "b")) > events.index(("end", "a"))) == cpu, (cpu, events)
+        assert sorted(d for e, d in events if e == "on_done") == ["a", "b", "c"]
+
 def test_a_failed_sub_run_leaves_the_others_and_says_why(tmp_path, monkeypatch):
     """A reward model whose sub-run exits 2: the other jobs still run and are evaluated; the PPO run that needed it
     never starts, the DPO run beside it trains but is not evaluated (it would be scored by that model); each is
