@@ -284,10 +284,9 @@ class Queue:
                     for d in [d for d in unevaluated if lost(d, then)]:
                         unevaluated.remove(d)
                         failed[d] = f"not evaluated: {lost(d, then)} failed"
-                    # 1. start, in order, what is ready while a worker is free
-                    for job in [j for j in waiting if set(after.get(j[1], ())) <= finished]:
-                        if len(running) >= max_jobs or self.signals:
-                            break
+                    # 1. start, in order, what is ready while a worker is free (a job found done makes others ready)
+                    startable = lambda: next((j for j in waiting if set(after.get(j[1], ())) <= finished), None)
+                    while len(running) < max_jobs and not self.signals and (job := startable()):
                         waiting.remove(job)
                         plan, inputs = plans.get(job[1]) or sub_run_plan(*job, overwrite)
                         if plan == "done":

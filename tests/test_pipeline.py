@@ -342,6 +342,20 @@ def test_on_the_cpu_a_run_is_evaluated_once_a_core_is_idle(monkeypatch):
         assert (events.index(("on_done", "b")) > events.index(("end", "a"))) == cpu, (cpu, events)
         assert sorted(d for e, d in events if e == "on_done") == ["a", "b", "c"]
 
+
+def test_a_run_found_done_lets_what_waits_for_it_start(monkeypatch):
+    """A re-run: the reward model is found done (no sub-run), so the PPO run waiting for it starts at once, on the
+    CPU too, where the reward model's evaluation waits for that run's core."""
+    for cpu in (False, True):
+        q, events = pipeline.Queue(), []
+        monkeypatch.setattr(q, "run", lambda stage, out_dir, *rest: events.append(("run", out_dir)) or 0)
+        monkeypatch.setattr(pipeline, "sub_run_plan", lambda stage, *job: ("done" if stage == "reward" else "fresh", {}))
+        failed = q.run_all([("reward", "reward", []), ("ppo", "ppo", [])], "test", 1, False, cpu=cpu,
+                           after={"ppo": ["reward"]}, on_done=lambda d: events.append(("on_done", d)),
+                           on_done_after={"ppo": ["reward"]})
+        assert failed == {} and ("run", "ppo") in events, (cpu, events)
+        assert [d for e, d in events if e == "on_done"] == ["reward", "ppo"]
+
 def test_a_failed_sub_run_leaves_the_others_and_says_why(tmp_path, monkeypatch):
     """A reward model whose sub-run exits 2: the other jobs still run and are evaluated; the PPO run that needed it
     never starts, the DPO run beside it trains but is not evaluated (it would be scored by that model); each is
