@@ -319,7 +319,6 @@ def test_queue_starts_dependents_after_and_evaluates_in_dependency_order(monkeyp
     assert running[1] == 2
 
 
-
 def test_on_the_cpu_a_run_is_evaluated_once_a_core_is_idle(monkeypatch):
     """b ends first and c takes its place beside a: on a GPU b is evaluated at once, while a and c train; on the CPU,
     whose cores the two sub-runs fill, only once a has ended and a core is idle."""
@@ -349,12 +348,14 @@ def test_a_run_found_done_lets_what_waits_for_it_start(monkeypatch):
     for cpu in (False, True):
         q, events = pipeline.Queue(), []
         monkeypatch.setattr(q, "run", lambda stage, out_dir, *rest: events.append(("run", out_dir)) or 0)
-        monkeypatch.setattr(pipeline, "sub_run_plan", lambda stage, *job: ("done" if stage == "reward" else "fresh", {}))
+        monkeypatch.setattr(pipeline, "sub_run_plan",
+                            lambda stage, *job: ("done" if stage == "reward" else "fresh", {}))
         failed = q.run_all([("reward", "reward", []), ("ppo", "ppo", [])], "test", 1, False, cpu=cpu,
                            after={"ppo": ["reward"]}, on_done=lambda d: events.append(("on_done", d)),
                            on_done_after={"ppo": ["reward"]})
         assert failed == {} and ("run", "ppo") in events, (cpu, events)
         assert [d for e, d in events if e == "on_done"] == ["reward", "ppo"]
+
 
 def test_a_failed_sub_run_leaves_the_others_and_says_why(tmp_path, monkeypatch):
     """A reward model whose sub-run exits 2: the other jobs still run and are evaluated; the PPO run that needed it
