@@ -322,7 +322,7 @@ def test_queue_starts_dependents_after_and_evaluates_in_dependency_order(monkeyp
 def test_on_the_cpu_a_run_is_evaluated_once_a_core_is_idle(monkeypatch):
     """b ends first and c takes its place beside a: on a GPU b is evaluated at once, while a and c train; on the CPU,
     whose cores the two sub-runs fill, only once a has ended and a core is idle."""
-    seconds = dict(a=0.4, b=0.05, c=0.8)
+    seconds = dict(a=1.0, b=0.05, c=1.2)  # b ends, and is evaluated on a GPU, nearly 1 s before a ends
     for cpu in (False, True):
         q, events, lock = pipeline.Queue(), [], threading.Lock()
 
