@@ -394,6 +394,7 @@ def run_pipeline(cfg, run, queue, preset, methods):
             raise TrainingError(f"{sft_dir}: sub-run failed ({failed[sft_dir]}); see its log.txt")
         sft_ckpt = os.path.join(sft_dir, "ckpt.pt")
     block_size = load_checkpoint(sft_ckpt, "policy")["model_args"]["block_size"]
+    run.begin()  # the inputs have loaded
     eval_prompts = [row["prompt"] for _, row in read_jsonl(splits["prompts_eval"])]
     # 3. the queue, 4. the evaluation of each policy as its run finishes (on the CPU once a core is idle)
     jobs, after, names, rm_dir = jobs_of(cfg, preset, methods, sft_ckpt, splits, block_size, dev)

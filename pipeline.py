@@ -130,7 +130,7 @@ def stale(what, old, new, overwrite):
     return diff
 
 
-IGNORED = ("out_dir", *RESTART_KEYS)  # keys that do not change what a sub-run computes (runtime.py)
+IGNORED = RESTART_KEYS  # keys that do not change what a sub-run computes (runtime.py)
 
 
 def sub_run_plan(stage, out_dir, args, overwrite):
@@ -228,9 +228,10 @@ class Queue:
         return min(self.gpus, key=busy) if self.gpus else None
 
     def run(self, stage, out_dir, args, plan, inputs, threads):
-        """In a pool thread: `python train.py STAGE ARGS` in its own session, writing out_dir/log.txt, on the GPU of
-        --gpus that runs the fewest sub-runs; once it finished, its checkpoint without the optimizer state (kept
-        while it can resume). Returns its exit status."""
+        """In a pool thread: `python train.py STAGE ARGS` in its own session (stopped as by Ctrl-C if this process
+        dies: runtime.stop_with_parent), writing out_dir/log.txt, on the GPU of --gpus that runs the fewest sub-runs;
+        once it finished, its checkpoint without the optimizer state (kept while it can resume). Returns its exit
+        status."""
         if plan == "overwrite":
             shutil.rmtree(out_dir)  # from scratch: no stale checkpoint, summary or metrics survives
         os.makedirs(out_dir, exist_ok=True)
@@ -242,7 +243,8 @@ class Queue:
             log.write(" ".join(cmd) + "\n")
             log.flush()
             gpu = self.pick_gpu()
-            env = dict(os.environ, TQDM_DISABLE="1", **({"OMP_NUM_THREADS": str(threads)} if threads else {}),
+            env = dict(os.environ, TQDM_DISABLE="1", RLHF_PIPELINE_PID=str(os.getpid()),
+                       **({"OMP_NUM_THREADS": str(threads)} if threads else {}),
                        **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}))
             p = self.procs[out_dir] = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
                                                        start_new_session=True)
@@ -522,10 +524,10 @@ def pipeline(cfg):
 
 def with_queue(cfg, body):
     """body(run, queue) in the pipeline's run folder (this one and own_data.py's), with a Queue that takes Ctrl-C and
-    SIGTERM: the sub-runs save and stop, and the pipeline exits with status 130."""
+    SIGTERM: the sub-runs save and stop, and the pipeline exits with status 130. body calls run.begin() (config.json)
+    once its inputs have loaded, so that bad input leaves nothing that would refuse the corrected command."""
     run = Run(cfg, "pipeline")
     queue = Queue(check_gpus(cfg), os.path.join(cfg.out_dir, "profile.jsonl"))
-    run.begin()
     for sig in (signal.SIGINT, signal.SIGTERM):  # in place of Run's handler, as Run's stays for its process's life
         signal.signal(sig, queue.on_signal)
     try:
@@ -549,6 +551,7 @@ def run_pipeline(cfg, run, queue, preset, methods, files, sft_arg):
     phase("sft")
     # 2. prompts, 3. preference pairs of each replicate
     prompts_files = make_prompts(cfg, preset, files)
+    run.begin()  # the inputs have loaded
     train_prompts, eval_prompts = ([row["prompt"] for _, row in read_jsonl(p)] for p in prompts_files)
     reps = [Replicate(r, replicate_seed(cfg.seed, r), os.path.join(cfg.out_dir, f"rep{r}"))
             for r in range(1, (cfg.replicates or preset["replicates"]) + 1)]

@@ -14,10 +14,11 @@ The rules of a run folder, one design for every stage:
   (a folder of another stage still needs --overwrite).
 - No run writes into the folder of a file it reads (--init_from=out/sft/ckpt.pt --out_dir=out/sft is refused, with
   or without --overwrite).
-- --resume continues the run in the folder with the keys of its config.json (resume_config): a key given on the
-  command line that differs is refused, except those that only extend or observe the run (RESUME_KEYS: more steps,
-  log, eval and checkpoint intervals, device, tracker, ...), which are recorded in config.json's "changes" at the
-  step the run resumes from; the keys it started with stay as they were.
+- --resume continues the run in the folder it names (a moved or copied folder where it now is) with the keys of its
+  config.json (resume_config): a key given on the command line that differs is refused, except those that only
+  extend or observe the run (RESUME_KEYS: more steps, log, eval and checkpoint intervals, device, tracker, ...),
+  which are recorded in config.json's "changes" at the step the run resumes from; the keys it started with stay as
+  they were.
 """
 import ctypes
 import dataclasses
@@ -48,10 +49,10 @@ from model import GPT
 RESUME_KEYS = ("resume", "out_dir", "max_iters", "log_interval", "eval_interval", "ckpt_interval", "ckpt_minutes",
                "device", "tracker", "compile", "grad_checkpoint", "micro_batch_size", "snapshot_interval",
                "snapshot_steps", "gpus", "jobs")
-# keys in which a new run may differ from the folder's and still be the same run (micro_batch_size splits the same
-# batch's gradient into other sums, gpus places the pipeline's sub-runs)
-RESTART_KEYS = ("resume", "overwrite", "log_interval", "ckpt_interval", "ckpt_minutes", "grad_checkpoint", "tracker",
-                "micro_batch_size", "gpus")
+# keys in which a new run may differ from the folder's and still be the same run (out_dir: the folder, moved or copied;
+# micro_batch_size splits the same batch's gradient into other sums, gpus places the pipeline's sub-runs)
+RESTART_KEYS = ("out_dir", "resume", "overwrite", "log_interval", "ckpt_interval", "ckpt_minutes", "grad_checkpoint",
+                "tracker", "micro_batch_size", "gpus")
 # keys that name files a run reads: none may lie inside its own run folder
 INPUT_KEYS = ("init_from", "ref", "ckpt", "policy", "reward", "data", "eval_data", "prompts", "eval_prompts",
               "unsafe_prompts", "sft")
@@ -76,9 +77,10 @@ def as_stored(value):
 
 
 def resume_config(stage, cls, cfg, argv):
-    """The config of `--resume --out_dir=X`: every key from X/config.json. A key named on the command line (argv)
-    that differs is a ConfigError naming it, unless it is one of RESUME_KEYS; those changes are kept in
-    cfg.changes for Run to record."""
+    """The config of `--resume --out_dir=X`: every key from X/config.json, in folder X (wherever the run began: a
+    moved or copied folder continues where it now is). A key named on the command line (argv) that differs is a
+    ConfigError naming it, unless it is one of RESUME_KEYS; those changes are kept in cfg.changes for Run to
+    record."""
     path = os.path.join(cfg.out_dir, "config.json")
     if not os.path.exists(path):
         raise ConfigError(f"--resume: {path} does not exist: there is no run to continue in --out_dir={cfg.out_dir}")
@@ -100,6 +102,8 @@ def resume_config(stage, cls, cfg, argv):
                                   f"its keys (only {', '.join(k for k in RESUME_KEYS[2:])} may change): start a new "
                                   f"run in another --out_dir instead")
             changes[key] = [old, new]
+    if stored.get("out_dir") != cfg.out_dir:  # the folder was moved or copied, or named from another directory
+        changes["out_dir"] = [stored.get("out_dir"), cfg.out_dir]
     resumed = check_config(cls(**{**{k: v for k, v in stored.items() if k in names},
                                   **{k: new for k, (_, new) in changes.items()}, "resume": True}))
     resumed.changes = changes
@@ -467,6 +471,22 @@ def keep_freed_memory():
         return
     libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks below 32 MB come from the heap
     libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: return the heap's free top to the kernel only above 1 GB
+
+
+def stop_with_parent():
+    """In a pipeline's sub-run (its environment names the pipeline's process in RLHF_PIPELINE_PID): a SIGTERM when the
+    pipeline's process ends, however it ends (SIGKILL, a closed terminal), so that the sub-run saves a checkpoint
+    and exits (Run's handler) instead of running on alone and holding its folder (Linux's PR_SET_PDEATHSIG;
+    elsewhere this does nothing)."""
+    parent = os.environ.pop("RLHF_PIPELINE_PID", None)
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not glibc
+        return
+    if os.getppid() != int(parent):  # it ended before the line above
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 # ----------------------------------------------------------------------------------------------------------------

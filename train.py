@@ -29,7 +29,7 @@ import sft
 from config import ConfigError, TrainingError, config_help, parse_config
 from data import DataError, use_chat_template
 from dist import init_distributed, is_main, shutdown, world
-from runtime import keep_freed_memory, resume_config
+from runtime import keep_freed_memory, resume_config, stop_with_parent
 
 # stage -> (config class, function, what it does, runs under torchrun)
 STAGES = {
@@ -61,6 +61,7 @@ STAGES = {
 
 def main(argv):
     keep_freed_memory()
+    stop_with_parent()
     if argv and argv[0] in ("-h", "--help"):
         width = max(map(len, STAGES))
         print(__doc__.strip() + "\n\nstages:\n" + "\n".join(f"  {s:<{width}}  {v[2]}" for s, v in STAGES.items()))

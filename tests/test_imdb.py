@@ -256,6 +256,17 @@ def test_pipeline_refuses_a_damaged_committed_sft_model(tmp_path, monkeypatch):
     assert not (tmp_path / "imdb").exists()  # refused before anything is written
 
 
+def test_a_pipeline_stopped_by_a_bad_sft_model_leaves_no_config_to_refuse_the_next_command(tmp_path, in_process):
+    """A bad --sft fails in one line before the pipeline writes its config.json, so the next command into the
+    folder, with another --sft, is judged on its own input, not refused as 'another config'."""
+    for name in ("a.pt", "b.pt"):
+        (tmp_path / name).write_bytes(b"not a checkpoint")
+        code, _, err = in_process("pipeline", "--preset=tiny", f"--sft={tmp_path / name}", "--device=cpu",
+                                  f"--out_dir={tmp_path / 'run'}")
+        assert code == 2 and len(err.strip().splitlines()) == 1 and name in err and "config" not in err, err
+        assert not (tmp_path / "run" / "config.json").exists()
+
+
 def imdb_cli(*args):
     env = dict(os.environ, TQDM_DISABLE="1")
     return subprocess.run([sys.executable, "imdb.py", *args], cwd=ROOT, capture_output=True, text=True, env=env,

@@ -311,6 +311,7 @@ def test_bad_input_is_one_line_naming_the_file(tmp_path, in_process, case):
     code, out, err = in_process("pipeline", *args)
     assert code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1, err
     assert want in err, err
+    assert not os.path.exists(tmp_path / "run" / "config.json")  # nothing to refuse the corrected command
 
 
 @pytest.mark.skipif(not os.path.exists(own_data.HH.split(",")[0]), reason="no ../shared/data beside the checkout")

@@ -389,6 +389,28 @@ def test_a_failed_sub_run_leaves_the_others_and_says_why(tmp_path, monkeypatch):
     assert "| rep1/reward | error: --data: bad.jsonl:3: bad JSON |" in (tmp_path / "results.md").read_text()
 
 
+def test_a_sub_run_saves_and_stops_when_the_pipeline_is_killed(tmp_path):
+    """SIGKILL of the pipeline's process, which it cannot catch, still stops a running sub-run as Ctrl-C would: it
+    saves a checkpoint and exits, rather than training on alone and holding its folder against the re-run."""
+    data, out = tmp_path / "corpus.jsonl", tmp_path / "sft"
+    data.write_text("".join(json.dumps({"text": f"the film was {w} ."}) + "\n" for w in ["good", "bad"] * 50))
+    args = [f"--data={data}", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
+            "--max_iters=3000", "--ckpt_interval=5", "--eval_interval=100000", "--device=cpu"]
+    code = f"import pipeline; pipeline.Queue().run('sft', {str(out)!r}, {args!r}, 'fresh', {{}}, 1)"
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=child_env())
+    deadline = time.time() + 120
+    while not (out / "ckpt.pt").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    parent.kill()
+    parent.wait()
+    while "stopped at step" not in (out / "log.txt").read_text() and time.time() < deadline:
+        time.sleep(0.2)
+    log = (out / "log.txt").read_text()
+    assert "SIGTERM: saving a checkpoint" in log and "stopped at step" in log, log[-2000:]
+    step = int(log.split("stopped at step ")[1].split(";")[0])
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == step > 0
+
+
 def test_each_gpu_preset_job_parses_and_waits_for_the_reward_model_it_reads(tmp_path):
     preset = pipeline.PRESETS["gpu"]
     rep = pipeline.Replicate(1, 1, str(tmp_path / "rep1"))

@@ -166,6 +166,19 @@ def test_ctrl_c_then_the_printed_command_resumes_the_run_it_names(corpus, straig
     assert one_line_error(code, err) and "without its optimizer state" in err, err
 
 
+def test_resume_continues_the_folder_it_names_when_the_run_was_copied(straight, tmp_path, in_process):
+    """--resume --out_dir=B on a copy of run A continues B, not the folder A that B's config.json names: A is left
+    as it was, and B records where it moved (a change at the step it resumed from)."""
+    shutil.copytree(straight, tmp_path / "copy", ignore=shutil.ignore_patterns(".lock"))
+    before = os.path.getmtime(straight / "ckpt.pt"), read_json(straight / "summary.json")
+    assert in_process("sft", "--resume", f"--out_dir={tmp_path / 'copy'}", "--max_iters=14")[0] == 0
+    assert read_json(tmp_path / "copy/summary.json")["step"] == 14
+    assert torch.load(tmp_path / "copy/ckpt.pt", weights_only=True)["step"] == 14
+    assert (os.path.getmtime(straight / "ckpt.pt"), read_json(straight / "summary.json")) == before
+    assert read_json(tmp_path / "copy/config.json")["changes"] == [
+        dict(step=12, max_iters=[12, 14], out_dir=[str(straight), str(tmp_path / "copy")])]
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
     checkpoint.save_checkpoint(path, dict(kind="policy", model={"w": torch.ones(3)}))
