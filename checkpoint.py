@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from config import ConfigError, TrainingError, opt
+from config import ConfigError, TrainingError, opt, plural
 from data import atomic_write
 from model import GPT, GPTConfig, N_REAL_TOKENS
 
@@ -545,7 +545,7 @@ def export(cfg):
     with atomic_write(os.path.join(cfg.out, "config.json")) as f:
         json.dump(config, f, indent=2)
     what = config["architectures"][0]
-    print(f"exported {cfg.ckpt} ({ckpt['kind']}, {ckpt['model_args']['n_layer']} layers x "
+    print(f"exported {cfg.ckpt} ({ckpt['kind']}, {plural(ckpt['model_args']['n_layer'], 'layer')} x "
           f"{ckpt['model_args']['n_embd']}) to {cfg.out}: load it with {what}.from_pretrained({cfg.out!r})")
     if ckpt["kind"] == "reward":
         print(f"the head has no bias in {what}: its logit is our normalised score minus reward_offset = "

@@ -473,10 +473,16 @@ def _prompts(path):
         yield prompt
 
 
-def load_prompts(paths, limit=None):
+def load_prompts(paths, limit=None, room=0):
     """Prompts for sampling -> list[str] (at most `limit` in all), from .txt files (one per non-blank line), JSON
-    lines, or standard input (-)."""
-    return list(itertools.islice((p for path in files(paths) for p in _prompts(path)), limit))
+    lines, or standard input (-). room: the tokens a prompt may have (block_size - max_new_tokens); a line says how
+    many are longer, as sampling keeps only their last `room` tokens (model.sample_responses)."""
+    prompts = list(itertools.islice((p for path in files(paths) for p in _prompts(path)), limit))
+    n_long = sum(len(encode_prompt(p)) > room for p in prompts) if room > 0 else 0
+    if n_long:
+        print(f"{paths}: {n_long} of {plural(len(prompts), 'prompt')} are longer than block_size - max_new_tokens = "
+              f"{room} tokens; each keeps its last {room}")
+    return prompts
 
 
 def _imdb_row(path, n, obj):

@@ -289,7 +289,7 @@ def train_online(cfg):
     ref = load_policy(cfg.ref or cfg.init_from, device, frozen_dtype(cfg), cfg.compile)[0].requires_grad_(False)
     reward_fn = make_reward(cfg.reward, device, cfg.reward_weights, cfg.reward_combine, cfg.unsafe_prompts,
                             dtype=frozen_dtype(cfg))
-    prompts = load_prompts(cfg.prompts, cfg.max_prompts or None)
+    prompts = load_prompts(cfg.prompts, cfg.max_prompts or None, policy.config.block_size - cfg.max_new_tokens)
     optimizer = make_optimizer(policy, cfg, device)
     start = run.restore(policy, optimizer)
     print(f"online {cfg.loss}, beta {cfg.beta}: {cfg.batch_size} prompts x 2 sampled responses per step; "

@@ -79,7 +79,8 @@ class PipelineConfig(RunConfig):
     preset: str = opt("cpu", "IMDb: cpu (the main job: ~4 min on 2 cores, committed sample), gpu (the DPO paper's "
                              "set-up, 2 replicates), gpu-bt (gpu with simulated BT labels), gpu-lr (PPO at 4 rates, "
                              "DPO at 3 rates x 3 betas) or tiny (the tests'); your data (own_data.py): own (the "
-                             "default with --preferences), hh-cpu (HH-RLHF's test pairs, ~4 min on 2 cores), own-tiny")
+                             "default with --preferences), own-gpu, hh-cpu (HH-RLHF's test pairs, ~4 min on 2 "
+                             "cores), hh-gpu, own-tiny")
     imdb_dir: str = opt("", "folder with IMDb {train,test,unsup}.jsonl.gz (default: the preset's; cpu: the "
                             "committed sample)")
     jobs: int = opt(0, "sub-runs at once (0: the preset's; several share one GPU well)", min=0)
@@ -504,7 +505,8 @@ def queue_jobs(preset, methods, reps, sft_ckpt, prompts_file, block_size, dev):
 def pipeline(cfg):
     preset = PRESETS.get(cfg.preset)
     if preset is None:
-        raise ConfigError(f"--preset={cfg.preset}: expected one of {', '.join(PRESETS)}")
+        raise ConfigError(f"--preset={cfg.preset}: expected one of {', '.join(PRESETS)} (the IMDb benchmark), or, "
+                          f"for your data, own, own-gpu, hh-cpu, hh-gpu, own-tiny (own_data.py)")
     methods = cfg.methods.split(",") if cfg.methods else list(preset["methods"])
     for m in methods:
         if m not in METHODS:

@@ -413,8 +413,9 @@ def train_rl(cfg, algo):
     ref.requires_grad_(False)
     reward_fn = make_reward(cfg.reward, device, cfg.reward_weights, cfg.reward_combine, cfg.unsafe_prompts,
                             cfg.micro_batch_size, frozen_dtype(cfg))
-    prompts = load_prompts(cfg.prompts, cfg.max_prompts or None)
-    eval_prompts = load_prompts(cfg.eval_prompts, cfg.eval_iters * cfg.batch_size) if cfg.eval_prompts else []
+    room = policy.config.block_size - cfg.max_new_tokens
+    prompts = load_prompts(cfg.prompts, cfg.max_prompts or None, room)
+    eval_prompts = load_prompts(cfg.eval_prompts, cfg.eval_iters * cfg.batch_size, room) if cfg.eval_prompts else []
     critic = make_critic(cfg, policy, device) if algo == "ppo" else None
     if cfg.compile and isinstance(critic, RewardModel):
         critic.gpt.compile_hidden()

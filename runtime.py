@@ -10,7 +10,7 @@ The rules of a run folder, one design for every stage:
 - Nothing is written until the run writes its first row, checkpoint or output: a run that fails before (bad data, a
   bad model file) leaves nothing behind that would refuse the corrected command.
 - A new training run into a folder that holds a run of another stage or config is refused unless --overwrite; the
-  same command again starts it afresh. Stages that only read a checkpoint (sample, score) replace their own output
+  same command again starts it afresh (and says so where the run was unfinished: --resume continues it). Stages that only read a checkpoint (sample, score) replace their own output
   (a folder of another stage still needs --overwrite).
 - No run writes into the folder of a file it reads (--init_from=out/sft/ckpt.pt --out_dir=out/sft is refused, with
   or without --overwrite).
@@ -152,6 +152,8 @@ class Run:
 
     def _open(self, replaces_output):
         resume = getattr(self.cfg, "resume", False)
+        if getattr(self.cfg, "tracker", "none") != "none":
+            Tracker.load(self.cfg.tracker)  # a missing package, before any work
         inside = None if resume else inputs_inside(self.cfg, self.dir)
         if inside:
             raise ConfigError(f"--{inside[0]}={inside[1]} lies inside --out_dir={self.dir}, which this run writes; "
@@ -225,6 +227,9 @@ class Run:
                     write_json(path, stored)
                 self._truncate_metrics(self.ckpt["step"])
             else:
+                if os.path.exists(self.ckpt_path) and not os.path.exists(os.path.join(self.dir, "summary.json")):
+                    print(f"--out_dir={self.dir} held an unfinished run; starting afresh (--resume would have "
+                          f"continued it)", file=sys.stderr)
                 for name in os.listdir(self.dir):  # nothing of an earlier run is left to mix with this one
                     if name in ("metrics.jsonl", "summary.json", "ckpt.pt") or re.fullmatch(r"ckpt-\d+\.pt", name):
                         os.remove(os.path.join(self.dir, name))
@@ -378,18 +383,22 @@ class Tracker:
     its steps again here, not there)."""
 
     def __init__(self, name, run_dir, config):
-        module, package = dict(tensorboard=("torch.utils.tensorboard", "tensorboard"), wandb=("wandb", "wandb"))[name]
-        try:
-            self.mod = importlib.import_module(module)
-        except ImportError:
-            raise ConfigError(f"--tracker={name}: the {package} package is not installed (pip install {package})") \
-                from None
-        self.name = name
+        self.mod, self.name = Tracker.load(name), name
         if name == "tensorboard":
             self.writer = self.mod.SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"))
         else:
             self.writer = self.mod.init(project="rlhf", name=f"{config['stage']}:{os.path.basename(run_dir.rstrip('/'))}",
                                         dir=run_dir, config=config)
+
+    @staticmethod
+    def load(name):
+        """The tracker's module; a one-line error where its package is missing (Run checks as the run opens)."""
+        module, package = dict(tensorboard=("torch.utils.tensorboard", "tensorboard"), wandb=("wandb", "wandb"))[name]
+        try:
+            return importlib.import_module(module)
+        except ImportError:
+            raise ConfigError(f"--tracker={name}: the {package} package is not installed (pip install {package})") \
+                from None
 
     def log(self, step, row):
         numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

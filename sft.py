@@ -231,9 +231,9 @@ def sample(cfg):
     run = Run(cfg, "sample", replaces_output=True)
     device, ctx = setup_device(cfg)
     model, _ = load_policy(cfg.ckpt, device)
-    prompts = load_prompts(cfg.prompts) if cfg.prompts else [cfg.prompt]
-    g = torch.Generator(device=device).manual_seed(cfg.seed)
     max_new_tokens = cfg.max_new_tokens or model.config.block_size // 2
+    prompts = load_prompts(cfg.prompts, room=model.config.block_size - max_new_tokens) if cfg.prompts else [cfg.prompt]
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
     s = sample_responses(model, [p for p in prompts for _ in range(cfg.num_samples)], max_new_tokens, g, device,
                          ctx, cfg.temperature, cfg.top_k, cfg.top_p, cfg.batch_size, desc="sampling")
     lengths = s.resp_mask.sum(1).long().tolist()
@@ -299,7 +299,7 @@ def bon(cfg):
     policy, _ = load_policy(cfg.init_from, device)
     reward_fn = make_reward(cfg.reward, device, cfg.reward_weights, cfg.reward_combine, cfg.unsafe_prompts,
                             cfg.batch_size, frozen_dtype(cfg))
-    all_prompts = load_prompts(cfg.prompts, cfg.max_prompts or None)
+    all_prompts = load_prompts(cfg.prompts, cfg.max_prompts or None, policy.config.block_size - cfg.max_new_tokens)
     prompts = my_share(all_prompts)  # under torchrun each process samples its share; rank 0 gathers and writes
     # N samples per prompt, scored; keep each prompt's best (Llama 2's rejection sampling keeps the same)
     g = torch.Generator(device=device).manual_seed(rank_seed(cfg.seed, 0, SAMPLING))

@@ -135,6 +135,19 @@ def test_prompts_from_each_source(tmp_path):
     assert data.load_prompts(txt, limit=1) == ["first prompt"]
 
 
+def test_prompts_longer_than_the_room_for_them_are_counted_in_one_line(tmp_path, capsys):
+    """Sampling keeps a too-long prompt's end (model.sample_responses); loading them with the room for a prompt
+    (block_size - max_new_tokens) says how many are cut, and says nothing when none is."""
+    txt = write(tmp_path, "p.txt", b"a short one\n" + b"word " * 40 + b"\nanother short one\n")
+    room = len(data.encode_prompt("word " * 40)) - 1
+    assert len(data.load_prompts(txt, room=room)) == 3
+    assert capsys.readouterr().out == (f"{txt}: 1 of 3 prompts are longer than block_size - max_new_tokens = {room} "
+                                       f"tokens; each keeps its last {room}\n")
+    data.load_prompts(txt, room=room + 1)
+    data.load_prompts(txt)
+    assert capsys.readouterr().out == ""
+
+
 # -----------------------------------------------------------------------------
 # SFT and IMDb
 

@@ -520,6 +520,7 @@ def test_a_missing_tracker_package_is_one_line_naming_it(tmp_path, in_process, m
     monkeypatch.setitem(sys.modules, module, None)  # import fails, as when the package is not installed
     code, _, err = in_process(*tiny_sft(tmp_path, f"--tracker={tracker}"))
     assert code == 2 and len(err.strip().splitlines()) == 1 and f"pip install {package}" in err, err
+    assert not os.path.exists(tmp_path / "run" / "config.json")  # found as the run opened, before any work
     code, _, err = in_process(*tiny_sft(tmp_path, "--tracker=mlflow"))
     assert code == 2 and "--tracker=mlflow" in err
 

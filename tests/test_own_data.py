@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import own_data
+import pipeline
 import train
 from checkpoint import load_policy
 from data import load_preferences, read_jsonl
@@ -272,6 +273,13 @@ def test_dpo_alone_needs_no_reward_model(tmp_path, in_process):
     dpo = report["policies"]["dpo_beta0.1_seed1"]
     assert dpo["proxy"] is None and "win_rate" not in dpo and 0 <= dpo["implicit_accuracy"] <= 1 and dpo["kl"] > 0
     assert (tmp_path / "run" / "best" / "model.safetensors").exists()
+
+
+def test_an_unknown_preset_names_every_preset_of_both_pipelines(tmp_path, in_process):
+    code, _, err = in_process("pipeline", "--preset=nope", f"--out_dir={tmp_path}")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert all(name in err for name in [*own_data.PRESETS, *pipeline.PRESETS]), err
+    assert all(name in in_process("pipeline", "--help")[1] for name in own_data.PRESETS)
 
 
 @pytest.mark.parametrize("case", ["missing", "one_pair", "bad_line", "imdb_preset", "no_policy", "empty_prompts",

@@ -179,6 +179,14 @@ def test_resume_continues_the_folder_it_names_when_the_run_was_copied(straight, 
         dict(step=12, max_iters=[12, 14], out_dir=[str(straight), str(tmp_path / "copy")])]
 
 
+def test_the_same_command_again_on_an_unfinished_run_says_it_starts_afresh(corpus, straight, tmp_path, in_process):
+    shutil.copytree(straight, tmp_path / "run", ignore=shutil.ignore_patterns(".lock", "summary.json"))
+    code, _, err = in_process(*RESUMED, f"--data={corpus}", f"--out_dir={tmp_path / 'run'}")
+    assert code == 0 and "held an unfinished run; starting afresh (--resume would have continued it)" in err, err
+    assert read_json(tmp_path / "run/summary.json") == read_json(straight / "summary.json")
+    assert "held an unfinished run" not in in_process(*RESUMED, f"--data={corpus}", f"--out_dir={tmp_path / 'run'}")[2]
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
     checkpoint.save_checkpoint(path, dict(kind="policy", model={"w": torch.ones(3)}))
