@@ -77,10 +77,9 @@ REPLICATE_STRIDE = 1000  # replicate r's seeds are the first's plus 1000 (r - 1)
 class PipelineConfig(RunConfig):
     out_dir: str = opt("out/imdb", "run folder of the whole benchmark; each sub-run gets a folder inside it")
     preset: str = opt("cpu", "IMDb: cpu (the main job: ~4 min on 2 cores, committed sample), gpu (the DPO paper's "
-                             "set-up, 2 replicates), gpu-bt (gpu with simulated BT labels), gpu-lr (PPO at 4 rates, "
-                             "DPO at 3 rates x 3 betas) or tiny (the tests'); your data (own_data.py): own (the "
-                             "default with --preferences), own-gpu, hh-cpu (HH-RLHF's test pairs, ~4 min on 2 "
-                             "cores), hh-gpu, own-tiny")
+                             "set-up, 2 replicates), gpu-bt (simulated BT labels), gpu-lr (a learning-rate sweep) or "
+                             "tiny (the tests'); your data (own_data.py): own (the default with --preferences), "
+                             "own-gpu, hh-cpu (HH-RLHF's test pairs, ~4 min on 2 cores), hh-gpu, own-tiny")
     imdb_dir: str = opt("", "folder with IMDb {train,test,unsup}.jsonl.gz (default: the preset's; cpu: the "
                             "committed sample)")
     jobs: int = opt(0, "sub-runs at once (0: the preset's; several share one GPU well)", min=0)
@@ -231,8 +230,7 @@ class Queue:
     def run(self, stage, out_dir, args, plan, inputs, threads):
         """In a pool thread: `python train.py STAGE ARGS` in its own session (stopped as by Ctrl-C if this process
         dies: runtime.stop_with_parent), writing out_dir/log.txt, on the GPU of --gpus that runs the fewest sub-runs;
-        once it finished, its checkpoint without the optimizer state (kept while it can resume). Returns its exit
-        status."""
+        once it finished, its checkpoint without the optimizer state (kept while it can resume). Returns its status."""
         if plan == "overwrite":
             shutil.rmtree(out_dir)  # from scratch: no stale checkpoint, summary or metrics survives
         os.makedirs(out_dir, exist_ok=True)
@@ -505,8 +503,8 @@ def queue_jobs(preset, methods, reps, sft_ckpt, prompts_file, block_size, dev):
 def pipeline(cfg):
     preset = PRESETS.get(cfg.preset)
     if preset is None:
-        raise ConfigError(f"--preset={cfg.preset}: expected one of {', '.join(PRESETS)} (the IMDb benchmark), or, "
-                          f"for your data, own, own-gpu, hh-cpu, hh-gpu, own-tiny (own_data.py)")
+        raise ConfigError(f"--preset={cfg.preset}: expected one of {', '.join(PRESETS)} (IMDb) or, for your data, "
+                          f"own, own-gpu, hh-cpu, hh-gpu, own-tiny")
     methods = cfg.methods.split(",") if cfg.methods else list(preset["methods"])
     for m in methods:
         if m not in METHODS:
@@ -526,8 +524,8 @@ def pipeline(cfg):
 
 def with_queue(cfg, body):
     """body(run, queue) in the pipeline's run folder (this one and own_data.py's), with a Queue that takes Ctrl-C and
-    SIGTERM: the sub-runs save and stop, and the pipeline exits with status 130. body calls run.begin() (config.json)
-    once its inputs have loaded, so that bad input leaves nothing that would refuse the corrected command."""
+    SIGTERM: the sub-runs save and stop, and the pipeline exits with status 130. body calls run.begin() once its
+    inputs have loaded (bad input leaves no config.json to refuse the corrected command)."""
     run = Run(cfg, "pipeline")
     queue = Queue(check_gpus(cfg), os.path.join(cfg.out_dir, "profile.jsonl"))
     for sig in (signal.SIGINT, signal.SIGTERM):  # in place of Run's handler, as Run's stays for its process's life
