@@ -313,8 +313,7 @@ def clipped_policy_loss(logp, old_logp, advantages, mask, cliprange=0.2, n_token
     loss = torch.where(m, torch.max(pg1, pg2), 0.0).sum() / n
     with torch.no_grad():
         stats = {"policy/approxkl": 0.5 * logratio.pow(2).sum(),  # as N+ logs it
-                 "policy/clipfrac": ((pg2 > pg1) & m).sum(),
-                 "val/ratio": torch.where(m, ratio, 0.0).sum()}
+                 "policy/clipfrac": ((pg2 > pg1) & m).sum(), "val/ratio": torch.where(m, ratio, 0.0).sum()}
     return loss, stats
 
 
