@@ -480,7 +480,8 @@ def write_report(report, sample_rows, side_prompts, out):
              f"which tokens a response holds and its length, fitted on the same training pairs): "
              f"{accuracy_text(report['bag_of_words_accuracy_by_file'])}. Each policy on "
              f"{report['n_eval_prompts']} held-out prompts, one sample each at temperature {TEMPERATURE:g}: reward "
-             f"(the reward model's, normalised on SFT samples), KL to the SFT model (nats per response), win rate "
+             f"(the reward model's, normalised on SFT samples), KL to the SFT model (nats per response, a "
+             f"mean of sampled log-ratios: near 0 it can read below 0), win rate "
              f"against the SFT model's response to the same prompt by the reward model (ties half; 95% interval), "
              f"DPO's implicit-reward accuracy on held-out pairs (Unlikelihood: the chosen response more likely)" +
              (f"; gold: the mean score of --gold's judge, {gold}, and its win rate against SFT."
