@@ -164,20 +164,27 @@ def model_from_checkpoint(ckpt, path, module=None):
 
 def load_policy(path, device, dtype=None, compile=False):
     """A GPT language model (from sft, dpo, ppo, ..., or a GPT-2 folder), in eval mode with dropout off. dtype
-    (frozen_dtype(cfg) for a model that is never trained: a reference policy) stores the weights in that type;
-    compile: GPT.compile_hidden."""
+    (frozen_dtype(cfg) for a model that is never trained: a reference policy) stores its Linear layers' weights in
+    that type, as autocast casts them for every product anyway; the embeddings and LayerNorms stay float32, so that
+    under autocast the reference computes exactly what the policy it started as does (KL 0 at step 0: with all of it
+    in bfloat16 its residual stream is rounded at every layer, +0.02 nats per response at the start). compile:
+    GPT.compile_hidden."""
     ckpt = load_checkpoint(path, "policy")
-    model = model_from_checkpoint(ckpt, path)
+    model = model_from_checkpoint(ckpt, path).to(device)
     disable_dropout(model)
+    for m in model.modules() if dtype is not None else ():
+        if isinstance(m, torch.nn.Linear) and m is not model.lm_head:  # lm_head is the embedding (tied)
+            m.to(dtype)
     if compile:
         model.compile_hidden()
-    return model.to(device, dtype).eval(), ckpt
+    return model.eval(), ckpt
 
 
 def frozen_dtype(cfg):
-    """bfloat16 weights for models that are never trained (reference policy, reward model) when the run computes in
-    bfloat16 anyway (autocast casts every matmul input to it): half their memory, which is what lets GPT-2-medium and
-    larger fit beside the policy, its optimizer and critic on one GPU. None (keep float32) otherwise."""
+    """bfloat16 weights for models that are never trained (reference policy: its Linear layers, load_policy; reward
+    model) when the run computes in bfloat16 anyway (autocast casts every matmul input to it): about half their
+    memory, which is what lets GPT-2-medium and larger fit beside the policy, its optimizer and critic on one GPU.
+    None (keep float32) otherwise."""
     return torch.bfloat16 if cfg.dtype == "bfloat16" else None
 
 

@@ -398,10 +398,14 @@ def test_an_exported_policy_and_reward_model_load_in_transformers(tmp_path, in_p
 def test_frozen_models_load_in_bfloat16_and_keep_their_scores_close(tmp_path):
     from reward import load_reward_model
     folder = write_folder(tmp_path / "gpt2")
-    policy, _ = checkpoint.load_policy(folder, "cpu", torch.bfloat16)
-    assert all(p.dtype == torch.bfloat16 for p in policy.parameters())
-    tokens, mask = policy.generate(torch.tensor([[50256, 464]]), torch.ones(1, 2, dtype=torch.long), 5,
-                                   temperature=0.0)
+    policy, _ = checkpoint.load_policy(folder, "cpu", torch.bfloat16)  # its Linear layers; the rest float32
+    assert {n for n, p in policy.named_parameters() if p.dtype == torch.float32} == \
+        {n for n, p in policy.named_parameters() if ".ln_" in n or n.startswith(("transformer.wte", "transformer.wpe",
+                                                                                  "transformer.ln_f"))}
+    assert sum(p.dtype == torch.bfloat16 for p in policy.parameters()) >= 4 * policy.config.n_layer
+    with torch.autocast("cpu", torch.bfloat16):
+        tokens, mask = policy.generate(torch.tensor([[50256, 464]]), torch.ones(1, 2, dtype=torch.long), 5,
+                                       temperature=0.0)
     assert tokens.shape == (1, 5) and mask.sum() >= 1
     rm = reward_model()
     torch.save(dict(kind="reward", model=rm.state_dict(), model_args=dict(vars(rm.config))), tmp_path / "rm.pt")

@@ -5,6 +5,7 @@ reward rises with N, and a killed PPO run resumes to the same numbers."""
 import inspect
 import json
 import math
+import os
 import random
 import re
 import signal
@@ -23,7 +24,7 @@ import dist
 import dpo
 import ppo
 import reward
-from conftest import interrupt_and_resume, main_in_process, read_json, read_metrics, timeless
+from conftest import ROOT, interrupt_and_resume, main_in_process, read_json, read_metrics, timeless
 from model import response_mask
 
 SUBJECTS = ["the cat", "the dog", "my friend", "this film", "a bird", "the book", "her song", "the food"]
@@ -535,3 +536,19 @@ def test_best_of_n_reward_rises_with_n_and_rejection_sampling_finetunes(tiny):
     before = ppo.evaluate_policy(tiny["policy"], tiny["policy"], SUBJECTS * 8, reward_fn, "cpu", max_new_tokens=6)
     after = ppo.evaluate_policy(tuned, tiny["policy"], SUBJECTS * 8, reward_fn, "cpu", max_new_tokens=6)
     assert after["score"] > before["score"] + 0.05 and after["kl"] > 0
+
+
+def test_a_bfloat16_reference_reads_kl_0_at_step_0():
+    """Under bfloat16 autocast the frozen reference (its Linear weights stored in bfloat16: frozen_dtype) computes
+    the same log-probs as the float32 policy it is a copy of, so the KL starts at exactly 0 (with the whole model in
+    bfloat16 it read about +0.02 nats a response)."""
+    path = os.path.join(ROOT, "assets", "sft-imdb-cpu.pt")
+    policy, _ = checkpoint.load_policy(path, "cpu")
+    ref, _ = checkpoint.load_policy(path, "cpu", torch.bfloat16)
+    assert ref.transformer.h[0].attn.c_attn.weight.dtype == torch.bfloat16  # the memory saved is real
+    ctx = torch.autocast("cpu", torch.bfloat16)
+    s = model.sample_responses(policy, ["This movie was", "I watched this film", "What a"] * 4, 16,
+                               torch.Generator().manual_seed(0), "cpu", ctx)
+    with torch.no_grad(), ctx:
+        logp, ref_logp = (model.response_logprobs(m, s.ids, s.mask, s.R) for m in (policy, ref))
+    assert s.resp_mask.sum() > 50 and torch.equal(logp, ref_logp)
