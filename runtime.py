@@ -8,7 +8,7 @@ flat JSON object per logged step), summary.json (the final metrics, flat) and ck
 The rules of a run folder, one design for every stage:
 - One run at a time holds it (out_dir/.lock); a second run into it exits in one line.
 - Nothing is written until the run writes its first row, checkpoint or output: a run that fails before (bad data, a
-  bad model file) leaves nothing behind that would refuse the corrected command.
+  bad model file) leaves nothing behind that would refuse the corrected command (nor the folder, if it made it).
 - A new training run into a folder that holds a run of another stage or config is refused unless --overwrite; the
   same command again starts it afresh (and says so where the run was unfinished: --resume continues it). Stages that only read a checkpoint (sample, score) replace their own output
   (a folder of another stage still needs --overwrite).
@@ -20,6 +20,7 @@ The rules of a run folder, one design for every stage:
   which are recorded in config.json's "changes" at the step the run resumes from; the keys it started with stay as
   they were.
 """
+import atexit
 import ctypes
 import dataclasses
 import fcntl
@@ -158,11 +159,14 @@ class Run:
         if inside:
             raise ConfigError(f"--{inside[0]}={inside[1]} lies inside --out_dir={self.dir}, which this run writes; "
                               f"choose another --out_dir")
+        created = not os.path.exists(self.dir)
         try:
             os.makedirs(self.dir, exist_ok=True)
             self._lock()
         except OSError as e:  # a read-only folder, a file where the folder should be, a full disk
             raise ConfigError(f"--out_dir={self.dir}: cannot write the run folder ({e.strerror or e})") from None
+        if created:
+            atexit.register(self._remove_if_unused)
         if resume:
             if not os.path.exists(self.ckpt_path):
                 raise ConfigError(f"--resume: {self.ckpt_path} does not exist (the run stopped before its first "
@@ -190,6 +194,17 @@ class Run:
             raise ConfigError(f"--out_dir={self.dir} is in use by another run (wait for it, or choose another "
                               f"--out_dir)") from None
         _LOCKS[key] = f
+
+    def _remove_if_unused(self):
+        """At exit: the folder this run made, where it wrote nothing (bad input stopped it first), is not left behind
+        holding its .lock."""
+        try:
+            if not self.begun and os.listdir(self.dir) == [".lock"]:
+                _LOCKS.pop(os.path.realpath(self.dir)).close()
+                os.remove(os.path.join(self.dir, ".lock"))
+                os.rmdir(self.dir)
+        except (OSError, KeyError):
+            pass
 
     def _check_reuse(self, replaces_output=False):
         """A new run may reuse a folder of the same stage and config (a re-run), or of the same stage whatever its

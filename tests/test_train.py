@@ -109,6 +109,16 @@ def test_bad_keys_and_values_give_one_line_errors(args, needle, tmp_path, in_pro
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+def test_a_run_stopped_by_bad_data_leaves_no_folder_it_made(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": \n')
+    (tmp_path / "there").mkdir()
+    for out in (tmp_path / "new", tmp_path / "there"):  # a folder it made goes; one that was there stays, empty
+        p = run_cli("sft", f"--data={bad}", *TINY_MODEL, f"--out_dir={out}", check=False)
+        assert p.returncode == 2 and f"{bad}:2:" in p.stderr, p.stderr
+        assert sorted(os.listdir(tmp_path)) == ["bad.jsonl", "there"]
+
+
 def test_unknown_stage_is_refused(in_process):
     code, _, err = in_process("bogus")
     assert code == 2 and "unknown stage 'bogus'" in err
