@@ -10,8 +10,9 @@ The rules of a run folder, one design for every stage:
 - Nothing is written until the run writes its first row, checkpoint or output: a run that fails before (bad data, a
   bad model file) leaves nothing behind that would refuse the corrected command (nor the folder, if it made it).
 - A new training run into a folder that holds a run of another stage or config is refused unless --overwrite; the
-  same command again starts it afresh (and says so where the run was unfinished: --resume continues it). Stages that only read a checkpoint (sample, score) replace their own output
-  (a folder of another stage still needs --overwrite).
+  same command again starts it afresh (and says so where the run was unfinished: --resume continues it). Stages
+  that only read a checkpoint (sample, score) replace their own output (a folder of another stage still needs
+  --overwrite).
 - No run writes into the folder of a file it reads (--init_from=out/sft/ckpt.pt --out_dir=out/sft is refused, with
   or without --overwrite).
 - --resume continues the run in the folder it names (a moved or copied folder where it now is) with the keys of its
