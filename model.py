@@ -95,13 +95,14 @@ class Block(nn.Module):
 class KVCache:
     """Preallocated keys and values for every layer, plus which slots hold real tokens.
 
-    k, v: (n_layer, B, H, T, hd); valid: (B, T) bool. Nothing is ever reallocated, so the decoding step has static
-    shapes and addresses (what CUDA graph capture needs)."""
+    k, v: a (B, H, T, hd) tensor per layer; valid: (B, T) bool. Nothing is ever reallocated, so the decoding step has
+    static shapes and addresses (what CUDA graph capture needs). One tensor per layer, not views of one: a compiled
+    step writes a view of its input by copying the whole tensor, and the new slot alone in place otherwise."""
 
     def __init__(self, cfg, batch_size, length, device, dtype):
-        shape = (cfg.n_layer, batch_size, cfg.n_head, length, cfg.n_embd // cfg.n_head)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, cfg.n_head, length, cfg.n_embd // cfg.n_head)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.valid = torch.zeros(batch_size, length, dtype=torch.bool, device=device)
 
 
@@ -147,9 +148,10 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters()) - self.transformer.wpe.weight.numel()
 
     def compile_hidden(self):
-        """torch.compile the path of every training step and log-prob (hidden() without a cache). Decoding keeps
-        the plain path, as its step is replayed as a CUDA graph instead. Weights and checkpoints are unaffected."""
+        """torch.compile the path of every training step and log-prob (hidden() without a cache), and the model part
+        of a decoding step (next_logits), which the CUDA graph then replays. Weights and checkpoints are unaffected."""
         self.compiled = torch.compile(self._hidden)
+        self.compiled_decode = torch.compile(self.next_logits, dynamic=False)
         return self
 
     def hidden(self, idx, mask=None, cache=None, cache_idx=None):
@@ -181,7 +183,7 @@ class GPT(nn.Module):
             cache.valid.index_copy_(1, cache_idx, real)
             pos = (cache.valid.long().cumsum(1) - 1).clamp(min=0).index_select(1, cache_idx)
             attn_mask, q_idx = attention_mask(cache.valid, cache_idx), cache_idx
-            kv = [(cache.k[i], cache.v[i]) for i in range(len(self.transformer.h))]
+            kv = list(zip(cache.k, cache.v))
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block, layer_kv in zip(self.transformer.h, kv):
             if getattr(self, "grad_checkpoint", False) and cache is None and torch.is_grad_enabled():
@@ -225,7 +227,7 @@ class GPT(nn.Module):
         length = -(-(P + max_new_tokens) // 64) * 64 if graph else P + max_new_tokens
         d = self._decoder(B, length, max_new_tokens, prompt.device, (temperature, top_k, top_p, eos_id, pad_id), graph)
         gen = d.lend(generator) if graph else generator  # the graph draws from its own generator, in our state
-        for name, copy in self._graph_weights(d.cache.k.dtype).items() if graph else ():
+        for name, copy in self._graph_weights(d.cache.k[0].dtype).items() if graph else ():
             copy.copy_(self.get_parameter(name))  # the copies the graph reads (in its dtype), as the weights are now
         d.cache.valid.zero_()
         h = self.hidden(prompt, prompt_mask, d.cache, torch.arange(P, device=prompt.device))[:, -1]  # prefill
@@ -246,14 +248,19 @@ class GPT(nn.Module):
     def decode_step(self, d, temperature, top_k, top_p, eos_id, pad_id, generator):
         """One new token per row: feeds d.tok at cache slot d.slot, writes the next token into column d.col of d.out.
         Tensor ops on d's fixed buffers only (no host sync, no Python branch on data), so it can be a CUDA graph."""
-        h = self.hidden(d.tok[:, None], None, d.cache, d.slot)[:, -1]  # (B, C)
-        tok = sample_token(self.logits(h).float(), temperature, top_k, top_p, generator)
+        logits = (self.__dict__.get("compiled_decode") or self.next_logits)(d.tok, d.slot, d.cache)
+        tok = sample_token(logits, temperature, top_k, top_p, generator)
         tok = torch.where(d.done, pad_id, tok)
         d.out.index_copy_(1, d.col, tok[:, None])
         d.done |= tok == eos_id
         d.tok.copy_(tok)
         d.slot += 1
         d.col += 1
+
+    def next_logits(self, tok, slot, cache):
+        """Logits (B, 50257), float32, after tokens tok (B,) go into cache slot `slot` (1,): a decoding step's model
+        part, compiled with --compile (the sampling cannot be: dynamo does not trace a torch.Generator)."""
+        return self.logits(self.hidden(tok[:, None], None, cache, slot)[:, -1]).float()
 
     def _decoder(self, B, length, max_new_tokens, device, sampling, graph):
         """The decoding buffers (and, on a GPU, the captured step) for this shape, made once and kept: the last

@@ -269,6 +269,28 @@ def test_the_graphs_step_reads_bfloat16_copies_of_the_linear_weights_and_draws_t
     assert torch.equal(outs[0], outs[1]) and len(set(outs[0][0].tolist())) > 8
 
 
+def test_the_compiled_decoding_step_draws_the_plain_steps_tokens():
+    """With --compile (GPT.compile_hidden) a decoding step's model part is compiled (next_logits): it draws the
+    tokens of the plain step, writing its keys into the cache tensors it was given (what a CUDA graph replays)."""
+    m = tiny(5)
+    ids = torch.randint(0, 50257, (4, 8), generator=torch.Generator().manual_seed(0))
+    outs = []
+    for compiled in (False, True):
+        if compiled:
+            m.compile_hidden()
+        with torch.no_grad():
+            d = Decoder(m.config, 4, 24, 16, torch.device("cpu"), torch.float32, graph=False)
+            d.gen, k = torch.Generator().manual_seed(1), list(d.cache.k)
+            d.cache.valid.zero_()
+            h = m.hidden(ids, torch.ones_like(ids), d.cache, torch.arange(8))[:, -1]
+            d.start(sample_token(m.logits(h).float(), generator=d.gen), 8, EOS, PAD)
+            for _ in range(15):
+                m.decode_step(d, 1.0, 0, 1.0, EOS, PAD, d.gen)
+        assert all(a is b for a, b in zip(k, d.cache.k)) and d.cache.k[0][:, :, 22].abs().sum() > 0
+        outs.append(d.out)
+    assert torch.equal(outs[0], outs[1]) and len(set(outs[0][0].tolist())) > 8
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-graph sampler needs a CUDA GPU")
 def test_graph_sampler_under_autocast_follows_the_weights_as_they_change_on_a_gpu():
     """Under bf16 autocast with float32 weights (a policy in training) the graph reads bfloat16 copies of the Linear
