@@ -130,15 +130,12 @@ def stale(what, old, new, overwrite):
     return diff
 
 
-IGNORED = RESTART_KEYS  # keys that do not change what a sub-run computes (runtime.py)
-
-
 def sub_run_plan(stage, out_dir, args, overwrite):
     """(plan, inputs) of the sub-run `train.py STAGE ARGS --out_dir=OUT_DIR`: 'done' (finished, made by this config,
-    ignoring IGNORED, from these inputs: inputs.json), 'resume' (the same, killed after a checkpoint), 'fresh', or
-    'overwrite' (a stale run, with --overwrite)."""
+    ignoring runtime.RESTART_KEYS, which do not change what it computes, from these inputs: inputs.json), 'resume'
+    (the same, killed after a checkpoint), 'fresh', or 'overwrite' (a stale run, with --overwrite)."""
     cfg = parse_config(SUB_RUN_CONFIGS[stage], [*args, f"--out_dir={out_dir}"])
-    new = {k: v for k, v in as_stored(dict(stage=stage, **dataclasses.asdict(cfg))).items() if k not in IGNORED}
+    new = {k: v for k, v in as_stored(dict(stage=stage, **dataclasses.asdict(cfg))).items() if k not in RESTART_KEYS}
     inputs = inputs_of(args)
     stored = {f: read_json(os.path.join(out_dir, f)) if os.path.exists(os.path.join(out_dir, f)) else None
               for f in ("config.json", "inputs.json")}
@@ -147,7 +144,7 @@ def sub_run_plan(stage, out_dir, args, overwrite):
         return "fresh", inputs  # never started, or killed before it wrote its config
     old = stored["config.json"] and {k: v for k, v in effective_config(stored["config.json"],
                                                                         SUB_RUN_CONFIGS[stage]).items()
-                                     if k not in IGNORED}
+                                     if k not in RESTART_KEYS}
     if stale(out_dir, old, new, overwrite) or \
             stale(f"{out_dir} (its input files)", stored["inputs.json"], inputs, overwrite):
         return "overwrite", inputs
