@@ -8,7 +8,8 @@ Rows, all at GPT-2-small shape (12 layers, 768 wide, 124M parameters, random wei
 them), bf16, at the peers' exact settings (../shared/peers/README.md):
 - sample: GPT.generate(), prompt 64, 128 new tokens, batch 64 and 256, weights in bf16 as generate()'s peer; also
   the eager decoder (no CUDA graph), float32 weights under bf16 autocast (graph_autocast: how a policy in training
-  samples its rollouts) and a check that graph and eager draw the same tokens from the same seed.
+  samples its rollouts), with --compile=on the compiled decoding step (GPT.compile_hidden) in the graph, and a check
+  that graph and eager draw the same tokens from the same seed.
 - train: the sft stage's step (sft_loss, AdamW, clipping), batch 16 x 1024, torch.compile; tokens/s and model
   FLOP utilisation (6 N FLOPs per token, as the peer counts, against 790 TFLOP/s, the bf16 dense matrix product
   measured on the H100 and H200).
@@ -92,13 +93,16 @@ def write_inputs(folder, seed=0):
 
 
 @torch.no_grad()
-def bench_sample(folder, batch, new=128, prompt=64, calls=5, warmup=2):
+def bench_sample(folder, batch, new=128, prompt=64, calls=5, warmup=2, compile=False):
     training = load_policy(os.path.join(folder, "policy.pt"), "cuda")[0]  # float32, as a policy in training
     model = copy.deepcopy(training).to(torch.bfloat16)  # bf16 weights, as the peer's
     ids = torch.randint(0, 50257, (batch, prompt), device="cuda")
     mask = torch.ones_like(ids)
     out = {}
-    for name, m, graph in (("graph", model, True), ("eager", model, False), ("graph_autocast", training, True)):
+    runs = [("graph", model, True), ("eager", model, False), ("graph_autocast", training, True)]
+    if compile:  # the decoding step's model part compiled (--compile), then captured as the plain graph is
+        runs.append(("graph_compiled", copy.deepcopy(model).compile_hidden(), True))
+    for name, m, graph in runs:
         torch.cuda.reset_peak_memory_stats()
         times = []
         for i in range(warmup + calls):
@@ -111,7 +115,7 @@ def bench_sample(folder, batch, new=128, prompt=64, calls=5, warmup=2):
             times.append(time.perf_counter() - t)
         n_new = int(tmask.sum())  # real tokens of the last call (random weights: nearly every row runs to the end)
         dt = statistics.median(times[warmup:])
-        out[name] = dict(new_tokens_per_s=n_new / dt, call_s=dt, peak_gib=peak_gib())
+        out[name] = dict(new_tokens_per_s=n_new / dt, call_s=dt, peak_gib=peak_gib(), first_call_s=times[0])
     # the hardware limit of one decoding step (the cache buffer's length as generate() sizes it)
     cfg, n_params = model.config, sum(p.numel() for p in model.parameters())
     length = -(-(prompt + new) // 64) * 64
@@ -261,6 +265,10 @@ def table(ours, peers):
                      get(peers, f"hf_generate_{b}", "new_tokens_per_s"), "generate()",
                      f"memory {pct(lim.get('bytes_fraction'))}, compute {pct(lim.get('flops_fraction'))}, "
                      f"{lim.get('kernels_per_step')} kernels/step" if lim else "-"))
+        if get(ours, f"sample_{b}", "graph_compiled"):
+            rows.append((f"sampling, batch {b}, --compile (new tokens/s)",
+                         get(ours, f"sample_{b}", "graph_compiled", "new_tokens_per_s"),
+                         get(peers, f"hf_generate_{b}", "new_tokens_per_s"), "generate()", "-"))
     rows.append(("training step, batch 16 x 1024, compiled (tokens/s)", get(ours, "train", "tokens_per_s"),
                  get(peers, "hf_train_compiled", "tokens_per_s"), "GPT2LMHeadModel compiled",
                  f"compute {pct(get(ours, 'train', 'mfu'))}"))
@@ -281,7 +289,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--rows", default="sample,train,ppo,dpo", help="which of sample,train,ppo,dpo to time")
-    p.add_argument("--compile", default="off,on", help="PPO/DPO with --compile: off, on or off,on")
+    p.add_argument("--compile", default="off,on", help="PPO/DPO with --compile: off, on or off,on (on: sampling "
+                                                       "also with the compiled decoding step)")
     p.add_argument("--ppo_gpus", type=int, default=1, help="also time the PPO row under torchrun on 2..N GPUs")
     p.add_argument("--ppo_weak", action="store_true", help="with --ppo_gpus: also n GPUs at n x 64 episodes per "
                                                            "step (weak scaling: each GPU keeps one GPU's 64)")
@@ -310,7 +319,7 @@ def main(argv=None):
     compiles = [c == "on" for c in a.compile.split(",")]
     if "sample" in rows:
         for b in (64, 256):
-            measure(f"sample_{b}", bench_sample, folder, b)
+            measure(f"sample_{b}", bench_sample, folder, b, compile=True in compiles)
     if "train" in rows:
         measure("train", bench_train)
     for c in compiles:
