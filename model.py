@@ -148,10 +148,10 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters()) - self.transformer.wpe.weight.numel()
 
     def compile_hidden(self):
-        """torch.compile the path of every training step and log-prob (hidden() without a cache), and a decoding
-        step up to its draw (next_cdf), which the CUDA graph then replays. Weights and checkpoints are unaffected."""
+        """torch.compile the path of every training step and log-prob (hidden() without a cache), and the model part
+        of a decoding step (next_logits), which the CUDA graph then replays. Weights and checkpoints are unaffected."""
         self.compiled = torch.compile(self._hidden)
-        self.compiled_decode = torch.compile(self.next_cdf, dynamic=False)
+        self.compiled_decode = torch.compile(self.next_logits, dynamic=False)
         return self
 
     def hidden(self, idx, mask=None, cache=None, cache_idx=None):
@@ -248,8 +248,8 @@ class GPT(nn.Module):
     def decode_step(self, d, temperature, top_k, top_p, eos_id, pad_id, generator):
         """One new token per row: feeds d.tok at cache slot d.slot, writes the next token into column d.col of d.out.
         Tensor ops on d's fixed buffers only (no host sync, no Python branch on data), so it can be a CUDA graph."""
-        cdf = (self.__dict__.get("compiled_decode") or self.next_cdf)(d.tok, d.slot, d.cache, temperature, top_k, top_p)
-        tok = draw_token(cdf, generator)
+        logits = (self.__dict__.get("compiled_decode") or self.next_logits)(d.tok, d.slot, d.cache)
+        tok = sample_token(logits, temperature, top_k, top_p, generator)
         tok = torch.where(d.done, pad_id, tok)
         d.out.index_copy_(1, d.col, tok[:, None])
         d.done |= tok == eos_id
@@ -257,11 +257,10 @@ class GPT(nn.Module):
         d.slot += 1
         d.col += 1
 
-    def next_cdf(self, tok, slot, cache, temperature, top_k, top_p):
-        """sampling_cdf (B, 50257) of the next token after tokens tok (B,) go into cache slot `slot` (1,): a decoding
-        step up to its draw, compiled with --compile into a few fused kernels (a torch.Generator does not trace)."""
-        logits = self.logits(self.hidden(tok[:, None], None, cache, slot)[:, -1]).float()
-        return sampling_cdf(logits, temperature, top_k, top_p)
+    def next_logits(self, tok, slot, cache):
+        """Logits (B, 50257), float32, after tokens tok (B,) go into cache slot `slot` (1,): a decoding step's model
+        part, compiled with --compile (the sampling cannot be: dynamo does not trace a torch.Generator)."""
+        return self.logits(self.hidden(tok[:, None], None, cache, slot)[:, -1]).float()
 
     def _decoder(self, B, length, max_new_tokens, device, sampling, graph):
         """The decoding buffers (and, on a GPU, the captured step) for this shape, made once and kept: the last
@@ -378,10 +377,7 @@ def sampling_cdf(logits, temperature=1.0, top_k=0, top_p=1.0):
     resolution is 6e-8, so a token of probability 1e-8 after a large one has a step of 0 (about 20k of GPT-2's
     tokens could never be drawn, a total variation of 3-5e-4 from the softmax per token). In float64 each token's
     chance is its softmax probability to within about 1e-16 (half a unit in the last place of the running sum), and
-    at most about 1e-11 in total variation. top_k 0 and top_p 1 switch those filters off; temperature 0 gives the
-    point mass on the argmax (greedy)."""
-    if temperature == 0:
-        return (torch.arange(logits.size(-1), device=logits.device) >= logits.argmax(-1, keepdim=True)).double()
+    at most about 1e-11 in total variation. top_k 0 and top_p 1 switch those filters off."""
     x = logits.to(torch.float64, copy=True)  # (B, V); copy: edited in place below
     if top_k and top_k < x.size(-1):
         kth = torch.topk(x, top_k, dim=-1).values[:, -1:]
@@ -398,16 +394,16 @@ def sampling_cdf(logits, temperature=1.0, top_k=0, top_p=1.0):
 
 
 def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
-    """One token per row from logits (B, V): a draw from softmax(logits / temperature) after top-k and top-p."""
+    """One token per row from logits (B, V), drawn from softmax(logits / temperature) after the top-k and top-p
+    filters (top_k 0 and top_p 1 switch them off; temperature 0 is greedy)."""
     check_top_p(top_p)
-    return draw_token(sampling_cdf(logits, temperature, top_k, top_p), generator)
-
-
-def draw_token(cdf, generator=None):
-    """One token per row of the cumulative distribution cdf (B, V) of sampling_cdf."""
+    if temperature == 0:
+        return logits.argmax(-1)
     # inverse CDF: the first token whose cumulative weight exceeds u ~ U(0, total) is a categorical draw, exact to
-    # float64's precision. One uniform per row, no host sync (on a CPU a noise value per vocabulary entry, Gumbel-max
-    # or torch.multinomial, costs ten times the step); u < total: a token of probability 0 is never chosen.
+    # float64's precision (see sampling_cdf). One uniform per row and no host sync: on a CPU, drawing a noise value
+    # per vocabulary entry (Gumbel-max, or torch.multinomial) costs ten times the rest of the step. u stays strictly
+    # below the total, so a token of probability 0 (cut by top-k/top-p) is never chosen.
+    cdf = sampling_cdf(logits, temperature, top_k, top_p)  # (B, V) float64
     total = cdf[:, -1:]
     u = torch.rand(total.shape, generator=generator, device=cdf.device, dtype=cdf.dtype) * total  # 2^-53 grid
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))

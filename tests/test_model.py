@@ -245,7 +245,7 @@ def test_graph_sampler_draws_the_eager_samplers_tokens_on_a_gpu(sampling):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-graph sampler needs a CUDA GPU")
 @pytest.mark.parametrize("sampling", GRAPH_SAMPLINGS)
 def test_the_compiled_graph_sampler_draws_the_plain_graphs_tokens_on_a_gpu(sampling):
-    """With --compile (inductor) the captured step, compiled up to its draw, draws the plain graph's tokens in
+    """With --compile (inductor) the captured step, its model part compiled, draws the plain graph's tokens in
     float32 from the same seed (fused kernels round differently only far below what parts two tokens)."""
     plain, compiled = tiny(5, block_size=128).cuda(), tiny(5, block_size=128).cuda().compile_hidden()
     ids = torch.randint(0, 50257, (32, 16), generator=torch.Generator().manual_seed(0)).cuda()
@@ -284,7 +284,7 @@ def test_the_graphs_step_reads_bfloat16_copies_of_the_linear_weights_and_draws_t
 
 
 def test_the_compiled_decoding_step_draws_the_plain_steps_tokens(monkeypatch):
-    """With --compile (GPT.compile_hidden) a decoding step is compiled up to its draw (next_cdf): it draws the
+    """With --compile (GPT.compile_hidden) a decoding step's model part is compiled (next_logits): it draws the
     tokens of the plain step, writing its keys into the cache tensors it was given (what a CUDA graph replays).
     On the CPU the graph dynamo traces runs through AOT autograd without inductor's code generation (aot_eager:
     the trace and the in-place cache writes are what is tested; compiling C++ would take 30 s); on a GPU, inductor."""
