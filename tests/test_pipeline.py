@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -702,3 +703,16 @@ def test_plot_stage_draws_a_png_and_names_a_missing_key(tmp_path):
     assert (tmp_path / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     p = run_cli("plot", f"--run={tmp_path}", "--keys=loss,nope", check=False)
     assert p.returncode == 2 and "nope" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_an_unknown_preset_is_refused_naming_every_preset_of_both_pipelines():
+    """pipeline.py cannot import own_data.py (which imports it), so its error and its --preset help name your data's
+    presets by hand: they must not drift from own_data.PRESETS."""
+    import own_data
+    cfg = parse_config(pipeline.PipelineConfig, ["--preset=nope"])
+    with pytest.raises(ConfigError) as e:
+        pipeline.pipeline(cfg)
+    helptext = next(f for f in dataclasses.fields(pipeline.PipelineConfig) if f.name == "preset").metadata["help"]
+    named = lambda name, text: re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text)  # gpu, not gpu-bt
+    for name in [*imdb.PRESETS, *own_data.PRESETS]:
+        assert named(name, str(e.value)) and named(name, helptext), name
