@@ -16,10 +16,12 @@ Simplifications on purpose:
 - Ids >= 50257 (GPT-2 has 50257 real tokens; the table is padded to 50304, and PAD = 50257) are removed from
   every softmax: they can never be sampled and never take probability mass in a log-prob.
 """
+import itertools
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -433,18 +435,20 @@ def pad_batch(seqs, side="right", pad_id=PAD):
     """Lists of ids -> (ids, mask), both LongTensor (B, T) with T the longest; mask is 1 on real tokens.
 
     side="right" for training, "left" for generation prompts (so every row's next token is at the end).
-    The one padding routine: pad a loss mask alike with pad_batch(loss_masks, side, pad_id=0)[0].
-    """
+    The one padding routine: pad a loss mask alike with pad_batch(loss_masks, side, pad_id=0)[0]. One scatter puts
+    each token at (its row, its place in its sequence + T - length on the left): a loop over rows took 2-3 ms."""
     if side not in ("left", "right"):
         raise ValueError(f"side must be 'left' or 'right', got {side!r}")
-    T = max((len(s) for s in seqs), default=0)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        cols = slice(T - len(s), T) if side == "left" else slice(0, len(s))
-        ids[i, cols] = torch.as_tensor(s, dtype=torch.long)
-        mask[i, cols] = 1
-    return ids, mask
+    lengths = np.fromiter(map(len, seqs), np.int64, len(seqs))
+    T = int(lengths.max(initial=0))
+    rows = np.repeat(np.arange(len(seqs)), lengths)
+    cols = np.arange(len(rows)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    if side == "left":
+        cols += np.repeat(T - lengths, lengths)
+    ids, mask = np.full((len(seqs), T), pad_id), np.zeros((len(seqs), T), np.int64)
+    ids[rows, cols] = np.fromiter(itertools.chain.from_iterable(seqs), np.int64, len(rows))
+    mask[rows, cols] = 1
+    return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
 @dataclass

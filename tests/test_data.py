@@ -359,6 +359,26 @@ def test_pad_batch_left_and_right():
         model.pad_batch([[1]], side="middle")
 
 
+def test_pad_batch_matches_a_plain_loop_over_rows():
+    """pad_batch scatters every token at once; a loop over rows (the obvious code) must give the same tensors, for
+    batches with empty sequences, one row, no rows, and other pad ids."""
+    def plain(seqs, side, pad_id):
+        T = max((len(s) for s in seqs), default=0)
+        ids, mask = torch.full((len(seqs), T), pad_id, dtype=torch.long), torch.zeros((len(seqs), T), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            cols = slice(T - len(s), T) if side == "left" else slice(0, len(s))
+            ids[i, cols], mask[i, cols] = torch.tensor(s, dtype=torch.long), 1
+        return ids, mask
+
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        seqs = [rng.integers(0, 50257, rng.integers(0, 12)).tolist() for _ in range(rng.integers(0, 9))]
+        for side in ("left", "right"):
+            for pad_id in (PAD, 0):
+                got, want = model.pad_batch(seqs, side, pad_id), plain(seqs, side, pad_id)
+                assert all(g.dtype == torch.long and torch.equal(g, w) for g, w in zip(got, want)), (seqs, side)
+
+
 def test_token_stream_is_a_pure_function_of_step():
     tokens = sft.encode_corpus(["first doc", "second doc here", "third"], desc="test")
     assert tokens.dtype == np.uint16
