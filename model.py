@@ -196,9 +196,8 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def logits(self, h):
-        """Logits over GPT-2's real vocabulary only: (..., C) -> (..., 50257). The weight's rows are sliced, not the
-        output's columns: the same numbers, without copying a logits-sized tensor (and zero-filling one in backward)."""
-        return F.linear(h, self.lm_head.weight[:N_REAL_TOKENS])
+        """(..., C) -> (..., 50257): a view of the product with the whole padded table (aligned: RESULTS.md)."""
+        return F.linear(h, self.lm_head.weight)[..., :N_REAL_TOKENS]
 
     def forward(self, idx, targets=None, mask=None):
         """nanoGPT's interface: logits (B, T, 50257) and, given targets (B, T), the mean cross-entropy over
@@ -520,24 +519,23 @@ def matmul_dtype(model, device_type):
 
 def token_logprobs(model, h, targets, temperature=1.0, with_entropy=True):
     """log p(targets) (...) and the entropy (...) of model's next-token distributions at hidden states h (..., C)."""
-    logp, entropy = TokenLogProbs.apply(h.reshape(-1, h.size(-1)), model.lm_head.weight[:N_REAL_TOKENS],
-                                        targets.reshape(-1), temperature, matmul_dtype(model, h.device.type),
-                                        with_entropy)
+    logp, entropy = TokenLogProbs.apply(h.reshape(-1, h.size(-1)), model.lm_head.weight, targets.reshape(-1),
+                                        temperature, matmul_dtype(model, h.device.type), with_entropy)
     return logp.view(targets.shape), entropy.view(targets.shape)
 
 
 class TokenLogProbs(torch.autograd.Function):
-    """log softmax(h W^T / T)[target] for each row of h (N, C), with W the unembedding (V, C), without ever
-    holding all N x V logits: they are made ROWS rows at a time (matrix product in `dtype`, the autocast dtype,
-    softmax in float32) and made again in backward, where d logp / d logits = onehot(target) - softmax. The price
-    is one more (N, C) x (C, V) product; the gain is that memory no longer grows with N x V. Below KEEP numbers
-    (N x V, small batches: the tests', a CPU's), forward keeps the softmax slices for backward instead: the same
-    numbers, without the second product. (Wijmans et al. 2024,
-    "Cut Your Losses in Large-Vocabulary Language Models", https://arxiv.org/abs/2411.09009, go further inside
-    one kernel.) Returns logp (N,) float32 and the entropy (N,) (zeros unless with_entropy; not differentiable).
-    On a CPU the slices stay below glibc's 32 MB limit for heap blocks (runtime.keep_freed_memory): a larger block is
-    mapped and unmapped at every use, and the kernel's zeroing of its pages cost as much time as the compute."""
-    ROWS = {"cuda": 1024, "cpu": 128}  # rows per slice: 1024 x 50,257 float32 = 206 MB on a GPU, 26 MB on a CPU
+    """log softmax(h W^T / T)[target] for each row of h (N, C), with W the whole padded unembedding (V, C): aligned
+    products, as in model.logits, the padding's columns left out of the softmax. Never all N x V logits at once:
+    ROWS rows at a time (matrix product in `dtype`, the autocast dtype; softmax in float32), made again in backward,
+    where d logp / d logits = onehot(target) - softmax: one more (N, C) x (C, V) product, for memory that no longer
+    grows with N x V. Below KEEP numbers (N x V: the tests', a CPU's small batches) forward keeps the softmax slices
+    for backward instead: the same numbers, without the second product. (Wijmans et al. 2024, "Cut Your Losses in
+    Large-Vocabulary Language Models", arXiv 2411.09009, go further in one kernel.) Returns logp (N,) float32 and
+    the entropy (N,) (zeros unless with_entropy; not differentiable). On a CPU the slices stay below glibc's 32 MB
+    limit for heap blocks (runtime.keep_freed_memory): a larger block is mapped and unmapped at every use, and the
+    kernel's zeroing of its pages cost as much time as the compute."""
+    ROWS = {"cuda": 1024, "cpu": 128}  # rows per slice: 1024 x 50,304 float32 = 206 MB on a GPU, 26 MB on a CPU
     KEEP = 1 << 26  # softmax entries kept for backward at most: 256 MB of float32
 
     @staticmethod
@@ -560,14 +558,15 @@ class TokenLogProbs(torch.autograd.Function):
         ctx.softmax = []  # with keep: each slice's softmax, for backward
         with torch.autocast(h.device.type, enabled=False):
             for i in range(0, h.size(0), rows):
-                z = TokenLogProbs.logits(h[i:i + rows], w, temperature)  # (n, V)
+                z = (zf := TokenLogProbs.logits(h[i:i + rows], w, temperature))[:, :N_REAL_TOKENS]  # tokens: a view
                 lse[i:i + len(z)] = z.logsumexp(-1)
                 logp[i:i + len(z)] = z.gather(-1, targets[i:i + len(z), None]).squeeze(-1) - lse[i:i + len(z)]
                 if with_entropy or keep:  # log p = z - lse; H = -sum_v p_v log p_v
                     logp_all = z.sub_(lse[i:i + len(z), None])
-                    p = logp_all.exp()
+                    zf[:, N_REAL_TOKENS:] = -math.inf
+                    p = zf.exp()  # (n, V), 0 on the padding
                     if with_entropy:
-                        entropy[i:i + len(z)] = -(p * logp_all).sum(-1)
+                        entropy[i:i + len(z)] = -(p[:, :N_REAL_TOKENS] * logp_all).sum(-1)
                     if keep:
                         ctx.softmax.append(p)
         ctx.save_for_backward(h, weight, targets, lse)
@@ -585,8 +584,9 @@ class TokenLogProbs(torch.autograd.Function):
         with torch.autocast(h.device.type, enabled=False):
             for i in range(0, h.size(0), rows):
                 hi, g = h[i:i + rows], grad_logp[i:i + rows, None]  # (n, C), (n, 1)
-                p = ctx.softmax[i // rows] if ctx.softmax else \
-                    TokenLogProbs.logits(hi, w, ctx.temperature).sub_(lse[i:i + rows, None]).exp_()  # softmax
+                p = ctx.softmax[i // rows] if ctx.softmax else TokenLogProbs.logits(hi, w, ctx.temperature)
+                if not ctx.softmax:  # the softmax again, in place, 0 on the padding
+                    p[:, :N_REAL_TOKENS].sub_(lse[i:i + rows, None]).exp_(), p[:, N_REAL_TOKENS:].zero_()
                 dz = p.mul_(-g).scatter_add_(-1, targets[i:i + len(hi), None], g)  # (n, V) d loss / d (z / T)
                 dz = (dz if ctx.temperature == 1 else dz.div_(ctx.temperature)).to(ctx.dtype)
                 if grad_h is not None:

@@ -178,12 +178,14 @@ def test_response_logprobs_equals_plain_log_softmax_gather():
         torch.testing.assert_close(ent[b, :n], ref_ent, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 1024])
-def test_token_logprobs_in_slices_match_the_full_softmax_and_its_gradients(monkeypatch, rows):
-    """TokenLogProbs (slices of rows, logits made again in backward) against one plain log_softmax over all rows:
-    the values, and the gradients with respect to the hidden states and the (tied) unembedding."""
+@pytest.mark.parametrize("rows,keep", [(1, True), (3, True), (1024, True), (3, False), (1024, False)])
+def test_token_logprobs_in_slices_match_the_full_softmax_and_its_gradients(monkeypatch, rows, keep):
+    """TokenLogProbs (slices of rows; the softmax kept from forward, or made again in backward) against one plain
+    log_softmax over all rows: the values, and the gradients with respect to the hidden states and the (tied)
+    unembedding, whose padding rows (ids 50,257 up, no token) get none."""
     import model
     monkeypatch.setattr(model.TokenLogProbs, "ROWS", {"cpu": rows})
+    monkeypatch.setattr(model.TokenLogProbs, "KEEP", model.TokenLogProbs.KEEP if keep else 0)
     torch.manual_seed(0)
     m = tiny(6).double()
     ids = torch.randint(0, 50257, (3, 9))
@@ -202,6 +204,7 @@ def test_token_logprobs_in_slices_match_the_full_softmax_and_its_gradients(monke
     torch.testing.assert_close(ent.double(), ref_ent.detach(), rtol=1e-5, atol=1e-5)
     for a, b in zip(fast, (p.grad for p in m.parameters())):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+    assert fast[0].shape[0] == 50304 and fast[0][50257:].abs().max() < 1e-12 < fast[0][:50257].abs().max()
 
 
 @torch.no_grad()
