@@ -491,12 +491,11 @@ def sample_responses(policy, prompts, max_new_tokens, generator, device, ctx=nul
 def response_logprobs(model, ids, mask, n_response, temperature=1.0, with_entropy=False):
     """Per-token log-probabilities of the last n_response columns of ids (the response), under `model`.
 
-    ids, mask: (B, P + R) in the project's layout, R = n_response. Logits are computed only at the R positions
-    that predict response tokens, divided by the sampling temperature: the same T for old, new and reference
-    log-probs, as in Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO",
-    https://arxiv.org/abs/2403.17031. Returns logp (B, R), 0 where mask is 0, and, with_entropy, the entropy (B, R)
-    of each predictive distribution (0 where mask is 0; no gradient). Every algorithm (SFT, DPO, PPO, RLOO, GRPO,
-    evaluation) uses this. In plain PyTorch it would read
+    ids, mask: (B, P + R) in the project's layout, R = n_response. Logits only at the R positions that predict
+    response tokens, divided by the sampling temperature: the same T for old, new and reference log-probs (Huang
+    et al. 2024, "The N+ Implementation Details of RLHF with PPO", arXiv 2403.17031). Returns logp (B, R), 0 where
+    mask is 0, and, with_entropy, the entropy (B, R) of each predictive distribution (0 where mask is 0; no
+    gradient). Every algorithm (SFT, DPO, PPO, RLOO, GRPO, evaluation) uses this. In plain PyTorch it would read
 
         logp_all = F.log_softmax(model.logits(h).float() / temperature, -1)             # (B, R, 50257)
         logp = logp_all.gather(-1, targets[..., None]).squeeze(-1)
@@ -526,15 +525,13 @@ def token_logprobs(model, h, targets, temperature=1.0, with_entropy=True):
 
 class TokenLogProbs(torch.autograd.Function):
     """log softmax(h W^T / T)[target] for each row of h (N, C), with W the whole padded unembedding (V, C): aligned
-    products, as in model.logits, the padding's columns left out of the softmax. Never all N x V logits at once:
-    ROWS rows at a time (matrix product in `dtype`, the autocast dtype; softmax in float32), made again in backward,
-    where d logp / d logits = onehot(target) - softmax: one more (N, C) x (C, V) product, for memory that no longer
-    grows with N x V. Below KEEP numbers (N x V: the tests', a CPU's small batches) forward keeps the softmax slices
-    for backward instead: the same numbers, without the second product. (Wijmans et al. 2024, "Cut Your Losses in
-    Large-Vocabulary Language Models", arXiv 2411.09009, go further in one kernel.) Returns logp (N,) float32 and
-    the entropy (N,) (zeros unless with_entropy; not differentiable). On a CPU the slices stay below glibc's 32 MB
-    limit for heap blocks (runtime.keep_freed_memory): a larger block is mapped and unmapped at every use, and the
-    kernel's zeroing of its pages cost as much time as the compute."""
+    products, as in model.logits; the padding's columns stay out of the softmax. ROWS rows at a time (product in
+    `dtype`, the autocast dtype; softmax in float32), made again in backward (d logp / d logits = onehot(target) -
+    softmax): one more product, for memory that no longer grows with N x V. Below KEEP numbers (N x V: the tests', a
+    CPU's small batches) forward keeps the softmax slices for backward instead. (Wijmans et al. 2024, "Cut Your
+    Losses in Large-Vocabulary Language Models", go further in one kernel.) Returns logp (N,) float32 and the
+    entropy (N,) (zeros unless with_entropy; no gradient). On a CPU the slices stay below glibc's 32 MB limit for
+    heap blocks (runtime.keep_freed_memory): a larger one is mapped, zeroed and unmapped at every use (slow)."""
     ROWS = {"cuda": 1024, "cpu": 128}  # rows per slice: 1024 x 50,304 float32 = 206 MB on a GPU, 26 MB on a CPU
     KEEP = 1 << 26  # softmax entries kept for backward at most: 256 MB of float32
 
@@ -584,9 +581,12 @@ class TokenLogProbs(torch.autograd.Function):
         with torch.autocast(h.device.type, enabled=False):
             for i in range(0, h.size(0), rows):
                 hi, g = h[i:i + rows], grad_logp[i:i + rows, None]  # (n, C), (n, 1)
-                p = ctx.softmax[i // rows] if ctx.softmax else TokenLogProbs.logits(hi, w, ctx.temperature)
-                if not ctx.softmax:  # the softmax again, in place, 0 on the padding
-                    p[:, :N_REAL_TOKENS].sub_(lse[i:i + rows, None]).exp_(), p[:, N_REAL_TOKENS:].zero_()
+                if ctx.softmax:
+                    p = ctx.softmax[i // rows]
+                else:  # the softmax again, in place, 0 on the padding
+                    p = TokenLogProbs.logits(hi, w, ctx.temperature)
+                    p[:, :N_REAL_TOKENS].sub_(lse[i:i + rows, None]).exp_()
+                    p[:, N_REAL_TOKENS:] = 0
                 dz = p.mul_(-g).scatter_add_(-1, targets[i:i + len(hi), None], g)  # (n, V) d loss / d (z / T)
                 dz = (dz if ctx.temperature == 1 else dz.div_(ctx.temperature)).to(ctx.dtype)
                 if grad_h is not None:
