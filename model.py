@@ -444,7 +444,7 @@ def pad_batch(seqs, side="right", pad_id=PAD):
     cols = np.arange(len(rows)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
     if side == "left":
         cols += np.repeat(T - lengths, lengths)
-    ids, mask = np.full((len(seqs), T), pad_id), np.zeros((len(seqs), T), np.int64)
+    ids, mask = np.full((len(seqs), T), pad_id, np.int64), np.zeros((len(seqs), T), np.int64)
     ids[rows, cols] = np.fromiter(itertools.chain.from_iterable(seqs), np.int64, len(rows))
     mask[rows, cols] = 1
     return torch.from_numpy(ids), torch.from_numpy(mask)
