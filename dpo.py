@@ -39,7 +39,7 @@ from data import epoch_indices, load_prompts
 from dist import all_mean, global_means, micro_batches, my_share, rank_seed, world_note
 from model import response_logprobs, sample_responses
 from reward import PairsConfig, RewardSpec, batches_in_order, load_pair_splits, make_reward, pair_batch, plan
-from runtime import Run, check_finite, make_optimizer, optimizer_step, setup_device
+from runtime import Run, make_optimizer, optimizer_step, setup_device
 
 
 def preference_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
@@ -222,7 +222,7 @@ def train(cfg):
         # 3a. batch: B pairs as 2B sequences, and the reference's log-probs of them
         #     (this process's share of them, in micro-batches: gradient accumulation over sums / B)
         idx = epoch_indices(len(train_rows), step, cfg.batch_size, cfg.seed, total)
-        parts = []
+        parts, step_loss = [], 0.0
         for part in micro_batches(idx, cfg.micro_batch_size, optimizer):
             ref_lp = ref_logps("train", train_rows, part)  # (2, b)
             # 3b. policy log-probs, chosen and rejected in one forward pass
@@ -230,10 +230,11 @@ def train(cfg):
             # 3c. loss and update
             losses, chosen_rewards, rejected_rewards = losses_of(logps, inputs, ref_lp)
             loss = losses.sum() / len(idx)
-            check_finite(step, loss=loss.detach())
             loss.backward()
+            step_loss = step_loss + loss.detach()
             parts.append((losses.detach(), chosen_rewards, rejected_rewards, *logps.detach()))
-        lr, norm = optimizer_step(policy, optimizer, cfg, step)
+        lr, norm = optimizer_step(policy, optimizer, cfg, step, check=False)
+        run.check_later(step, loss=step_loss, grad_norm=norm)  # at the next log or checkpoint: no wait here
         # 3d. log, evaluate, checkpoint
         done = step + 1
         if run.log_due(done):
@@ -313,7 +314,7 @@ def train_online(cfg):
             ref_lp = logps(ref, b, slice(None)).float().view(-1, 2)
         # 2b. the pairs: the higher score chosen (column 0 of order), then the DPO loss, in micro-batches
         order = torch.stack([scores[:, 1] > scores[:, 0], scores[:, 1] <= scores[:, 0]], 1).long()  # (n, 2)
-        parts = []
+        parts, step_loss = [], 0.0
         for part in micro_batches(range(len(idx)), cfg.micro_batch_size, optimizer):
             pairs = torch.tensor(part, device=device) - share.start  # rows of this process's samples
             rows = (2 * pairs[:, None] + order[pairs]).T.reshape(-1)  # chosen rows, then rejected rows
@@ -323,11 +324,12 @@ def train_online(cfg):
             losses, chosen_rewards, rejected_rewards = preference_loss(lp[0], lp[1], r_lp[0], r_lp[1], cfg.beta,
                                                                        ipo=cfg.loss == "ipo")
             loss = (losses * (scores[pairs, 0] != scores[pairs, 1])).sum() / len(idx)  # a tie prefers nothing
-            check_finite(step, loss=loss.detach())
             loss.backward()
+            step_loss = step_loss + loss.detach()
             parts.append((losses.detach(), chosen_rewards, rejected_rewards, *lp.detach(),
                           (lp - r_lp).detach().view(-1)))
-        lr, norm = optimizer_step(policy, optimizer, cfg, step)
+        lr, norm = optimizer_step(policy, optimizer, cfg, step, check=False)
+        run.check_later(step, loss=step_loss, grad_norm=norm)
         # 2c. log, checkpoint
         done = step + 1
         if run.log_due(done):

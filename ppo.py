@@ -374,7 +374,7 @@ def update(cfg, policy, critic, optimizer, b, step, ctx, kl_loss_coef=0.0, clock
                         loss = loss + kl_loss_coef * torch.where(m.bool(), kl, 0.0).sum() / n_tokens
                 loss.backward()
                 acc = {key: acc.get(key, 0) + v.float() for key, v in s.items()}  # sums stay on the device
-            optimizer_step(trainable, optimizer, cfg, step, clock, norms)
+            norms.append(optimizer_step(trainable, optimizer, cfg, step, clock, check=False)[1])
             sums.append(torch.stack(list(acc.values())).double())
             counts.append(n_tokens)
     check_finite(step, grad_norm=torch.stack(norms).sum())

@@ -38,7 +38,7 @@ from data import (DataError, Example, epoch_indices, heldout_split, load_prefere
                   load_sft, looks_like_preferences, tokenize_pair, write_jsonl)
 from dist import all_mean, all_sum, micro_batches, world_note
 from model import GPT, GPTConfig, ScalarHead, last_real_index, layout_batch, sample_responses
-from runtime import Run, check_finite, make_optimizer, optimizer_step, setup_device, shorten
+from runtime import Run, make_optimizer, optimizer_step, setup_device, shorten
 
 
 class RewardModel(nn.Module):
@@ -112,9 +112,9 @@ def score_texts(model, prompts, responses, device, batch_size=64):
     for i in range(0, len(prompts), batch_size):
         rows = [tokenize_pair(p, [r], model.config.block_size)[:2]
                 for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
-        ids, mask, _ = layout_batch([p for p, _ in rows], [r for _, (r,) in rows])
-        scores += model.score(ids.to(device), mask.to(device)).tolist()
-    return scores
+        ids, mask, _ = layout_batch([p for p, _ in rows], [r for _, (r,) in rows], device)
+        scores.append(model.score(ids, mask))
+    return torch.cat(scores).tolist() if scores else []  # read once: the batches are queued while the GPU runs
 
 
 @torch.no_grad()
@@ -180,8 +180,7 @@ def pair_batch(rows, idx, device):
     """Pairs idx as ONE batch of 2B sequences in the shared layout, chosen in rows 0..B-1 and rejected in rows
     B..2B-1, so both go through one forward pass (as the DPO reference code). Returns ids, mask (2B, P + R), R."""
     prompts = [rows[i][0] for i in idx]
-    ids, mask, R = layout_batch(prompts + prompts, [rows[i][1] for i in idx] + [rows[i][2] for i in idx])
-    return ids.to(device), mask.to(device), R
+    return layout_batch(prompts + prompts, [rows[i][1] for i in idx] + [rows[i][2] for i in idx], device)
 
 
 def batches_in_order(n, batch_size, limit=0):
@@ -478,11 +477,11 @@ def train(cfg):
                 r_chosen, r_rejected = model(ids, mask).float().view(2, -1)  # (b,) each
             # 2b. Bradley-Terry loss and update
             part_loss = bradley_terry_loss(r_chosen, r_rejected, cfg.margin, cfg.center_coef) * (len(part) / len(idx))
-            check_finite(step, loss=part_loss.detach())
             part_loss.backward()
             loss, scores = loss + part_loss.detach(), scores + [torch.stack([r_chosen, r_rejected]).detach()]
         r_chosen, r_rejected = torch.cat(scores, 1) if scores else torch.zeros(2, 0, device=device)
-        lr, norm = optimizer_step(model, optimizer, cfg, step)
+        lr, norm = optimizer_step(model, optimizer, cfg, step, check=False)
+        run.check_later(step, loss=loss, grad_norm=norm)  # at the next log or checkpoint: no wait for the GPU here
         # 2c. log, evaluate, checkpoint (the last one after the normalisation)
         done = step + 1
         if run.log_due(done):

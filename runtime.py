@@ -81,8 +81,7 @@ def as_stored(value):
 def resume_config(stage, cls, cfg, argv):
     """The config of `--resume --out_dir=X`: every key from X/config.json, in folder X (wherever the run began: a
     moved or copied folder continues where it now is). A key named on the command line (argv) that differs is a
-    ConfigError naming it, unless it is one of RESUME_KEYS; those changes are kept in cfg.changes for Run to
-    record."""
+    ConfigError naming it, unless one of RESUME_KEYS; those changes are kept in cfg.changes for Run to record."""
     path = os.path.join(cfg.out_dir, "config.json")
     if not os.path.exists(path):
         raise ConfigError(f"--resume: {path} does not exist: there is no run to continue in --out_dir={cfg.out_dir}")
@@ -126,16 +125,15 @@ def inputs_inside(cfg, folder):
 class Run:
     """A run folder: config.json, metrics.jsonl, summary.json, ckpt.pt, plus a flag set by Ctrl-C / SIGTERM (the rules
     are in the module's docstring). With cfg.resume, `self.ckpt` is the checkpoint to continue from, and metrics rows
-    logged after it are dropped (they will be logged again). replaces_output: a stage that only reads checkpoints and
-    writes outputs (sample, score), whose re-run with other keys replaces them. Works with any RunConfig; the
-    training keys (TrainConfig) are optional."""
+    logged after it are dropped. replaces_output: a stage that only reads checkpoints and writes outputs (sample,
+    score), whose re-run with other keys replaces them. Works with any RunConfig; TrainConfig's keys are optional."""
 
     def __init__(self, cfg, stage, replaces_output=False):
         self.cfg, self.stage, self.dir = cfg, stage, cfg.out_dir
         self.ckpt_path = os.path.join(self.dir, "ckpt.pt")
         self.metrics_path = os.path.join(self.dir, "metrics.jsonl")
         self.config = dict(stage=stage, **as_stored(dataclasses.asdict(cfg)))  # as given, before a stage resolves
-        self.ckpt, self.tracker, self.begun, self.bar = None, None, False, None
+        self.ckpt, self.tracker, self.begun, self.bar, self.unchecked = None, None, False, None, []
         # under torchrun rank 0 alone opens the folder (lock, checks); the others take its verdict and its checkpoint
         error = None
         if is_main():
@@ -197,8 +195,7 @@ class Run:
         _LOCKS[key] = f
 
     def _remove_if_unused(self):
-        """At exit: the folder this run made, where it wrote nothing (bad input stopped it first), is not left behind
-        holding its .lock."""
+        """At exit: a folder this run made but wrote nothing into (bad input stopped it) goes, .lock and all."""
         try:
             if not self.begun and os.listdir(self.dir) == [".lock"]:
                 _LOCKS.pop(os.path.realpath(self.dir)).close()
@@ -290,10 +287,24 @@ class Run:
     def eval_due(self, done):
         return done % self.cfg.eval_interval == 0 or done == self.cfg.max_iters
 
+    def check_later(self, step, **values):
+        """check_finite(step, **values), the tensors' at the next log or checkpoint, all pending at once: one wait
+        for the GPU there, not one a step; no checkpoint holds weights from an unchecked step."""
+        check_finite(step, **{k: v for k, v in values.items() if not torch.is_tensor(v)})
+        self.unchecked.append((step, {k: v for k, v in values.items() if torch.is_tensor(v)}))
+
+    def check_now(self):
+        pending, self.unchecked = self.unchecked, []
+        flat = [v.float().reshape(()) for _, values in pending for v in values.values()]
+        if flat and not torch.stack(flat).isfinite().all():  # the one wait; then which step and value
+            for step, values in pending:
+                check_finite(step, **values)
+
     def log(self, step, **metrics):
         """Append one flat JSON row (non-finite numbers are written as null) with ms_per_step (since the last row)
         and, on a GPU, the peak memory so far. The bar shows the first two metrics and the held-out ones; without a
         terminal (nohup, a log file, CI), or when the row holds held-out metrics, a compact line is printed too."""
+        self.check_now()
         if not is_main():
             return
         t, last = self.last_log
@@ -334,6 +345,7 @@ class Run:
         snapshot = wants_snapshot(cfg, done) and done < total  # the last step's weights are ckpt.pt
         if (done % cfg.ckpt_interval == 0 or done == total or self.stop_requested or snapshot
                 or (cfg.ckpt_minutes and time.time() - self.last_save > 60 * cfg.ckpt_minutes)):
+            self.check_now()
             save()
             self.last_save = time.time()
         if snapshot and is_main():  # the weights (in the training dtype: bfloat16 halves them) and shape alone, no
@@ -387,8 +399,7 @@ class Run:
 
 
 def wants_snapshot(cfg, step):
-    """Whether step `step` keeps its weights as ckpt-STEP.pt: every --snapshot_interval steps and at each of
-    --snapshot_steps."""
+    """Whether step `step` keeps its weights as ckpt-STEP.pt (every --snapshot_interval steps, each --snapshot_steps)."""
     every = getattr(cfg, "snapshot_interval", 0)
     return bool(every and step % every == 0) or step in snapshot_steps(cfg)
 
@@ -483,11 +494,10 @@ def set_rng_state(state):
 def keep_freed_memory():
     """Keep freed blocks of up to 32 MB in the process's heap (glibc's mallopt; elsewhere this does nothing).
 
-    By default glibc hands blocks from 128 KB (rising as it goes, up to 32 MB) straight back to the kernel when
-    freed, and the kernel zeroes fresh pages at the next allocation: on a CPU the tensors made and freed at every
-    step (sampling distributions, log-prob slices) then cost about half as much system time as the compute's
-    user time (3 steps of the cpu preset's PPO: user 13.0 s, sys 6.2 s; with this and 26 MB log-prob slices: sys
-    0.4 s). Fixing the threshold at glibc's largest and never trimming the heap's top keeps those pages."""
+    By default glibc hands blocks from 128 KB (rising, up to 32 MB) back to the kernel when freed, which zeroes fresh
+    pages at the next allocation: the tensors made and freed at every step then cost half the compute's time again
+    in system time (3 steps of the cpu preset's PPO: user 13.0 s, sys 6.2 s; with this and 26 MB log-prob slices:
+    sys 0.4 s). Fixing the threshold at glibc's largest and never trimming the heap's top keeps those pages."""
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -500,9 +510,8 @@ def keep_freed_memory():
 
 def stop_with_parent():
     """In a pipeline's sub-run (its environment names the pipeline's process in RLHF_PIPELINE_PID): a SIGTERM when the
-    pipeline's process ends, however it ends (SIGKILL, a closed terminal), so that the sub-run saves a checkpoint
-    and exits (Run's handler) instead of running on alone and holding its folder (Linux's PR_SET_PDEATHSIG;
-    elsewhere this does nothing)."""
+    pipeline's process ends however it ends (SIGKILL, a closed terminal), so the sub-run saves a checkpoint and exits
+    instead of running on alone and holding its folder (Linux's PR_SET_PDEATHSIG; elsewhere this does nothing)."""
     parent = os.environ.pop("RLHF_PIPELINE_PID", None)
     if parent is None or not sys.platform.startswith("linux"):
         return
@@ -544,14 +553,13 @@ def lr_at(step, cfg):
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def optimizer_step(model, optimizer, cfg, step, clock=None, norms=None):
+def optimizer_step(model, optimizer, cfg, step, clock=None, check=True):
     """The one optimizer step of every stage: set the scheduled learning rate, clip the gradient norm to
-    cfg.grad_clip (0: off), check the norm is finite, step, zero the gradients. Returns (lr, grad_norm). Given a list
-    `norms`, the norm (a tensor) is appended to it instead, unchecked, and grad_norm is None: the caller checks them
-    all at once (check_finite), so that several steps in a row wait for the GPU once, not once each. Under
-    torchrun the gradients are first summed over the processes (GradSum: started during the last micro-batch's
-    backward, finished here), so every process clips the same norm and takes the same step; a Clock given charges
-    the wait for that sum to its phase "grad_sum" (the work before it to "update")."""
+    cfg.grad_clip (0: off), check the norm is finite, step, zero the gradients. Returns (lr, grad_norm); check=False
+    returns the norm unchecked, a tensor (reading it would wait for the GPU), for the caller to check later with
+    others (Run.check_later). Under torchrun the gradients are first summed over the processes (GradSum: started in
+    the last micro-batch's backward, finished here), so every process clips the same norm and takes the same step; a
+    Clock given charges the wait for that sum to its phase "grad_sum" (the work before it to "update")."""
     lr = lr_at(step, cfg)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -562,14 +570,12 @@ def optimizer_step(model, optimizer, cfg, step, clock=None, norms=None):
         if clock:
             clock.lap("grad_sum")
     params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-    if norms is None:
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")).detach()
+    if check:
         check_finite(step, grad_norm=norm)
-    else:
-        norms.append(norm.detach())
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return lr, None if norms is not None else float(norm)
+    return lr, float(norm) if check else norm
 
 
 def check_finite(step, **values):
@@ -611,5 +617,4 @@ def shorten(text, limit=200):
     """Text for a log line: at most about `limit` characters, the cut marked."""
     if len(text) <= limit:
         return text
-    more = len(text) - limit
-    return text[:limit] + f"... [{plural(more, 'more character')}]"
+    return text[:limit] + f"... [{plural(len(text) - limit, 'more character')}]"

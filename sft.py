@@ -32,9 +32,9 @@ from config import ConfigError, ModelConfig, OptimConfig, RunConfig, TrainConfig
 from data import (EOS, derived_seed, epoch_indices, get_tokenizer, heldout_split, load_prompts, load_sft, tokenize_pair,
                   write_jsonl)
 from dist import all_sum, gather_objects, is_main, micro_batches, my_share, rank_seed, world, world_note
-from model import GPT, GPTConfig, layout_batch, response_logprobs, sample_responses, token_logprobs
+from model import GPT, GPTConfig, layout_batch, response_logprobs, sample_responses, to_device, token_logprobs
 from reward import RewardSpec, make_reward
-from runtime import Run, check_finite, make_optimizer, optimizer_step, setup_device, shorten
+from runtime import Run, make_optimizer, optimizer_step, setup_device, shorten
 
 DEFAULT_SFT_DATA = "assets/imdb-train-sample.jsonl.gz,assets/imdb-unsup-sample.jsonl.gz"
 SAMPLING = 0  # the random stream of best-of-N's samples: rank_seed(seed, 0, SAMPLING), as ppo.py's first stream
@@ -79,11 +79,12 @@ class TokenStream:
             raise ValueError(f"{len(tokens)} tokens cannot fill a window of block_size + 1 = {block_size + 1}")
         self.tokens, self.block_size, self.batch_size, self.seed = tokens, block_size, batch_size, seed
 
-    def batch(self, step):
+    def batch(self, step, device="cpu"):
         # SeedSequence mixes (seed, step) into one seed; seed * K + step would let two runs share batches
         g = torch.Generator().manual_seed(derived_seed(self.seed, step))
         ix = torch.randint(len(self.tokens) - self.block_size, (self.batch_size,), generator=g).numpy()
         windows = torch.from_numpy(self.tokens[ix[:, None] + np.arange(self.block_size + 1)].astype(np.int64))
+        windows = to_device(windows, device)
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()  # x, y: (B, T) each
 
 
@@ -101,8 +102,7 @@ def load_sft_data(paths, limit, block_size):
 
 def example_batch(rows, idx, device):
     """Tokenized (prompt, response) examples idx in the shared layout -> ids, mask (B, P + R) and R."""
-    ids, mask, R = layout_batch([rows[i][0] for i in idx], [rows[i][1] for i in idx])
-    return ids.to(device), mask.to(device), R
+    return layout_batch([rows[i][0] for i in idx], [rows[i][1] for i in idx], device)
 
 
 def sft_loss(model, batch):
@@ -138,12 +138,12 @@ def sft(cfg):
             raise ConfigError(f"--data: too little text for --block_size={cfg.block_size}")
         train_stream = TokenStream(train_data, cfg.block_size, cfg.batch_size, cfg.seed)
         eval_stream = TokenStream(eval_data, cfg.block_size, cfg.batch_size, cfg.seed + 1)
-        eval_batch = lambda i: tuple(t.to(device) for t in eval_stream.batch(i))
+        eval_batch = lambda i: eval_stream.batch(i, device)
 
         def train_batches(step):  # this process's micro-batches of the step's windows, each with its share
-            x, y = train_stream.batch(step)
+            x, y = train_stream.batch(step, device)
             for rows in micro_batches(range(cfg.batch_size), cfg.micro_batch_size, optimizer):
-                yield (x[rows.start:rows.stop].to(device), y[rows.start:rows.stop].to(device)), len(rows) / len(x)
+                yield (x[rows.start:rows.stop], y[rows.start:rows.stop]), len(rows) / len(x)
         print(f"corpus: {len(train_data):,} training tokens, {len(eval_data):,} held out")
     else:
         eval_batch = lambda i: example_batch(eval_data, epoch_indices(len(eval_data), i, cfg.batch_size, cfg.seed + 1),
@@ -174,7 +174,7 @@ def sft(cfg):
     def evaluate():
         model.eval()
         with ctx:
-            losses = [sft_loss(fwd, eval_batch(i)).item() for i in range(cfg.eval_iters)]
+            losses = torch.stack([sft_loss(fwd, eval_batch(i)) for i in range(cfg.eval_iters)]).tolist()
         model.train()
         return sum(losses) / len(losses)
 
@@ -187,10 +187,10 @@ def sft(cfg):
         for batch, share in train_batches(step):
             with ctx:
                 part = sft_loss(fwd, batch) * share
-            check_finite(step, loss=part)
             part.backward()
             loss = loss + part.detach()
-        lr, norm = optimizer_step(model, optimizer, cfg, step)
+        lr, norm = optimizer_step(model, optimizer, cfg, step, check=False)
+        run.check_later(step, loss=loss, grad_norm=norm)  # at the next log or checkpoint: no wait for the GPU here
         # 4. log, evaluate, checkpoint
         done = step + 1
         if run.log_due(done):

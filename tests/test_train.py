@@ -366,6 +366,27 @@ def test_end_step_saves_on_interval_last_step_time_and_stop(tmp_path, capsys):
         capsys.readouterr().err
 
 
+def test_deferred_checks_run_before_a_log_or_a_checkpoint_and_name_the_first_bad_step(tmp_path):
+    run = runtime.Run(sft.SFTConfig(out_dir=str(tmp_path), max_iters=20, ckpt_interval=5), "sft")
+    nan, inf = float("nan"), float("inf")
+    run.check_later(1, loss=torch.tensor(1.0), grad_norm=torch.tensor(2.0))
+    run.check_later(2, loss=torch.tensor(3.0), grad_norm=torch.tensor(nan))
+    run.check_later(3, loss=torch.tensor(inf))
+    saved = []
+    with pytest.raises(config.TrainingError, match="step 2: grad_norm is nan"):
+        run.end_step(5, lambda: saved.append(5))
+    assert saved == []  # no checkpoint of weights from a bad step
+    with pytest.raises(config.TrainingError, match="step 6: loss is inf"):  # a number is checked at once
+        run.check_later(6, loss=inf)
+    run.check_later(7, loss=torch.tensor(0.5), grad_norm=0.25)
+    run.end_step(10, lambda: saved.append(10))
+    assert saved == [10] and run.unchecked == []
+    run.check_later(11, loss=torch.tensor(-inf))
+    with pytest.raises(config.TrainingError, match="step 11: loss is -inf"):
+        run.log(11, loss=0.0)
+    assert not os.path.exists(run.metrics_path)  # the row of a bad step is not written
+
+
 def test_log_prints_a_line_when_stderr_is_not_a_terminal_and_always_for_held_out_metrics(tmp_path, capsys):
     run = runtime.Run(sft.SFTConfig(out_dir=str(tmp_path)), "sft")
     run.log(5, loss=3.14159265, lr=torch.tensor(6e-4), grad_norm=float("nan"))
