@@ -37,7 +37,7 @@ from checkpoint import frozen_dtype, load_policy
 from config import ConfigError, OptimConfig, TrainConfig, opt, plural
 from data import epoch_indices, load_prompts
 from dist import all_mean, global_means, micro_batches, my_share, rank_seed, world_note
-from model import response_logprobs, sample_responses
+from model import response_logprobs, sample_responses, to_device
 from reward import PairsConfig, RewardSpec, batches_in_order, load_pair_splits, make_reward, pair_batch, plan
 from runtime import Run, make_optimizer, optimizer_step, setup_device
 
@@ -186,7 +186,7 @@ def train(cfg):
         if cfg.reference_free or ul:  # h ignores the reference; the logged rewards are then beta * logp
             return torch.zeros(2, len(idx), device=device)
         if cache:
-            return cache[split][list(idx)].T  # (2, b)
+            return cache[split][to_device(torch.tensor(list(idx)), device)].T  # (2, b)
         return pair_logps(ref, rows, idx, device, ctx)
 
     def forward(rows, idx):
