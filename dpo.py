@@ -37,7 +37,7 @@ from checkpoint import frozen_dtype, load_policy
 from config import ConfigError, OptimConfig, TrainConfig, opt, plural
 from data import epoch_indices, load_prompts
 from dist import all_mean, global_means, micro_batches, my_share, rank_seed, world_note
-from model import response_logprobs, sample_responses, to_device
+from model import response_logprobs, sample_responses
 from reward import PairsConfig, RewardSpec, batches_in_order, load_pair_splits, make_reward, pair_batch, plan
 from runtime import Run, make_optimizer, optimizer_step, setup_device
 
@@ -91,10 +91,10 @@ def unlikelihood_loss(chosen_logps, rejected_logps, chosen_mask, rejected_mask, 
     return nll + alpha * ul
 
 
-def pair_logps(model, rows, idx, device, ctx, per_token=False):
-    """Sequence log-probs of pairs idx under model, chosen and rejected in one forward pass: (2, b). per_token: the
-    per-token log-probs and the response mask instead, (2, b, R) each."""
-    ids, mask, R = pair_batch(rows, idx, device)
+def pair_logps(model, batch, ctx, per_token=False):
+    """Sequence log-probs of a batch of b pairs (reward.pair_batch) under model, chosen and rejected in one forward
+    pass: (2, b). per_token: the per-token log-probs and the response mask instead, (2, b, R) each."""
+    ids, mask, R = batch
     with ctx:
         logps = response_logprobs(model, ids, mask, R)  # (2b, R): response tokens only
     if per_token:
@@ -105,7 +105,7 @@ def pair_logps(model, rows, idx, device, ctx, per_token=False):
 @torch.no_grad()
 def reference_logps(ref, rows, batch_size, device, ctx):
     """The reference's (chosen, rejected) log-probs of every pair of a dataset, in order: (N, 2)."""
-    out = [pair_logps(ref, rows, range(i, min(i + batch_size, len(rows))), device, ctx).T
+    out = [pair_logps(ref, pair_batch(rows, range(i, min(i + batch_size, len(rows))), device), ctx).T
            for i in range(0, len(rows), batch_size)]
     return torch.cat(out)
 
@@ -182,19 +182,19 @@ def train(cfg):
         ref = None  # no longer needed: free its memory
 
     @torch.no_grad()
-    def ref_logps(split, rows, idx):
+    def ref_logps(split, batch, idx):
         if cfg.reference_free or ul:  # h ignores the reference; the logged rewards are then beta * logp
             return torch.zeros(2, len(idx), device=device)
         if cache:
-            return cache[split][to_device(torch.tensor(list(idx)), device)].T  # (2, b)
-        return pair_logps(ref, rows, idx, device, ctx)
+            return cache[split][list(idx)].T  # (2, b)
+        return pair_logps(ref, batch, ctx)
 
-    def forward(rows, idx):
+    def forward(batch):
         """(2, b) sequence log-probs and (2, b) losses' inputs: per-token log-probs and masks for unlikelihood."""
         if not ul:
-            logps = pair_logps(policy, rows, idx, device, ctx)
+            logps = pair_logps(policy, batch, ctx)
             return logps, logps
-        tok, mask = pair_logps(policy, rows, idx, device, ctx, per_token=True)  # (2, b, R) each
+        tok, mask = pair_logps(policy, batch, ctx, per_token=True)  # (2, b, R) each
         return tok.sum(-1), (tok, mask)
 
     def losses_of(logps, inputs, ref_lp):
@@ -208,8 +208,9 @@ def train(cfg):
     @torch.no_grad()
     def evaluate():
         policy.eval()
-        parts = [(*forward(eval_rows, idx), ref_logps("eval", eval_rows, idx))
-                 for idx in batches_in_order(len(eval_rows), cfg.batch_size, cfg.eval_iters)]
+        batches = [(pair_batch(eval_rows, idx, device), idx)
+                   for idx in batches_in_order(len(eval_rows), cfg.batch_size, cfg.eval_iters)]
+        parts = [(*forward(batch), ref_logps("eval", batch, idx)) for batch, idx in batches]
         policy.train()
         metrics = [dpo_metrics(*losses_of(*p), p[0][0], p[0][1]) for p in parts]  # per batch (token counts differ)
         sizes = [p[0].size(1) for p in parts]
@@ -224,9 +225,10 @@ def train(cfg):
         idx = epoch_indices(len(train_rows), step, cfg.batch_size, cfg.seed, total)
         parts, step_loss = [], 0.0
         for part in micro_batches(idx, cfg.micro_batch_size, optimizer):
-            ref_lp = ref_logps("train", train_rows, part)  # (2, b)
+            batch = pair_batch(train_rows, part, device)  # one batch for the reference and the policy
+            ref_lp = ref_logps("train", batch, part)  # (2, b)
             # 3b. policy log-probs, chosen and rejected in one forward pass
-            logps, inputs = forward(train_rows, part)  # (2, b)
+            logps, inputs = forward(batch)  # (2, b)
             # 3c. loss and update
             losses, chosen_rewards, rejected_rewards = losses_of(logps, inputs, ref_lp)
             loss = losses.sum() / len(idx)

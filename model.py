@@ -9,7 +9,8 @@ so every response starts at column P, and the logits that predict it are those o
 
 Simplifications on purpose:
 - Padding is handled with an explicit boolean attention mask (SDPA's memory-efficient kernel); only a batch with
-  no padding at all takes the flash path (is_causal=True). A packed/varlen kernel would be the next step.
+  no padding at all takes the flash path (is_causal=True). Fine at toy sizes; a packed/varlen kernel would be the
+  next step.
 - Decoding attends over the whole preallocated cache every step (a mask hides empty slots). That keeps every
   shape static, so one step can be captured as a CUDA graph, at the price of O(block_size) work per token.
 - Ids >= 50257 (GPT-2 has 50257 real tokens; the table is padded to 50304, and PAD = 50257) are removed from
@@ -94,10 +95,11 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys and values for every layer, plus which slots hold real tokens: k, v a (B, H, T, hd) tensor
-    per layer, valid (B, T) bool. Nothing is ever reallocated, so the decoding step has static shapes and addresses
-    (what CUDA graph capture needs). One tensor per layer, not views of one: a compiled step writes a view of its
-    input by copying the whole tensor, and the new slot alone in place otherwise."""
+    """Preallocated keys and values for every layer, plus which slots hold real tokens.
+
+    k, v: a (B, H, T, hd) tensor per layer; valid: (B, T) bool. Nothing is ever reallocated, so the decoding step has
+    static shapes and addresses (what CUDA graph capture needs). One tensor per layer, not views of one: a compiled
+    step writes a view of its input by copying the whole tensor, and the new slot alone in place otherwise."""
 
     def __init__(self, cfg, batch_size, length, device, dtype):
         shape = (batch_size, cfg.n_head, length, cfg.n_embd // cfg.n_head)
@@ -107,8 +109,10 @@ class KVCache:
 
 
 def attention_mask(valid, q_idx):
-    """(B, 1, Tq, Tk) bool: query at absolute slot q_idx[i] sees real keys at slots <= its own, and itself: a padding
-    query (left padding has no real key before it) gets a well-defined softmax, not NaN; its output is never used."""
+    """(B, 1, Tq, Tk) bool: query at absolute slot q_idx[i] sees real keys at slots <= its own.
+
+    Each query also always sees itself, so a padding query (left padding has no real key before it) gets a
+    well-defined softmax instead of NaN; its output is never used."""
     k_idx = torch.arange(valid.size(1), device=valid.device)
     causal = k_idx[None, :] <= q_idx[:, None]  # (Tq, Tk)
     self_ = k_idx[None, :] == q_idx[:, None]
@@ -423,13 +427,7 @@ def layout_batch(prompts, responses, device="cpu"):
     starts at column P, so its log-probs are one slice (response_logprobs)."""
     p_ids, p_mask = pad_batch(prompts, side="left")
     r_ids, r_mask = pad_batch(responses, side="right")
-    ids, mask = to_device(torch.cat([torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1)]), device).chunk(2)
-    return ids, mask, r_ids.size(1)
-
-
-def to_device(t, device):
-    """A CPU tensor on `device`; to a GPU from pinned memory, not waiting for queued kernels (pageable memory would)."""
-    return t.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else t.to(device)
+    return torch.cat([p_ids, r_ids], 1).to(device), torch.cat([p_mask, r_mask], 1).to(device), r_ids.size(1)
 
 
 def pad_batch(seqs, side="right", pad_id=PAD):
@@ -616,5 +614,6 @@ class ScalarHead(nn.Module):
 
 def last_real_index(mask):
     """Column of each row's last real token, for right- or left-padded rows: (B, T) -> (B,)."""
-    cols = torch.arange(mask.size(1), device=mask.device).expand_as(mask)
+    T = mask.size(1)
+    cols = torch.arange(T, device=mask.device).expand_as(mask)
     return torch.where(mask.bool(), cols, torch.full_like(cols, -1)).max(1).values

@@ -49,7 +49,7 @@ from config import ConfigError, OptimConfig, TrainConfig, opt, plural
 from data import derived_seed, epoch_indices, load_prompts, write_jsonl
 from dist import (accumulate, all_sum, global_mean, global_means, is_main, masked_var, my_share, rank_seed, whiten,
                   world, world_note)
-from model import Samples, last_real_index, response_logprobs, sample_responses, to_device
+from model import Samples, last_real_index, response_logprobs, sample_responses
 from reward import RewardModel, RewardSpec, make_critic, make_reward
 from runtime import Clock, Run, check_finite, make_optimizer, optimizer_step, setup_device, shorten
 
@@ -349,7 +349,7 @@ def update(cfg, policy, critic, optimizer, b, step, ctx, kl_loss_coef=0.0, clock
     count = math.ceil(cfg.batch_size / cfg.minibatch_size) if world() > 1 else 0
     sums, counts, norms = [], [], []
     for _ in range(cfg.num_epochs):
-        mbs = [to_device(mb, b.ids.device) for mb in minibatches(b.ids.size(0), cfg.minibatch_size, shuffle, count)]
+        mbs = [mb.to(b.ids.device) for mb in minibatches(b.ids.size(0), cfg.minibatch_size, shuffle, count)]
         # losses average over the minibatch's real tokens (over every process's part of it under torchrun)
         epoch_tokens = all_sum(torch.stack([b.resp_mask[mb].sum() for mb in mbs])).clamp(min=1)
         for mb, n_tokens in zip(mbs, epoch_tokens):

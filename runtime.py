@@ -399,7 +399,7 @@ class Run:
 
 
 def wants_snapshot(cfg, step):
-    """Whether step `step` keeps its weights as ckpt-STEP.pt (every --snapshot_interval steps, each --snapshot_steps)."""
+    """Whether step `step` keeps its weights as ckpt-STEP.pt (each --snapshot_interval steps, --snapshot_steps)."""
     every = getattr(cfg, "snapshot_interval", 0)
     return bool(every and step % every == 0) or step in snapshot_steps(cfg)
 

@@ -32,7 +32,7 @@ from config import ConfigError, ModelConfig, OptimConfig, RunConfig, TrainConfig
 from data import (EOS, derived_seed, epoch_indices, get_tokenizer, heldout_split, load_prompts, load_sft, tokenize_pair,
                   write_jsonl)
 from dist import all_sum, gather_objects, is_main, micro_batches, my_share, rank_seed, world, world_note
-from model import GPT, GPTConfig, layout_batch, response_logprobs, sample_responses, to_device, token_logprobs
+from model import GPT, GPTConfig, layout_batch, response_logprobs, sample_responses, token_logprobs
 from reward import RewardSpec, make_reward
 from runtime import Run, make_optimizer, optimizer_step, setup_device, shorten
 
@@ -84,7 +84,7 @@ class TokenStream:
         g = torch.Generator().manual_seed(derived_seed(self.seed, step))
         ix = torch.randint(len(self.tokens) - self.block_size, (self.batch_size,), generator=g).numpy()
         windows = torch.from_numpy(self.tokens[ix[:, None] + np.arange(self.block_size + 1)].astype(np.int64))
-        windows = to_device(windows, device)
+        windows = windows.to(device)
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()  # x, y: (B, T) each
 
 

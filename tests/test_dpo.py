@@ -16,6 +16,7 @@ import dpo
 import reward
 from conftest import interrupt_and_resume, main_in_process, read_json, read_metrics, run_cli
 from data import EOS
+from reward import pair_batch
 from test_reward import same_numbers, write_policy, write_synthetic
 
 CTX = nullcontext()
@@ -96,7 +97,7 @@ def tiny(tmp_path_factory):
 def test_sequence_logps_sum_response_tokens_only(tiny):
     model, rows = tiny
     idx = [0, 3, 7]  # pair 0 is truncated (no EOS), the others end in EOS
-    logps = dpo.pair_logps(model, rows, idx, "cpu", CTX)  # (2, 3)
+    logps = dpo.pair_logps(model, pair_batch(rows, idx, "cpu"), CTX)  # (2, 3)
     for j, i in enumerate(idx):
         prompt, *responses = rows[i]
         assert i == 0 or (prompt[0] == EOS and responses[0][-1] == EOS)
@@ -109,7 +110,7 @@ def test_sequence_logps_sum_response_tokens_only(tiny):
 @torch.no_grad()
 def test_policy_equal_to_reference_gives_log2_and_zero_margins(tiny):
     model, rows = tiny
-    logps = dpo.pair_logps(model, rows, range(8), "cpu", CTX)
+    logps = dpo.pair_logps(model, pair_batch(rows, range(8), "cpu"), CTX)
     losses, chosen_r, rejected_r = dpo.preference_loss(logps[0], logps[1], logps[0], logps[1], beta=0.1)
     torch.testing.assert_close(losses, torch.full((8,), math.log(2)))
     assert (chosen_r == 0).all() and (rejected_r == 0).all()
@@ -124,7 +125,8 @@ def test_reference_cache_equals_on_the_fly_logps(tiny):
     for step in range(4):  # training batches: shuffled, padded to other lengths
         idx = data_lib.epoch_indices(len(rows), step, 6, 5, 10 ** 6)
         # equal up to float rounding: other padding changes the order of the sums
-        torch.testing.assert_close(dpo.pair_logps(model, rows, idx, "cpu", CTX), cache[idx].T, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(dpo.pair_logps(model, pair_batch(rows, idx, "cpu"), CTX), cache[idx].T, rtol=1e-5,
+                                   atol=1e-4)
 
 
 @pytest.mark.parametrize("args, match", [(["--data="], "--data"), (["--loss=kto"], "--loss=kto"), (["--loss=cdpo"], "label_smoothing"),
