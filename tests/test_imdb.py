@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import imdb  # noqa: E402
 from conftest import ROOT  # noqa: E402
 from data import DataError, load_imdb  # noqa: E402
-from sft import encode_corpus  # noqa: E402
+from sft import encode_corpus, sft_loss  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from checkpoint import load_policy, save_checkpoint  # noqa: E402
 from config import ConfigError  # noqa: E402
@@ -223,8 +223,8 @@ def test_committed_sft_model_is_pinned_and_writes_imdb_text(one_thread):
     # far from an untrained model's (about ln 50257 = 10.8) or the 250-step model the cpu preset trained before (7.0)
     tokens = torch.from_numpy(encode_corpus([r["text"] for r in load_imdb(TEST_SAMPLE, limit=60)]).astype("int64"))
     x = tokens[:len(tokens) // 65 * 65].view(-1, 65)[:64]
-    with torch.no_grad():
-        loss = model(x[:, :-1], x[:, 1:])[1].item()
+    with torch.no_grad():  # sft_loss: the log-probs in slices of rows, never the whole (64, 64, 50257) logits
+        loss = sft_loss(model, (x[:, :-1], x[:, 1:])).item()
     assert loss < 5.3, loss
 
 
