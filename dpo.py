@@ -186,7 +186,7 @@ def train(cfg):
         if cfg.reference_free or ul:  # h ignores the reference; the logged rewards are then beta * logp
             return torch.zeros(2, len(idx), device=device)
         if cache:
-            return cache[split][list(idx)].T  # (2, b)
+            return cache[split][torch.as_tensor(idx, dtype=torch.long).to(device, non_blocking=True)].T  # (2, b)
         return pair_logps(ref, batch, ctx)
 
     def forward(batch):
@@ -318,7 +318,7 @@ def train_online(cfg):
         order = torch.stack([scores[:, 1] > scores[:, 0], scores[:, 1] <= scores[:, 0]], 1).long()  # (n, 2)
         parts, step_loss = [], 0.0
         for part in micro_batches(range(len(idx)), cfg.micro_batch_size, optimizer):
-            pairs = torch.tensor(part, device=device) - share.start  # rows of this process's samples
+            pairs = torch.tensor(part).to(device, non_blocking=True) - share.start  # this process's rows
             rows = (2 * pairs[:, None] + order[pairs]).T.reshape(-1)  # chosen rows, then rejected rows
             with ctx:
                 lp = logps(policy, b, rows).float().view(2, -1)

@@ -422,12 +422,13 @@ def response_mask(tokens, eos_id=EOS, pad_id=PAD):
 # the batch layout, and sampling responses to prompts in it
 
 def layout_batch(prompts, responses, device="cpu"):
-    """The project's batch layout, [left-padded prompt | right-padded response]: lists of prompt ids and of
-    response ids -> (ids, mask, R), ids and mask (B, P + R) on `device`, R the longest response. Every response
-    starts at column P, so its log-probs are one slice (response_logprobs)."""
+    """The project's batch layout, [left-padded prompt | right-padded response]: lists of prompt ids and of response
+    ids -> (ids, mask, R), ids and mask (B, P + R) on `device`, R the longest response; every response starts at
+    column P, so its log-probs are one slice. (non_blocking: a copy from ordinary memory need not wait for the GPU.)"""
     p_ids, p_mask = pad_batch(prompts, side="left")
     r_ids, r_mask = pad_batch(responses, side="right")
-    return torch.cat([p_ids, r_ids], 1).to(device), torch.cat([p_mask, r_mask], 1).to(device), r_ids.size(1)
+    ids, mask = torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1)
+    return ids.to(device, non_blocking=True), mask.to(device, non_blocking=True), r_ids.size(1)
 
 
 def pad_batch(seqs, side="right", pad_id=PAD):
@@ -479,12 +480,12 @@ def sample_responses(policy, prompts, max_new_tokens, generator, device, ctx=nul
     for i in tqdm(range(0, len(prompts), size), desc=desc, disable=None if desc else True, leave=False):
         ids, mask = pad_batch(prompt_ids[i:i + size], side="left")
         with ctx:
-            tokens, tmask = policy.generate(ids.to(device), mask.to(device), max_new_tokens, temperature, top_k,
-                                            top_p, generator=generator)
+            ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+            tokens, tmask = policy.generate(ids, mask, max_new_tokens, temperature, top_k, top_p, generator=generator)
         responses += [t[:n] for t, n in zip(tokens.tolist(), tmask.sum(1).tolist())]  # up to and including EOS
     ids, mask, R = layout_batch(prompt_ids, responses, device)
     return Samples(list(prompts), [decode(r) for r in responses], ids, mask, R, mask[:, -R:].float(),
-                   torch.tensor([len(r) == 0 or r[-1] != EOS for r in responses], device=device))
+                   torch.tensor([len(r) == 0 or r[-1] != EOS for r in responses]).to(device, non_blocking=True))
 
 
 def response_logprobs(model, ids, mask, n_response, temperature=1.0, with_entropy=False):

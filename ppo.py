@@ -331,11 +331,11 @@ def clipped_value_loss(values, old_values, returns, mask, cliprange_value=0.2, n
     return loss, stats
 
 
-def minibatches(batch_size, minibatch_size, generator, count=0):
-    """A fresh shuffle of 0..B-1 cut into minibatches; the last is smaller when B does not divide (none dropped).
-    count > 0 (torchrun: B is this process's rows): cut into `count` minibatches instead, sizes differing by at most
-    one, so that every process takes the same optimizer steps."""
-    perm = torch.randperm(batch_size, generator=generator)
+def minibatches(batch_size, minibatch_size, generator, count=0, device="cpu"):
+    """A fresh shuffle of 0..B-1 cut into minibatches on `device`; the last is smaller when B does not divide (none
+    dropped). count > 0 (torchrun: B is this process's rows): cut into `count` minibatches instead, sizes differing by
+    at most one, so that every process takes the same optimizer steps."""
+    perm = torch.randperm(batch_size, generator=generator).to(device, non_blocking=True)  # no wait for the GPU
     return perm.tensor_split(count) if count else perm.split(minibatch_size)
 
 
@@ -349,7 +349,7 @@ def update(cfg, policy, critic, optimizer, b, step, ctx, kl_loss_coef=0.0, clock
     count = math.ceil(cfg.batch_size / cfg.minibatch_size) if world() > 1 else 0
     sums, counts, norms = [], [], []
     for _ in range(cfg.num_epochs):
-        mbs = [mb.to(b.ids.device) for mb in minibatches(b.ids.size(0), cfg.minibatch_size, shuffle, count)]
+        mbs = minibatches(b.ids.size(0), cfg.minibatch_size, shuffle, count, b.ids.device)
         # losses average over the minibatch's real tokens (over every process's part of it under torchrun)
         epoch_tokens = all_sum(torch.stack([b.resp_mask[mb].sum() for mb in mbs])).clamp(min=1)
         for mb, n_tokens in zip(mbs, epoch_tokens):

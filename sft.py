@@ -84,7 +84,7 @@ class TokenStream:
         g = torch.Generator().manual_seed(derived_seed(self.seed, step))
         ix = torch.randint(len(self.tokens) - self.block_size, (self.batch_size,), generator=g).numpy()
         windows = torch.from_numpy(self.tokens[ix[:, None] + np.arange(self.block_size + 1)].astype(np.int64))
-        windows = windows.to(device)
+        windows = windows.to(device, non_blocking=True)
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()  # x, y: (B, T) each
 
 
