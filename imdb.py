@@ -196,7 +196,7 @@ def fingerprint(path):
         return {f: fingerprint(os.path.join(path, f)) for f in sorted(os.listdir(path))
                 if os.path.isfile(os.path.join(path, f))}
     if not os.path.exists(path) and os.path.exists(path + ".removed.json"):  # weights gone once evaluated
-        with open(path + ".removed.json") as f:  # (pipeline.evaluate_run)
+        with open(path + ".removed.json") as f:  # (report.evaluate_run)
             return json.load(f)
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)

@@ -2,8 +2,9 @@
 The pipeline on your own data (stage `pipeline` given --preferences, or an own-data preset): supervised fine-tuning on
 your examples, a reward model on your preference pairs, every method on your prompts, and a report judged by that
 reward model, as your data has no gold judge. The IMDb benchmark (pipeline.py) shares its parts: pipeline.Queue and
-with_queue for the sub-runs, evaluate_run and report.Evaluator for the samples. It keeps a run_pipeline of its own (a
-scope cut, on purpose): its replicates, gold-labelled pairs, best-of-N pool and exact optimum would be callbacks here.
+with_queue for the sub-runs, report.evaluate_run and report.Evaluator for the samples. It keeps a run_pipeline of its
+own (a scope cut, on purpose): its replicates, gold-labelled pairs, best-of-N pool and exact optimum would be callbacks
+here.
 
     python train.py pipeline --preferences=pairs.jsonl --init_from=out/sft/ckpt.pt --out_dir=out/mine
     python train.py pipeline --preferences=pairs.jsonl --sft_data=chat.jsonl --prompts=prompts.txt \\
@@ -56,8 +57,8 @@ from config import ConfigError, TrainingError, parse_config, plural
 from data import (PAD, DataError, encode, files, heldout_split, load_preferences, load_prompts, load_sft, read_json,
                   read_jsonl, write_json, write_jsonl)
 from imdb import ROOT, SFT_CPU_PATH, TEMPERATURE, fingerprint
-from pipeline import METHODS, evaluate_run, run_name, stale, with_queue
-from report import Evaluator, color, method_of, pyplot
+from pipeline import METHODS, run_name, stale, with_queue
+from report import Evaluator, color, evaluate_run, method_of, pyplot
 
 HH = ",".join(os.path.join(ROOT, "..", "shared", "data", "hh-rlhf", f"{s}-base-test.jsonl.gz")
               for s in ("helpful", "harmless"))

@@ -45,7 +45,7 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import torch
@@ -60,8 +60,8 @@ from config import ConfigError, RunConfig, TrainingError, opt, parse_config, plu
 from data import load_imdb, read_json, read_jsonl, write_json
 from imdb import (PRESETS, ROOT, SFT_CPU_PATH, SFT_CPU_SHA256, SPLITS, TEMPERATURE, check_sha256, fingerprint,
                   imdb_files, simulate_preferences, with_rl_batch, write_prompts)
-from report import (OBJECTIVE, OPTIMUM_BETAS, Evaluator, gao_fits, gold_at_kl, objective_gaps, pool_curves,
-                    sample_pool, write_report)
+from report import (OBJECTIVE, OPTIMUM_BETAS, Evaluator, evaluate_run, gao_fits, gold_at_kl, objective_gaps,
+                    pool_curves, sample_pool, write_report)
 from runtime import RESTART_KEYS, Run, as_stored, effective_config
 
 
@@ -173,8 +173,9 @@ class Stopped(Exception):
 
 class Queue:
     """Sub-runs of train.py as child processes: a pool of threads, each waiting on one child, while the main thread
-    starts what became ready and evaluates what finished. First SIGINT/SIGTERM, or a failed sub-run: one SIGTERM to
-    each running child (it saves a checkpoint and exits) and nothing new starts; a second signal kills them all."""
+    starts what became ready and hands what finished to the evaluation thread, one at a time. First SIGINT/SIGTERM, or
+    a failed sub-run: one SIGTERM to each running child (it saves a checkpoint and exits) and nothing new starts; a
+    second signal kills them all."""
 
     def __init__(self, gpus=(), profile=None):
         self.gpus, self.procs, self.lock = list(gpus), {}, threading.RLock()  # procs: {out_dir: Popen}, running
@@ -256,13 +257,31 @@ class Queue:
             drop_resume_state(os.path.join(out_dir, "ckpt.pt"))
         return code
 
+    def evaluate(self, on_done, out_dir):
+        """on_done(out_dir) in a thread of its own, a daemon (a second Ctrl-C, which ends the pipeline, does not wait
+        for it) -> a Future of out_dir."""
+        future = Future()
+
+        def body():
+            try:
+                t0 = time.time()
+                if on_done:
+                    on_done(out_dir)
+                self.note("evaluate", out_dir, t0)
+                future.set_result(out_dir)
+            except BaseException as e:  # noqa: BLE001 (the Future carries it to run_all)
+                future.set_exception(e)
+        threading.Thread(target=body, daemon=True).start()
+        return future
+
     def run_all(self, jobs, desc, max_jobs, overwrite, cpu=False, after=None, on_done=None, on_done_after=None):
         """Run [(stage, out_dir, args)] at most max_jobs at a time, in order. after: {out_dir: [out_dirs]} a job waits
         for (PPO for its reward model; its folder is checked when it starts, as its inputs exist only then).
-        on_done(out_dir) runs here as each job finishes or is found done, while the others train, after the on_done
-        of on_done_after[out_dir] (a DPO run is evaluated with its reward model). cpu: each sub-run gets
-        cores // max_jobs threads, and on_done waits for a core the sub-runs leave idle (nothing left to start, fewer
-        than max_jobs running), so the evaluation fills the queue's tail instead of slowing the sub-runs. A sub-run
+        on_done(out_dir) runs in a thread beside this one as each job finishes or is found done, one at a time, while
+        the others train and new ones start, after the on_done of on_done_after[out_dir] (a DPO run is evaluated with
+        its reward model). cpu: each sub-run gets cores // max_jobs threads, and on_done waits for a core the sub-runs
+        leave idle (nothing left to start, fewer than max_jobs running), so the evaluation fills the queue's tail
+        instead of slowing the sub-runs. A sub-run
         that fails leaves the others running: returns {out_dir: why} of each one that failed, could not start (a
         prerequisite failed) or cannot be evaluated (the same), {} if none."""
         self.check()
@@ -272,10 +291,11 @@ class Queue:
                        for m in (after, on_done_after))
         plans = {job[1]: sub_run_plan(*job, overwrite) for job in jobs if not after.get(job[1])}
         waiting, running, finished, unevaluated, evaluated, failed = list(jobs), {}, set(), [], set(), {}
+        evaluating = None  # the evaluation in progress: a Future of its out_dir
         lost = lambda d, deps: next((a for a in deps.get(d, ()) if a in failed), None)  # a failed prerequisite
         with ThreadPoolExecutor(max_jobs) as pool, tqdm(total=len(jobs), desc=desc, dynamic_ncols=True) as bar:
             try:
-                while (waiting or running or unevaluated) and not self.signals or running:
+                while (waiting or running or unevaluated) and not self.signals or running or evaluating:
                     # 0. what a failure left unable to run (PPO without its reward model) or to be evaluated
                     for job in [j for j in waiting if lost(j[1], after)]:
                         waiting.remove(job), bar.update(1)
@@ -292,21 +312,27 @@ class Queue:
                             finished.add(job[1]), unevaluated.append(job[1]), bar.update(1)
                         else:
                             running[pool.submit(self.run, *job, plan, inputs, threads)] = job[1]
-                    # 2. evaluate one finished run whose prerequisites are evaluated, while the others train
+                    # 2. evaluate one finished run whose prerequisites are evaluated, in a thread while this loop goes
+                    #    on (a run that ends meanwhile frees its place at once)
+                    if evaluating and evaluating.done():
+                        try:
+                            evaluated.add(evaluating.result())  # an error in it stops the pipeline
+                        except Stopped:  # a stop came before it began: the running sub-runs save and exit
+                            pass
+                        evaluating = None
                     ready = [d for d in unevaluated if set(then.get(d, ())) <= evaluated]
-                    if ready and not self.signals and not (cpu and (waiting or len(running) >= max_jobs)):
-                        unevaluated.remove(ready[0]), evaluated.add(ready[0])
-                        if on_done:
-                            t0 = time.time()
-                            on_done(ready[0])
-                            self.note("evaluate", ready[0], t0)
-                        continue
-                    if not running:
+                    idle = not (cpu and (waiting or len(running) >= max_jobs))
+                    if ready and not evaluating and not self.signals and idle:
+                        unevaluated.remove(ready[0])
+                        evaluating = self.evaluate(on_done, ready[0])
+                    if not running and not evaluating:
                         if waiting or unevaluated:  # nothing runs, nothing can start: a bug, not input
                             raise ValueError(f"the queue's dependencies go round in a circle: {waiting or unevaluated}")
                         continue
-                    # 3. wait for a sub-run to end
-                    for f in wait(running, timeout=1.0, return_when=FIRST_COMPLETED)[0]:
+                    # 3. wait for a sub-run or the evaluation to end
+                    for f in wait([*running, evaluating] if evaluating else running, 1.0, FIRST_COMPLETED)[0]:
+                        if f is evaluating:
+                            continue
                         out_dir = running.pop(f)
                         bar.update(1)
                         if f.result() == 0:
@@ -346,31 +372,6 @@ def run_name(method, strength, seed, lr=None):
     key = METHODS[method][1]
     return method + ("" if key is None else f"_{'alpha' if key == 'alpha' else 'beta'}{strength}") + \
         ("" if lr is None else f"_lr{lr:g}") + f"_seed{seed}"
-
-
-def snapshots(run_dir):
-    """{step: path} of the ckpt-STEP.pt files a sub-run kept (--snapshot_interval, --snapshot_steps), by step, those
-    whose weights went once evaluated (evaluate_run) included."""
-    kept = (re.fullmatch(r"ckpt-(\d+)\.pt(\.removed\.json)?", f) for f in os.listdir(run_dir))
-    steps = sorted(int(m[1]) for m in kept if m)
-    return {step: os.path.join(run_dir, f"ckpt-{step}.pt") for step in dict.fromkeys(steps)}
-
-
-def evaluate_run(evaluate, name, run_dir, proxy, out_dir, seed, keep_snapshots, keep_final=True):
-    """{label: result} of a finished sub-run's policies, evaluated (report.Evaluator): each snapshot (NAME@STEP) and
-    the final one (NAME). Unless keep_snapshots, a snapshot's weights go once evaluated, and unless keep_final the
-    final ones, each leaving PATH.removed.json with their fingerprint (imdb.fingerprint reads it): a re-run with the
-    same inputs reuses the stored result, and one that would need the weights again says so."""
-    out = {}
-    gone = lambda path: write_json(path + ".removed.json", fingerprint(path)) or os.remove(path)
-    for step, path in snapshots(run_dir).items():
-        out[f"{name}@{step}"] = evaluate(f"{name}@{step}", path, proxy, out_dir, seed)
-        if not keep_snapshots and os.path.exists(path):
-            gone(path)
-    out[name] = evaluate(name, final := os.path.join(run_dir, "ckpt.pt"), proxy, out_dir, seed)
-    if not (keep_snapshots or keep_final) and os.path.exists(final):
-        gone(final)
-    return out
 
 
 @dataclass

@@ -243,6 +243,32 @@ def store_result(record, samples, rows, made_by, result):
     write_jsonl(samples, rows)
     write_json(record, dict(made_by=dict(made_by, samples=fingerprint(samples)), result=result))
 
+
+def snapshots(run_dir):
+    """{step: path} of the ckpt-STEP.pt files a sub-run kept (--snapshot_interval, --snapshot_steps), by step, those
+    whose weights went once evaluated (evaluate_run) included."""
+    kept = (re.fullmatch(r"ckpt-(\d+)\.pt(\.removed\.json)?", f) for f in os.listdir(run_dir))
+    steps = sorted(int(m[1]) for m in kept if m)
+    return {step: os.path.join(run_dir, f"ckpt-{step}.pt") for step in dict.fromkeys(steps)}
+
+
+def evaluate_run(evaluate, name, run_dir, proxy, out_dir, seed, keep_snapshots, keep_final=True):
+    """{label: result} of a finished sub-run's policies, evaluated (Evaluator): each snapshot (NAME@STEP) and
+    the final one (NAME). Unless keep_snapshots, a snapshot's weights go once evaluated, and unless keep_final the
+    final ones, each leaving PATH.removed.json with their fingerprint (imdb.fingerprint reads it): a re-run with the
+    same inputs reuses the stored result, and one that would need the weights again says so."""
+    out = {}
+    gone = lambda path: write_json(path + ".removed.json", fingerprint(path)) or os.remove(path)
+    for step, path in snapshots(run_dir).items():
+        out[f"{name}@{step}"] = evaluate(f"{name}@{step}", path, proxy, out_dir, seed)
+        if not keep_snapshots and os.path.exists(path):
+            gone(path)
+    out[name] = evaluate(name, final := os.path.join(run_dir, "ckpt.pt"), proxy, out_dir, seed)
+    if not (keep_snapshots or keep_final) and os.path.exists(final):
+        gone(final)
+    return out
+
+
 class Evaluator:
     """Policies on the held-out prefixes at TEMPERATURE: gold reward, proxy reward, KL(pi || pi_ref) (mean over samples
     of the sum over tokens of log pi - log pi_ref). Every policy's weights go into one model (its decoding graphs stay

@@ -343,6 +343,38 @@ def test_on_the_cpu_a_run_is_evaluated_once_a_core_is_idle(monkeypatch):
         assert sorted(d for e, d in events if e == "on_done") == ["a", "b", "c"]
 
 
+def test_a_run_that_ends_during_an_evaluation_frees_its_place_at_once(monkeypatch):
+    """On a GPU the evaluation runs beside the queue: a ends and its (long) evaluation starts, c takes a's place; b
+    ends during that evaluation, and d takes b's place then, not after it. The evaluations still come one at a time,
+    in the order the runs ended, and an error in one stops the queue."""
+    q, events, lock = pipeline.Queue(), [], threading.Lock()
+    seconds = dict(a=0.05, b=0.3, c=0.5, d=0.05)
+
+    def run(stage, out_dir, args, plan, inputs, threads):
+        with lock:
+            events.append(("start", out_dir))
+        time.sleep(seconds[out_dir])
+        with lock:
+            events.append(("end", out_dir))
+        return 0
+
+    def on_done(d):
+        with lock:
+            events.append(("evaluate", d))
+        time.sleep(1.0 if d == "a" else 0.01)
+        with lock:
+            events.append(("evaluated", d))
+
+    monkeypatch.setattr(q, "run", run)
+    monkeypatch.setattr(pipeline, "sub_run_plan", lambda *job: ("fresh", {}))
+    q.run_all([(name, name, []) for name in seconds], "test", 2, False, on_done=on_done)
+    assert events.index(("start", "d")) < events.index(("evaluated", "a")), events  # d ran during a's evaluation
+    evaluations = [e for e in events if e[0].startswith("evaluate")]
+    assert evaluations == [e for d in "abdc" for e in (("evaluate", d), ("evaluated", d))], evaluations  # in turn
+    with pytest.raises(ZeroDivisionError):
+        q.run_all([("x", "a", [])], "test", 1, False, on_done=lambda d: 1 / 0)
+
+
 def test_a_run_found_done_lets_what_waits_for_it_start(monkeypatch):
     """A re-run: the reward model is found done (no sub-run), so the PPO run waiting for it starts at once, on the
     CPU too, where the reward model's evaluation waits for that run's core."""
@@ -462,7 +494,7 @@ def test_method_names_and_snapshots(tmp_path):
     assert pipeline.run_name("pft", None, 1) == "pft_seed1"
     for f in ("ckpt.pt", "ckpt-20.pt", "ckpt-100.pt", "ckpt-x.pt", ".ckpt-5.pt.tmp1", "ckpt-7.pt.removed.json"):
         (tmp_path / f).write_bytes(b"")
-    assert list(pipeline.snapshots(tmp_path)) == [7, 20, 100]
+    assert list(report.snapshots(tmp_path)) == [7, 20, 100]
 
 
 def test_evaluated_snapshots_lose_their_weights_and_keep_their_fingerprint(tmp_path):
@@ -473,15 +505,15 @@ def test_evaluated_snapshots_lose_their_weights_and_keep_their_fingerprint(tmp_p
             (run / f).write_bytes(data)
         seen = {f: imdb.fingerprint(str(run / f)) for f in ("ckpt.pt", "ckpt-5.pt", "ckpt-10.pt")}
         evaluate = lambda name, path, proxy, out_dir, seed: dict(name=name, fingerprint=imdb.fingerprint(path))
-        got = pipeline.evaluate_run(evaluate, "ppo", str(run), "rm.pt", str(tmp_path), 1, keep, keep_final)
+        got = report.evaluate_run(evaluate, "ppo", str(run), "rm.pt", str(tmp_path), 1, keep, keep_final)
         assert got == {"ppo@5": dict(name="ppo@5", fingerprint=seen["ckpt-5.pt"]),
                        "ppo@10": dict(name="ppo@10", fingerprint=seen["ckpt-10.pt"]),
                        "ppo": dict(name="ppo", fingerprint=seen["ckpt.pt"])}
         # --keep_snapshots keeps every weight; the final ones stay in replicate 1 (keep_final) either way
         assert (run / "ckpt-5.pt").exists() == keep and (run / "ckpt.pt").exists() == (keep or keep_final)
         # a re-run sees the same snapshots with the same fingerprints, so it reuses their stored results
-        assert pipeline.evaluate_run(evaluate, "ppo", str(run), "rm.pt", str(tmp_path), 1, keep, keep_final) == got
-        assert list(pipeline.snapshots(run)) == [5, 10]
+        assert report.evaluate_run(evaluate, "ppo", str(run), "rm.pt", str(tmp_path), 1, keep, keep_final) == got
+        assert list(report.snapshots(run)) == [5, 10]
 
 
 def test_a_finished_run_keeps_a_policy_in_its_training_dtype_and_a_reward_model_in_float32(tmp_path):
