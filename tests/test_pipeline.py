@@ -361,7 +361,7 @@ def test_a_run_that_ends_during_an_evaluation_frees_its_place_at_once(monkeypatc
     def on_done(d):
         with lock:
             events.append(("evaluate", d))
-        time.sleep(1.0 if d == "a" else 0.01)
+        time.sleep(0.6 if d == "a" else 0.01)
         with lock:
             events.append(("evaluated", d))
 
