@@ -307,10 +307,12 @@ def main(argv=None):
                   python=platform.python_version(), ours={}, peers={})
     save = lambda: write_json(os.path.join(a.out, "bench.json"), result)  # noqa: E731
     def measure(name, fn, *args, **kw):  # a failing row is recorded and the others still run
+        t0 = time.time()
         try:
             result["ours"][name] = fn(*args, **kw)
         except Exception as e:  # noqa: BLE001
             result["ours"][name] = dict(error=f"{type(e).__name__}: {e}"[:500])
+        result["ours"][name]["wall_s"] = round(time.time() - t0, 1)  # the row's whole time: plan a command by it
         print(f"{name}:", result["ours"][name], flush=True)
         save()
 
@@ -335,7 +337,9 @@ def main(argv=None):
                 measure(f"dpo_compile{int(c)}_cache{int(cache)}", bench_dpo, folder, a.out, compile=c,
                         ref_cache=cache)
     if a.peers != "none":
+        t0 = time.time()
         result["peers"] = run_peers(a.peers, a.out)
+        result["peers_wall_s"] = round(time.time() - t0, 1)
     result["table"] = table(result["ours"], result["peers"])
     save()
     print(f"\n{result['gpu']}, torch {result['torch']}, {result['date']}\n")
