@@ -38,7 +38,6 @@ import dataclasses
 import itertools
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -281,9 +280,8 @@ class Queue:
         the others train and new ones start, after the on_done of on_done_after[out_dir] (a DPO run is evaluated with
         its reward model). cpu: each sub-run gets cores // max_jobs threads, and on_done waits for a core the sub-runs
         leave idle (nothing left to start, fewer than max_jobs running), so the evaluation fills the queue's tail
-        instead of slowing the sub-runs. A sub-run
-        that fails leaves the others running: returns {out_dir: why} of each one that failed, could not start (a
-        prerequisite failed) or cannot be evaluated (the same), {} if none."""
+        instead of slowing the sub-runs. A sub-run that fails leaves the others running: returns {out_dir: why} of
+        each one that failed, could not start (a prerequisite failed) or cannot be evaluated (the same), {} if none."""
         self.check()
         threads = max(1, (os.cpu_count() or 1) // max_jobs) if cpu else 0
         names = {job[1] for job in jobs}
