@@ -320,22 +320,25 @@ def test_queue_starts_dependents_after_and_evaluates_in_dependency_order(monkeyp
     assert running[1] == 2
 
 
+def timed_run(seconds, events, lock):
+    """A stand-in for Queue.run: sub-run out_dir takes seconds[out_dir], its start and end logged in events."""
+    def run(stage, out_dir, args, plan, inputs, threads):
+        with lock:
+            events.append(("start", out_dir))
+        time.sleep(seconds[out_dir])
+        with lock:
+            events.append(("end", out_dir))
+        return 0
+    return run
+
+
 def test_on_the_cpu_a_run_is_evaluated_once_a_core_is_idle(monkeypatch):
     """b ends first and c takes its place beside a: on a GPU b is evaluated at once, while a and c train; on the CPU,
     whose cores the two sub-runs fill, only once a has ended and a core is idle."""
     seconds = dict(a=1.0, b=0.05, c=1.2)  # b ends, and is evaluated on a GPU, nearly 1 s before a ends
     for cpu in (False, True):
         q, events, lock = pipeline.Queue(), [], threading.Lock()
-
-        def run(stage, out_dir, args, plan, inputs, threads):
-            with lock:
-                events.append(("start", out_dir))
-            time.sleep(seconds[out_dir])
-            with lock:
-                events.append(("end", out_dir))
-            return 0
-
-        monkeypatch.setattr(q, "run", run)
+        monkeypatch.setattr(q, "run", timed_run(seconds, events, lock))
         monkeypatch.setattr(pipeline, "sub_run_plan", lambda *job: ("fresh", {}))
         q.run_all([(name, name, []) for name in seconds], "test", 2, False, cpu=cpu,
                   on_done=lambda d: events.append(("on_done", d)))
@@ -350,14 +353,6 @@ def test_a_run_that_ends_during_an_evaluation_frees_its_place_at_once(monkeypatc
     q, events, lock = pipeline.Queue(), [], threading.Lock()
     seconds = dict(a=0.05, b=0.3, c=0.5, d=0.05)
 
-    def run(stage, out_dir, args, plan, inputs, threads):
-        with lock:
-            events.append(("start", out_dir))
-        time.sleep(seconds[out_dir])
-        with lock:
-            events.append(("end", out_dir))
-        return 0
-
     def on_done(d):
         with lock:
             events.append(("evaluate", d))
@@ -365,7 +360,7 @@ def test_a_run_that_ends_during_an_evaluation_frees_its_place_at_once(monkeypatc
         with lock:
             events.append(("evaluated", d))
 
-    monkeypatch.setattr(q, "run", run)
+    monkeypatch.setattr(q, "run", timed_run(seconds, events, lock))
     monkeypatch.setattr(pipeline, "sub_run_plan", lambda *job: ("fresh", {}))
     q.run_all([(name, name, []) for name in seconds], "test", 2, False, on_done=on_done)
     assert events.index(("start", "d")) < events.index(("evaluated", "a")), events  # d ran during a's evaluation
