@@ -105,16 +105,22 @@ def pair_metrics(r_chosen, r_rejected, loss):
 
 
 @torch.no_grad()
-def score_texts(model, prompts, responses, device, batch_size=64):
-    """Normalised scores of prompt + response texts -> list[float], tokenized as everywhere (tokenize_pair:
-    EOS-first prompt, response + EOS, truncated to the model's block_size) in the shared layout."""
-    scores = []
+def score_tensor(model, prompts, responses, device, batch_size=64):
+    """Normalised scores of prompt + response texts -> float32 (B,) on device, tokenized as everywhere (tokenize_pair:
+    EOS-first prompt, response + EOS, truncated to the model's block_size) in the shared layout. No wait for the GPU:
+    the batches are queued while it runs."""
+    scores = [torch.zeros(0, device=device)]
     for i in range(0, len(prompts), batch_size):
         rows = [tokenize_pair(p, [r], model.config.block_size)[:2]
                 for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
         ids, mask, _ = layout_batch([p for p, _ in rows], [r for _, (r,) in rows], device)
-        scores.append(model.score(ids, mask))
-    return torch.cat(scores).tolist() if scores else []  # read once: the batches are queued while the GPU runs
+        scores.append(model.score(ids, mask).float())
+    return torch.cat(scores)
+
+
+def score_texts(model, prompts, responses, device, batch_size=64):
+    """score_tensor's scores as list[float], read once."""
+    return score_tensor(model, prompts, responses, device, batch_size).tolist()
 
 
 @torch.no_grad()
@@ -274,7 +280,7 @@ def reward_component(spec, device, batch_size, dtype=None, option="reward"):
         get = lambda prompts, responses: call_user_reward(fn, spec, prompts, responses, option)
     else:
         model = load_reward_model(spec, device, dtype)
-        get = lambda prompts, responses: torch.tensor(score_texts(model, prompts, responses, device, batch_size))
+        get = lambda prompts, responses: score_tensor(model, prompts, responses, device, batch_size)  # on device
 
     def scores(prompts, responses):
         out = get(prompts, responses).to(device)
