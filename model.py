@@ -154,6 +154,7 @@ class GPT(nn.Module):
         of a decoding step (next_logits), which the CUDA graph then replays. Weights and checkpoints are unaffected."""
         self.compiled = torch.compile(self._hidden)
         self.compiled_decode = torch.compile(self.next_logits, dynamic=False)
+        self.compiled_logprobs = torch.compile(plain_token_logprobs)  # token_logprobs' path
         return self
 
     def hidden(self, idx, mask=None, cache=None, cache_idx=None):
@@ -328,8 +329,7 @@ class Decoder:
         self.out[:, 0] = first
         self.tok.copy_(first)
         self.done.copy_(first == eos_id)
-        self.slot.fill_(P)
-        self.col.fill_(1)
+        self.slot.fill_(P), self.col.fill_(1)
 
     def lend(self, generator):
         """The graph's own generator, set to the caller's state (None: the default CUDA generator's), so the draws
@@ -338,10 +338,7 @@ class Decoder:
         return self.gen
 
     def give_back(self, generator):
-        if generator is None:
-            torch.cuda.set_rng_state(self.gen.get_state())
-        else:
-            generator.set_state(self.gen.get_state())
+        (torch.cuda.set_rng_state if generator is None else generator.set_state)(self.gen.get_state())
 
     def capture(self, step):
         """Record step() as a CUDA graph (after a warm-up on a side stream, as CUDA graphs need). The generator is
@@ -401,9 +398,8 @@ def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     if temperature == 0:
         return logits.argmax(-1)
     # inverse CDF: the first token whose cumulative weight exceeds u ~ U(0, total) is a categorical draw, exact to
-    # float64's precision (see sampling_cdf). One uniform per row and no host sync: on a CPU, drawing a noise value
-    # per vocabulary entry (Gumbel-max, or torch.multinomial) costs ten times the rest of the step. u stays strictly
-    # below the total, so a token of probability 0 (cut by top-k/top-p) is never chosen.
+    # float64's precision (sampling_cdf). One uniform per row, no host sync: on a CPU, a noise value per vocabulary
+    # entry (Gumbel-max, torch.multinomial) costs ten times the rest of the step. u < total: no token of probability 0.
     cdf = sampling_cdf(logits, temperature, top_k, top_p)  # (B, V) float64
     total = cdf[:, -1:]
     u = torch.rand(total.shape, generator=generator, device=cdf.device, dtype=cdf.dtype) * total  # 2^-53 grid
@@ -495,14 +491,7 @@ def response_logprobs(model, ids, mask, n_response, temperature=1.0, with_entrop
     response tokens, divided by the sampling temperature: the same T for old, new and reference log-probs (Huang
     et al. 2024, "The N+ Implementation Details of RLHF with PPO", arXiv 2403.17031). Returns logp (B, R), 0 where
     mask is 0, and, with_entropy, the entropy (B, R) of each predictive distribution (0 where mask is 0; no
-    gradient). Every algorithm (SFT, DPO, PPO, RLOO, GRPO, evaluation) uses this. In plain PyTorch it would read
-
-        logp_all = F.log_softmax(model.logits(h).float() / temperature, -1)             # (B, R, 50257)
-        logp = logp_all.gather(-1, targets[..., None]).squeeze(-1)
-
-    which holds B x R x 50,257 float32 numbers, twice, plus their gradient: the largest tensors of every step.
-    TokenLogProbs computes the same numbers a slice of rows at a time instead (tests/test_model.py checks it
-    against the line above, gradients included)."""
+    gradient). Every algorithm (SFT, DPO, PPO, RLOO, GRPO, evaluation) uses this."""
     h = model.hidden(ids, mask)[:, -n_response - 1:-1]  # (B, R, C): position t predicts token t + 1
     targets = ids[:, -n_response:].clamp(max=N_REAL_TOKENS - 1)  # PAD (50257) -> any real id; masked below
     logp, entropy = token_logprobs(model, h, targets, temperature, with_entropy)
@@ -517,10 +506,23 @@ def matmul_dtype(model, device_type):
 
 
 def token_logprobs(model, h, targets, temperature=1.0, with_entropy=True):
-    """log p(targets) (...) and the entropy (...) of model's next-token distributions at hidden states h (..., C)."""
+    """log p(targets) (...) and the entropy (...) of model's next-token distributions at hidden states h (..., C).
+    Plain PyTorch (plain_token_logprobs) holds (..., 50,257) float32 numbers twice, plus their gradient: the largest
+    tensors of every step. TokenLogProbs computes them a slice of rows at a time; a compiled model (compile_hidden)
+    runs the plain function through inductor, which fuses its passes (tests/test_model.py checks all three)."""
+    if "compiled_logprobs" in model.__dict__:
+        logp, entropy = model.compiled_logprobs(model, h, targets, temperature)
+        return logp, entropy if with_entropy else torch.zeros_like(entropy)
     logp, entropy = TokenLogProbs.apply(h.reshape(-1, h.size(-1)), model.lm_head.weight, targets.reshape(-1),
                                         temperature, matmul_dtype(model, h.device.type), with_entropy)
     return logp.view(targets.shape), entropy.view(targets.shape)
+
+
+def plain_token_logprobs(model, h, targets, temperature=1.0):
+    """token_logprobs in plain PyTorch: log p(targets) (...) and the entropy (..., no gradient)."""
+    logp_all = F.log_softmax(model.logits(h).float() / temperature, -1)  # (..., 50257)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp_all.gather(-1, targets[..., None]).squeeze(-1), entropy.detach()
 
 
 class TokenLogProbs(torch.autograd.Function):
@@ -529,15 +531,11 @@ class TokenLogProbs(torch.autograd.Function):
     `dtype`, the autocast dtype; softmax in float32), made again in backward (d logp / d logits = onehot(target) -
     softmax): one more product, for memory that no longer grows with N x V. Below KEEP numbers (N x V: the tests', a
     CPU's small batches) forward keeps the softmax slices for backward instead. (Wijmans et al. 2024, "Cut Your
-    Losses in Large-Vocabulary Language Models", go further in one kernel.) Returns logp (N,) float32 and the
-    entropy (N,) (zeros unless with_entropy; no gradient). On a CPU the slices stay below glibc's 32 MB limit for
-    heap blocks (runtime.keep_freed_memory): a larger one is mapped, zeroed and unmapped at every use (slow)."""
+    Losses in Large-Vocabulary Language Models", go further in one kernel.) Returns logp (N,) float32 and the entropy
+    (N,) (zeros unless with_entropy; no gradient). On a CPU the slices stay below glibc's 32 MB heap-block limit
+    (runtime.keep_freed_memory): a larger one would be mapped, zeroed and unmapped at every use (slow)."""
     ROWS = {"cuda": 1024, "cpu": 128}  # rows per slice: 1024 x 50,304 float32 = 206 MB on a GPU, 26 MB on a CPU
     KEEP = 1 << 26  # softmax entries kept for backward at most: 256 MB of float32
-
-    @staticmethod
-    def rows(device_type):
-        return TokenLogProbs.ROWS.get(device_type, TokenLogProbs.ROWS["cpu"])
 
     @staticmethod
     def logits(h, w, temperature):  # (n, C), (V, C) in the product's dtype -> (n, V) float32 (float64 stays)
@@ -550,7 +548,7 @@ class TokenLogProbs(torch.autograd.Function):
         logp = torch.empty(h.size(0), device=h.device, dtype=acc)
         entropy = torch.zeros(h.size(0), device=h.device, dtype=acc)
         lse = torch.empty(h.size(0), device=h.device, dtype=acc)  # log of the softmax's denominator, per row
-        rows, w = TokenLogProbs.rows(h.device.type), weight.to(dtype)
+        rows, w = TokenLogProbs.ROWS.get(h.device.type, TokenLogProbs.ROWS["cpu"]), weight.to(dtype)
         keep = any(ctx.needs_input_grad[:2]) and h.size(0) * weight.size(0) <= TokenLogProbs.KEEP
         ctx.softmax = []  # with keep: each slice's softmax, for backward
         with torch.autocast(h.device.type, enabled=False):
@@ -577,7 +575,7 @@ class TokenLogProbs(torch.autograd.Function):
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         acc = torch.promote_types(ctx.dtype, torch.float32)
         grad_w = torch.zeros(weight.shape, device=weight.device, dtype=acc) if ctx.needs_input_grad[1] else None
-        rows, w = TokenLogProbs.rows(h.device.type), weight.to(ctx.dtype)
+        rows, w = TokenLogProbs.ROWS.get(h.device.type, TokenLogProbs.ROWS["cpu"]), weight.to(ctx.dtype)
         with torch.autocast(h.device.type, enabled=False):
             for i in range(0, h.size(0), rows):
                 hi, g = h[i:i + rows], grad_logp[i:i + rows, None]  # (n, C), (n, 1)

@@ -70,16 +70,14 @@ class RLConfig(RewardSpec, TrainConfig, OptimConfig):
     max_new_tokens: int = opt(48, "tokens sampled per response", min=1)
     temperature: float = opt(0.7, "sampling temperature, also used in every log-prob (N+)", min=0.01)
     batch_size: int = opt(64, "responses sampled per step (rloo, grpo: prompts x k)", min=1)
-    minibatch_size: int = opt(16, "responses per optimizer step; the last minibatch of an epoch may be smaller",
-                              min=1)
+    minibatch_size: int = opt(16, "responses per optimizer step; an epoch's last minibatch may be smaller", min=1)
     micro_batch_size: int = opt(16, "responses per forward/backward pass (gradient accumulation)", min=1)
     num_epochs: int = opt(4, "passes over each rollout batch (N+: 4)", min=1)
     cliprange: float = opt(0.2, "PPO ratio clipping epsilon", min=0.0)
     kl_coef: float = opt(0.05, "beta: KL penalty coefficient (its start when --kl_target > 0)", min=0.0)
     kl_estimator: str = opt("k1", "per-token KL estimator: k1 (log-ratio) or k3 ((r - 1) - log r, >= 0)",
                             choices=("k1", "k3"))
-    kl_target: float = opt(0.0, "adaptive KL coefficient (Ziegler et al. 2019): target KL in nats per sequence "
-                                "(0: fixed beta)", min=0.0)
+    kl_target: float = opt(0.0, "adaptive KL coefficient (Ziegler et al. 2019): target KL, nats (0: off)", min=0.0)
     kl_horizon: int = opt(10000, "adaptive KL coefficient: horizon in episodes", min=1)
     no_eos_rule: str = opt("replace", "responses without EOS: replace (their score becomes --no_eos_score, as "
                                       "OpenAI) or keep (fixed-length continuations)", choices=("replace", "keep"))
@@ -340,10 +338,10 @@ def minibatches(batch_size, minibatch_size, generator, count=0, device="cpu"):
 
 
 def update(cfg, policy, critic, optimizer, b, step, ctx, kl_loss_coef=0.0, clock=None):
-    """Phase 5: cfg.num_epochs passes over rollout b in shuffled minibatches (N+: 4 epochs), one optimizer step
-    each. critic (PPO) adds the value loss on b.returns; kl_loss_coef > 0 adds GRPO's KL term. Returns one dict of
-    statistics per minibatch, in order (the first is the ratio-is-1 check of N+). clock: under torchrun, the
-    gradient sums are charged to its phase grad_sum. One wait for the GPU a step: the norms are checked at the end."""
+    """Phase 5: cfg.num_epochs passes over rollout b in shuffled minibatches (N+: 4 epochs), one optimizer step each.
+    critic (PPO): the value loss on b.returns, its own backward (no shared weight: the sum's gradients); kl_loss_coef
+    > 0 adds GRPO's KL term. Returns a dict of statistics per minibatch, in order (the first: N+'s ratio-is-1 check).
+    clock: under torchrun, the gradient sums are charged to its phase grad_sum. One wait for the GPU a step."""
     trainable = nn.ModuleDict(dict(policy=policy, **({"critic": critic} if critic is not None else {})))
     shuffle = torch.Generator().manual_seed(rank_seed(cfg.seed, step, SHUFFLE))
     count = math.ceil(cfg.batch_size / cfg.minibatch_size) if world() > 1 else 0
@@ -358,17 +356,19 @@ def update(cfg, policy, critic, optimizer, b, step, ctx, kl_loss_coef=0.0, clock
             # during the last one's backward
             for micro in accumulate(mb.split(cfg.micro_batch_size), optimizer):
                 ids, mask, m = b.ids[micro], b.mask[micro], b.resp_mask[micro]
+                vs = {}
+                if critic is not None:  # its backward first: its activations are freed before the policy's forward
+                    with ctx:
+                        values = critic.values(ids, mask)[:, -b.R - 1:-1].float()  # state before token t
+                        vloss, vs = clipped_value_loss(values, b.old_values[micro], b.returns[micro], m,
+                                                       cfg.cliprange_value, n_tokens)
+                    (cfg.vf_coef * vloss).backward()
+                    vs["loss/value"] = vloss.detach() * n_tokens
                 with ctx:
                     logp, entropy = response_logprobs(policy, ids, mask, b.R, cfg.temperature, with_entropy=True)
                     loss, s = clipped_policy_loss(logp, b.logp[micro], b.advantages[micro], m, cfg.cliprange,
                                                   n_tokens)
-                    s["policy/entropy"], s["loss/policy"] = entropy.detach().sum(), loss.detach() * n_tokens
-                    if critic is not None:
-                        values = critic.values(ids, mask)[:, -b.R - 1:-1].float()  # state before token t
-                        vloss, vs = clipped_value_loss(values, b.old_values[micro], b.returns[micro], m,
-                                                       cfg.cliprange_value, n_tokens)
-                        loss = loss + cfg.vf_coef * vloss
-                        s.update(vs, **{"loss/value": vloss.detach() * n_tokens})
+                    s.update({"policy/entropy": entropy.detach().sum(), "loss/policy": loss.detach() * n_tokens}, **vs)
                     if kl_loss_coef > 0:  # GRPO: KL to the reference in the loss (DeepSeekMath eq. 3)
                         kl = kl_estimate(logp, b.ref_logp[micro], cfg.kl_estimator)
                         loss = loss + kl_loss_coef * torch.where(m.bool(), kl, 0.0).sum() / n_tokens
