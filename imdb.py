@@ -91,7 +91,7 @@ TEMPERATURE = 1.0
 
 # Everything the presets set; the sizes are meant to be edited here. The cpu preset is the main job (python
 # train.py, ~4 minutes on 2 cores, on the committed sample, from the committed SFT model: its `sft` keys apply only
-# with --sft=train); the gpu preset is the benchmark, the DPO paper's set-up (one replicate: 465 s on one H100, on
+# with --sft=train); the gpu preset is the benchmark, the DPO paper's set-up (one replicate: 417 s on one H100, on
 # the full data of --imdb_dir, SFT included; two have not fit 10 minutes); gpu-bt is the same with today's
 # simulated labels (Bradley-Terry) as an ablation (not yet run on a GPU).
 # The tiny preset is for the tests: the committed SFT model and just enough steps that every method raises the gold

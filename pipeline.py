@@ -490,7 +490,7 @@ def queue_jobs(preset, methods, reps, sft_ckpt, prompts_file, block_size, dev):
                 owner[run_dir] = (rep, name)
                 if f"--reward={rep.path('reward', 'ckpt.pt')}" in args[m]:
                     after[run_dir] = [rep.path("reward")]
-    # the longest runs first, after the reward models: the DPO-like ones (227 s in the gpu preset on one H100), online
+    # the longest runs first, after the reward models: the DPO-like ones (180 s in the gpu preset on one H100), online
     # DPO (125 s), the RL runs (75-113 s); in replicate order, the queue ended with two runs alone on 2 GPUs
     jobs[len(reps):] = sorted(jobs[len(reps):], key=lambda job: {"dpo": 0, "sft": 0, "online_dpo": 1}.get(job[0], 2))
     return jobs, after, owner
