@@ -189,9 +189,7 @@ def evaluate_policy(policy, ref, prompts, reward_fn, device, ctx=nullcontext(), 
 def apply_no_eos_rule(scores, no_eos, rule="replace", no_eos_score=-1.0):
     """OpenAI's rule (N+): a response that never emitted EOS gets the fixed score `no_eos_score` instead of the
     reward's, which teaches the policy to finish. rule "keep" leaves every score as it is."""
-    if rule == "keep":
-        return scores
-    return torch.where(no_eos, torch.full_like(scores, no_eos_score), scores)
+    return scores if rule == "keep" else torch.where(no_eos, torch.full_like(scores, no_eos_score), scores)
 
 
 def kl_estimate(logp, ref_logp, estimator="k1"):
@@ -339,9 +337,9 @@ def minibatches(batch_size, minibatch_size, generator, count=0, device="cpu"):
 
 def update(cfg, policy, critic, optimizer, b, step, ctx, kl_loss_coef=0.0, clock=None):
     """Phase 5: cfg.num_epochs passes over rollout b in shuffled minibatches (N+: 4 epochs), one optimizer step each.
-    critic (PPO): the value loss on b.returns, its own backward (no shared weight: the sum's gradients); kl_loss_coef
-    > 0 adds GRPO's KL term. Returns a dict of statistics per minibatch, in order (the first: N+'s ratio-is-1 check).
-    clock: under torchrun, the gradient sums are charged to its phase grad_sum. One wait for the GPU a step."""
+    critic (PPO): the value loss on b.returns (a separate critic: its own backward first, the sum's gradients); GRPO:
+    kl_loss_coef > 0, the KL term. Returns a dict of statistics per minibatch in order (the first: N+'s ratio-is-1
+    check). clock: under torchrun, the gradient sums are charged to its phase grad_sum. One wait for the GPU a step."""
     trainable = nn.ModuleDict(dict(policy=policy, **({"critic": critic} if critic is not None else {})))
     shuffle = torch.Generator().manual_seed(rank_seed(cfg.seed, step, SHUFFLE))
     count = math.ceil(cfg.batch_size / cfg.minibatch_size) if world() > 1 else 0
@@ -357,18 +355,21 @@ def update(cfg, policy, critic, optimizer, b, step, ctx, kl_loss_coef=0.0, clock
             for micro in accumulate(mb.split(cfg.micro_batch_size), optimizer):
                 ids, mask, m = b.ids[micro], b.mask[micro], b.resp_mask[micro]
                 vs = {}
-                if critic is not None:  # its backward first: its activations are freed before the policy's forward
+                if critic is not None:
                     with ctx:
                         values = critic.values(ids, mask)[:, -b.R - 1:-1].float()  # state before token t
                         vloss, vs = clipped_value_loss(values, b.old_values[micro], b.returns[micro], m,
                                                        cfg.cliprange_value, n_tokens)
-                    (cfg.vf_coef * vloss).backward()
                     vs["loss/value"] = vloss.detach() * n_tokens
+                    if cfg.critic == "separate":  # its backward first: its activations go before the policy's forward
+                        (cfg.vf_coef * vloss).backward()
                 with ctx:
                     logp, entropy = response_logprobs(policy, ids, mask, b.R, cfg.temperature, with_entropy=True)
                     loss, s = clipped_policy_loss(logp, b.logp[micro], b.advantages[micro], m, cfg.cliprange,
                                                   n_tokens)
                     s.update({"policy/entropy": entropy.detach().sum(), "loss/policy": loss.detach() * n_tokens}, **vs)
+                    if critic is not None and cfg.critic == "shared":  # one backward through the shared trunk:
+                        loss = loss + cfg.vf_coef * vloss  # GradSum sums a gradient once it is complete
                     if kl_loss_coef > 0:  # GRPO: KL to the reference in the loss (DeepSeekMath eq. 3)
                         kl = kl_estimate(logp, b.ref_logp[micro], cfg.kl_estimator)
                         loss = loss + kl_loss_coef * torch.where(m.bool(), kl, 0.0).sum() / n_tokens
@@ -408,8 +409,7 @@ def train_rl(cfg, algo):
     device, ctx = setup_device(cfg)
     # models: the policy, its frozen reference, the reward, PPO's critic (dropout off and eval mode in all: N+)
     policy, _ = load_policy(cfg.init_from, device, compile=cfg.compile)
-    ref, _ = load_policy(cfg.ref or cfg.init_from, device, frozen_dtype(cfg), cfg.compile)
-    ref.requires_grad_(False)
+    ref = load_policy(cfg.ref or cfg.init_from, device, frozen_dtype(cfg), cfg.compile)[0].requires_grad_(False)
     reward_fn = make_reward(cfg.reward, device, cfg.reward_weights, cfg.reward_combine, cfg.unsafe_prompts,
                             cfg.micro_batch_size, frozen_dtype(cfg))
     room = policy.config.block_size - cfg.max_new_tokens

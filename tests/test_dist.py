@@ -226,13 +226,24 @@ def _grad_sum_process(rank, store):
             raise AssertionError("no error")
         except config.TrainingError as e:  # one line naming the parameter
             assert str(e).startswith("parameter unused.weight got a gradient")
+    model.zero_grad(set_to_none=True)
+    for x in dist.accumulate(data[2 * rank:2 * rank + 1], opt):  # two backward passes in the last micro-batch
+        loss(x).backward()  # its sums start now, without the second pass's part: an error, not a wrong sum
+        try:
+            loss(x).backward()
+            raise AssertionError("no error")
+        except config.TrainingError as e:
+            assert "got a second gradient" in str(e)
+    for _, _, work in gs.works:
+        work.wait()
     tdist.destroy_process_group()
 
 
 def test_overlapped_gradient_sum_is_the_sum_of_every_process_micro_batch(tmp_path):
     """GradSum on 2 gloo processes with two micro-batches each: the gradients after finish() are those of all four
     micro-batches' loss in one process, with the sum started during the last backward (after the first step) and a
-    parameter no loss reaches left without a gradient; a later loss that reaches it is an error, not a wrong sum."""
+    parameter no loss reaches left without a gradient; a later loss that reaches it is an error, not a wrong sum,
+    and so is a second backward pass in the last micro-batch, whose part the started sums would miss."""
     torch.multiprocessing.spawn(_grad_sum_process, args=(str(tmp_path / "store"),), nprocs=2)
 
 
