@@ -26,7 +26,8 @@ peer figure and ratio, and bench.json holds everything. Timings are medians over
 Beside each row, the fraction of the hardware limit it reaches, so that the next step is read off the table:
 - compute (training, the PPO update, DPO): model FLOPs over the time against PEAK_FLOPS, with 6 N FLOPs per token
   for a forward and backward and 2 N for a forward alone (N: parameters; attention's own FLOPs left out, as the
-  peers count);
+  peers count); for PPO and DPO only the products made (forward_flops): the unembedding where log-probs are taken
+  (the responses' positions), none in the critic;
 - decoding: bytes each step must read (the bf16 weights once and the whole KV cache buffer, which every step
   attends over) over the step time against the GPU's memory bandwidth (MEMORY_BW, the spec sheet's), the step's
   FLOPs against PEAK_FLOPS, and the CUDA kernels one eager decoding step launches (the graph replays them all
@@ -199,16 +200,21 @@ def bench_ppo(folder, out, steps=10, warmup=4, compile=False, nproc=1, batch=64)
     dt = statistics.median(r["time/step_s"] for r in rows)
     split = {k[5:-2]: statistics.median(r[k] for r in rows) for k in rows[0] if k.startswith("time/") and
              k != "time/step_s"}
-    # the update: 4 epochs of forward and backward of the policy and the critic (both GPT-2 small) over every token
-    n = gpt2_small_params()
-    update_flops = 4 * 6 * 2 * n * batch * (64 + 64)
+    # the update: 4 epochs of forward and backward (3 forwards' worth) of the policy and the critic (GPT-2 small's
+    # blocks over every token; the policy's unembedding over the response, the critic's scalar head left out)
+    update_flops = 4 * 3 * (forward_flops(batch * 128, batch * 64) + forward_flops(batch * 128, 0))
     return dict(episodes_per_s=batch / dt, step_s=dt, split_s=split, peak_gib=rows[-1].get("memory/peak_gib"),
                 update_flops_fraction=update_flops / split["update"] / PEAK_FLOPS if split.get("update") else None)
 
 
-def gpt2_small_params():
+def forward_flops(tokens, unembedded):
+    """A GPT-2-small forward's matrix-product FLOPs: 2 per parameter of the blocks for every token, and 2 per entry
+    of the (tied) unembedding for each position whose log-probs are taken (the position table is a lookup)."""
     with torch.device("meta"):
-        return sum(p.numel() for p in GPT(GPTConfig(**GPT2_SMALL)).parameters())
+        m = GPT(GPTConfig(**GPT2_SMALL))
+    unembed = m.lm_head.weight.numel()
+    blocks = sum(p.numel() for p in m.parameters()) - unembed - m.transformer.wpe.weight.numel()
+    return 2 * (blocks * tokens + unembed * unembedded)
 
 
 def bench_dpo(folder, out, steps=12, warmup=4, compile=False, ref_cache=False):
@@ -218,8 +224,9 @@ def bench_dpo(folder, out, steps=12, warmup=4, compile=False, ref_cache=False):
                  os.path.join(out, f"dpo-compile{int(compile)}-cache{int(ref_cache)}"))
     rows = [r for r in rows if "ms_per_step" in r][warmup:]
     dt = statistics.median(r["ms_per_step"] for r in rows) / 1000
-    # the policy's forward and backward over 32 x 2 x 128 tokens, and the reference's forward unless cached
-    flops = (6 + (0 if ref_cache else 2)) * gpt2_small_params() * 32 * 2 * 128
+    # the policy's forward and backward over 32 x 2 sequences of 64 + 64 tokens, log-probs of the responses', and
+    # the reference's forward unless cached
+    flops = (3 + (0 if ref_cache else 1)) * forward_flops(32 * 2 * 128, 32 * 2 * 64)
     return dict(pairs_per_s=32 / dt, step_s=dt, peak_gib=rows[-1].get("memory/peak_gib"),
                 flops_fraction=flops / dt / PEAK_FLOPS)
 
