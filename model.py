@@ -150,11 +150,12 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters()) - self.transformer.wpe.weight.numel()
 
     def compile_hidden(self):
-        """torch.compile the path of every training step and log-prob (hidden() without a cache), and the model part
-        of a decoding step (next_logits), which the CUDA graph then replays. Weights and checkpoints are unaffected."""
+        """torch.compile the path of every training step and log-prob (hidden() without a cache, and token_logprobs),
+        and the model part of a decoding step (next_logits), which the CUDA graph then replays. Weights and
+        checkpoints are unaffected."""
         self.compiled = torch.compile(self._hidden)
         self.compiled_decode = torch.compile(self.next_logits, dynamic=False)
-        self.compiled_logprobs = torch.compile(plain_token_logprobs)  # token_logprobs' path
+        self.compiled_logprobs = torch.compile(plain_token_logprobs)
         return self
 
     def hidden(self, idx, mask=None, cache=None, cache_idx=None):
