@@ -32,6 +32,7 @@ from data import EOS, PAD, decode, encode_prompt
 
 N_REAL_TOKENS = 50257  # GPT-2's vocabulary; ids above are padding of the embedding table (and our PAD)
 DECODERS = 4  # decoding shapes (each a CUDA graph and a KV cache) a model keeps on a GPU
+COMPILED_ROWS = 8192  # rows per call of a compiled model's log-probs, each holding its logits (824 MB in bfloat16)
 
 
 @dataclass
@@ -109,10 +110,9 @@ class KVCache:
 
 
 def attention_mask(valid, q_idx):
-    """(B, 1, Tq, Tk) bool: query at absolute slot q_idx[i] sees real keys at slots <= its own.
-
-    Each query also always sees itself, so a padding query (left padding has no real key before it) gets a
-    well-defined softmax instead of NaN; its output is never used."""
+    """(B, 1, Tq, Tk) bool: query at absolute slot q_idx[i] sees real keys at slots <= its own, and always itself,
+    so a padding query (left padding has no real key before it) gets a well-defined softmax instead of NaN; its
+    output is never used."""
     k_idx = torch.arange(valid.size(1), device=valid.device)
     causal = k_idx[None, :] <= q_idx[:, None]  # (Tq, Tk)
     self_ = k_idx[None, :] == q_idx[:, None]
@@ -150,9 +150,8 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters()) - self.transformer.wpe.weight.numel()
 
     def compile_hidden(self):
-        """torch.compile the path of every training step and log-prob (hidden() without a cache, and token_logprobs),
-        and the model part of a decoding step (next_logits), which the CUDA graph then replays. Weights and
-        checkpoints are unaffected."""
+        """torch.compile every training step's and log-prob's path (hidden() without a cache, token_logprobs) and a
+        decoding step's model part (next_logits), which the CUDA graph replays. Weights and checkpoints unaffected."""
         self.compiled = torch.compile(self._hidden)
         self.compiled_decode = torch.compile(self.next_logits, dynamic=False)
         self.compiled_logprobs = torch.compile(plain_token_logprobs)
@@ -213,11 +212,10 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, prompt, prompt_mask, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
                  eos_id=EOS, pad_id=PAD, generator=None, cuda_graph=True):
-        """Sample continuations of left-padded prompts (B, P) with mask (B, P).
-
-        Returns (tokens, mask), both (B, max_new_tokens): the sampled ids, and 1 on every sampled token up to and
-        including the first EOS. After its EOS a row emits pad_id (its mask is 0). temperature 0 is greedy.
-        Sampling draws from `generator` only, so a seeded generator gives the same samples on the same device.
+        """Sample continuations of left-padded prompts (B, P) with mask (B, P). Returns (tokens, mask), both
+        (B, max_new_tokens): the sampled ids, and 1 on every sampled token up to and including the first EOS. After
+        its EOS a row emits pad_id (its mask is 0). temperature 0 is greedy. Sampling draws from `generator` only,
+        so a seeded generator gives the same samples on the same device.
 
         One pass over the prompts fills the KV cache (prefill), then decode_step() adds one token per row. On a GPU
         (cuda_graph=True) that step is captured once as a CUDA graph and replayed: the same kernels, on the same
@@ -511,8 +509,10 @@ def token_logprobs(model, h, targets, temperature=1.0, with_entropy=True):
     Plain PyTorch (plain_token_logprobs) holds (..., 50,257) float32 numbers twice, plus their gradient: the largest
     tensors of every step. TokenLogProbs computes them a slice of rows at a time; a compiled model (compile_hidden)
     runs the plain function through inductor, which fuses its passes (tests/test_model.py checks all three)."""
-    if "compiled_logprobs" in model.__dict__:
-        logp, entropy = model.compiled_logprobs(model, h, targets, temperature)
+    if "compiled_logprobs" in model.__dict__:  # COMPILED_ROWS rows a call
+        hs, ts, n = h.reshape(-1, h.size(-1)), targets.reshape(-1), COMPILED_ROWS
+        logp, entropy = (torch.cat(x).view(targets.shape) for x in zip(*(
+            model.compiled_logprobs(model, hs[i:i + n], ts[i:i + n], temperature) for i in range(0, len(ts), n))))
         return logp, entropy if with_entropy else torch.zeros_like(entropy)
     logp, entropy = TokenLogProbs.apply(h.reshape(-1, h.size(-1)), model.lm_head.weight, targets.reshape(-1),
                                         temperature, matmul_dtype(model, h.device.type), with_entropy)
@@ -520,8 +520,9 @@ def token_logprobs(model, h, targets, temperature=1.0, with_entropy=True):
 
 
 def plain_token_logprobs(model, h, targets, temperature=1.0):
-    """token_logprobs in plain PyTorch: log p(targets) (...) and the entropy (..., no gradient)."""
-    logp_all = F.log_softmax(model.logits(h).float() / temperature, -1)  # (..., 50257)
+    """token_logprobs in plain PyTorch: log p(targets) (...) and the entropy (..., no gradient); float32 at least."""
+    z = model.logits(h)  # (..., 50257)
+    logp_all = F.log_softmax(z.to(torch.promote_types(z.dtype, torch.float32)) / temperature, -1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logp_all.gather(-1, targets[..., None]).squeeze(-1), entropy.detach()
 
