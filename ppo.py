@@ -215,12 +215,12 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
     (advantages, returns), both (B, T) and 0 on padding; returns = advantages + values, before any whitening."""
     m = mask.bool()
     rewards, values = torch.where(m, rewards, 0.0), torch.where(m, values, 0.0)
-    next_value, next_adv, advantages = torch.zeros_like(values[:, 0]), torch.zeros_like(values[:, 0]), []
+    next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], 1)
+    deltas = rewards + gamma * next_values - values  # TD errors; padding gives 0 after the last token
+    next_adv, advantages = torch.zeros_like(values[:, 0]), []
     for t in reversed(range(values.size(1))):
-        delta = rewards[:, t] + gamma * next_value - values[:, t]  # TD error; padding gives 0 after the last token
-        next_adv = delta + gamma * lam * next_adv
+        next_adv = deltas[:, t] + gamma * lam * next_adv
         advantages.append(next_adv)
-        next_value = values[:, t]
     advantages = torch.where(m, torch.stack(advantages[::-1], 1), 0.0)
     return advantages, torch.where(m, advantages + values, 0.0)
 
