@@ -49,8 +49,8 @@ class RunConfig:
 @dataclass
 class TrainConfig(RunConfig):
     """Keys shared by the training stages."""
-    compile: bool = opt(False, "torch.compile every model's forward pass and log-probs (GPT.compile_hidden); "
-                               "decoding uses CUDA graphs either way")
+    compile: bool = opt(False, "torch.compile every model's forward pass and log-probs (GPT.compile_hidden; the "
+                               "log-probs then keep their logits for backward); decoding uses CUDA graphs either way")
     resume: bool = opt(False, "continue the run in out_dir from its ckpt.pt, with the keys of its config.json")
     log_interval: int = opt(10, "steps between log lines", min=1)
     ckpt_interval: int = opt(200, "steps between checkpoints (one is always written at the end)", min=1)

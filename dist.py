@@ -271,7 +271,7 @@ class GradSum:
             self._unexpected(p)
         if p in self.fired[i]:  # a second backward through p: its bucket's sum may have started without this part
             raise TrainingError(f"parameter {self.names[p]} got a second gradient in an optimizer step's last "
-                                f"micro-batch; under torchrun each micro-batch takes one backward pass (GradSum)")
+                                f"micro-batch; under torchrun each gets one gradient per micro-batch (GradSum)")
         self.fired[i].add(p)
         while len(self.works) < len(self.buckets) and self.fired[len(self.works)] >= self.expected[len(self.works)]:
             self._start(len(self.works))

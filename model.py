@@ -32,7 +32,7 @@ from data import EOS, PAD, decode, encode_prompt
 
 N_REAL_TOKENS = 50257  # GPT-2's vocabulary; ids above are padding of the embedding table (and our PAD)
 DECODERS = 4  # decoding shapes (each a CUDA graph and a KV cache) a model keeps on a GPU
-COMPILED_ROWS = 8192  # rows per call of a compiled model's log-probs, each holding its logits (824 MB in bfloat16)
+COMPILED_ROWS = 8192  # rows per call of a compiled model's log-probs (their bf16 logits: 824 MB, kept for backward)
 
 
 @dataclass
@@ -507,9 +507,9 @@ def matmul_dtype(model, device_type):
 def token_logprobs(model, h, targets, temperature=1.0, with_entropy=True):
     """log p(targets) (...) and the entropy (...) of model's next-token distributions at hidden states h (..., C).
     Plain PyTorch (plain_token_logprobs) holds (..., 50,257) float32 numbers twice, plus their gradient: the largest
-    tensors of every step. TokenLogProbs computes them a slice of rows at a time; a compiled model (compile_hidden)
-    runs the plain function through inductor, which fuses its passes (tests/test_model.py checks all three)."""
-    if "compiled_logprobs" in model.__dict__:  # COMPILED_ROWS rows a call
+    tensors of every step. TokenLogProbs makes them a slice of rows at a time; a compiled model runs the plain function
+    through inductor, which fuses its passes but keeps the logits for backward (tests/test_model.py checks all)."""
+    if "compiled_logprobs" in model.__dict__ and targets.numel():  # COMPILED_ROWS rows a call
         hs, ts, n = h.reshape(-1, h.size(-1)), targets.reshape(-1), COMPILED_ROWS
         logp, entropy = (torch.cat(x).view(targets.shape) for x in zip(*(
             model.compiled_logprobs(model, hs[i:i + n], ts[i:i + n], temperature) for i in range(0, len(ts), n))))
