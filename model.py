@@ -9,8 +9,7 @@ so every response starts at column P, and the logits that predict it are those o
 
 Simplifications on purpose:
 - Padding is handled with an explicit boolean attention mask (SDPA's memory-efficient kernel); only a batch with
-  no padding at all takes the flash path (is_causal=True). Fine at toy sizes; a packed/varlen kernel would be the
-  next step.
+  no padding at all takes the flash path (is_causal=True). A packed/varlen kernel would be the next step.
 - Decoding attends over the whole preallocated cache every step (a mask hides empty slots). That keeps every
   shape static, so one step can be captured as a CUDA graph, at the price of O(block_size) work per token.
 - Ids >= 50257 (GPT-2 has 50257 real tokens; the table is padded to 50304, and PAD = 50257) are removed from
@@ -96,11 +95,10 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys and values for every layer, plus which slots hold real tokens.
-
-    k, v: a (B, H, T, hd) tensor per layer; valid: (B, T) bool. Nothing is ever reallocated, so the decoding step has
-    static shapes and addresses (what CUDA graph capture needs). One tensor per layer, not views of one: a compiled
-    step writes a view of its input by copying the whole tensor, and the new slot alone in place otherwise."""
+    """Preallocated keys and values for every layer, plus which slots hold real tokens: k, v a (B, H, T, hd) tensor
+    per layer, valid (B, T) bool. Nothing is ever reallocated, so the decoding step has static shapes and addresses
+    (what CUDA graph capture needs). One tensor per layer, not views of one: a compiled step writes a view of its
+    input by copying the whole tensor, and the new slot alone in place otherwise."""
 
     def __init__(self, cfg, batch_size, length, device, dtype):
         shape = (batch_size, cfg.n_head, length, cfg.n_embd // cfg.n_head)
@@ -110,9 +108,8 @@ class KVCache:
 
 
 def attention_mask(valid, q_idx):
-    """(B, 1, Tq, Tk) bool: query at absolute slot q_idx[i] sees real keys at slots <= its own, and always itself,
-    so a padding query (left padding has no real key before it) gets a well-defined softmax instead of NaN; its
-    output is never used."""
+    """(B, 1, Tq, Tk) bool: query at absolute slot q_idx[i] sees real keys at slots <= its own, and itself: a padding
+    query (left padding has no real key before it) gets a well-defined softmax, not NaN; its output is never used."""
     k_idx = torch.arange(valid.size(1), device=valid.device)
     causal = k_idx[None, :] <= q_idx[:, None]  # (Tq, Tk)
     self_ = k_idx[None, :] == q_idx[:, None]
@@ -337,7 +334,10 @@ class Decoder:
         return self.gen
 
     def give_back(self, generator):
-        (torch.cuda.set_rng_state if generator is None else generator.set_state)(self.gen.get_state())
+        if generator is None:
+            torch.cuda.set_rng_state(self.gen.get_state())
+        else:
+            generator.set_state(self.gen.get_state())
 
     def capture(self, step):
         """Record step() as a CUDA graph (after a warm-up on a side stream, as CUDA graphs need). The generator is
@@ -615,6 +615,5 @@ class ScalarHead(nn.Module):
 
 def last_real_index(mask):
     """Column of each row's last real token, for right- or left-padded rows: (B, T) -> (B,)."""
-    T = mask.size(1)
-    cols = torch.arange(T, device=mask.device).expand_as(mask)
+    cols = torch.arange(mask.size(1), device=mask.device).expand_as(mask)
     return torch.where(mask.bool(), cols, torch.full_like(cols, -1)).max(1).values
