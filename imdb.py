@@ -165,6 +165,10 @@ PRESETS["gpu-bt"] = dict(PRESETS["gpu"], labels="bt")
 PRESETS["gpu-lr"] = dict(PRESETS["gpu"], methods=dict(ppo=[0.5], ppo_gt=[0.1], dpo=[0.05, 0.1, 1.0]),
                          learning_rates=dict(ppo=[2e-5, 5e-5, 1e-4, 2e-4], ppo_gt=[2e-5, 5e-5, 1e-4, 2e-4],
                                              dpo=[1e-5, 2e-5, 5e-5]))
+# online DPO's labels: offline DPO learns from the pairs' gold labels, online DPO from the proxy's choice (82% agreement
+# on held-out pairs); online DPO labelled by the gold reward (online_dpo_gt, as PPO-GT) tells the method from its labels
+PRESETS["gpu-online"] = dict(PRESETS["gpu"], methods=dict(dpo=[0.1, 1.0], online_dpo=[0.1, 1.0],
+                                                          online_dpo_gt=[0.1, 1.0]))
 
 
 def with_rl_batch(preset, batch_size):

@@ -66,7 +66,7 @@ from runtime import RESTART_KEYS, Run, as_stored, effective_config
 
 # method -> (stage, the key its strengths set); the data and reward each one gets are in method_args() below
 METHODS = dict(ppo=("ppo", "kl_coef"), ppo_gt=("ppo", "kl_coef"), dpo=("dpo", "beta"), ipo=("dpo", "beta"),
-               online_dpo=("online_dpo", "beta"),
+               online_dpo=("online_dpo", "beta"), online_dpo_gt=("online_dpo", "beta"),
                rloo=("rloo", "kl_coef"), grpo=("grpo", "kl_coef"), pft=("sft", None),
                unlikelihood=("dpo", "alpha"))
 REPLICATE_STRIDE = 1000  # replicate r's seeds are the first's plus 1000 (r - 1): replicate 1 is the run of old
@@ -76,9 +76,10 @@ REPLICATE_STRIDE = 1000  # replicate r's seeds are the first's plus 1000 (r - 1)
 class PipelineConfig(RunConfig):
     out_dir: str = opt("out/imdb", "run folder of the whole benchmark; each sub-run gets a folder inside it")
     preset: str = opt("cpu", "IMDb: cpu (the main job: ~4 min on 2 cores, committed sample), gpu (the DPO paper's "
-                             "set-up, 2 replicates), gpu-bt (simulated BT labels), gpu-lr (a learning-rate sweep) or "
-                             "tiny (the tests'); your data (own_data.py): own (the default with --preferences), "
-                             "own-gpu, hh-cpu (HH-RLHF's test pairs, ~4 min on 2 cores), hh-gpu, own-tiny")
+                             "set-up, 2 replicates), gpu-bt (simulated BT labels), gpu-lr (a learning-rate sweep), "
+                             "gpu-online (online DPO labelled by the proxy and by gold) or tiny (the tests'); your "
+                             "data (own_data.py): own (the default with --preferences), own-gpu, hh-cpu (HH-RLHF's "
+                             "test pairs, ~4 min on 2 cores), hh-gpu, own-tiny")
     imdb_dir: str = opt("", "folder with IMDb {train,test,unsup}.jsonl.gz (default: the preset's; cpu: the "
                             "committed sample)")
     jobs: int = opt(0, "sub-runs at once (0: the preset's; several share one GPU well)", min=0)
@@ -448,15 +449,15 @@ def method_args(preset, rep, sft_ckpt, prompts_file, block_size, dev):
           f"--max_new_tokens={preset['max_new_tokens']}", *dev, *(f"--{k}={v}" for k, v in preset["rl"].items())]
     dpo_ = [f"--init_from={sft_ckpt}", f"--data={rep.path('preferences.jsonl')}", "--append_eos=false", *dev,
             *(f"--{k}={v}" for k, v in preset["dpo"].items())]
+    # online DPO: the RL stages' prompts, its pairs sampled at every step and labelled by the proxy (or the gold reward)
+    online = [f"--init_from={sft_ckpt}", f"--prompts={prompts_file}", f"--max_new_tokens={preset['max_new_tokens']}",
+              *dev, *(f"--{k}={v}" for k, v in preset.get("online_dpo", {}).items())]
     return dict(ppo=rl + [f"--reward={proxy}"], ppo_gt=rl + ["--reward=imdb.py:gold_reward"],
                 rloo=rl + [f"--reward={proxy}"],
                 # GRPO normalises its rewards within each group already (ppo.py refuses --whiten_rewards)
                 grpo=[a for a in rl if not a.startswith("--whiten_rewards")] + [f"--reward={proxy}"],
                 dpo=dpo_, ipo=dpo_ + ["--loss=ipo"], unlikelihood=dpo_ + ["--loss=unlikelihood"],
-                # online DPO: the RL stages' prompts, its pairs sampled at every step and labelled by the proxy
-                online_dpo=[f"--init_from={sft_ckpt}", f"--prompts={prompts_file}", f"--reward={proxy}",
-                            f"--max_new_tokens={preset['max_new_tokens']}", *dev,
-                            *(f"--{k}={v}" for k, v in preset.get("online_dpo", {}).items())],
+                online_dpo=online + [f"--reward={proxy}"], online_dpo_gt=online + ["--reward=imdb.py:gold_reward"],
                 # Preferred-FT: SFT on the chosen responses (they get an EOS there, as every SFT response);
                 # block_size given, as stage sft writes the checkpoint's into config.json, which a re-run checks
                 pft=[f"--init_from={sft_ckpt}", f"--data={rep.path('chosen.jsonl')}", f"--block_size={block_size}",

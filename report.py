@@ -37,7 +37,8 @@ BON_NS = (1, 2, 4, 8, 16, 32, 64, 128)
 OPTIMUM_BETAS = tuple(10 ** (k / 8) for k in range(-24, 9))
 # the reward whose E[r] - beta KL each method maximises (its strength is beta): the proxy (DPO: the reward model
 # fitted to the same labels stands in for the one they imply), or the gold reward (PPO-GT)
-OBJECTIVE = dict(ppo="proxy", rloo="proxy", grpo="proxy", dpo="proxy", online_dpo="proxy", ppo_gt="gold")
+OBJECTIVE = dict(ppo="proxy", rloo="proxy", grpo="proxy", dpo="proxy", online_dpo="proxy", ppo_gt="gold",
+             online_dpo_gt="gold")
 
 
 def method_of(name):
@@ -386,8 +387,8 @@ def pool_curves(gold, proxy, betas):
 # -----------------------------------------------------------------------------
 # the report, and stage `plot` for any run folder
 
-COLORS = dict(ppo="C0", ppo_gt="C1", dpo="C2", online_dpo="teal", rloo="C3", grpo="C4", ipo="C5", pft="C6",
-              unlikelihood="C8", bon_proxy="C7", bon_gold="C9", sft="k")
+COLORS = dict(ppo="C0", ppo_gt="C1", dpo="C2", online_dpo="teal", online_dpo_gt="olive", rloo="C3", grpo="C4",
+              ipo="C5", pft="C6", unlikelihood="C8", bon_proxy="C7", bon_gold="C9", sft="k")
 
 
 def color(method):

@@ -440,19 +440,27 @@ def test_a_sub_run_saves_and_stops_when_the_pipeline_is_killed(tmp_path):
 
 
 def test_each_gpu_preset_job_parses_and_waits_for_the_reward_model_it_reads(tmp_path):
-    preset = pipeline.PRESETS["gpu"]
     rep = pipeline.Replicate(1, 1, str(tmp_path / "rep1"))
-    jobs, after, _ = pipeline.queue_jobs(preset, list(preset["methods"]), [rep], "sft.pt", "prompts.jsonl", 128,
-                                         ["--device=cpu"])
     proxy = rep.path("reward", "ckpt.pt")
-    strengths = {}
-    for stage, out_dir, args in jobs:
-        cfg = parse_config(pipeline.SUB_RUN_CONFIGS[stage], [*args, f"--out_dir={out_dir}"])
-        assert (out_dir in after) == (getattr(cfg, "reward", "") == proxy), out_dir
-        strengths.setdefault(report.method_of(os.path.basename(out_dir)), []).append(report.strength_of(out_dir))
-    assert strengths["online_dpo"] == [0.1, 1.0] and strengths["dpo"] == [0.05, 0.1, 1.0, 5.0]
-    assert {m: len(v) for m, v in strengths.items() if m != "reward"} == \
-        {m: len(v) for m, v in preset["methods"].items()}
+    for name in ("gpu", "gpu-online"):
+        preset = pipeline.PRESETS[name]
+        jobs, after, _ = pipeline.queue_jobs(preset, list(preset["methods"]), [rep], "sft.pt", "prompts.jsonl", 128,
+                                             ["--device=cpu"])
+        strengths, args = {}, {os.path.basename(out_dir): a for _, out_dir, a in jobs}
+        for stage, out_dir, a in jobs:
+            cfg = parse_config(pipeline.SUB_RUN_CONFIGS[stage], [*a, f"--out_dir={out_dir}"])
+            assert (out_dir in after) == (getattr(cfg, "reward", "") == proxy), out_dir
+            strengths.setdefault(report.method_of(os.path.basename(out_dir)), []).append(report.strength_of(out_dir))
+        assert {m: len(v) for m, v in strengths.items() if m != "reward"} == \
+            {m: len(v) for m, v in preset["methods"].items()}
+        if name == "gpu":
+            assert strengths["online_dpo"] == [0.1, 1.0] and strengths["dpo"] == [0.05, 0.1, 1.0, 5.0]
+    assert strengths["online_dpo_gt"] == strengths["online_dpo"] == strengths["dpo"] == [0.1, 1.0]
+    # online DPO labelled by the gold reward: the same sub-run as online DPO by the proxy's labels but for --reward
+    gt, px = args["online_dpo_gt_beta1.0_seed1"], args["online_dpo_beta1.0_seed1"]
+    assert gt.index("--reward=imdb.py:gold_reward") == px.index(f"--reward={proxy}")
+    assert [a for a in gt if not a.startswith("--reward=")] == [a for a in px if not a.startswith("--reward=")]
+    assert report.method_of("online_dpo_gt_beta1.0_seed1@5") == "online_dpo_gt"
     # the learning-rate sweep: one run per rate, each its own method in the report, the last --learning_rate wins
     lr = pipeline.PRESETS["gpu-lr"]
     jobs, _, owner = pipeline.queue_jobs(lr, list(lr["methods"]), [rep], "sft.pt", "prompts.jsonl", 128, [])
