@@ -201,8 +201,10 @@ def bench_ppo(folder, out, steps=10, warmup=4, compile=False, nproc=1, batch=64)
     split = {k[5:-2]: statistics.median(r[k] for r in rows) for k in rows[0] if k.startswith("time/") and
              k != "time/step_s"}
     # the update: 4 epochs of forward and backward (3 forwards' worth) of the policy and the critic (GPT-2 small's
-    # blocks over every token; the policy's unembedding over the response, the critic's scalar head left out)
-    update_flops = 4 * 3 * (forward_flops(batch * 128, batch * 64) + forward_flops(batch * 128, 0))
+    # blocks over every token; the policy's unembedding over the response, the critic's scalar head left out), and
+    # uncompiled the unembedding's product once more (TokenLogProbs makes it again in backward)
+    update_flops = 4 * (3 * (forward_flops(batch * 128, batch * 64) + forward_flops(batch * 128, 0)) +
+                        (0 if compile else forward_flops(0, batch * 64)))
     return dict(episodes_per_s=batch / dt, step_s=dt, split_s=split, peak_gib=rows[-1].get("memory/peak_gib"),
                 update_flops_fraction=update_flops / split["update"] / PEAK_FLOPS if split.get("update") else None)
 
@@ -224,9 +226,10 @@ def bench_dpo(folder, out, steps=12, warmup=4, compile=False, ref_cache=False):
                  os.path.join(out, f"dpo-compile{int(compile)}-cache{int(ref_cache)}"))
     rows = [r for r in rows if "ms_per_step" in r][warmup:]
     dt = statistics.median(r["ms_per_step"] for r in rows) / 1000
-    # the policy's forward and backward over 32 x 2 sequences of 64 + 64 tokens, log-probs of the responses', and
-    # the reference's forward unless cached
-    flops = (3 + (0 if ref_cache else 1)) * forward_flops(32 * 2 * 128, 32 * 2 * 64)
+    # the policy's forward and backward over 32 x 2 sequences of 64 + 64 tokens, log-probs of the responses', the
+    # reference's forward unless cached, and uncompiled the policy's unembedding once more (as in bench_ppo)
+    flops = (3 + (0 if ref_cache else 1)) * forward_flops(32 * 2 * 128, 32 * 2 * 64) + \
+        (0 if compile else forward_flops(0, 32 * 2 * 64))
     return dict(pairs_per_s=32 / dt, step_s=dt, peak_gib=rows[-1].get("memory/peak_gib"),
                 flops_fraction=flops / dt / PEAK_FLOPS)
 

@@ -36,7 +36,7 @@ BON_NS = (1, 2, 4, 8, 16, 32, 64, 128)
 # the exact optimum's strengths (beside each method's own): from the pool itself (KL 0) to its best sample (log M)
 OPTIMUM_BETAS = tuple(10 ** (k / 8) for k in range(-24, 9))
 # the reward whose E[r] - beta KL each method maximises (its strength is beta): the proxy (DPO: the reward model
-# fitted to the same labels stands in for the one they imply), or the gold reward (PPO-GT)
+# fitted to the same labels stands in for the one they imply), or the gold reward (PPO-GT, online DPO labelled by it)
 OBJECTIVE = dict(ppo="proxy", rloo="proxy", grpo="proxy", dpo="proxy", online_dpo="proxy", ppo_gt="gold",
              online_dpo_gt="gold")
 
