@@ -163,8 +163,10 @@ def train(cfg):
     # 1. policy, reference and data
     policy, _ = load_policy(cfg.init_from, device, compile=cfg.compile)  # dropout off
     ul = cfg.loss == "unlikelihood"
-    ref = None if cfg.reference_free or ul else \
-        load_policy(cfg.ref or cfg.init_from, device, frozen_dtype(cfg), cfg.compile)[0].requires_grad_(False)
+    # a cached reference runs once, uncompiled: its compile would not pay, and its batches' sizes would make the
+    # policy's compiled graphs dynamic (torch.compile turns a shape dynamic once it has seen two, in any model)
+    ref = None if cfg.reference_free or ul else load_policy(cfg.ref or cfg.init_from, device, frozen_dtype(cfg),
+                                                            cfg.compile and not cfg.ref_cache)[0].requires_grad_(False)
     train_rows, eval_rows, _ = load_pair_splits(cfg.data, cfg.eval_data, cfg.max_pairs, policy.config.block_size,
                                              cfg.append_eos)
     total = plan(cfg, len(train_rows))
