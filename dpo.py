@@ -18,7 +18,8 @@ How (after the DPO reference code, github.com/eric-mitchell/direct-preference-op
 (prompt masked, EOS appended to each response), computed by model.response_logprobs, the helper PPO uses too;
 the chosen and rejected responses of a batch share one forward pass. The reference is a frozen copy of the
 starting policy (or --ref). Its log-probs never change, so by default they are computed once per dataset, train
-and eval, before training (--ref_cache=false computes them for every batch instead, and gives the same numbers).
+and eval, before training (--ref_cache=false computes them for every batch instead, and gives the same numbers;
+--ref_cache_file=F shares them between runs on the same pairs, as the pipeline's DPO runs at each beta).
 The loss is preference_loss(), a pure function with the DPO reference code's interface.
 
 Simplifications, on purpose:
@@ -28,12 +29,16 @@ Simplifications, on purpose:
 - AdamW as every other stage (the reference code uses RMSprop) with the shared warm-up + cosine schedule.
 - The data order and the held-out split are the reward model's (reward.py): a batch is a pure function of the step.
 """
+import fcntl
+import hashlib
+import json
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from checkpoint import frozen_dtype, load_policy
+from checkpoint import frozen_dtype, load_policy, safe_torch_load, save_checkpoint
 from config import ConfigError, OptimConfig, TrainConfig, opt, plural
 from data import epoch_indices, load_prompts
 from dist import all_mean, global_means, micro_batches, my_share, rank_seed, world_note
@@ -110,6 +115,33 @@ def reference_logps(ref, rows, batch_size, device, ctx):
     return torch.cat(out)
 
 
+def cached_reference_logps(ref, splits, cfg, device, ctx):
+    """reference_logps of each split ({name: rows} -> {name: (N, 2)}), computed once before training. With
+    --ref_cache_file, runs on the same pairs under the same reference (the pipeline's DPO runs at each beta) share
+    them: the first run to lock the file computes and writes them with a stamp of what they depend on (the rows'
+    tokens, the reference file, dtype, device, batch); the others wait for the lock and read them. A file whose stamp
+    differs is computed again and replaced."""
+    batch, path, ref_path = 2 * cfg.batch_size, cfg.ref_cache_file, cfg.ref or cfg.init_from
+    compute = lambda: {name: reference_logps(ref, rows, batch, device, ctx) for name, rows in splits.items()}
+    if not path:
+        return compute()
+    ref_files = [os.path.join(ref_path, f) for f in sorted(os.listdir(ref_path))] if os.path.isdir(ref_path) else \
+        [ref_path]
+    stamp = json.dumps(dict(rows=hashlib.sha256(repr(splits).encode()).hexdigest(), dtype=cfg.dtype, batch=batch,
+                            device=str(device), ref=[(os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns)
+                                                     for f in ref_files]))
+    with open(path + ".lock", "a") as lock:  # released when closed, or when the process dies
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        saved = safe_torch_load(path) if os.path.exists(path) else {}
+        if saved.get("stamp") == stamp:
+            print(f"reference log-probs: read from {path}")
+            return {name: saved[name].to(device) for name in splits}
+        cache = compute()
+        save_checkpoint(path, dict(stamp=stamp, **{name: logps.cpu() for name, logps in cache.items()}))
+        print(f"reference log-probs: written to {path}{' (its stamp differed)' if saved else ''}")
+        return cache
+
+
 def dpo_metrics(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps):
     """The implicit rewards beta * (logp - logp_ref) of chosen and rejected, how often chosen's is the larger, their
     margin, and the sequence log-probs: named as in the DPO reference code."""
@@ -127,6 +159,9 @@ class DPOConfig(PairsConfig, TrainConfig, OptimConfig):
                                             "block_size); a frozen copy of it is the reference")
     ref: str = opt("", "reference policy checkpoint (default: --init_from)")
     ref_cache: bool = opt(True, "compute reference log-probs once per dataset before training (false: per batch)")
+    ref_cache_file: str = opt("", "a file to share those cached log-probs between runs on the same pairs and "
+                                  "reference (a sweep over beta): the first run writes it, the others read it "
+                                  "(default: none, each run computes its own)")
     loss: str = opt("dpo", "dpo, cdpo (conservative DPO, with --label_smoothing), ipo, or unlikelihood (the DPO paper's "
                            "baseline: likelihood of chosen, unlikelihood of rejected tokens; no reference, no beta)",
                     choices=("dpo", "cdpo", "ipo", "unlikelihood"))
@@ -179,8 +214,7 @@ def train(cfg):
     # 2. reference log-probs: once per dataset, or per batch in ref_logps()
     cache = {}
     if ref is not None and cfg.ref_cache:
-        cache = {split: reference_logps(ref, rows, 2 * cfg.batch_size, device, ctx)
-                 for split, rows in (("train", train_rows), ("eval", eval_rows))}
+        cache = cached_reference_logps(ref, dict(train=train_rows, eval=eval_rows), cfg, device, ctx)
         ref = None  # no longer needed: free its memory
 
     @torch.no_grad()

@@ -259,7 +259,8 @@ def jobs_of(cfg, preset, methods, sft_ckpt, splits, block_size, dev):
                                 *(f"--{k}={v}" for k, v in preset["reward"].items())])] if rm_dir else []
     rl = [f"--init_from={sft_ckpt}", f"--prompts={prompts_file}", f"--reward={proxy}", f"--temperature={TEMPERATURE}",
           f"--max_new_tokens={preset['max_new_tokens']}", *dev, *(f"--{k}={v}" for k, v in preset["rl"].items())]
-    dpo_ = [f"--init_from={sft_ckpt}", *pairs, *dev, *(f"--{k}={v}" for k, v in preset["dpo"].items())]
+    dpo_ = [f"--init_from={sft_ckpt}", *pairs, *dev, f"--ref_cache_file={cfg.out_dir}/reference_logps.pt",
+            *(f"--{k}={v}" for k, v in preset["dpo"].items())]
     args = dict(ppo=rl, rloo=rl, grpo=[a for a in rl if not a.startswith("--whiten_rewards")],
                 online_dpo=[f"--init_from={sft_ckpt}", f"--prompts={prompts_file}", f"--reward={proxy}",
                             f"--max_new_tokens={preset['max_new_tokens']}", *dev,

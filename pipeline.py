@@ -444,20 +444,20 @@ def make_preferences(cfg, queue, preset, rep, sft_ckpt, train_prompts, prompts_f
 def method_args(preset, rep, sft_ckpt, prompts_file, block_size, dev):
     """Each method's sub-run arguments in replicate rep, but its strength and seed. Continuations are cut at
     max_new_tokens by design (as in the DPO paper): no no-EOS rule for RL, no appended EOS for DPO."""
-    proxy = rep.path("reward", "ckpt.pt")
+    proxy, gold = f"--reward={rep.path('reward', 'ckpt.pt')}", "--reward=imdb.py:gold_reward"
     rl = [f"--init_from={sft_ckpt}", f"--prompts={prompts_file}", "--no_eos_rule=keep", f"--temperature={TEMPERATURE}",
           f"--max_new_tokens={preset['max_new_tokens']}", *dev, *(f"--{k}={v}" for k, v in preset["rl"].items())]
+    # the DPO runs of a replicate share the reference's log-probs of its pairs: the first to start computes them
     dpo_ = [f"--init_from={sft_ckpt}", f"--data={rep.path('preferences.jsonl')}", "--append_eos=false", *dev,
-            *(f"--{k}={v}" for k, v in preset["dpo"].items())]
+            f"--ref_cache_file={rep.path('reference_logps.pt')}", *(f"--{k}={v}" for k, v in preset["dpo"].items())]
     # online DPO: the RL stages' prompts, its pairs sampled at every step and labelled by the proxy (or the gold reward)
     online = [f"--init_from={sft_ckpt}", f"--prompts={prompts_file}", f"--max_new_tokens={preset['max_new_tokens']}",
               *dev, *(f"--{k}={v}" for k, v in preset.get("online_dpo", {}).items())]
-    return dict(ppo=rl + [f"--reward={proxy}"], ppo_gt=rl + ["--reward=imdb.py:gold_reward"],
-                rloo=rl + [f"--reward={proxy}"],
+    return dict(ppo=rl + [proxy], ppo_gt=rl + [gold], rloo=rl + [proxy],
                 # GRPO normalises its rewards within each group already (ppo.py refuses --whiten_rewards)
-                grpo=[a for a in rl if not a.startswith("--whiten_rewards")] + [f"--reward={proxy}"],
+                grpo=[a for a in rl if not a.startswith("--whiten_rewards")] + [proxy],
                 dpo=dpo_, ipo=dpo_ + ["--loss=ipo"], unlikelihood=dpo_ + ["--loss=unlikelihood"],
-                online_dpo=online + [f"--reward={proxy}"], online_dpo_gt=online + ["--reward=imdb.py:gold_reward"],
+                online_dpo=online + [proxy], online_dpo_gt=online + [gold],
                 # Preferred-FT: SFT on the chosen responses (they get an EOS there, as every SFT response);
                 # block_size given, as stage sft writes the checkpoint's into config.json, which a re-run checks
                 pft=[f"--init_from={sft_ckpt}", f"--data={rep.path('chosen.jsonl')}", f"--block_size={block_size}",

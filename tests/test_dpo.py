@@ -3,6 +3,8 @@ against on-the-fly log-probs, and stage `dpo` run as a user would (learning, exa
 import gzip
 import math
 import os
+import subprocess
+import sys
 from contextlib import nullcontext
 
 import pytest
@@ -14,7 +16,7 @@ import config
 import data as data_lib
 import dpo
 import reward
-from conftest import interrupt_and_resume, main_in_process, read_json, read_metrics, run_cli
+from conftest import ROOT, child_env, interrupt_and_resume, main_in_process, read_json, read_metrics, run_cli
 from data import EOS
 from reward import pair_batch
 from test_reward import same_numbers, write_policy, write_synthetic
@@ -173,6 +175,28 @@ def test_reference_on_the_fly_gives_the_same_numbers(trained, tmp_path):
     assert fly.keys() == cached.keys()
     for k in cached:
         assert fly[k] == pytest.approx(cached[k], rel=1e-4, abs=1e-5), k
+
+
+def test_runs_sharing_a_reference_cache_file_end_as_runs_with_their_own(trained, tmp_path):
+    """--ref_cache_file, as the pipeline's DPO runs of a replicate use it: of two runs started at once, one computes
+    the reference's log-probs and writes them, the other waits for the file's lock and reads them; a run at another
+    beta reads them too; each ends exactly as a run that computed its own. Other pairs are computed again."""
+    tmp, args, out, _ = trained
+    shared = tmp_path / "reference_logps.pt"
+    procs = [subprocess.Popen([sys.executable, "train.py", *args, f"--ref_cache_file={shared}",
+                               f"--out_dir={tmp_path / f'at_once{i}'}"], cwd=ROOT, env=child_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for i in range(2)]
+    said = sorted(line for p in procs for line in p.communicate(timeout=120)[0].splitlines() if "log-probs:" in line)
+    assert said == [f"reference log-probs: read from {shared}", f"reference log-probs: written to {shared}"], said
+    summary = lambda folder: read_json(os.path.join(folder, "summary.json"))
+    assert summary(tmp_path / "at_once0") == summary(tmp_path / "at_once1") == summary(out)
+    run = lambda name, *extra: main_in_process(*args, *extra, f"--out_dir={tmp_path / name}")[1]
+    assert f"reference log-probs: read from {shared}" in run("beta", f"--ref_cache_file={shared}", "--beta=0.5")
+    run("beta_own", "--beta=0.5")
+    assert summary(tmp_path / "beta") == summary(tmp_path / "beta_own") != summary(out)  # the beta did change the run
+    other = write_synthetic(tmp_path / "other.jsonl", 40, seed=1)
+    stdout = run("other_pairs", f"--ref_cache_file={shared}", f"--data={other}", "--max_iters=1")
+    assert f"reference log-probs: written to {shared} (its stamp differed)" in stdout
 
 
 def test_dpo_ctrl_c_then_the_printed_command_ends_where_an_uninterrupted_run_ends(trained, tmp_path):

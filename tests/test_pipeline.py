@@ -453,6 +453,9 @@ def test_each_gpu_preset_job_parses_and_waits_for_the_reward_model_it_reads(tmp_
             strengths.setdefault(report.method_of(os.path.basename(out_dir)), []).append(report.strength_of(out_dir))
         assert {m: len(v) for m, v in strengths.items() if m != "reward"} == \
             {m: len(v) for m, v in preset["methods"].items()}
+        # the replicate's DPO runs (every beta, Unlikelihood too, which reads no reference) share one reference cache
+        caches = [[a for a in job if a.startswith("--ref_cache_file=")] for stage, _, job in jobs if stage == "dpo"]
+        assert caches and all(c == [f"--ref_cache_file={rep.path('reference_logps.pt')}"] for c in caches), caches
         if name == "gpu":
             assert strengths["online_dpo"] == [0.1, 1.0] and strengths["dpo"] == [0.05, 0.1, 1.0, 5.0]
     assert strengths["online_dpo_gt"] == strengths["online_dpo"] == strengths["dpo"] == [0.1, 1.0]
