@@ -155,8 +155,9 @@ def sub_run_plan(stage, out_dir, args, overwrite):
 
 def inputs_of(args):
     """{file: size and sha256} of every file or folder (a GPT-2 folder: its files) named by an argument (--data=a,b
-    names two)."""
-    files = [v for a in args for v in a.partition("=")[2].split(",") if v and os.path.exists(v)]  # a folder too
+    names two), but the reference cache that DPO runs share, which they write themselves."""
+    files = [v for a in args if not a.startswith("--ref_cache_file=") for v in a.partition("=")[2].split(",")
+             if v and os.path.exists(v)]  # a folder too
     return {f: fingerprint(f) for f in files}
 
 
