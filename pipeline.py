@@ -61,7 +61,7 @@ from imdb import (PRESETS, ROOT, SFT_CPU_PATH, SFT_CPU_SHA256, SPLITS, TEMPERATU
                   imdb_files, simulate_preferences, with_rl_batch, write_prompts)
 from report import (OBJECTIVE, OPTIMUM_BETAS, Evaluator, evaluate_run, gao_fits, gold_at_kl, objective_gaps,
                     pool_curves, sample_pool, write_report)
-from runtime import RESTART_KEYS, Run, as_stored, effective_config
+from runtime import INPUT_KEYS, RESTART_KEYS, Run, as_stored, effective_config
 
 
 # method -> (stage, the key its strengths set); the data and reward each one gets are in method_args() below
@@ -154,9 +154,9 @@ def sub_run_plan(stage, out_dir, args, overwrite):
 
 
 def inputs_of(args):
-    """{file: size and sha256} of every file or folder (a GPT-2 folder: its files) named by an argument (--data=a,b
-    names two), but the reference cache that DPO runs share, which they write themselves."""
-    files = [v for a in args if not a.startswith("--ref_cache_file=") for v in a.partition("=")[2].split(",")
+    """{file: size and sha256} of every file or folder (a GPT-2 folder: its files) that an input argument
+    (runtime.INPUT_KEYS) names (--data=a,b names two); not the files a sub-run writes (--ref_cache_file)."""
+    files = [v for a in args if a.partition("=")[0].lstrip("-") in INPUT_KEYS for v in a.partition("=")[2].split(",")
              if v and os.path.exists(v)]  # a folder too
     return {f: fingerprint(f) for f in files}
 
