@@ -447,7 +447,10 @@ def write_report(report, out):
                   f"it maximises, proxy or gold; beta: its strength), J* = beta E_x log E_ref[exp(r / beta)] from the "
                   f"pool of {M} SFT samples per prefix (the optimum restricted to the pool; its KL is at most "
                   f"log {M} = {math.log(M):.2f}); ± one standard error. '*': J* rests on fewer than 10 pool samples "
-                  f"per prefix, so it is underestimated.", "",
+                  f"per prefix, so it is underestimated. DPO and online DPO maximise J only if their labels are "
+                  f"Bradley-Terry draws from r; labels that follow a reward deterministically (gold labels, the "
+                  f"proxy's choice) have no finite optimum, their beta bounds no KL, and their rows tell how far they "
+                  f"went, not how far they are from an optimum.", "",
                   "| replicate | policy | r | beta | KL | J | KL of the optimum | J* | gap J* - J |",
                   "|---|---|---|---|---|---|---|---|---|"]
         pm = lambda x, se: f"{x:+.3f}" + (f" ± {se:.3f}" if se is not None else "")
