@@ -130,6 +130,7 @@ def cached_reference_logps(ref, splits, cfg, device, ctx):
     stamp = json.dumps(dict(rows=hashlib.sha256(repr(splits).encode()).hexdigest(), dtype=cfg.dtype, batch=batch,
                             device=str(device), ref=[(os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns)
                                                      for f in ref_files]))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path + ".lock", "a") as lock:  # released when closed, or when the process dies
         fcntl.flock(lock, fcntl.LOCK_EX)
         saved = safe_torch_load(path) if os.path.exists(path) else {}

@@ -182,7 +182,7 @@ def test_runs_sharing_a_reference_cache_file_end_as_runs_with_their_own(trained,
     the reference's log-probs and writes them, the other waits for the file's lock and reads them, and both end
     exactly as a run that computed its own; a run at another beta reads them too. Other pairs are computed again."""
     tmp, args, out, _ = trained
-    shared = tmp_path / "reference_logps.pt"
+    shared = tmp_path / "made" / "reference_logps.pt"  # its folder made as needed
     procs = [subprocess.Popen([sys.executable, "train.py", *args, f"--ref_cache_file={shared}",
                                f"--out_dir={tmp_path / f'at_once{i}'}"], cwd=ROOT, env=child_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for i in range(2)]
