@@ -190,6 +190,8 @@ def check_config(cfg):
         raise ConfigError(f"--label_smoothing is used by --loss=cdpo only (got --loss={cfg.loss})")
     if cfg.reference_free and cfg.ref:
         raise ConfigError("--reference_free uses no reference model: drop --ref")
+    if os.path.isdir(cfg.ref_cache_file):
+        raise ConfigError(f"--ref_cache_file={cfg.ref_cache_file} is a folder: give a file in it")
 
 
 def train(cfg):

@@ -135,7 +135,8 @@ def test_reference_cache_equals_on_the_fly_logps(tiny):
                                          (["--label_smoothing=0.1"], "cdpo only"),
                                          (["--loss=cdpo", "--label_smoothing=0.5"], r"\(0, 0.5\)"),
                                          (["--beta=0"], "--beta=0"), (["--reference_free", "--ref=x.pt"], "--ref"),
-                                         (["--loss=unlikelihood", "--ref=x.pt"], "unlikelihood uses no reference")])
+                                         (["--loss=unlikelihood", "--ref=x.pt"], "unlikelihood uses no reference"),
+                                         ([f"--ref_cache_file={ROOT}"], "--ref_cache_file=.* is a folder")])
 def test_bad_configs_name_the_key(args, match):
     with pytest.raises(config.ConfigError, match=match):
         dpo.check_config(config.parse_config(dpo.DPOConfig, ["--data=pairs.jsonl", *args]))
