@@ -119,21 +119,26 @@ def cached_reference_logps(ref, splits, cfg, device, ctx):
     """reference_logps of each split ({name: rows} -> {name: (N, 2)}), computed once before training. With
     --ref_cache_file, runs on the same pairs under the same reference (the pipeline's DPO runs at each beta) share
     them: the first run to lock the file computes and writes them with a stamp of what they depend on (the rows'
-    tokens, the reference file, dtype, device, batch); the others wait for the lock and read them. A file whose stamp
-    differs is computed again and replaced."""
+    tokens, the reference file, dtype, device, batch, torch's version: not this code's); the others wait for the lock
+    and read them. A file whose stamp differs is computed again and replaced; any other file is refused."""
     batch, path, ref_path = 2 * cfg.batch_size, cfg.ref_cache_file, cfg.ref or cfg.init_from
     compute = lambda: {name: reference_logps(ref, rows, batch, device, ctx) for name, rows in splits.items()}
     if not path:
         return compute()
     ref_files = [os.path.join(ref_path, f) for f in sorted(os.listdir(ref_path))] if os.path.isdir(ref_path) else \
         [ref_path]
+    kind = str(device).split(":")[0]  # every rank of a torchrun reads what one of them wrote
     stamp = json.dumps(dict(rows=hashlib.sha256(repr(splits).encode()).hexdigest(), dtype=cfg.dtype, batch=batch,
-                            device=str(device), ref=[(os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns)
-                                                     for f in ref_files]))
+                            device=torch.cuda.get_device_name(device) if kind == "cuda" else kind,
+                            torch=torch.__version__, ref=[(os.path.abspath(f), os.stat(f).st_size,
+                                                           os.stat(f).st_mtime_ns) for f in ref_files]))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path + ".lock", "a") as lock:  # released when closed, or when the process dies
         fcntl.flock(lock, fcntl.LOCK_EX)
         saved = safe_torch_load(path) if os.path.exists(path) else {}
+        if not (isinstance(saved, dict) and (not saved or "stamp" in saved)):
+            raise ConfigError(f"--ref_cache_file={path}: a file that is not a cache of reference log-probs; "
+                              f"refusing to replace it")
         if saved.get("stamp") == stamp:
             print(f"reference log-probs: read from {path}")
             return {name: saved[name].to(device) for name in splits}

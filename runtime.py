@@ -50,11 +50,11 @@ from model import GPT
 # keys that only extend or observe a run: --resume may change them (recorded as a change at that step)
 RESUME_KEYS = ("resume", "out_dir", "max_iters", "log_interval", "eval_interval", "ckpt_interval", "ckpt_minutes",
                "device", "tracker", "compile", "grad_checkpoint", "micro_batch_size", "snapshot_interval",
-               "snapshot_steps", "gpus", "jobs")
+               "snapshot_steps", "gpus", "jobs", "ref_cache_file")
 # keys in which a new run may differ from the folder's and still be the same run (out_dir: the folder, moved or copied;
-# micro_batch_size splits the same batch's gradient into other sums, gpus places the pipeline's sub-runs)
+# micro_batch_size: the same gradient in other sums; gpus places sub-runs; ref_cache_file shares work, same numbers)
 RESTART_KEYS = ("out_dir", "resume", "overwrite", "log_interval", "ckpt_interval", "ckpt_minutes", "grad_checkpoint",
-                "tracker", "micro_batch_size", "gpus")
+                "tracker", "micro_batch_size", "gpus", "ref_cache_file")
 # keys that name files a run reads: none may lie inside its own run folder
 INPUT_KEYS = ("init_from", "ref", "ckpt", "policy", "reward", "data", "eval_data", "prompts", "eval_prompts",
               "unsafe_prompts", "sft")

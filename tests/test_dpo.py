@@ -196,6 +196,14 @@ def test_runs_sharing_a_reference_cache_file_end_as_runs_with_their_own(trained,
     other = write_synthetic(tmp_path / "other.jsonl", 40, seed=1)
     stdout = run("other_pairs", f"--ref_cache_file={shared}", f"--data={other}")
     assert f"reference log-probs: written to {shared} (its stamp differed)" in stdout
+    # a file that is not such a cache (the policy's checkpoint, named by mistake) is refused, not replaced
+    policy = next(a.split("=", 1)[1] for a in args if a.startswith("--init_from="))
+    before = open(policy, "rb").read()
+    with pytest.raises(AssertionError, match=f"exited 2:(?s:.*)error: --ref_cache_file={policy}: a file that is not a "
+                                             f"cache of reference log-probs; refusing to replace it") as failed:
+        main_in_process(*args, f"--ref_cache_file={policy}", f"--out_dir={tmp_path / 'mistake'}")
+    assert "Traceback" not in str(failed.value)
+    assert open(policy, "rb").read() == before
 
 
 def test_dpo_ctrl_c_then_the_printed_command_ends_where_an_uninterrupted_run_ends(trained, tmp_path):

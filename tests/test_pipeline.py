@@ -170,6 +170,11 @@ def test_sub_run_reused_only_with_the_same_config_and_inputs(tmp_path):
     run = tmp_path / "runs" / "dpo"
     fake_sub_run(run, "dpo", args)
     assert pipeline.sub_run_plan("dpo", str(run), args, False)[0] == "done"
+    # a folder made before the DPO runs shared a reference cache is still done: the cache changes no number, and the
+    # file, which the sub-runs write, is not one of their inputs
+    (tmp_path / "reference_logps.pt").write_bytes(b"written by a sub-run")
+    assert pipeline.sub_run_plan("dpo", str(run), [*args, f"--ref_cache_file={tmp_path}/reference_logps.pt"],
+                                 False)[0] == "done"
     # another seed: refused in one line naming the folder and the key, or re-made with --overwrite
     with pytest.raises(ConfigError, match=rf"{run} was made by other arguments \(seed: 1 -> 2\).*--overwrite"):
         pipeline.sub_run_plan("dpo", str(run), args[:2] + ["--seed=2", "--max_iters=3"], False)
