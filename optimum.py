@@ -1,8 +1,9 @@
 """
-A benchmark with a known answer: PPO, RLOO, GRPO, DPO, IPO and best-of-N against the exact optimum of the
-KL-regularised objective they all aim at. Stage `optimum` of train.py:
+A benchmark with a known answer: PPO, RLOO, GRPO, DPO, online DPO, IPO and best-of-N against the exact optimum of
+the KL-regularised objective they all aim at. Stage `optimum` of train.py:
 
-    python train.py optimum --method=ppo --beta=1          # or rloo, grpo, dpo, ipo, bon (--n=16)
+    python train.py optimum --method=ppo --beta=1          # or rloo, grpo, dpo, online_dpo, ipo, bon (--n=16)
+    python train.py optimum --method=online_dpo --labels=max   # the higher reward of each pair chosen, as on IMDb
     python train.py optimum --method=rloo --beta=0.5 --reward=my_reward.py:score
     python train.py optimum --method=ppo --max_new_tokens=4   # a few tokens: the optimum estimated, not exact
     python optimum.py figure out/optimum-ppo-1 out/optimum-dpo-1 ... --out=assets/optimum.png
@@ -16,7 +17,11 @@ DPO, with pairs drawn from pi_ref and Bradley-Terry labels P(y1 > y2) = sigmoid(
 population optimum. IPO (Azar et al. 2023, section 5) does not: with pairs from mu = pi_ref its loss is minimised by
     pi_ipo(y) = pi_ref(y) exp(p(y > pi_ref) / tau) / Z,    p(y > pi_ref) = E_{y' ~ pi_ref} sigmoid(r(y) - r(y')),
 the KL-regularised optimum of the bounded reward "probability of beating a reference sample" (tau = --beta); the
-stage measures --method=ipo against pi_ipo and reports how far pi_ipo is from pi*. Best-of-N (one token) has the
+stage measures --method=ipo against pi_ipo and reports how far pi_ipo is from pi*. Online DPO (Guo et al. 2024) draws
+its pairs from the policy itself; with Bradley-Terry labels its loss has the same minimiser pi* (any pair
+distribution that covers the vocabulary does). With --labels=max (the pair's higher reward chosen, a tie teaching
+nothing: the labels of the IMDb benchmark) DPO's loss has no finite minimiser and beta bounds no KL; the frontier
+metric below still says how well a method spends its KL. Best-of-N (one token) has the
 known distribution  pi_bon(y) = pi_ref(y) / pi_ref(tie(y)) * (F(r(y))^N - F(r(y)-)^N), F the reference CDF of r.
 
 The task: one prompt (--prompt), the project's GPT (--init_from, by default the committed assets/sft-imdb-cpu.pt,
@@ -24,7 +29,9 @@ which is also the frozen reference), and a reward for every response: by default
 N(0, 1) score per token (seed 0) averaged over the response's tokens, or any --reward that the RL stages accept.
 - One-token responses (--max_new_tokens=1): pi_ref, pi* and pi_theta are exact vectors over GPT-2's 50,257 tokens
   (one forward pass each, float64). Every --log_interval steps metrics.jsonl gets kl_to_optimum = KL(pi_theta ||
-  pi*), objective_gap = beta log Z - J(pi_theta), tv_to_optimum, kl_to_ref, reward (all exact).
+  pi*), objective_gap = beta log Z - J(pi_theta), tv_to_optimum, kl_to_ref, reward (all exact), and frontier_gap:
+  the most reward any policy gets at pi_theta's KL to pi_ref (the tilt pi_ref exp(r / b) / Z whose KL is that one,
+  b found by bisection) minus pi_theta's reward, the distance to the optimal frontier whatever the beta.
 - A few tokens: J(pi_theta) estimated from --eval_samples samples (ppo.evaluate_policy) beside beta log Z estimated
   from --ref_samples samples of pi_ref by log-mean-exp, each with its standard error (delta method), every
   --eval_interval steps; kl_to_optimum is then objective_gap / beta, an estimate.
@@ -50,7 +57,13 @@ of 2026-11-30, the README's "A benchmark with a known answer" has the table at t
   RLOO go on. A k1 term in the loss (--kl_estimator=k1) has an expected gradient of zero, no regularisation at all:
   1.97 nats from pi* after 100 steps, 3.7 from pi_ref.
 - DPO (0.162 nats; 0.86 at beta 0.5) learns only from pairs that pi_ref samples, and a pair moves the policy by
-  sigmoid(-beta h) of its margin: slower than the RL methods in steps, same fixed point.
+  sigmoid(-beta h) of its margin: slower than the RL methods in steps, same fixed point. Online DPO, its pairs from
+  the policy, ends alike (0.167-0.179 nats against DPO's 0.151-0.156, seeds 1-3, 2026-12-08).
+- With --labels=max (the higher reward chosen) neither DPO has a fixed point: online DPO runs to 3-5 nats from pi_ref
+  in 100 steps. At equal KL the two trace the same frontier within the seeds' noise when both warm up (frontier_gap
+  at 0.5 nats 0.467 +- 0.017 offline, 0.483 +- 0.010 online, 8 seeds, lr 3e-4, 10 warm-up steps); the gain the optimum
+  makes there over pi_ref is 1.03, so each gets about half of it. Without the warm-up online DPO, at 0.5 nats by
+  its third step, is further (0.601 +- 0.028). RESULTS.md has the table.
 - IPO converges to its own optimum pi_ipo (0.008 nats from it after 100 steps), which is 0.36 nats from pi* at
   tau = 1 (1.39 at 0.5) and only 0.017 from pi_ref: its reward p(y > pi_ref) lies in [0, 1], so the same tau
   regularises far more than DPO's beta.
@@ -86,7 +99,8 @@ from report import pyplot
 from runtime import Run, check_finite, make_optimizer, optimizer_step, setup_device
 from sft import best_of_n_kl_bound, best_of_n_probs, select_best
 
-METHODS = ("ppo", "rloo", "grpo", "dpo", "ipo", "bon")
+METHODS = ("ppo", "rloo", "grpo", "dpo", "online_dpo", "ipo", "bon")
+PREFERENCE = ("dpo", "online_dpo", "ipo")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -95,7 +109,7 @@ METHODS = ("ppo", "rloo", "grpo", "dpo", "ipo", "bon")
 @dataclass
 class OptimumConfig(RewardSpec, TrainConfig, OptimConfig):
     out_dir: str = opt("out/optimum", "run folder")
-    method: str = opt("ppo", "ppo, rloo, grpo, dpo, ipo or bon", choices=METHODS)
+    method: str = opt("ppo", "ppo, rloo, grpo, dpo, online_dpo, ipo or bon", choices=METHODS)
     beta: float = opt(1.0, "beta of E[r] - beta * KL(pi || pi_ref): the KL coefficient of ppo/rloo/grpo, DPO's "
                            "beta, IPO's tau", above=0.0)
     init_from: str = opt("assets/sft-imdb-cpu.pt", "policy checkpoint; a frozen copy is the reference pi_ref")
@@ -104,7 +118,9 @@ class OptimumConfig(RewardSpec, TrainConfig, OptimConfig):
                                                 "(as ppo); default: a fixed N(0, 1) score per token (seed 0)")
     max_new_tokens: int = opt(1, "tokens per response: 1 gives exact metrics, more estimated ones", min=1)
     temperature: float = opt(1.0, "sampling temperature, in every log-prob too", min=0.01)
-    batch_size: int = opt(64, "responses per step (dpo, ipo: pairs per step)", min=1)
+    batch_size: int = opt(64, "responses per step (dpo, online_dpo, ipo: pairs per step)", min=1)
+    labels: str = opt("bt", "dpo, online_dpo, ipo: bt (a Bradley-Terry draw on r) or max (the higher r chosen, a tie "
+                            "teaching nothing)", choices=("bt", "max"))
     minibatch_size: int = opt(64, "responses per optimizer step (ppo, rloo, grpo)", min=1)
     micro_batch_size: int = opt(64, "responses per forward/backward pass", min=1)
     num_epochs: int = opt(1, "passes over each rollout batch (ppo, rloo, grpo)", min=1)
@@ -137,6 +153,8 @@ def check_config(cfg):
     if cfg.method == "bon" and cfg.max_new_tokens != 1:
         raise ConfigError("--method=bon: one-token responses only (--max_new_tokens=1): its exact distribution needs "
                           "the whole vocabulary")
+    if cfg.labels != "bt" and cfg.method not in PREFERENCE:
+        raise ConfigError(f"--labels={cfg.labels}: only for the preference methods ({', '.join(PREFERENCE)})")
     if cfg.method in ("rloo", "grpo") and cfg.batch_size % cfg.k:
         raise ConfigError(f"--batch_size={cfg.batch_size} is not a multiple of --k={cfg.k}")
     if cfg.minibatch_size > cfg.batch_size:
@@ -224,6 +242,23 @@ def grpo_fixed_point(ref_p, r, beta, k, std=True, iters=30):
     return p
 
 
+def frontier_reward(ref_logp, r, kl_to_ref, iters=50):
+    """The most reward E_p[r] of any p with KL(p || pi_ref) = kl_to_ref: that of the tilt p_t = pi_ref exp(t r) / Z
+    (the Lagrangian's maximiser; its KL grows with t from 0 to -log pi_ref(argmax r)), t found by bisection on
+    log t. (V,), (V,), float -> float; the largest reward where kl_to_ref is beyond the tilts' reach."""
+    def tilt(t):
+        logp = torch.log_softmax(ref_logp + t * r, 0)
+        p = logp.exp()
+        return kl(p, logp, ref_logp).item(), (p * r).sum().item()
+    lo, hi = math.log(1e-6), math.log(1e6)
+    if kl_to_ref <= 0 or tilt(math.exp(hi))[0] <= kl_to_ref:
+        return tilt(0.0)[1] if kl_to_ref <= 0 else tilt(math.exp(hi))[1]
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if tilt(math.exp(mid))[0] < kl_to_ref else (lo, mid)
+    return tilt(math.exp(hi))[1]
+
+
 def kl(p, logp, logq):
     """KL(p || q) = sum p (log p - log q), 0 log 0 = 0."""
     return torch.where(p > 0, p * (logp - logq), 0.0).sum()
@@ -298,7 +333,10 @@ class Target:
     def metrics(self, policy, cfg, reward_fn, device, ctx, step):
         if self.exact:
             logp = next_token_logprobs(policy, self.prompt_ids, cfg.temperature)
-            return exact_metrics(logp, self.ref_logp, self.target_logp, self.r_target, self.beta, self.log_z)
+            m = exact_metrics(logp, self.ref_logp, self.target_logp, self.r_target, self.beta, self.log_z)
+            reward = (logp.exp() * self.r).sum().item()  # r's, also for IPO (whose objective's reward differs)
+            m["frontier_gap"] = frontier_reward(self.ref_logp, self.r, m["kl_to_ref"]) - reward
+            return m
         ev = ppo.evaluate_policy(policy, self.ref, [cfg.prompt] * cfg.eval_samples, reward_fn, device, ctx,
                                  cfg.max_new_tokens, cfg.micro_batch_size, cfg.temperature,
                                  derived_seed(cfg.seed, step, 4))
@@ -329,21 +367,25 @@ def rl_step(cfg, policy, ref, critic, optimizer, reward_fn, step, device, ctx):
 
 
 def preference_step(cfg, policy, ref, optimizer, reward_fn, step, device, ctx):
-    """One step of DPO or IPO on fresh pairs from pi_ref, labelled by Bradley-Terry draws on r."""
+    """One step of DPO or IPO on fresh pairs from pi_ref (online DPO: from the policy), labelled by Bradley-Terry
+    draws on r or, with --labels=max, by the higher r (a tie carries no loss but counts in the batch's size, as in
+    dpo.train_online)."""
     g = torch.Generator(device=device).manual_seed(derived_seed(cfg.seed, step, ppo.SAMPLING))
     B = cfg.batch_size
-    s = sample_responses(ref, [cfg.prompt] * (2 * B), cfg.max_new_tokens, g, device, ctx, cfg.temperature)
+    s = sample_responses(policy if cfg.method == "online_dpo" else ref, [cfg.prompt] * (2 * B), cfg.max_new_tokens, g,
+                         device, ctx, cfg.temperature)
     with torch.no_grad(), ctx:
         ref_logp = response_logprobs(ref, s.ids, s.mask, s.R, cfg.temperature).sum(1)  # (2B,)
         r = reward_fn(s.prompts, s.responses).float()
-    first = torch.rand(B, generator=g, device=device) < torch.sigmoid(r[:B] - r[B:])  # P(y1 > y2), Bradley-Terry
+    u = torch.rand(B, generator=g, device=device)  # drawn with either labels: the same stream after it
+    first = r[:B] > r[B:] if cfg.labels == "max" else u < torch.sigmoid(r[:B] - r[B:])  # P(y1 > y2), Bradley-Terry
     i = torch.arange(B, device=device)
     chosen, rejected = torch.where(first, i, i + B), torch.where(first, i + B, i)
     with ctx:
         logp = response_logprobs(policy, s.ids, s.mask, s.R, cfg.temperature).sum(1)  # (2B,) one forward pass
         losses, cr, rr = dpo.preference_loss(logp[chosen], logp[rejected], ref_logp[chosen], ref_logp[rejected],
                                              cfg.beta, ipo=cfg.method == "ipo")
-    loss = losses.mean()
+    loss = (losses * (r[:B] != r[B:])).mean() if cfg.labels == "max" else losses.mean()
     check_finite(step, loss=loss.detach())
     loss.backward()
     optimizer_step(policy, optimizer, cfg, step)
@@ -417,7 +459,7 @@ def optimum(cfg):
     final = evaluate(0) if start == 0 else {}
     for step in range(start, cfg.max_iters):
         t1 = time.time()
-        if cfg.method in ("dpo", "ipo"):
+        if cfg.method in PREFERENCE:
             m = preference_step(cfg, policy, ref, optimizer, reward_fn, step, device, ctx)
         else:
             m = rl_step(cfg, policy, ref, critic, optimizer, reward_fn, step, device, ctx)
@@ -463,7 +505,7 @@ def figure(run_dirs, out):
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for cfg, rows, summary in sorted(runs, key=lambda x: (-x[0]["beta"], METHODS.index(x[0]["method"]))):
         ax, method = axes[0][betas.index(cfg["beta"])], cfg["method"]
-        label = method + (" (to pi_ipo)" if method == "ipo" else "")
+        label = method + (" (to pi_ipo)" if method == "ipo" else "") + (", max labels" if cfg.get("labels") == "max" else "")
         if method == "bon":
             best = min(rows, key=lambda r: r["kl_to_optimum"])
             ax.axhline(best["kl_to_optimum"], ls=":", color="k", label=f"best-of-{best['step']} (the best N)")

@@ -1,6 +1,7 @@
 """Tests of optimum.py: the closed forms against brute force on hand-made numbers, and the stage itself: on the
-one-token task PPO, RLOO, GRPO and DPO end closer to the exact optimum pi* than they start, and PPO with the KL
-penalty's sign flipped (a monkeypatch of ppo.kl_estimate, the real function) ends far from it."""
+one-token task PPO, RLOO, GRPO, DPO and online DPO end closer to the exact optimum pi* than they start, no policy
+beats the optimal frontier at its KL, online DPO with the higher reward chosen runs past the optimum's KL, and PPO
+with the KL penalty's sign flipped (a monkeypatch of ppo.kl_estimate, the real function) ends far from it."""
 import io
 import os
 from contextlib import redirect_stdout
@@ -33,6 +34,25 @@ def test_optimum_maximises_the_objective_and_the_gap_is_beta_kl():
         m = optimum.exact_metrics(logp, ref_logp, star, r, beta, log_z)
         assert m["objective"] < at_star["objective"]
         assert m["objective_gap"] == pytest.approx(beta * m["kl_to_optimum"], rel=1e-9, abs=1e-12)
+
+
+def test_frontier_reward_is_the_most_any_policy_gets_at_its_kl():
+    """The optimal frontier on hand-made numbers: at a tilt's own KL it gives the tilt's reward, no other
+    distribution with that KL or less gets more (1,000 random ones), and it ends at E_ref[r] (KL 0) and max r."""
+    g = torch.Generator().manual_seed(4)
+    ref_logp = torch.log_softmax(torch.randn(9, generator=g, dtype=torch.float64), 0)
+    r = torch.randn(9, generator=g, dtype=torch.float64)
+    for beta in (0.2, 1.0, 5.0):
+        star, _ = optimum.optimum_logprobs(ref_logp, r, beta)
+        p = star.exp()
+        kl_star = optimum.kl(p, star, ref_logp).item()
+        assert optimum.frontier_reward(ref_logp, r, kl_star) == pytest.approx((p * r).sum().item(), abs=1e-9)
+    for _ in range(1000):
+        logp = torch.log_softmax(3 * torch.randn(9, generator=g, dtype=torch.float64), 0)
+        kl_p = optimum.kl(logp.exp(), logp, ref_logp).item()
+        assert (logp.exp() * r).sum().item() <= optimum.frontier_reward(ref_logp, r, kl_p) + 1e-9
+    assert optimum.frontier_reward(ref_logp, r, 0.0) == pytest.approx((ref_logp.exp() * r).sum().item())
+    assert optimum.frontier_reward(ref_logp, r, 50.0) == pytest.approx(r.max().item())
 
 
 def test_win_probability_against_a_double_loop():
@@ -106,16 +126,29 @@ def run_method(tmp_path_factory, method):
     return RUNS[method]
 
 
-@pytest.mark.parametrize("method", ["ppo", "rloo", "grpo", "dpo"])
+@pytest.mark.parametrize("method", ["ppo", "rloo", "grpo", "dpo", "online_dpo"])
 def test_each_method_moves_towards_the_optimum(tmp_path_factory, method):
     rows, summary = run_method(tmp_path_factory, method)
     start, end = rows[0], rows[-1]
     assert start["kl_to_optimum"] == pytest.approx(summary["kl_ref_to_optimum"])  # the policy starts at pi_ref
     for row in rows:  # the gap, computed from its definition, is beta * KL(pi || pi*)
         assert row["objective_gap"] == pytest.approx(row["kl_to_optimum"], rel=1e-6, abs=1e-9)  # beta = 1
-    # 0.527 nats at the start; after 20 steps 0.25-0.37 (seeds 1-3 and the default, CPU, 2026-11-30)
+    # 0.527 nats at the start; after 20 steps 0.25-0.37 (seeds 1-3 and the default, CPU, 2026-11-30; online DPO
+    # 0.36-0.39, 2026-12-08)
     assert end["kl_to_optimum"] < 0.8 * start["kl_to_optimum"]
     assert end["tv_to_optimum"] < start["tv_to_optimum"]
+    # no policy gets more reward than the optimal frontier at its KL: the gap is never below 0
+    assert all(row["frontier_gap"] > -1e-9 for row in rows) and start["frontier_gap"] == pytest.approx(0, abs=1e-9)
+
+
+def test_with_the_higher_reward_chosen_beta_bounds_no_kl(tmp_path, tmp_path_factory):
+    """--labels=max (the IMDb benchmark's labels): DPO's loss has no finite minimiser, so online DPO runs past the
+    optimum's KL to pi_ref (0.536 nats at beta 1), where with Bradley-Terry labels it stays below. After 20 steps
+    (the default seed and 1-3, CPU, 2026-12-08): 2.29, 1.24, 2.26, 0.90 nats with max labels, 0.24, 0.27, 0.44,
+    0.32 with Bradley-Terry ones (2.8-9.5 times as far)."""
+    rows, summary = run_stage(str(tmp_path / "max"), "--method=online_dpo", "--labels=max")
+    bt, _ = run_method(tmp_path_factory, "online_dpo")
+    assert rows[-1]["kl_to_ref"] > max(summary["optimum_kl_to_ref"], 2 * bt[-1]["kl_to_ref"])
 
 
 def test_kl_penalty_with_its_sign_flipped_ends_far_from_the_optimum(tmp_path_factory, monkeypatch):
@@ -155,7 +188,8 @@ def test_the_command_line_with_a_few_tokens(tmp_path):
 @pytest.mark.parametrize("args, says", [(["--method=sgd"], "--method=sgd"),
                                         (["--method=bon", "--max_new_tokens=2"], "--method=bon"),
                                         (["--method=rloo", "--batch_size=10"], "--batch_size=10"),
-                                        (["--kl_estimator=k2"], "--kl_estimator=k2")])
+                                        (["--kl_estimator=k2"], "--kl_estimator=k2"),
+                                        (["--method=ppo", "--labels=max"], "--labels=max")])
 def test_bad_input_is_one_line(tmp_path, capsys, args, says):
     assert train.main(["optimum", *args, f"--out_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err.strip()

@@ -481,6 +481,8 @@ def test_each_gpu_preset_job_parses_and_waits_for_the_reward_model_it_reads(tmp_
         assert beta in lr["methods"][report.method_of(name).split("_lr")[0]]
         assert f"{report.method_of(name)}_seed1" == name.replace(f"_beta{beta}", "")
         assert report.method_of(name + "@5") == report.method_of(name) and f"lr{cfg.learning_rate:g}" in name
+        if stage in ("dpo", "online_dpo"):  # online DPO on offline DPO's schedule: the rate is the difference
+            assert cfg.warmup_iters == 10
 
 
 def test_rl_batch_size_grows_the_minibatch_so_each_rl_step_keeps_its_optimizer_steps(tmp_path):
