@@ -30,6 +30,7 @@ Simplifications, on purpose:
 - A reward model exports as GPT2ForSequenceClassification, whose head has no bias: the normalised score's constant
   (gain * head bias + bias) goes into config.json as "reward_offset", which transformers keeps but does not add.
 """
+import hashlib
 import json
 import math
 import os
@@ -213,6 +214,38 @@ def block_size_for(cfg, ckpt_block_size=None):
     if size < 2:
         raise ConfigError(f"--block_size={size}: must be >= 2")
     return size
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# what a file is: its size and sha256, as the pipelines record their inputs
+
+def file_sha256(path):
+    """The sha256 of a file's bytes, read in 1 MiB pieces (hex)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+_sha = {}
+
+
+def fingerprint(path):
+    """size and sha256 of a file (memoised by path, size and mtime); of a folder (a GPT-2 folder, --sft=DIR), those
+    of its files; of a snapshot whose weights went once evaluated, those it had. What the pipelines record of their
+    inputs, and what a shared reference cache is stamped with (dpo.cached_reference_logps)."""
+    if os.path.isdir(path):
+        return {f: fingerprint(os.path.join(path, f)) for f in sorted(os.listdir(path))
+                if os.path.isfile(os.path.join(path, f))}
+    if not os.path.exists(path) and os.path.exists(path + ".removed.json"):  # weights gone once evaluated
+        with open(path + ".removed.json") as f:  # (report.evaluate_run)
+            return json.load(f)
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _sha:
+        _sha[key] = file_sha256(path)
+    return dict(size=st.st_size, sha256=_sha[key])
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from checkpoint import frozen_dtype, load_policy, safe_torch_load, save_checkpoint
+from checkpoint import fingerprint, frozen_dtype, load_policy, safe_torch_load, save_checkpoint
 from config import ConfigError, OptimConfig, TrainConfig, opt, plural
 from data import epoch_indices, load_prompts
 from dist import all_mean, global_means, micro_batches, my_share, rank_seed, world_note
@@ -119,19 +119,16 @@ def cached_reference_logps(ref, splits, cfg, device, ctx):
     """reference_logps of each split ({name: rows} -> {name: (N, 2)}), computed once before training. With
     --ref_cache_file, runs on the same pairs under the same reference (the pipeline's DPO runs at each beta) share
     them: the first run to lock the file computes and writes them with a stamp of what they depend on (the rows'
-    tokens, the reference file, dtype, device, batch, torch's version: not this code's); the others wait for the lock
+    tokens, the reference's bytes, dtype, device, batch, torch's version: not this code's); the others wait for the lock
     and read them. A file whose stamp differs is computed again and replaced; any other file is refused."""
-    batch, path, ref_path = 2 * cfg.batch_size, cfg.ref_cache_file, cfg.ref or cfg.init_from
+    batch, path = 2 * cfg.batch_size, cfg.ref_cache_file
     compute = lambda: {name: reference_logps(ref, rows, batch, device, ctx) for name, rows in splits.items()}
     if not path:
         return compute()
-    ref_files = [os.path.join(ref_path, f) for f in sorted(os.listdir(ref_path))] if os.path.isdir(ref_path) else \
-        [ref_path]
     kind = str(device).split(":")[0]  # every rank of a torchrun reads what one of them wrote
     stamp = json.dumps(dict(rows=hashlib.sha256(repr(splits).encode()).hexdigest(), dtype=cfg.dtype, batch=batch,
                             device=torch.cuda.get_device_name(device) if kind == "cuda" else kind,
-                            torch=torch.__version__, ref=[(os.path.abspath(f), os.stat(f).st_size,
-                                                           os.stat(f).st_mtime_ns) for f in ref_files]))
+                            torch=torch.__version__, ref=fingerprint(cfg.ref or cfg.init_from)))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path + ".lock", "a") as lock:  # released when closed, or when the process dies
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -61,7 +61,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import load_checkpoint, load_policy, save_checkpoint
+from checkpoint import file_sha256, load_checkpoint, load_policy, save_checkpoint
 from config import ConfigError
 from data import DataError, atomic_write, decode, encode, load_imdb, write_jsonl
 from model import sample_responses
@@ -189,33 +189,6 @@ def with_rl_batch(preset, batch_size):
 
 # -----------------------------------------------------------------------------
 # data: the full dataset from a folder, or from the official archive
-
-def file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-_sha = {}
-
-
-def fingerprint(path):
-    """size and sha256 of a file (memoised by path, size and mtime); of a folder (a GPT-2 folder, --sft=DIR), those
-    of its files; of a snapshot whose weights went once evaluated, those it had."""
-    if os.path.isdir(path):
-        return {f: fingerprint(os.path.join(path, f)) for f in sorted(os.listdir(path))
-                if os.path.isfile(os.path.join(path, f))}
-    if not os.path.exists(path) and os.path.exists(path + ".removed.json"):  # weights gone once evaluated
-        with open(path + ".removed.json") as f:  # (report.evaluate_run)
-            return json.load(f)
-    st = os.stat(path)
-    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
-    if key not in _sha:
-        _sha[key] = file_sha256(path)
-    return dict(size=st.st_size, sha256=_sha[key])
-
 
 def check_sha256(path, sha256, what):
     """Refuse a committed artifact that is missing or not the one pinned: a one-line DataError naming the file."""

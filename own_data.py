@@ -52,11 +52,11 @@ import sys
 import torch
 
 import reward
-from checkpoint import ExportConfig, export, load_checkpoint
+from checkpoint import ExportConfig, export, fingerprint, load_checkpoint
 from config import ConfigError, TrainingError, parse_config, plural
-from data import (PAD, DataError, encode, files, heldout_split, load_preferences, load_prompts, load_sft, read_json,
-                  read_jsonl, write_json, write_jsonl)
-from imdb import ROOT, SFT_CPU_PATH, TEMPERATURE, fingerprint
+from data import (PAD, DataError, encode, files, heldout_split, load_preferences, load_prompts, load_sft,
+                  read_json, read_jsonl, write_json, write_jsonl)
+from imdb import ROOT, SFT_CPU_PATH, TEMPERATURE
 from pipeline import METHODS, run_name, stale, with_queue
 from report import Evaluator, color, evaluate_run, method_of, pyplot
 

@@ -54,11 +54,11 @@ import dpo
 import ppo
 import reward
 import sft
-from checkpoint import drop_resume_state, load_checkpoint
+from checkpoint import drop_resume_state, fingerprint, load_checkpoint
 from config import ConfigError, RunConfig, TrainingError, opt, parse_config, plural
 from data import load_imdb, read_json, read_jsonl, write_json
-from imdb import (PRESETS, ROOT, SFT_CPU_PATH, SFT_CPU_SHA256, SPLITS, TEMPERATURE, check_sha256, fingerprint,
-                  imdb_files, simulate_preferences, with_rl_batch, write_prompts)
+from imdb import (PRESETS, ROOT, SFT_CPU_PATH, SFT_CPU_SHA256, SPLITS, TEMPERATURE, check_sha256, imdb_files,
+                  simulate_preferences, with_rl_batch, write_prompts)
 from report import (OBJECTIVE, OPTIMUM_BETAS, Evaluator, evaluate_run, gao_fits, gold_at_kl, objective_gaps,
                     pool_curves, sample_pool, write_report)
 from runtime import INPUT_KEYS, RESTART_KEYS, Run, as_stored, effective_config

@@ -24,10 +24,10 @@ import torch
 
 import ppo
 import reward
-from checkpoint import disable_dropout, load_checkpoint, load_policy, model_from_checkpoint
+from checkpoint import disable_dropout, fingerprint, load_checkpoint, load_policy, model_from_checkpoint
 from config import ConfigError, TrainingError, opt, plural
 from data import atomic_write, read_json, read_jsonl, write_json, write_jsonl
-from imdb import TEMPERATURE, fingerprint, gold_reward, sft_samples
+from imdb import TEMPERATURE, gold_reward, sft_samples
 from runtime import setup_device
 from sft import best_of_n_kl_bound, best_of_n_probs
 
@@ -256,8 +256,8 @@ def snapshots(run_dir):
 def evaluate_run(evaluate, name, run_dir, proxy, out_dir, seed, keep_snapshots, keep_final=True):
     """{label: result} of a finished sub-run's policies, evaluated (Evaluator): each snapshot (NAME@STEP) and
     the final one (NAME). Unless keep_snapshots, a snapshot's weights go once evaluated, and unless keep_final the
-    final ones, each leaving PATH.removed.json with their fingerprint (imdb.fingerprint reads it): a re-run with the
-    same inputs reuses the stored result, and one that would need the weights again says so."""
+    final ones, each leaving PATH.removed.json with their fingerprint (checkpoint.fingerprint reads it): a re-run with
+    the same inputs reuses the stored result, and one that would need the weights again says so."""
     out = {}
     gone = lambda path: write_json(path + ".removed.json", fingerprint(path)) or os.remove(path)
     for step, path in snapshots(run_dir).items():

@@ -196,6 +196,16 @@ def test_runs_sharing_a_reference_cache_file_end_as_runs_with_their_own(trained,
     other = write_synthetic(tmp_path / "other.jsonl", 40, seed=1)
     stdout = run("other_pairs", f"--ref_cache_file={shared}", f"--data={other}")
     assert f"reference log-probs: written to {shared} (its stamp differed)" in stdout
+    # the stamp holds the reference's bytes: other weights of the same size, written over it with its old times
+    # (a copy that kept them), are computed again
+    ref, _ = write_policy(tmp_path / "ref.pt", seed=1)
+    assert "(its stamp differed)" in run("ref_a", f"--ref_cache_file={shared}", f"--ref={ref}")
+    st, size = os.stat(ref), os.path.getsize(ref)
+    write_policy(ref, seed=2)
+    os.utime(ref, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.path.getsize(ref) == size
+    checkpoint._sha.clear()  # as in a new process (each sub-run is one): the hashes are memoised by size and time
+    assert "(its stamp differed)" in run("ref_b", f"--ref_cache_file={shared}", f"--ref={ref}")
     # a file that is not such a cache (the policy's checkpoint, named by mistake) is refused, not replaced
     policy = next(a.split("=", 1)[1] for a in args if a.startswith("--init_from="))
     before = open(policy, "rb").read()

@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import imdb  # noqa: E402
 from conftest import ROOT  # noqa: E402
+import checkpoint  # noqa: E402
 from data import DataError, load_imdb  # noqa: E402
 from sft import encode_corpus, sft_loss  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
@@ -217,7 +218,7 @@ def test_simulate_preferences_writes_pairs_and_preferred_ft_data(tmp_path, one_t
 
 def test_committed_sft_model_is_pinned_and_writes_imdb_text(one_thread):
     assert os.path.getsize(imdb.SFT_CPU_PATH) < 8_000_000  # small enough to commit: fp16, tied weights once
-    assert imdb.file_sha256(imdb.SFT_CPU_PATH) == imdb.SFT_CPU_SHA256
+    assert checkpoint.file_sha256(imdb.SFT_CPU_PATH) == imdb.SFT_CPU_SHA256
     model, _ = load_policy(imdb.SFT_CPU_PATH, "cpu")
     # next-token loss on test reviews it never saw, in 64-token windows: near its held-out loss at training (4.89),
     # far from an untrained model's (about ln 50257 = 10.8) or the 250-step model the cpu preset trained before (7.0)
@@ -235,7 +236,7 @@ def test_freeze_keeps_the_weights_in_half_the_space(tmp_path):
     save_checkpoint(src, dict(kind="policy", stage="sft", step=7, model=model.state_dict(),
                               model_args=dataclasses.asdict(model.config),
                               optimizer=torch.optim.AdamW(model.parameters()).state_dict()))
-    assert imdb.freeze_policy(src, dst) == imdb.file_sha256(dst)
+    assert imdb.freeze_policy(src, dst) == checkpoint.file_sha256(dst)
     frozen = torch.load(dst, weights_only=True)
     assert frozen["step"] == 7 and "optimizer" not in frozen
     assert all(v.dtype == torch.float16 for v in frozen["model"].values())
@@ -250,7 +251,7 @@ def test_freeze_keeps_the_weights_in_half_the_space(tmp_path):
 def test_pipeline_refuses_a_damaged_committed_sft_model(tmp_path, monkeypatch):
     import pipeline
     monkeypatch.setattr(pipeline, "SFT_CPU_SHA256", "0" * 64)
-    got = imdb.file_sha256(imdb.SFT_CPU_PATH)[:16]
+    got = checkpoint.file_sha256(imdb.SFT_CPU_PATH)[:16]
     with pytest.raises(DataError, match=rf"sft-imdb-cpu.pt: sha256 {got}\.\.\. is not the committed SFT model's 0{{16}}"):
         pipeline.pipeline(pipeline.PipelineConfig(out_dir=str(tmp_path / "imdb"), device="cpu"))
     assert not (tmp_path / "imdb").exists()  # refused before anything is written
@@ -274,11 +275,11 @@ def imdb_cli(*args):
 
 
 def test_cli_never_overwrites_committed_assets_by_default():
-    before = {p: imdb.file_sha256(p) for p in (imdb.GOLD_PATH, imdb.SFT_CPU_PATH)}
+    before = {p: checkpoint.file_sha256(p) for p in (imdb.GOLD_PATH, imdb.SFT_CPU_PATH)}
     for command in (["freeze", f"--ckpt={imdb.SFT_CPU_PATH}"], ["gold", f"--train={TRAIN_SAMPLE}", f"--test={TEST_SAMPLE}"]):
         p = imdb_cli(*command)
         assert p.returncode == 2 and "--out" in p.stderr, p.stderr
-    assert {p: imdb.file_sha256(p) for p in before} == before
+    assert {p: checkpoint.file_sha256(p) for p in before} == before
 
 
 def test_download_without_network_is_one_line(tmp_path):

@@ -516,8 +516,8 @@ def test_evaluated_snapshots_lose_their_weights_and_keep_their_fingerprint(tmp_p
         run.mkdir()
         for f, data in (("ckpt.pt", b"final"), ("ckpt-5.pt", b"five"), ("ckpt-10.pt", b"ten")):
             (run / f).write_bytes(data)
-        seen = {f: imdb.fingerprint(str(run / f)) for f in ("ckpt.pt", "ckpt-5.pt", "ckpt-10.pt")}
-        evaluate = lambda name, path, proxy, out_dir, seed: dict(name=name, fingerprint=imdb.fingerprint(path))
+        seen = {f: checkpoint.fingerprint(str(run / f)) for f in ("ckpt.pt", "ckpt-5.pt", "ckpt-10.pt")}
+        evaluate = lambda name, path, proxy, out_dir, seed: dict(name=name, fingerprint=checkpoint.fingerprint(path))
         got = report.evaluate_run(evaluate, "ppo", str(run), "rm.pt", str(tmp_path), 1, keep, keep_final)
         assert got == {"ppo@5": dict(name="ppo@5", fingerprint=seen["ckpt-5.pt"]),
                        "ppo@10": dict(name="ppo@10", fingerprint=seen["ckpt-10.pt"]),
