@@ -242,21 +242,24 @@ def grpo_fixed_point(ref_p, r, beta, k, std=True, iters=30):
     return p
 
 
+def tilt(ref_logp, r, t):
+    """(KL(p_t || pi_ref), E_p_t[r]) of the tilt p_t = pi_ref exp(t r) / Z: the optimum pi* at beta = 1 / t."""
+    logp = torch.log_softmax(ref_logp + t * r, 0)
+    p = logp.exp()
+    return kl(p, logp, ref_logp).item(), (p * r).sum().item()
+
+
 def frontier_reward(ref_logp, r, kl_to_ref, iters=50):
-    """The most reward E_p[r] of any p with KL(p || pi_ref) = kl_to_ref: that of the tilt p_t = pi_ref exp(t r) / Z
-    (the Lagrangian's maximiser; its KL grows with t from 0 to -log pi_ref(argmax r)), t found by bisection on
+    """The most reward E_p[r] of any p with KL(p || pi_ref) = kl_to_ref: that of the tilt whose KL it is (the
+    Lagrangian's maximiser; a tilt's KL grows with t from 0 to -log pi_ref(argmax r)), t found by bisection on
     log t. (V,), (V,), float -> float; the largest reward where kl_to_ref is beyond the tilts' reach."""
-    def tilt(t):
-        logp = torch.log_softmax(ref_logp + t * r, 0)
-        p = logp.exp()
-        return kl(p, logp, ref_logp).item(), (p * r).sum().item()
     lo, hi = math.log(1e-6), math.log(1e6)
-    if kl_to_ref <= 0 or tilt(math.exp(hi))[0] <= kl_to_ref:
-        return tilt(0.0)[1] if kl_to_ref <= 0 else tilt(math.exp(hi))[1]
+    if kl_to_ref <= 0 or tilt(ref_logp, r, math.exp(hi))[0] <= kl_to_ref:
+        return tilt(ref_logp, r, 0.0 if kl_to_ref <= 0 else math.exp(hi))[1]
     for _ in range(iters):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if tilt(math.exp(mid))[0] < kl_to_ref else (lo, mid)
-    return tilt(math.exp(hi))[1]
+        lo, hi = (mid, hi) if tilt(ref_logp, r, math.exp(mid))[0] < kl_to_ref else (lo, mid)
+    return tilt(ref_logp, r, math.exp(hi))[1]
 
 
 def kl(p, logp, logq):
@@ -294,7 +297,7 @@ class Target:
     def __init__(self, cfg, ref, reward_fn, device, ctx):
         self.ref, self.beta, self.exact = ref, cfg.beta, cfg.max_new_tokens == 1
         self.ipo = cfg.method == "ipo"
-        self.info = {}
+        self.info, self.frontier = {}, []
         if self.exact:
             prompt_ids = encode_prompt(cfg.prompt)[-(ref.config.block_size - 1):]
             self.prompt_ids = prompt_ids
@@ -307,6 +310,8 @@ class Target:
             self.info["optimum_value"] = (cfg.beta * self.log_z).item()
             self.info["kl_ref_to_optimum"] = kl(self.ref_logp.exp(), self.ref_logp, self.target_logp).item()
             self.info["optimum_kl_to_ref"] = kl(self.target_logp.exp(), self.target_logp, self.ref_logp).item()
+            # the optimal frontier, (KL to pi_ref, reward) of the tilts at beta 100 to 0.03, for `optimum.py frontier`
+            self.frontier = [tilt(self.ref_logp, self.r, 10 ** (e / 8)) for e in range(-16, 13)]
             if self.ipo:  # how far IPO's optimum is from the RLHF one
                 star_logp, _ = optimum_logprobs(self.ref_logp, self.r, cfg.beta)
                 self.info["ipo_optimum_kl_to_rlhf_optimum"] = kl(self.target_logp.exp(), self.target_logp,
@@ -476,36 +481,65 @@ def optimum(cfg):
     if start >= cfg.max_iters and run.ckpt is None:
         save()
     final = final or evaluate(done)  # resumed at the end: the final metrics again
-    run.summary(**final, step=cfg.max_iters, **target.info)
+    run.summary(**final, step=cfg.max_iters, **target.info, frontier=target.frontier)
     print(f"done: kl_to_optimum {final.get('kl_to_optimum', float('nan')):.4f}, objective_gap "
           f"{final.get('objective_gap', float('nan')):.4f} (beta log Z {target.info['optimum_value']:.4f})")
     return 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# python optimum.py figure RUN ... --out=PNG: the README's figure and table from run folders of this stage
+# python optimum.py figure|frontier RUN ... --out=PNG: figures (and the README's table) from this stage's run folders
+
+def read_runs(run_dirs):
+    """[(config, metrics rows, summary)] of run folders."""
+    runs = []
+    for d in run_dirs:
+        with open(os.path.join(d, "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        with open(os.path.join(d, "config.json")) as f, open(os.path.join(d, "summary.json")) as g:
+            runs.append((json.load(f), rows, json.load(g)))
+    return runs
+
+
+def label_of(cfg):
+    return cfg["method"] + (" (to pi_ipo)" if cfg["method"] == "ipo" else "") + \
+        (", max labels" if cfg.get("labels") == "max" else "")
+
+
+def frontier_figure(run_dirs, out):
+    """Reward against KL(pi_theta || pi_ref) along each one-token run, below the optimal frontier (the tilts of
+    pi_ref, from the first run's summary): how well each method spends its KL, whatever its beta."""
+    plt = pyplot()
+    runs = read_runs(run_dirs)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    kls, rewards = zip(*runs[0][2]["frontier"])
+    ax.plot(kls, rewards, "k-", lw=2, label="optimal frontier (the tilts of pi_ref)")
+    for (cfg, rows, _), color in zip(runs, plt.cm.tab10.colors * len(runs)):
+        label = (f"{label_of(cfg)}, beta {cfg['beta']:g}, lr {cfg['learning_rate']:g}, warm-up {cfg['warmup_iters']}, "
+                 f"seed {cfg['seed']}")
+        ax.plot([r["kl_to_ref"] for r in rows], [r["reward"] for r in rows], ".-", color=color, ms=3, lw=1, label=label)
+    right = 1.05 * max(r["kl_to_ref"] for _, rows, _ in runs for r in rows)
+    top = max(y for x, y in zip(kls, rewards) if x <= right)
+    ax.set(xlabel="KL(pi_theta || pi_ref) (nats)", ylabel="E[r]", xlim=(0, right), ylim=(None, top + 0.2))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    print(f"wrote {out}")
+
 
 def figure(run_dirs, out):
     """KL(pi_theta || target) against steps, one panel per beta, one line per method (best-of-N: its best N, dotted);
     prints a markdown table of the same runs."""
     plt = pyplot()
-    runs = []
-    for d in run_dirs:
-        with open(os.path.join(d, "config.json")) as f:
-            cfg = json.load(f)
-        with open(os.path.join(d, "metrics.jsonl")) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        with open(os.path.join(d, "summary.json")) as f:
-            summary = json.load(f)
-        runs.append((cfg, rows, summary))
+    runs = read_runs(run_dirs)
     betas = sorted({c["beta"] for c, _, _ in runs}, reverse=True)
     fig, axes = plt.subplots(1, len(betas), figsize=(5 * len(betas), 3.6), squeeze=False)
     print("| method | beta | KL(pi_ref \\|\\| target) | KL to target, step 25 / 50 / 100 | objective gap | TV | "
           "KL(pi \\|\\| pi_ref) (target's) | s/step |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for cfg, rows, summary in sorted(runs, key=lambda x: (-x[0]["beta"], METHODS.index(x[0]["method"]))):
-        ax, method = axes[0][betas.index(cfg["beta"])], cfg["method"]
-        label = method + (" (to pi_ipo)" if method == "ipo" else "") + (", max labels" if cfg.get("labels") == "max" else "")
+        ax, method, label = axes[0][betas.index(cfg["beta"])], cfg["method"], label_of(cfg)
         if method == "bon":
             best = min(rows, key=lambda r: r["kl_to_optimum"])
             ax.axhline(best["kl_to_optimum"], ls=":", color="k", label=f"best-of-{best['step']} (the best N)")
@@ -533,7 +567,8 @@ def figure(run_dirs, out):
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    if not args or args[0] != "figure" or not any(a.startswith("--out=") for a in args):
-        print("usage: python optimum.py figure RUN_DIR ... --out=FIGURE.png", file=sys.stderr)
+    if not args or args[0] not in ("figure", "frontier") or not any(a.startswith("--out=") for a in args):
+        print("usage: python optimum.py figure|frontier RUN_DIR ... --out=FIGURE.png", file=sys.stderr)
         sys.exit(2)
-    figure([a for a in args[1:] if not a.startswith("--out=")], next(a[6:] for a in args if a.startswith("--out=")))
+    (figure if args[0] == "figure" else frontier_figure)([a for a in args[1:] if not a.startswith("--out=")],
+                                                          next(a[6:] for a in args if a.startswith("--out=")))

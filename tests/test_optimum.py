@@ -149,6 +149,12 @@ def test_with_the_higher_reward_chosen_beta_bounds_no_kl(tmp_path, tmp_path_fact
     rows, summary = run_stage(str(tmp_path / "max"), "--method=online_dpo", "--labels=max")
     bt, _ = run_method(tmp_path_factory, "online_dpo")
     assert rows[-1]["kl_to_ref"] > max(summary["optimum_kl_to_ref"], 2 * bt[-1]["kl_to_ref"])
+    # the frontier kept for the figure: from pi_ref's reward at KL 0, both rising, every run's row on or below it
+    kls, rewards = map(list, zip(*summary["frontier"]))
+    assert kls == sorted(kls) and rewards == sorted(rewards) and kls[0] < 1e-3
+    assert rewards[0] == pytest.approx(rows[0]["reward"], abs=0.01) and rewards[-1] > rows[-1]["reward"]
+    optimum.frontier_figure([str(tmp_path / "max")], str(tmp_path / "frontier.png"))
+    assert (tmp_path / "frontier.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_kl_penalty_with_its_sign_flipped_ends_far_from_the_optimum(tmp_path_factory, monkeypatch):
