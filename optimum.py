@@ -59,11 +59,10 @@ of 2026-11-30, the README's "A benchmark with a known answer" has the table at t
 - DPO (0.162 nats; 0.86 at beta 0.5) learns only from pairs that pi_ref samples, and a pair moves the policy by
   sigmoid(-beta h) of its margin: slower than the RL methods in steps, same fixed point. Online DPO, its pairs from
   the policy, ends alike (0.167-0.179 nats against DPO's 0.151-0.156, seeds 1-3, 2026-12-08).
-- With --labels=max (the higher reward chosen) neither DPO has a fixed point: online DPO runs to 3-5 nats from pi_ref
-  in 100 steps. At equal KL the two trace the same frontier within the seeds' noise when both warm up (frontier_gap
-  at 0.5 nats 0.467 +- 0.017 offline, 0.483 +- 0.010 online, 8 seeds, lr 3e-4, 10 warm-up steps); the gain the optimum
-  makes there over pi_ref is 1.03, so each gets about half of it. Without the warm-up online DPO, at 0.5 nats by
-  its third step, is further (0.601 +- 0.028). RESULTS.md has the table.
+- With --labels=max (the higher reward chosen, as on IMDb) neither DPO has a fixed point: online DPO runs to 3.1-5.7
+  nats from pi_ref in 100 steps. At equal KL online DPO is further from the optimal frontier than offline DPO, as on
+  IMDb: frontier_gap on each run's hull at 0.5 nats 0.46-0.49 against 0.30 (8 seeds, lr 3e-4, with and without 10
+  warm-up steps; the optimum gains 1.03 there). With Bradley-Terry labels the two are alike. RESULTS.md has the table.
 - IPO converges to its own optimum pi_ipo (0.008 nats from it after 100 steps), which is 0.36 nats from pi* at
   tau = 1 (1.39 at 0.5) and only 0.017 from pi_ref: its reward p(y > pi_ref) lies in [0, 1], so the same tau
   regularises far more than DPO's beta.
@@ -249,17 +248,22 @@ def tilt(ref_logp, r, t):
     return kl(p, logp, ref_logp).item(), (p * r).sum().item()
 
 
-def frontier_reward(ref_logp, r, kl_to_ref, iters=50):
+def frontier_reward(ref_logp, r, kl_to_ref, iters=60):
     """The most reward E_p[r] of any p with KL(p || pi_ref) = kl_to_ref: that of the tilt whose KL it is (the
-    Lagrangian's maximiser; a tilt's KL grows with t from 0 to -log pi_ref(argmax r)), t found by bisection on
-    log t. (V,), (V,), float -> float; the largest reward where kl_to_ref is beyond the tilts' reach."""
-    lo, hi = math.log(1e-6), math.log(1e6)
-    if kl_to_ref <= 0 or tilt(ref_logp, r, math.exp(hi))[0] <= kl_to_ref:
-        return tilt(ref_logp, r, 0.0 if kl_to_ref <= 0 else math.exp(hi))[1]
+    Lagrangian's maximiser; a tilt's KL grows with t from 0 to -log of pi_ref's mass on the maximisers of r), t
+    bracketed by doubling from 1 and found by bisection from 0. (V,), (V,), float -> float: E_ref[r] at a KL of 0 or
+    less, (nearly) max r beyond the tilts' reach (t > 1e6), NaN for NaN."""
+    if math.isnan(kl_to_ref) or kl_to_ref <= 0:
+        return float("nan") if math.isnan(kl_to_ref) else tilt(ref_logp, r, 0.0)[1]
+    lo, hi = 0.0, 1.0
+    while tilt(ref_logp, r, hi)[0] < kl_to_ref:
+        if hi > 1e6:
+            return tilt(ref_logp, r, hi)[1]
+        lo, hi = hi, 2 * hi
     for _ in range(iters):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if tilt(ref_logp, r, math.exp(mid))[0] < kl_to_ref else (lo, mid)
-    return tilt(ref_logp, r, math.exp(hi))[1]
+        lo, hi = (mid, hi) if tilt(ref_logp, r, mid)[0] < kl_to_ref else (lo, mid)
+    return tilt(ref_logp, r, hi)[1]
 
 
 def kl(p, logp, logq):
@@ -511,8 +515,12 @@ def frontier_figure(run_dirs, out):
     pi_ref, from the first run's summary): how well each method spends its KL, whatever its beta."""
     plt = pyplot()
     runs = read_runs(run_dirs)
+    front = next((s["frontier"] for _, _, s in runs if s.get("frontier")), None)
+    if front is None:
+        raise SystemExit("optimum.py frontier: none of these runs keeps the frontier (one-token runs made since "
+                         "2026-12-08 do)")
     fig, ax = plt.subplots(figsize=(6, 4))
-    kls, rewards = zip(*runs[0][2]["frontier"])
+    kls, rewards = zip(*front)
     ax.plot(kls, rewards, "k-", lw=2, label="optimal frontier (the tilts of pi_ref)")
     for (cfg, rows, _), color in zip(runs, plt.cm.tab10.colors * len(runs)):
         label = (f"{label_of(cfg)}, beta {cfg['beta']:g}, lr {cfg['learning_rate']:g}, warm-up {cfg['warmup_iters']}, "

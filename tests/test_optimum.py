@@ -3,6 +3,7 @@ one-token task PPO, RLOO, GRPO, DPO and online DPO end closer to the exact optim
 beats the optimal frontier at its KL, online DPO with the higher reward chosen runs past the optimum's KL, and PPO
 with the KL penalty's sign flipped (a monkeypatch of ppo.kl_estimate, the real function) ends far from it."""
 import io
+import math
 import os
 from contextlib import redirect_stdout
 
@@ -52,6 +53,10 @@ def test_frontier_reward_is_the_most_any_policy_gets_at_its_kl():
         kl_p = optimum.kl(logp.exp(), logp, ref_logp).item()
         assert (logp.exp() * r).sum().item() <= optimum.frontier_reward(ref_logp, r, kl_p) + 1e-9
     assert optimum.frontier_reward(ref_logp, r, 0.0) == pytest.approx((ref_logp.exp() * r).sum().item())
+    # a KL of float noise (a policy equal to pi_ref but for the last bit) reads pi_ref's reward too, within what
+    # float64 resolves of a KL near 0 (1e-6 when the bisection started at t = 1e-6)
+    assert optimum.frontier_reward(ref_logp, r, 1e-20) == pytest.approx((ref_logp.exp() * r).sum().item(), abs=1e-7)
+    assert math.isnan(optimum.frontier_reward(ref_logp, r, float("nan")))
     assert optimum.frontier_reward(ref_logp, r, 50.0) == pytest.approx(r.max().item())
 
 
