@@ -165,9 +165,9 @@ PRESETS["gpu-bt"] = dict(PRESETS["gpu"], labels="bt")
 # Online DPO at beta 1 (run alone: --methods=online_dpo,online_dpo_gt) reached 2 nats in 10 steps of 64 pairs where
 # offline DPO took 400: does it trail at 1-2.5 nats for want of pairs? Its weights kept more densely for it, and its
 # schedule made offline DPO's (10 warm-up steps; the gpu preset's online DPO has none): at 2e-5 online_dpo_gt differs
-# from offline DPO in its pairs' source (and 200 steps, not 691). On the exact one-token task the source alone puts
-# online DPO further from the optimal frontier, and a third of the rate brings it closer (RESULTS.md, "Online DPO,
-# the IMDb benchmark's labels").
+# from offline DPO in its pairs' source (and 200 steps, not 691). On the exact one-token task, with deterministic labels
+# as here, pairs from the policy put online DPO further from the optimal frontier at 0.25-0.5 nats than pairs from
+# the reference, and a third of the rate narrows it (RESULTS.md, "Online DPO, the IMDb benchmark's labels").
 PRESETS["gpu-lr"] = dict(PRESETS["gpu"], methods=dict(ppo=[0.5], ppo_gt=[0.1], dpo=[0.05, 0.1, 1.0],
                                                       online_dpo=[1.0], online_dpo_gt=[1.0]),
                          learning_rates=dict(ppo=[2e-5, 5e-5, 1e-4, 2e-4], ppo_gt=[2e-5, 5e-5, 1e-4, 2e-4],

@@ -60,9 +60,9 @@ of 2026-11-30, the README's "A benchmark with a known answer" has the table at t
   sigmoid(-beta h) of its margin: slower than the RL methods in steps, same fixed point. Online DPO, its pairs from
   the policy, ends alike (0.167-0.179 nats against DPO's 0.151-0.156, seeds 1-3, 2026-12-08).
 - With --labels=max (the higher reward chosen, as on IMDb) neither DPO has a fixed point: online DPO runs to 3.1-5.7
-  nats from pi_ref in 100 steps. At equal KL online DPO is further from the optimal frontier than offline DPO, as on
-  IMDb: frontier_gap on each run's hull at 0.5 nats 0.46-0.49 against 0.30 (8 seeds, lr 3e-4, with and without 10
-  warm-up steps; the optimum gains 1.03 there). With Bradley-Terry labels the two are alike. RESULTS.md has the table.
+  nats from pi_ref in 100 steps at lr 3e-4. At equal KL it is further from the optimal frontier than offline DPO:
+  frontier_gap on each run's hull at 0.5 nats 0.458 +- 0.018 against 0.296 +- 0.010 (8 seeds, lr 3e-4, 10 warm-up
+  steps; the optimum gains 1.03 there); a third of the rate narrows it. RESULTS.md has the table.
 - IPO converges to its own optimum pi_ipo (0.008 nats from it after 100 steps), which is 0.36 nats from pi* at
   tau = 1 (1.39 at 0.5) and only 0.017 from pi_ref: its reward p(y > pi_ref) lies in [0, 1], so the same tau
   regularises far more than DPO's beta.
