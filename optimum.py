@@ -248,7 +248,7 @@ def tilt(ref_logp, r, t):
     return kl(p, logp, ref_logp).item(), (p * r).sum().item()
 
 
-def frontier_reward(ref_logp, r, kl_to_ref, iters=60):
+def frontier_reward(ref_logp, r, kl_to_ref, iters=40):
     """The most reward E_p[r] of any p with KL(p || pi_ref) = kl_to_ref: that of the tilt whose KL it is (the
     Lagrangian's maximiser; a tilt's KL grows with t from 0 to -log of pi_ref's mass on the maximisers of r), t
     bracketed by doubling from 1 and found by bisection from 0. (V,), (V,), float -> float: E_ref[r] at a KL of 0 or
