@@ -4,6 +4,7 @@ the KL-regularised objective they all aim at. Stage `optimum` of train.py:
 
     python train.py optimum --method=ppo --beta=1          # or rloo, grpo, dpo, online_dpo, ipo, bon (--n=16)
     python train.py optimum --method=online_dpo --labels=max   # the higher reward of each pair chosen, as on IMDb
+    python train.py optimum --method=online_dpo --labels=max --pairs=mixed   # one response of each pair from pi_ref
     python train.py optimum --method=rloo --beta=0.5 --reward=my_reward.py:score
     python train.py optimum --method=ppo --max_new_tokens=4   # a few tokens: the optimum estimated, not exact
     python optimum.py figure out/optimum-ppo-1 out/optimum-dpo-1 ... --out=assets/optimum.png
@@ -62,7 +63,8 @@ of 2026-11-30, the README's "A benchmark with a known answer" has the table at t
 - With --labels=max (the higher reward chosen, as on IMDb) neither DPO has a fixed point: online DPO runs to 3.1-5.7
   nats from pi_ref in 100 steps at lr 3e-4. At equal KL it is further from the optimal frontier than offline DPO:
   frontier_gap on each run's hull at 0.5 nats 0.458 +- 0.018 against 0.296 +- 0.010 (8 seeds, lr 3e-4, 10 warm-up
-  steps; the optimum gains 1.03 there); a third of the rate narrows it. RESULTS.md has the table.
+  steps; the optimum gains 1.03 there); a third of the rate narrows it, and pairs of one policy sample and one
+  pi_ref sample (--pairs=mixed) close it (0.326 +- 0.015). RESULTS.md has the table.
 - IPO converges to its own optimum pi_ipo (0.008 nats from it after 100 steps), which is 0.36 nats from pi* at
   tau = 1 (1.39 at 0.5) and only 0.017 from pi_ref: its reward p(y > pi_ref) lies in [0, 1], so the same tau
   regularises far more than DPO's beta.
@@ -92,7 +94,7 @@ import ppo
 from checkpoint import load_policy
 from config import ConfigError, OptimConfig, TrainConfig, opt
 from data import decode, derived_seed, encode, encode_prompt
-from model import N_REAL_TOKENS, response_logprobs, sample_responses
+from model import N_REAL_TOKENS, Samples, response_logprobs, sample_responses
 from reward import RewardSpec, make_critic, make_reward
 from report import pyplot
 from runtime import Run, check_finite, make_optimizer, optimizer_step, setup_device
@@ -120,6 +122,9 @@ class OptimumConfig(RewardSpec, TrainConfig, OptimConfig):
     batch_size: int = opt(64, "responses per step (dpo, online_dpo, ipo: pairs per step)", min=1)
     labels: str = opt("bt", "dpo, online_dpo, ipo: bt (a Bradley-Terry draw on r) or max (the higher r chosen, a tie "
                             "teaching nothing)", choices=("bt", "max"))
+    pairs: str = opt("", "dpo, online_dpo, ipo: where a pair's two responses come from: ref, policy, or mixed (one of "
+                         "each; one token only); default: policy for online_dpo, ref otherwise",
+                     choices=("", "ref", "policy", "mixed"))
     minibatch_size: int = opt(64, "responses per optimizer step (ppo, rloo, grpo)", min=1)
     micro_batch_size: int = opt(64, "responses per forward/backward pass", min=1)
     num_epochs: int = opt(1, "passes over each rollout batch (ppo, rloo, grpo)", min=1)
@@ -152,8 +157,11 @@ def check_config(cfg):
     if cfg.method == "bon" and cfg.max_new_tokens != 1:
         raise ConfigError("--method=bon: one-token responses only (--max_new_tokens=1): its exact distribution needs "
                           "the whole vocabulary")
-    if cfg.labels != "bt" and cfg.method not in PREFERENCE:
-        raise ConfigError(f"--labels={cfg.labels}: only for the preference methods ({', '.join(PREFERENCE)})")
+    for key, value in (("labels", cfg.labels != "bt"), ("pairs", cfg.pairs)):
+        if value and cfg.method not in PREFERENCE:
+            raise ConfigError(f"--{key}={getattr(cfg, key)}: only for the preference methods ({', '.join(PREFERENCE)})")
+    if cfg.pairs == "mixed" and cfg.max_new_tokens != 1:
+        raise ConfigError("--pairs=mixed: one-token responses only (--max_new_tokens=1)")
     if cfg.method in ("rloo", "grpo") and cfg.batch_size % cfg.k:
         raise ConfigError(f"--batch_size={cfg.batch_size} is not a multiple of --k={cfg.k}")
     if cfg.minibatch_size > cfg.batch_size:
@@ -376,13 +384,20 @@ def rl_step(cfg, policy, ref, critic, optimizer, reward_fn, step, device, ctx):
 
 
 def preference_step(cfg, policy, ref, optimizer, reward_fn, step, device, ctx):
-    """One step of DPO or IPO on fresh pairs from pi_ref (online DPO: from the policy), labelled by Bradley-Terry
-    draws on r or, with --labels=max, by the higher r (a tie carries no loss but counts in the batch's size, as in
-    dpo.train_online)."""
+    """One step of DPO or IPO on fresh pairs from pi_ref (online DPO: from the policy; --pairs: either, or one response
+    of each), labelled by Bradley-Terry draws on r or, with --labels=max, by the higher r (a tie carries no loss but
+    counts in the batch's size, as in dpo.train_online)."""
     g = torch.Generator(device=device).manual_seed(derived_seed(cfg.seed, step, ppo.SAMPLING))
-    B = cfg.batch_size
-    s = sample_responses(policy if cfg.method == "online_dpo" else ref, [cfg.prompt] * (2 * B), cfg.max_new_tokens, g,
-                         device, ctx, cfg.temperature)
+    B, source = cfg.batch_size, cfg.pairs or ("policy" if cfg.method == "online_dpo" else "ref")
+    draw = lambda model, n: sample_responses(model, [cfg.prompt] * n, cfg.max_new_tokens, g, device, ctx,
+                                             cfg.temperature)
+    if source == "mixed":  # the first of each pair (rows 0..B-1) from the policy, the second (B..2B-1) from pi_ref
+        a, b = draw(policy, B), draw(ref, B)
+        s = Samples(a.prompts + b.prompts, a.responses + b.responses, torch.cat([a.ids, b.ids]),
+                    torch.cat([a.mask, b.mask]), a.R, torch.cat([a.resp_mask, b.resp_mask]),
+                    torch.cat([a.no_eos, b.no_eos]))
+    else:
+        s = draw(policy if source == "policy" else ref, 2 * B)
     with torch.no_grad(), ctx:
         ref_logp = response_logprobs(ref, s.ids, s.mask, s.R, cfg.temperature).sum(1)  # (2B,)
         r = reward_fn(s.prompts, s.responses).float()

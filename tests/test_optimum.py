@@ -174,6 +174,20 @@ def test_kl_penalty_with_its_sign_flipped_ends_far_from_the_optimum(tmp_path_fac
     assert bad[-1]["kl_to_optimum"] > bad[0]["kl_to_optimum"]
 
 
+def test_pairs_name_where_each_response_comes_from(tmp_path, tmp_path_factory, monkeypatch):
+    """--pairs: DPO with the policy's pairs is online DPO, step for step; mixed pairs draw one response of each pair
+    from the policy and one from pi_ref (the models each draw is asked of, counted)."""
+    online, _ = run_method(tmp_path_factory, "online_dpo")
+    as_dpo, _ = run_stage(str(tmp_path / "policy"), "--method=dpo", "--pairs=policy")
+    assert [r["reward"] for r in as_dpo] == [r["reward"] for r in online]
+    asked, real = [], optimum.sample_responses
+    trainable = lambda model: model.lm_head.weight.requires_grad  # the policy; pi_ref is frozen
+    monkeypatch.setattr(optimum, "sample_responses", lambda model, prompts, *a, **k: asked.append(
+        (trainable(model), len(prompts))) or real(model, prompts, *a, **k))
+    run_stage(str(tmp_path / "mixed"), "--method=online_dpo", "--pairs=mixed", "--max_iters=2")
+    assert asked == [(True, 64), (False, 64)] * 2  # per step: 64 from the policy (trainable), 64 from pi_ref (frozen)
+
+
 def test_best_of_n_rows(tmp_path):
     rows, summary = run_stage(str(tmp_path / "bon"), "--method=bon", "--n=6", "--batch_size=128")
     assert [r["step"] for r in rows] == [1, 2, 4, 6]
@@ -200,7 +214,9 @@ def test_the_command_line_with_a_few_tokens(tmp_path):
                                         (["--method=bon", "--max_new_tokens=2"], "--method=bon"),
                                         (["--method=rloo", "--batch_size=10"], "--batch_size=10"),
                                         (["--kl_estimator=k2"], "--kl_estimator=k2"),
-                                        (["--method=ppo", "--labels=max"], "--labels=max")])
+                                        (["--method=ppo", "--labels=max"], "--labels=max"),
+                                        (["--method=rloo", "--pairs=ref"], "--pairs=ref"),
+                                        (["--method=dpo", "--pairs=mixed", "--max_new_tokens=2"], "--pairs=mixed")])
 def test_bad_input_is_one_line(tmp_path, capsys, args, says):
     assert train.main(["optimum", *args, f"--out_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err.strip()
